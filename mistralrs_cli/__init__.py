@@ -1,0 +1,1 @@
+"""mistralrs-cli: a Python reimplementation of mistral.rs."""
