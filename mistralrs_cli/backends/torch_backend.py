@@ -1,0 +1,31 @@
+"""The torch backend: the reference and the CPU path.
+
+A quantized weight is prepared once into a dense compute form (cached on the QWeight), because
+dequantizing every block on every token costs more than the multiply itself on a CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.qweight import QWeight
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32):
+        self.compute_dtype = compute_dtype
+
+    def dequantize(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
+        return w.dequantize(dtype)
+
+    def prepare(self, w: QWeight) -> torch.Tensor:
+        dense = w.cache.get("dense")
+        if dense is None:
+            dense = w.cache["dense"] = w.dequantize(self.compute_dtype)
+        return dense
+
+    def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+        dense = self.prepare(w)
+        return F.linear(x.to(dense.dtype), dense).to(x.dtype)

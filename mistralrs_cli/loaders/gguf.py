@@ -1,0 +1,154 @@
+"""GGUF -> ModelConfig + a model with HF module names, quantized weights kept as blocks.
+
+Everything format-specific is a table here: metadata keys -> config fields, GGUF tensor names ->
+HF names, and per-architecture weight fix-ups (llama.cpp's q/k row permutation, Gemma's norm + 1).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UserError
+from ..models import ARCHITECTURES
+from ..models.config import ModelConfig
+from ..models.gemma3 import gemma3_layer_types
+from ..quant.dequant import SUPPORTED as DEQUANT_SUPPORTED
+from ..quant.qweight import QWeight
+from .gguf_file import GGUFFile
+from .weights import build_model
+
+# GGUF block-tensor name -> HF name (per-layer names use {i}); architectures override entries
+TENSOR_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+    "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+    "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
+}
+_GEMMA_NAMES = {"blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}
+
+
+def _base_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    cfg: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim,
+    }
+    if get("rope.scaling.type") in ("linear",):
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if get("attention.sliding_window") is not None:
+        cfg["sliding_window"] = int(get("attention.sliding_window"))
+    return cfg
+
+
+def _llama_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "model_type": "llama", "hidden_act": "silu"}
+
+
+def _gemma3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    # llama.cpp: the 27B (62 layers) scales queries by hidden/heads, the others by head_dim
+    scalar = cfg["hidden_size"] // heads if n == 62 else cfg["head_dim"]
+    return {
+        **cfg,
+        "model_type": "gemma3_text",
+        "hidden_act": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "sliding_window": cfg.get("sliding_window", 4096),
+        "layer_types": gemma3_layer_types(n),  # not stored in GGUF; Gemma 3 is always 5:1
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": scalar,
+    }
+
+
+def _unpermute_qk(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
+    """llama.cpp's converter interleaves q/k rows for its rope; undo it (rows = whole blocks)."""
+    if not name.endswith(("q_proj", "k_proj")):
+        return w
+    heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+    rows = w.raw.view(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2)  # (h, r, 2) -> (h, 2, r)
+    return QWeight(rows.reshape(w.raw.shape).contiguous(), w.qtype, w.shape)
+
+
+def _gemma_norm(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
+    """llama.cpp stores Gemma norms as (1 + w); our models use HF's w with a +1 offset."""
+    if not name.endswith("norm"):
+        return w
+    return QWeight.from_float(w.dequantize() - 1.0, w.shape)
+
+
+ARCHS: dict[str, tuple[Callable, dict[str, str], Callable]] = {
+    # gguf general.architecture -> (config builder, tensor-name overrides, weight fix-up)
+    "llama": (_llama_config, {}, _unpermute_qk),
+    "gemma3": (_gemma3_config, _GEMMA_NAMES, _gemma_norm),
+}
+
+
+def gguf_config(gf: GGUFFile) -> ModelConfig:
+    arch = gf.architecture
+    if arch not in ARCHS:
+        raise UserError(f"{gf.path}: architecture '{arch}' is not supported; supported GGUF "
+                        f"architectures: {', '.join(sorted(ARCHS))}.")
+    try:
+        base = _base_config(gf.metadata, arch)
+    except TypeError as e:
+        raise UserError(f"{gf.path}: GGUF metadata lacks a required {arch}.* key ({e}).") from None
+    cfg = ARCHS[arch][0](gf.metadata, base)
+    embd = gf.tensors.get("token_embd.weight")
+    cfg["vocab_size"] = int(gf.metadata.get(f"{arch}.vocab_size", embd.shape[0] if embd else 0))
+    return ModelConfig.from_dict(cfg)
+
+
+def hf_name(gguf_name: str, table: dict[str, str]) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if parts[0] == "blk" and len(parts) >= 3:
+        key, i = "blk.{i}." + ".".join(parts[2:]), parts[1]
+        target = table.get(key)
+        return None if target is None else target.format(i=i) + "." + suffix
+    target = table.get(base)
+    return None if target is None else target + "." + suffix
+
+
+def load_gguf_model(gf: GGUFFile) -> tuple[torch.nn.Module, ModelConfig]:
+    cfg = gguf_config(gf)
+    _, overrides, fixup = ARCHS[gf.architecture]
+    table = {**TENSOR_NAMES, **overrides}
+    weights: dict[str, QWeight] = {}
+    for name, info in gf.tensors.items():
+        target = hf_name(name, table)
+        if target is None:
+            continue  # tensors we do not use (e.g. rope_freqs precomputed by some converters)
+        if info.qtype not in DEQUANT_SUPPORTED:
+            raise UserError(f"{gf.path}: tensor {name} has type {info.qtype.name}, which is not "
+                            "supported yet; use a file quantized with another type.")
+        shape = (info.shape[0], info.shape[-1]) if len(info.shape) > 1 else (1, info.shape[0])
+        w = QWeight(gf.raw(name), info.qtype, shape)
+        weights[target] = fixup(cfg, target.rsplit(".", 1)[0], w)
+    model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path))
+    return model, cfg

@@ -1,0 +1,86 @@
+"""Turn a {HF name: QWeight | tensor} dict into a model: the step every loader ends with.
+
+The model is built on the meta device (no random init), then each module receives its weight:
+a Linear becomes a QLinear when its weight is a QWeight, an Embedding a QEmbedding; norms and
+other parameters get dense float tensors. Anything left on meta is a missing tensor.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models.config import ModelConfig
+from ..quant.qweight import QEmbedding, QLinear, QWeight
+
+Weight = Union[QWeight, torch.Tensor]
+
+
+def _dense(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    return (w.dequantize() if isinstance(w, QWeight) else w).to(dtype)
+
+
+def _shape(w: Weight) -> tuple[int, ...]:
+    return tuple(w.shape)
+
+
+def _check(name: str, w: Weight, expected: tuple[int, ...], source: str) -> None:
+    got = _shape(w)
+    if got != expected and not (len(expected) == 1 and got == (1, expected[0])):
+        raise UserError(f"{source}: tensor {name} has shape {list(got)} but the model config "
+                        f"expects {list(expected)}; the file and its config disagree.")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _place(model: nn.Module, mod_name: str, weights: dict[str, Weight], source: str,
+           dtype: torch.dtype) -> None:
+    module = model.get_submodule(mod_name)
+    w = weights[f"{mod_name}.weight"]
+    bias = weights.get(f"{mod_name}.bias")
+    if isinstance(module, nn.Linear):
+        _check(f"{mod_name}.weight", w, (module.out_features, module.in_features), source)
+        if isinstance(w, QWeight):
+            b = None if bias is None else _dense(bias, dtype).view(-1)
+            _set_module(model, mod_name, QLinear(w, b))
+            return
+    elif isinstance(module, nn.Embedding):
+        _check(f"{mod_name}.weight", w, (module.num_embeddings, module.embedding_dim), source)
+        if isinstance(w, QWeight):
+            _set_module(model, mod_name, QEmbedding(w))
+            return
+    for pname, value in (("weight", w), ("bias", bias)):
+        param = getattr(module, pname, None)
+        if value is None or param is None:
+            continue
+        _check(f"{mod_name}.{pname}", value, tuple(param.shape), source)
+        dense = _dense(value, dtype).reshape(param.shape)
+        setattr(module, pname, nn.Parameter(dense, requires_grad=False))
+
+
+def build_model(cls: type[nn.Module], cfg: ModelConfig, weights: dict[str, Weight], source: str,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    with torch.device("meta"):
+        model = cls(cfg)
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied embeddings
+    modules = {n.rsplit(".", 1)[0] for n in weights if n.endswith(".weight")}
+    for mod_name in sorted(modules):
+        try:
+            model.get_submodule(mod_name)
+        except AttributeError:
+            continue  # a tensor this architecture does not use
+        _place(model, mod_name, weights, source, dtype)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta and not name.endswith("inv_freq"):
+            raise UserError(f"{source}: tensor {name} is missing; the file is incomplete or "
+                            "not of this architecture.")
+    for m in model.modules():
+        if hasattr(m, "reset"):
+            m.reset()
+    return model.eval()

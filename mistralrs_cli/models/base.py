@@ -1,0 +1,49 @@
+"""The decoder-only skeleton every text architecture shares: embed -> blocks -> norm -> lm_head.
+
+An architecture file supplies its decoder layer class and a few knobs; HF module names
+(`model.embed_tokens`, `model.layers.N...`, `model.norm`, `lm_head`) are kept so weights load by name.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Batch, RMSNorm, softcap
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_cls: type[nn.Module], norm_offset: float = 0.0):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, norm_offset)
+
+
+class CausalLM(nn.Module):
+    """Subclasses set `layer_cls`, and may set `norm_offset` and `embed_multiplier`."""
+
+    layer_cls: type[nn.Module]
+    norm_offset = 0.0
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, self.layer_cls, self.norm_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed_multiplier(self) -> float | None:
+        return None
+
+    def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """input_ids (T,) -> logits (len(batch.logits_rows) or T, vocab) in float32."""
+        h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        mult = self.embed_multiplier()
+        if mult is not None:
+            h = h * torch.tensor(mult, dtype=h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, batch)
+        if batch.logits_rows is not None:
+            h = h[batch.logits_rows]
+        logits = self.lm_head(self.model.norm(h)).float()
+        return softcap(logits, self.config.final_logit_softcapping)

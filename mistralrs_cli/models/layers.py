@@ -1,0 +1,190 @@
+"""Blocks shared by every architecture: norms, rotary embeddings, attention, MLPs.
+
+A forward pass works on a flattened batch: all tokens of all sequences in one (T, hidden)
+tensor, with explicit positions. Linear layers run once over the whole batch; attention runs per
+sequence against that sequence's KV cache (`Batch.seqs`), so sequences of any lengths mix freely.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache(Protocol):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (T, Hkv, D) for `layer`; return all keys and values so far (S, Hkv, D)."""
+
+
+@dataclass
+class SeqSlice:
+    start: int  # rows of this sequence in the flattened batch
+    end: int
+    cache: KVCache | None  # None: no cache (the whole sequence is in this batch)
+
+
+@dataclass
+class Batch:
+    positions: torch.Tensor  # (T,) int64
+    seqs: list[SeqSlice]
+    logits_rows: torch.Tensor | None = None  # rows whose logits are wanted (None: all)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w; Gemma's variant scales by (1 + w) (`offset=1.0`)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+def _default_inv_freq(dim: int, base: float, _scaling: dict[str, Any]) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+
+
+def _linear_inv_freq(dim: int, base: float, scaling: dict[str, Any]) -> torch.Tensor:
+    return _default_inv_freq(dim, base, scaling) / float(scaling["factor"])
+
+
+# rope_scaling["rope_type"] -> inverse frequencies; more types plug in here
+ROPE_INV_FREQ = {"default": _default_inv_freq, "linear": _linear_inv_freq}
+
+
+class Rotary(nn.Module):
+    """Rotate-half rotary embeddings (HF layout) over the first `dim` channels of each head."""
+
+    def __init__(self, dim: int, base: float, scaling: dict[str, Any] | None = None):
+        super().__init__()
+        scaling = scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_INV_FREQ:
+            raise ValueError(f"rope scaling type {kind!r} is not supported")
+        self.dim, self._args = dim, (kind, dim, base, scaling)
+        self.register_buffer("inv_freq", torch.empty(dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the frequencies on the CPU (models are built on the meta device)."""
+        kind, dim, base, scaling = self._args
+        self.inv_freq = ROPE_INV_FREQ[kind](dim, base, scaling)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (T, H, D); positions: (T,)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        out = rot * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+
+def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """(Tq, S) bool: key j is visible to a query at position p when j <= p (and p - j < window)."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0):
+        super().__init__()
+        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.layer = h, kvh, d, layer
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)
+        self.qk_norm = qk_norm
+        self.window = cfg.window(layer)
+        base = cfg.rope_theta
+        scaling = cfg.rope_scaling
+        if self.window is not None and cfg.rope_local_base_freq is not None:
+            base, scaling = cfg.rope_local_base_freq, None
+        self.rotary = Rotary(int(d * cfg.partial_rotary_factor), base, scaling)
+        scalar = cfg.query_pre_attn_scalar
+        self.scale = (scalar if scalar else d) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, H, D)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, batch.positions), self.rotary(k, batch.positions)
+        out = torch.empty_like(q)
+        for s in batch.seqs:
+            ks, vs = k[s.start:s.end], v[s.start:s.end]
+            if s.cache is not None:
+                ks, vs = s.cache.update(self.layer, ks, vs)
+            out[s.start:s.end] = self.attend(q[s.start:s.end], ks, vs, batch.positions[s.start:s.end])
+        return self.o_proj(out.view(T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        # q: (Tq, H, D), k/v: (S, Hkv, D) -> (Tq, H, D)
+        mask = causal_mask(q_pos, k.shape[0], self.window)
+        rep = self.n_heads // self.n_kv
+        qh = q.transpose(0, 1)  # (H, Tq, D)
+        kh = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # (H, S, D)
+        vh = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+        if self.softcap is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        else:
+            scores = (qh @ kh.transpose(1, 2)) * self.scale
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vh
+        return o.transpose(0, 1)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): llama, mistral, gemma, qwen."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def embed_scale(cfg: ModelConfig) -> float:
+    return math.sqrt(cfg.hidden_size)
