@@ -14,18 +14,14 @@ from ..quant.qweight import QWeight
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, compute_dtype: torch.dtype = torch.float32):
-        self.compute_dtype = compute_dtype
-
     def dequantize(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
         return w.dequantize(dtype)
 
-    def prepare(self, w: QWeight) -> torch.Tensor:
-        dense = w.cache.get("dense")
+    def prepare(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
+        dense = w.cache.get(dtype)
         if dense is None:
-            dense = w.cache["dense"] = w.dequantize(self.compute_dtype)
+            dense = w.cache[dtype] = w.dequantize(dtype)
         return dense
 
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        dense = self.prepare(w)
-        return F.linear(x.to(dense.dtype), dense).to(x.dtype)
+        return F.linear(x, self.prepare(w, x.dtype))

@@ -84,3 +84,15 @@ def build_model(cls: type[nn.Module], cfg: ModelConfig, weights: dict[str, Weigh
         if hasattr(m, "reset"):
             m.reset()
     return model.eval()
+
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def set_dtype(model: nn.Module, name: str) -> None:
+    """--dtype: activations and dense parameters in this dtype (auto = f32 on the CPU).
+    Quantized weights stay as blocks; the backend prepares them in the activations' dtype."""
+    dtype = DTYPES.get(name, torch.float32)
+    model.dtype = dtype
+    for p in model.parameters():
+        p.data = p.data.to(dtype)

@@ -25,6 +25,7 @@ class CausalLM(nn.Module):
 
     layer_cls: type[nn.Module]
     norm_offset = 0.0
+    dtype = torch.float32  # activations; set by the loader for --dtype
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -37,7 +38,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids (T,) -> logits (len(batch.logits_rows) or T, vocab) in float32."""
-        h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        h = self.model.embed_tokens(input_ids).to(self.dtype)  # (T, hidden)
         mult = self.embed_multiplier()
         if mult is not None:
             h = h * torch.tensor(mult, dtype=h.dtype)

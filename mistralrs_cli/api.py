@@ -1,0 +1,214 @@
+"""The Python API, shaped like mistral.rs's: Runner(which=Which.GGUF(...)) and OpenAI-shaped
+responses. The CLI's one-shot and interactive modes are built on the same calls."""
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .engine.engine import Engine
+from .engine.request import RequestOutput
+from .errors import UserError
+from .loaders.load import Loaded, load
+from .prompting import chat_ids, completion_ids
+from .types import EngineConfig, GGUFSpec, LoadOptions, SamplingParams
+
+
+class Which:
+    """Model sources, named as in mistral.rs's Python API."""
+
+    @staticmethod
+    def GGUF(quantized_model_id: str | None, quantized_filename: str, tok_model_id: str | None = None,
+             tokenizer_json: str | None = None, **_ignored: Any) -> GGUFSpec:
+        return GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
+
+
+class Role(str, enum.Enum):
+    System = "system"
+    User = "user"
+    Assistant = "assistant"
+
+
+@dataclass
+class Message:
+    role: Role | str
+    content: str
+
+    def to_dict(self) -> dict[str, Any]:
+        role = self.role.value if isinstance(self.role, Role) else str(self.role)
+        return {"role": role, "content": self.content}
+
+
+@dataclass
+class _Sampling:
+    max_tokens: int | None = None
+    temperature: float | None = None  # None: greedy, as mistral.rs
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    repeat_last_n: int = 64
+    logit_bias: dict[int, float] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+
+    def sampling(self, index: int = 0) -> SamplingParams:
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}.")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=self.temperature or 0.0, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, repeat_last_n=self.repeat_last_n,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            max_tokens=self.max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, seed=None if self.seed is None else self.seed + index,
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+
+
+@dataclass
+class ChatCompletionRequest(_Sampling):
+    messages: list[dict[str, Any] | Message] | str = field(default_factory=list)
+    model: str = "default"
+
+
+@dataclass
+class CompletionRequest(_Sampling):
+    prompt: str = ""
+    model: str = "default"
+    echo_prompt: bool = False
+
+
+# ---- OpenAI-shaped responses ----
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    avg_prompt_tok_per_sec: float = 0.0
+    avg_compl_tok_per_sec: float = 0.0
+    total_prompt_time_sec: float = 0.0
+    total_completion_time_sec: float = 0.0
+    total_time_sec: float = 0.0
+
+
+@dataclass
+class ResponseMessage:
+    role: str
+    content: str
+
+
+@dataclass
+class Choice:
+    index: int
+    finish_reason: str | None
+    message: ResponseMessage | None = None  # chat
+    text: str | None = None  # completion
+    delta: ResponseMessage | None = None  # chat stream chunk
+    logprobs: Any = None
+
+
+@dataclass
+class Response:
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+def _usage(outs: list[RequestOutput]) -> Usage:
+    p = outs[0].prompt_tokens if outs else 0
+    c = sum(o.completion_tokens for o in outs)
+    pt = max((o.prompt_time for o in outs), default=0.0)
+    dt = max((o.decode_time for o in outs), default=0.0)
+    return Usage(p, c, p + c, p / pt if pt else 0.0, c / dt if dt else 0.0, pt, dt, pt + dt)
+
+
+class Runner:
+    def __init__(self, which: Any, token_source: str = "cache", chat_template: str | None = None,
+                 max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
+                 loaded: Loaded | None = None, **_ignored: Any):
+        opts = LoadOptions(token_source=token_source, chat_template=chat_template)
+        self.loaded = loaded or load(which, opts)
+        self.engine = Engine(self.loaded, EngineConfig(max_seqs=max_seqs, truncate_sequence=truncate_sequence,
+                                                       no_kv_cache=no_kv_cache))
+
+    # ---- tokenizer ----
+    def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize_text(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.loaded.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- requests ----
+    def send_chat_completion_request(self, request: ChatCompletionRequest):
+        msgs = request.messages
+        if isinstance(msgs, str):
+            msgs = [{"role": "user", "content": msgs}]
+        msgs = [m.to_dict() if isinstance(m, Message) else m for m in msgs]
+        ids = chat_ids(self.loaded, msgs)
+        return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+
+    def send_completion_request(self, request: CompletionRequest):
+        ids = completion_ids(self.loaded, request.prompt)
+        return self._run(ids, request, "text_completion", f"cmpl-{uuid.uuid4().hex}")
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """The engine's deltas for one request (the CLI's one-shot and interactive modes)."""
+        return self.engine.generate(prompt_ids, params)
+
+    def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
+        if request.n < 1:
+            raise UserError(f"n must be >= 1, got {request.n}.")
+        reqs = [self.engine.add_request(ids, request.sampling(i)) for i in range(request.n)]
+        index = {r.id: i for i, r in enumerate(reqs)}
+        gen = self._drain(index)
+        if request.stream:
+            return self._chunks(gen, kind, rid)
+        texts, last = [""] * len(reqs), {}
+        for i, out in gen:
+            texts[i] += out.text
+            if out.finish_reason is not None:
+                last[i] = out
+        choices = [self._choice(kind, i, texts[i], last[i].finish_reason) for i in range(len(reqs))]
+        return Response(rid, kind, int(time.time()), self.loaded.model_id, choices, _usage(list(last.values())))
+
+    def _drain(self, index: dict[str, int]) -> Iterator[tuple[int, RequestOutput]]:
+        pending = set(index)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        if out.finish_reason is not None:
+                            pending.discard(out.request_id)
+                        yield index[out.request_id], out
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    @staticmethod
+    def _choice(kind: str, i: int, text: str, finish: str | None, chunk: bool = False) -> Choice:
+        if kind == "text_completion":
+            return Choice(i, finish, text=text)
+        msg = ResponseMessage("assistant", text)
+        return Choice(i, finish, delta=msg) if chunk else Choice(i, finish, message=msg)
+
+    def _chunks(self, gen, kind: str, rid: str) -> Iterator[Response]:
+        obj = "chat.completion.chunk" if kind == "chat.completion" else kind
+        for i, out in gen:
+            if out.text or out.finish_reason is not None:
+                usage = _usage([out]) if out.finish_reason is not None else None
+                yield Response(rid, obj, int(time.time()), self.loaded.model_id,
+                               [self._choice(kind, i, out.text, out.finish_reason, chunk=True)], usage)

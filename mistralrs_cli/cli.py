@@ -1,0 +1,84 @@
+"""The `mistralrs` command line (Typer): global options in the callback, one thin function per
+subcommand that builds a Spec and hands it to run.run()."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+from .run import RunOptions, run
+from .types import GGUFSpec, LoadOptions
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Fast LLM inference: mistral.rs's command line, in Python.\n\n"
+         "Global options go before the subcommand: mistralrs --prompt 'Hi' gguf -f model.gguf",
+)
+
+_SAMPLING = "Sampling (defaults for --prompt and -i)"
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: complete TEXT ('-' reads stdin), print to stdout, stats to stderr."),
+    interactive: bool = typer.Option(False, "-i", "--interactive", help="Interactive chat in the terminal."),
+    raw: bool = typer.Option(False, "--raw", help="Send --prompt as a plain completion (no chat template; BOS per the tokenizer)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after N new tokens [default: until EOS or the context is full].", rich_help_panel=_SAMPLING),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy [default: 0 for --prompt, 0.1 for -i].", rich_help_panel=_SAMPLING),
+    top_k: Optional[int] = typer.Option(None, "--top-k", rich_help_panel=_SAMPLING),
+    top_p: Optional[float] = typer.Option(None, "--top-p", rich_help_panel=_SAMPLING),
+    min_p: Optional[float] = typer.Option(None, "--min-p", rich_help_panel=_SAMPLING),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", rich_help_panel=_SAMPLING),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", rich_help_panel=_SAMPLING),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", rich_help_panel=_SAMPLING),
+    repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Penalties look at the last N tokens.", rich_help_panel=_SAMPLING),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.", rich_help_panel=_SAMPLING),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reproducible output).", rich_help_panel=_SAMPLING),
+    chat_template: Optional[str] = typer.Option(None, "-c", "--chat-template", help="Chat template: a .json with a chat_template key, a .jinja file, or a literal template."),
+    token_source: str = typer.Option("cache", "--token-source", help="Hugging Face token: literal:TOKEN, env:VAR, env, path:FILE, cache, none."),
+    device: str = typer.Option("auto", "--device", help="auto or cpu (a CUDA backend is not part of this build)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto (f32 on the CPU), f32, bf16, f16."),
+    truncate_sequence: bool = typer.Option(False, "--truncate-sequence", help="Keep the end of a prompt longer than the context instead of refusing it."),
+    log: Optional[str] = typer.Option(None, "--log", help="A log level (off, error, warn, info, debug, trace), or a FILE to append every request and response to as JSON lines."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats or notices on stderr."),
+) -> None:
+    ctx.obj = RunOptions(
+        prompt=prompt, interactive=interactive, raw=raw,
+        load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype),
+        sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      min_p=min_p, repetition_penalty=repetition_penalty,
+                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                      repeat_last_n=repeat_last_n, ignore_eos=ignore_eos, seed=seed),
+        truncate_sequence=truncate_sequence, log=log, verbose=verbose, quiet=quiet,
+    )
+
+
+@app.command("gguf", no_args_is_help=True)
+def gguf(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGUF file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The .gguf file name in -m, or a path to a .gguf file when -m is not given."),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+) -> None:
+    """Run a GGUF model (llama.cpp's format): mistralrs --prompt 'Hi' gguf -f model.gguf"""
+    tokenizer_json = None
+    if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
+        tokenizer_json, tok_model_id = tok_model_id, None
+    run(ctx.obj, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        sys.exit(130)

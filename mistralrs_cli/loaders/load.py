@@ -1,0 +1,107 @@
+"""load(spec) -> Loaded: every source format ends as the same bundle the engine consumes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import hub
+from ..errors import UserError
+from ..models.config import ModelConfig
+from ..types import GGUFSpec, LoadOptions
+from .chat_template import ChatTemplate, resolve_chat_template
+from .gguf import load_gguf_model
+from .gguf_file import GGUFFile
+from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
+from .weights import set_dtype
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    config: ModelConfig
+    model_id: str  # the name /v1/models and the stats show
+    eos_ids: set[int] = field(default_factory=set)
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MISTRALRS_CLI_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "mistralrs-cli"
+
+
+def _file_key(path: Path) -> str:
+    """A file's identity for caches: its resolved path, size and modification time."""
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _read_json(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as JSON ({e}); fix or remove the file.") from None
+
+
+def _gguf_path(spec: GGUFSpec, opts: LoadOptions) -> Path:
+    if spec.quantized_model_id is None:
+        path = Path(spec.quantized_filename).expanduser()
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist; pass an existing .gguf path to -f "
+                            "(or a repo or directory with -m and the file name with -f).")
+        return path
+    return hub.resolve_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
+                            flag="-m/--quantized-model-id")
+
+
+def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokenizer, dict | None]:
+    tok_json = Path(spec.tokenizer_json) if spec.tokenizer_json else None
+    tok_cfg = gen_cfg = None
+    if spec.tok_model_id:
+        src = spec.tok_model_id
+        tok_json = tok_json or hub.resolve_file(src, "tokenizer.json", opts.token_source, flag="-t/--tok-model-id")
+        tok_cfg = _read_json(hub.resolve_file(src, "tokenizer_config.json", opts.token_source, required=False, flag="-t/--tok-model-id"))
+        gen_cfg = _read_json(hub.resolve_file(src, "generation_config.json", opts.token_source, required=False, flag="-t/--tok-model-id"))
+    if tok_json is not None:
+        if not tok_json.is_file():
+            raise UserError(f"tokenizer file {tok_json} does not exist; check --tokenizer-json.")
+        eos = (gen_cfg or {}).get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else (eos or [])
+        return tokenizer_from_file(tok_json, tok_cfg, eos), tok_cfg
+    cache = cache_root() / "tokenizers" / _file_key(gf.path)
+    return tokenizer_from_gguf(gf.metadata, cache_path=cache), None
+
+
+def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
+    path = _gguf_path(spec, opts)
+    gf = GGUFFile(path)
+    model, cfg = load_gguf_model(gf)
+    set_dtype(model, opts.dtype)
+    tok, tok_cfg = _tokenizer(spec, gf, opts)
+    template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
+    name = spec.quantized_model_id or path.name
+    bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
+    return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
+
+
+LOADERS = {GGUFSpec: load_gguf}
+
+
+def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
+    return LOADERS[type(spec)](spec, opts or LoadOptions())

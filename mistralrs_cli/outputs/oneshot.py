@@ -1,0 +1,49 @@
+"""--prompt: stream the completion to stdout, stats to stderr, exit 0. The shell-script mode."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..api import Runner
+from ..prompting import chat_ids, completion_ids
+from ..types import SamplingParams
+from .request_log import RequestLog
+
+
+def stats_line(n_prompt: int, prompt_time: float, n_gen: int, decode_time: float) -> str:
+    pps = n_prompt / prompt_time if prompt_time > 0 else 0.0
+    # the first token comes out of the prefill step, so decode speed counts the others
+    dps = (n_gen - 1) / decode_time if decode_time > 0 and n_gen > 1 else 0.0
+    return (f"prompt: {n_prompt} tokens, {pps:.1f} tok/s | generated: {n_gen} tokens, "
+            f"{dps:.1f} tok/s")
+
+
+def run_oneshot(opts, spec, prompt: str, params: SamplingParams) -> None:
+    t0 = time.perf_counter()
+    log = RequestLog(opts.request_log)
+    runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
+                    truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec))
+    loaded = runner.loaded
+    ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
+    log.write("request", {"prompt": prompt, "raw": opts.raw, "prompt_tokens": len(ids)})
+    text, last, ttft = [], None, None
+    for out in runner.stream(ids, params):
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        if out.text:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+            text.append(out.text)
+        last = out
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    log.write("response", {"text": "".join(text), "finish_reason": last.finish_reason if last else None})
+    if last is not None and not opts.quiet:
+        print(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time)
+              + f" | first token after {ttft:.2f} s", file=sys.stderr)
+
+
+def _load(opts, spec):
+    from ..loaders.load import load
+
+    return load(spec, opts.load)

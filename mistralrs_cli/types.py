@@ -1,0 +1,56 @@
+"""Dataclasses that cross stage boundaries: specs (what to load), sampling and engine settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GGUFSpec:
+    """`mistralrs gguf`: a .gguf file, from a repo or a local dir (-m) or as a bare path (-f)."""
+
+    quantized_filename: str
+    quantized_model_id: str | None = None
+    tok_model_id: str | None = None  # tokenizer.json / tokenizer_config.json source
+    tokenizer_json: str | None = None
+
+
+@dataclass
+class LoadOptions:
+    """Global options that shape loading."""
+
+    token_source: str = "cache"
+    chat_template: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # < 1e-7: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    max_tokens: int | None = None  # None: until EOS or the context is full
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-7
+
+
+@dataclass
+class EngineConfig:
+    max_seqs: int = 16
+    max_batch_tokens: int = 2048  # prompt tokens per step (chunked prefill beyond this)
+    truncate_sequence: bool = False
+    no_kv_cache: bool = False
