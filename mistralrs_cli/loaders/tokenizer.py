@@ -1,0 +1,419 @@
+"""Tokenizers built from GGUF tokenizer metadata (or a tokenizer.json), matching llama.cpp's ids.
+
+Two GGUF vocab kinds are supported, as llama.cpp defines them:
+  gpt2   byte-level BPE: ranked merges from `tokenizer.ggml.merges`, split regexes chosen by
+         `tokenizer.ggml.pre` (PRE_TOKENIZERS below), ByteLevel bytes<->chars.
+  llama  SentencePiece BPE: no merges in the file; a pair merges when its concatenation is a
+         token, best score first, so merges are derived from the scores. Spaces become '▁',
+         optional '▁' prefix, <0xNN> byte fallback.
+Control (type 3) and user-defined (type 4) tokens are added tokens matched on the raw text,
+the way llama.cpp partitions text before tokenizing (control ones are `special`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from mistralrs_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's split regexes (llama-vocab.cpp), applied in order; text between matches is kept.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
+_CJK = "[一-龥ࠀ-一가-퟿]+"
+_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# deepseek-llm's letter class, as code point ranges (escaped: several endpoints have canonical
+# equivalents that text normalization would silently swap).
+_DEEPSEEK_RANGES = (  # hex code points
+    "41-5A 61-7A B5 C0-D6 D8-F6 F8-1BA 1BC-1BF 1C4-293 295-2AF 370-373 376-377 37B-37D 37F 386 "
+    "388-38A 38C 38E-3A1 3A3-3F5 3F7-481 48A-52F 531-556 10A0-10C5 13A0-13F5 13F8-13FD "
+    "1C90-1CBA 1CBD-1CBF 1D00-1D2B 1D6B-1D77 1D79-1D9A 1E00-1F15 1F18-1F1D 1F20-1F45 1F48-1F4D "
+    "1F50-1F57 1F59 1F5B 1F5D 1F5F-1F7D 1F80-1FB4 1FB6-1FBC 1FBE 1FC2-1FC4 1FC6-1FCC 1FD0-1FD3 "
+    "1FD6-1FDB 1FE0-1FEC 1FF2-1FF4 1FF6-1FFC 2102 2107 210A-2113 2115 2119-211D 2124 2126 2128 "
+    "212A-212D 212F-2134 2139 213C-213F 2145-2149 214E 2183-2184 2C00-2C7B 2C7E-2CE4 2CEB-2CEE "
+    "2CF2-2CF3 A640-A66D A680-A69B A722-A76F A771-A787 A78B-A78E AB70-ABBF FB00-FB06 FB13-FB17 "
+    "FF21-FF3A FF41-FF5A 10400-1044F 104B0-104D3 104D8-104FB 10C80-10CB2 10CC0-10CF2 "
+    "118A0-118DF 1E900-1E943")
+_DEEPSEEK_LETTERS = "".join("-".join(f"\\x{{{h}}}" for h in r.split("-"))
+                            for r in _DEEPSEEK_RANGES.split())
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "gpt2": (_GPT2,),
+    "starcoder": (r"\p{N}", _GPT2),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
+    "deepseek-llm": ("[\r\n]", rf"\s?[{_DEEPSEEK_LETTERS}]+", r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+                     r"\s+$", _CJK, r"\p{N}+"),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+                    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"""
+                    r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "bloom": (_BLOOM,),
+    "viking": (_BLOOM, r"\p{N}"),
+    "tekken": (_TEKKEN,),
+    "gpt-4o": (_GPT4O,),
+}
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One row of llama.cpp's `tokenizer.ggml.pre` table: which regexes, and its vocab flags."""
+    splits: str
+    ignore_merges: bool = False  # a word that is already a token is not merged (llama3 style)
+    add_bos: bool = False        # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+
+
+_PRE_NAMES: dict[PreTokenizer, tuple[str, ...]] = {
+    PreTokenizer("default"): ("default",),
+    PreTokenizer("llama3", ignore_merges=True, add_bos=True): (
+        "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+        "smaug-bpe", "dbrx"),
+    PreTokenizer("gpt2"): ("gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "jais",
+                           "gigachat", "exaone4", "mellum", "trillion", "roberta-bpe", "jina-v1-en"),
+    PreTokenizer("starcoder"): ("starcoder", "refact", "command-r", "smollm", "codeshell",
+                                "exaone", "minerva-7b"),
+    PreTokenizer("qwen2"): ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"),
+    PreTokenizer("bloom"): ("bloom", "poro-chat", "gpt3-finnish"),
+    PreTokenizer("llama3"): ("chatglm-bpe", "glm4"),
+    PreTokenizer("gpt-4o"): ("gpt-4o", "llama4"),
+    PreTokenizer("tekken", ignore_merges=True, add_bos=True): ("tekken",),
+    PreTokenizer("default", add_bos=True): ("chameleon",),
+    **{PreTokenizer(n): (n,) for n in ("falcon", "deepseek-llm", "deepseek-coder", "deepseek-v3",
+                                       "viking")},
+}
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {n: p for p, names in _PRE_NAMES.items() for n in names}
+
+# llama.cpp ends generation on these when the vocab has them, whatever the metadata says.
+EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+             "<|eom_id|>", "<|end_of_text|>")
+_CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2
+_CACHE_FORMAT = 1
+_SIDECAR = "mistralrs_tokenizer.json"
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the few facts llama.cpp keeps beside the vocab."""
+    hf: HFTokenizer
+    bos_id: int | None
+    eos_id: int | None
+    add_bos: bool = False
+    add_eos: bool = False
+    strip_space: bool = False  # SentencePiece '▁' prefix: decode drops the first token's space
+    eos_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self._special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids for `text`; special-token text is always parsed, BOS/EOS added per metadata."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if add_special_tokens and self.add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        text = self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text[1:] if self._strips(ids, skip_special_tokens) and text[:1] == " " else text
+
+    def _strips(self, ids: list[int], skip_special_tokens: bool) -> bool:
+        """llama.cpp drops the '▁' prefix's space only when the first shown token is ordinary."""
+        shown = [i for i in ids if not (skip_special_tokens and i in self._special)]
+        return self.strip_space and bool(shown) and shown[0] not in self._special
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.hf.id_to_token(int(token_id))
+
+    def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Text deltas per pushed token; a UTF-8 character split over tokens waits until complete.
+
+    Decodes a short window (one token of context plus the pending ones) per push, so each push
+    costs O(1) amortized; the deltas plus flush() concatenate to Tokenizer.decode(all ids)."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tok, self._skip = tok, skip_special_tokens
+        self._window: list[int] = []  # [context token?, pending tokens...]
+        self._context = ""  # the context token's text (already emitted)
+        self._started = False  # has any text been emitted (the '▁' strip happens once)
+
+    def push(self, token_id: int) -> str:
+        self._window.append(int(token_id))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        hf, skip = self._tok.hf, self._skip
+        text = hf.decode(self._window, skip_special_tokens=skip)
+        # U+FFFD at the end means an incomplete character: wait for its remaining bytes.
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self._context):] if text.startswith(self._context) else text
+        if not self._started and delta:
+            if self._tok._strips(self._window, skip) and delta[:1] == " ":
+                delta = delta[1:]
+            self._started = True
+        # Keep one token of context, unless it is a lone piece of a character: ByteFallback
+        # turns a whole run of byte tokens into U+FFFDs when the run starts mid-character.
+        self._window = self._window[-1:]
+        self._context = hf.decode(self._window, skip_special_tokens=skip)
+        if "\ufffd" in self._context:
+            self._window, self._context = [], ""
+        return delta
+
+
+def _array(meta: Mapping[str, Any], key: str) -> np.ndarray | None:
+    value = meta.get(key)
+    return None if value is None else np.asarray(value)
+
+
+def _added_tokens(tokens: list[str], types: np.ndarray | None) -> list[AddedToken]:
+    """Control/unknown tokens (special) and user-defined ones, matched on raw text as llama.cpp."""
+    out = []
+    for i in ([] if types is None else np.flatnonzero(np.isin(types, (_CONTROL, _USER_DEFINED,
+                                                                        _UNKNOWN)))):
+        special = int(types[i]) != _USER_DEFINED
+        out.append(AddedToken(tokens[i], special=special, normalized=False))
+    known = {t.content for t in out}
+    # llama.cpp promotes end-of-generation names to control even when typed normal.
+    vocab = set(EOG_NAMES) & set(tokens)
+    out += [AddedToken(t, special=True, normalized=False) for t in EOG_NAMES if t in vocab - known]
+    return out
+
+
+def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merges: a pair ranks by its concatenation's score (higher first),
+    ties by the pieces' scores, as llama.cpp's score-ordered bigram queue does."""
+    index = {t: i for i, t in enumerate(tokens)}
+    found: list[tuple[float, float, float, str, str]] = []
+    for token, i in index.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            li, ri = index.get(left), index.get(right)
+            if li is not None and ri is not None:
+                found.append((-scores[i], -scores[li], -scores[ri], left, right))
+    found.sort(key=lambda m: m[:3])
+    return [(m[3], m[4]) for m in found]
+
+
+def _build_spm(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer, bool]:
+    scores = _array(meta, "tokenizer.ggml.scores")
+    scores = np.zeros(len(tokens), np.float32) if scores is None else scores.astype(np.float64)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    bpe = models.BPE(vocab, spm_merges(tokens, scores), byte_fallback=True, fuse_unk=True,
+                     unk_token=tokens[unk] if 0 <= unk < len(tokens) else None)
+    hf = HFTokenizer(bpe)
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend("▁")] if prefix else []
+    hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    return hf, prefix
+
+
+def _pre_tokenizer(name: str | None) -> PreTokenizer:
+    if name is None:
+        log.warning("GGUF has no tokenizer.ggml.pre: using llama.cpp's 'default' splits")
+        return PRE_TOKENIZERS["default"]
+    if name not in PRE_TOKENIZERS:
+        # Decision: run with GPT-2 splits rather than refuse; most ids still agree.
+        log.warning("tokenizer.ggml.pre %r is not known here: using GPT-2 splits, so some "
+                    "token ids may differ from llama.cpp (pass -t tokenizer.json to avoid)", name)
+        return PRE_TOKENIZERS["gpt2"]
+    return PRE_TOKENIZERS[name]
+
+
+def _build_gpt2(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer, PreTokenizer]:
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise UserError("GGUF tokenizer.ggml.model is 'gpt2' but tokenizer.ggml.merges is "
+                        "missing; pass the model's tokenizer.json with -t.")
+    cuts = [(m, m.find(" ", 1)) for m in merges]  # llama.cpp: the first space after index 0
+    pairs = [(m[:c], m[c + 1:]) for m, c in cuts if c > 0]
+    pre = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [p for p in pairs if p[0] + p[1] in vocab]
+    hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
+    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in _SPLITS[pre.splits]]
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    return hf, pre
+
+
+def _special_ids(meta: Mapping[str, Any], kind: str, n: int) -> tuple[int | None, int | None]:
+    bos = meta.get("tokenizer.ggml.bos_token_id", 1 if kind == "llama" else None)
+    eos = meta.get("tokenizer.ggml.eos_token_id", 2 if kind == "llama" else None)
+    valid = lambda i: int(i) if i is not None and 0 <= int(i) < n else None  # noqa: E731
+    return valid(bos), valid(eos)
+
+
+def _eos_ids(hf: HFTokenizer, meta: Mapping[str, Any], eos: int | None) -> set[int]:
+    ids = {eos} | {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")}
+    ids |= {hf.token_to_id(name) for name in EOG_NAMES}
+    return {int(i) for i in ids if i is not None}
+
+
+def _set_post_processor(tok: Tokenizer) -> None:
+    """So `tok.hf.encode(text)` adds BOS/EOS the same way `tok.encode` does."""
+    single, special = "$A", []
+    if tok.add_bos and tok.bos_id is not None:
+        single = f"{tok.id_to_token(tok.bos_id)} {single}"
+        special.append((tok.id_to_token(tok.bos_id), tok.bos_id))
+    if tok.add_eos and tok.eos_id is not None:
+        single = f"{single} {tok.id_to_token(tok.eos_id)}"
+        special.append((tok.id_to_token(tok.eos_id), tok.eos_id))
+    if special:
+        tok.hf.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
+
+
+def build_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
+    """Build (slowly, for big SentencePiece vocabs) the tokenizer GGUF metadata describes."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise UserError("GGUF has no tokenizer.ggml.tokens; pass the model's tokenizer.json "
+                        "with -t.")
+    tokens = [str(t) for t in tokens]
+    if kind == "llama":
+        hf, strip = _build_spm(tokens, meta)
+        add_bos_default = True
+    elif kind == "gpt2":
+        (hf, pre), strip = _build_gpt2(tokens, meta), False
+        add_bos_default = pre.add_bos
+    else:
+        raise UserError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (only 'llama' and "
+                        "'gpt2'); pass the model's tokenizer.json with -t.")
+    added = _added_tokens(tokens, _array(meta, "tokenizer.ggml.token_type"))
+    hf.add_special_tokens([t for t in added if t.special])
+    hf.add_tokens([t for t in added if not t.special])  # add_special_tokens marks all special
+    bos, eos = _special_ids(meta, kind, len(tokens))
+    tok = Tokenizer(hf, bos, eos, strip_space=strip, eos_ids=_eos_ids(hf, meta, eos),
+                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+    _set_post_processor(tok)
+    return tok
+
+
+def _sidecar(tok: Tokenizer) -> dict[str, Any]:
+    return {"format": _CACHE_FORMAT, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "add_bos": tok.add_bos, "add_eos": tok.add_eos, "strip_space": tok.strip_space,
+            "eos_ids": sorted(tok.eos_ids)}
+
+
+def save_cache(tok: Tokenizer, cache_dir: Path) -> None:
+    """tokenizer.json + sidecar, each written to a temp name and renamed (safe vs. readers)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("tokenizer.json", tok.hf.to_str()), (_SIDECAR, json.dumps(_sidecar(tok)))):
+        tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(cache_dir / name)
+
+
+def load_cache(cache_dir: Path) -> Tokenizer | None:
+    try:
+        side = json.loads((cache_dir / _SIDECAR).read_text(encoding="utf-8"))
+        if side.get("format") != _CACHE_FORMAT:
+            return None
+        hf = HFTokenizer.from_file(str(cache_dir / "tokenizer.json"))
+    except Exception:  # a missing or broken cache is rebuilt, never fatal
+        return None
+    return Tokenizer(hf, side["bos_id"], side["eos_id"], side["add_bos"], side["add_eos"],
+                     side["strip_space"], set(side["eos_ids"]))
+
+
+def tokenizer_from_gguf(meta: Mapping[str, Any], cache_path: Path | None = None) -> Tokenizer:
+    """Tokenizer from GGUF metadata; with `cache_path` (a directory keyed by the file's identity,
+    chosen by the caller) the built tokenizer is saved there and loaded from it next time."""
+    if cache_path is not None and (cached := load_cache(Path(cache_path))) is not None:
+        return cached
+    tok = build_from_gguf(meta)
+    if cache_path is not None:
+        try:
+            save_cache(tok, Path(cache_path))
+        except OSError as exc:  # a read-only cache only costs speed
+            log.warning("could not cache tokenizer in %s: %s", cache_path, exc)
+    return tok
+
+
+def _token_id(hf: HFTokenizer, value: Any) -> int | None:
+    """tokenizer_config.json spells special tokens as a string or {"content": ...}."""
+    content = value.get("content") if isinstance(value, dict) else value
+    return hf.token_to_id(content) if isinstance(content, str) else None
+
+
+def _unstrip_decoder(hf: HFTokenizer) -> bool:
+    """Move a decoder's 'drop the first space' step into our flag, so windowed stream decoding
+    does not strip the space of each window's first token. True when one was moved."""
+    if hf.decoder is None:
+        return False
+    dec = json.loads(hf.decoder.__getstate__())
+    if dec.get("type") == "Metaspace" and dec.get("prepend_scheme", "always") != "never":
+        dec = {"type": "Replace", "pattern": {"String": dec.get("replacement", "▁")},
+               "content": " "}
+    elif dec.get("type") == "Sequence" and any(
+            d.get("type") == "Strip" and d.get("content") == " " and d.get("start") == 1
+            for d in dec.get("decoders", [])):
+        dec["decoders"] = [d for d in dec["decoders"] if d.get("type") != "Strip"]
+    else:
+        return False
+    # `tokenizers` builds decoders from JSON only as part of a tokenizer: use an empty one.
+    empty = {"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}, "decoder": dec}
+    hf.decoder = HFTokenizer.from_str(json.dumps(empty)).decoder
+    return True
+
+
+def _adds(hf: HFTokenizer, token_id: int | None) -> bool:
+    """Does the tokenizer.json's own post-processor add this token around a text?"""
+    if token_id is None:
+        return False
+    return token_id in hf.encode("a", add_special_tokens=True).ids
+
+
+def tokenizer_from_file(tokenizer_json: Path, tokenizer_config: dict | None = None,
+                        generation_eos: list[int] | None = None) -> Tokenizer:
+    """Tokenizer from a tokenizer.json (+ tokenizer_config.json values), as -t supplies."""
+    try:
+        hf = HFTokenizer.from_file(str(tokenizer_json))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise UserError(f"cannot read tokenizer file {tokenizer_json}: {exc}") from None
+    cfg = tokenizer_config or {}
+    bos, eos = _token_id(hf, cfg.get("bos_token")), _token_id(hf, cfg.get("eos_token"))
+    add_bos = bool(cfg["add_bos_token"]) if "add_bos_token" in cfg else _adds(hf, bos)
+    add_eos = bool(cfg["add_eos_token"]) if "add_eos_token" in cfg else _adds(hf, eos)
+    strip = _unstrip_decoder(hf)
+    eos_ids = {i for i in [eos, *(generation_eos or [])] if i is not None}
+    eos_ids |= {i for i in map(hf.token_to_id, EOG_NAMES) if i is not None}
+    return Tokenizer(hf, bos, eos, add_bos, add_eos, strip, eos_ids)
