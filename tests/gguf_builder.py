@@ -1,0 +1,291 @@
+"""Tiny GGUF files built from transformers models, written the way llama.cpp's converter writes them.
+
+A test builds a seeded random transformers model (`tiny_llama`, `tiny_gemma3`), a tiny byte-level
+BPE vocab (`train_tokenizer`), and writes both with `write_gguf`: arch metadata keys, GGUF tensor
+names, llama's q/k row permutation, Gemma's norms stored as (1 + w), F32 or Q8_0 tensors, and the
+gpt2 tokenizer keys. `write_gguf` also takes an arbitrary `general.architecture` and per-tensor
+GGML types (random bytes for types gguf-py cannot quantize), for bad-input tests.
+
+Nothing here is read by the package: it is the independent writer our loader is tested against.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+VOCAB = 512
+BOS, EOS = "<s>", "</s>"
+_TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3
+
+# A fixed training text: the vocab (and so every token id) is a pure function of it.
+_WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
+          "boxing frogs; rain falls in spain mainly on plains, and 12 or 345 numbers count too! "
+          "Models read tokens, tokens become vectors, vectors become logits. Why? Because "
+          "attention heads look back at keys and values cached from every earlier position.")
+
+
+def training_corpus() -> list[str]:
+    """The sentence above plus made-up words from syllables: enough distinct pairs for 254 merges."""
+    rng = np.random.default_rng(1234)
+    words = _WORDS.split()
+    syllables = [c + v for c in "bdfghklmnprstvz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    lines = [_WORDS]
+    for _ in range(600):
+        made = ["".join(rng.choice(syllables, size=int(rng.integers(1, 4)))) for _ in range(3)]
+        lines.append(" ".join([*rng.choice(words, size=int(rng.integers(3, 10))), *made]))
+    return lines
+
+
+def train_tokenizer(vocab_size: int = VOCAB) -> HFTokenizer:
+    """A GPT-2-style byte-level BPE: specials at ids 0 and 1, then the 256 bytes, then merges."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(training_corpus(), trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"the corpus gave {tok.get_vocab_size()} tokens, not {vocab_size}")
+    return tok
+
+
+@dataclass
+class GGUFVocab:
+    """The gpt2 tokenizer keys of a GGUF file."""
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]  # "left right", rank order
+    bos_id: int
+    eos_id: int
+
+
+def gguf_vocab(tok: HFTokenizer) -> GGUFVocab:
+    spec = json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = spec["vocab"]
+    tokens = [""] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+    types = [_TOKEN_CONTROL if t in (BOS, EOS) else _TOKEN_NORMAL for t in tokens]
+    return GGUFVocab(tokens, types, merges, vocab[BOS], vocab[EOS])
+
+
+# ---- tiny transformers models ----
+def randomize_(model: torch.nn.Module, seed: int, std: float, norm_center: float,
+               embed_std: float = 1.0) -> None:
+    """Seeded weights with a spread that gives clear greedy margins; norms near `norm_center`
+    (1 for llama's w, 0 for Gemma's (1 + w)) but not equal to it, so their conversion is tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(norm_center + 0.1 * noise)
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(embed_std * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+               rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides}))
+    randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def tiny_gemma3(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """7 layers: five sliding, one global (Gemma 3's 5:1), one sliding; a window of 8 tokens so
+    a short prompt already slides. query_pre_attn_scalar = head_dim, as llama.cpp assumes."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=VOCAB,
+               max_position_embeddings=512, sliding_window=8, rms_norm_eps=1e-6,
+               bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**cfg, **overrides}))
+    # Gemma scales embeddings by sqrt(hidden) and ties lm_head: a unit spread would let one
+    # token win every step
+    randomize_(model, seed, std=0.15, norm_center=0.0, embed_std=0.15)
+    return model.eval()
+
+
+# ---- HF -> GGUF: names, metadata, weight transforms ----
+_TENSORS = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GEMMA_TENSORS = {**_TENSORS, "post_attention_layernorm": "post_attention_norm",
+                  "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def gguf_name(hf_name: str, table: dict[str, str]) -> str:
+    module, _, suffix = hf_name.rpartition(".")
+    if module.startswith("model.layers."):
+        i, rest = module[len("model.layers."):].split(".", 1)
+        return f"blk.{i}.{table[rest]}.{suffix}"
+    return f"{table[module]}.{suffix}"
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter: per head, rows (2, half) -> (half, 2), i.e. rotate-half pairs
+    become adjacent pairs for ggml's interleaved rope."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama_weight(cfg: Any, hf_name: str, w: np.ndarray) -> np.ndarray:
+    if hf_name.endswith("q_proj.weight"):
+        return permute_qk(w, cfg.num_attention_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return permute_qk(w, cfg.num_key_value_heads)
+    return w
+
+
+def _gemma_weight(cfg: Any, hf_name: str, w: np.ndarray) -> np.ndarray:
+    return w + 1.0 if hf_name.endswith("norm.weight") else w
+
+
+def _common_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
+def _llama_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _common_kv(w, cfg)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _gemma3_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _common_kv(w, cfg)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    w.add_sliding_window(cfg.sliding_window)
+
+
+@dataclass(frozen=True)
+class ArchWriter:
+    gguf_arch: str
+    names: dict[str, str]
+    weight: Callable[[Any, str, np.ndarray], np.ndarray]
+    kv: Callable[[gguf.GGUFWriter, Any], None]
+
+
+ARCHS: dict[str, ArchWriter] = {  # transformers model_type -> how llama.cpp converts it
+    "llama": ArchWriter("llama", _TENSORS, _llama_weight, _llama_kv),
+    "gemma3_text": ArchWriter("gemma3", _GEMMA_TENSORS, _gemma_weight, _gemma3_kv),
+}
+
+
+def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """GGUF name -> float32 array, converted as llama.cpp does (tied lm_head left out)."""
+    cfg = model.config
+    arch = ARCHS[cfg.model_type]
+    out = {}
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = t.detach().float().numpy().copy()
+        out[gguf_name(hf_name, arch.names)] = arch.weight(cfg, hf_name, w).astype(np.float32)
+    return out
+
+
+def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
+    """Random bytes laid out as (rows, row_bytes) of `qtype` blocks: any type, even ones
+    gguf-py cannot quantize (the bytes are never meant to be decoded)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise ValueError(f"rows of {shape[-1]} values are not whole {qtype.name} blocks of {block}")
+    rows = int(np.prod(shape[:-1]))
+    return np.random.default_rng(seed).integers(0, 256, (rows, shape[-1] // block * size), dtype=np.uint8)
+
+
+# what gguf.quants.quantize can write; any other type gets random block bytes
+QUANTIZABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0})
+
+
+def _file_type(qtype: Q) -> gguf.LlamaFileType:
+    if qtype == Q.F32:
+        return gguf.LlamaFileType.ALL_F32
+    return getattr(gguf.LlamaFileType, f"MOSTLY_{qtype.name}", gguf.LlamaFileType.GUESSED)
+
+
+def _encode(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
+    """F32 for 1-D tensors and rows that are not whole blocks (llama.cpp's fallback)."""
+    if qtype == Q.F32 or w.ndim < 2 or w.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        return w, Q.F32
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None, qtype: Q = Q.F32,
+               architecture: str | None = None, chat_template: str | None = None,
+               tensor_types: dict[str, Q] | None = None, add_bos: bool = True) -> Path:
+    """Write `model` (and `vocab`) as llama.cpp's converter would; returns the path.
+
+    architecture: written as general.architecture and the metadata key prefix (default: the
+    model's llama.cpp name). tensor_types: GGUF tensor name -> GGML type, overriding `qtype`;
+    types gguf-py cannot quantize get random block bytes."""
+    path = Path(path)
+    cfg = model.config
+    arch = ARCHS[cfg.model_type]
+    writer = gguf.GGUFWriter(str(path), architecture or arch.gguf_arch)
+    writer.add_name(f"tiny-{arch.gguf_arch}")
+    arch.kv(writer, cfg)
+    writer.add_file_type(_file_type(qtype))
+    if vocab is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
+        writer.add_token_merges(vocab.merges)
+        writer.add_bos_token_id(vocab.bos_id)
+        writer.add_eos_token_id(vocab.eos_id)
+        writer.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for name, w in gguf_tensors(model).items():
+        want = (tensor_types or {}).get(name, qtype)
+        if want in QUANTIZABLE:
+            data, got = _encode(w, want)
+        else:
+            data, got = random_blocks(w.shape, want), want
+        # uint8 data: gguf-py derives the logical shape from the byte shape and the type
+        writer.add_tensor(name, data, raw_dtype=None if got == Q.F32 else got)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
