@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Side-by-side speed and memory benchmark: this project's CLI against llama.cpp and mistral.rs.
+
+Every run is one fresh OS process, started the way a user would start the engine:
+  ours        the installed `mistralrs` CLI (one-shot --prompt mode); speeds come from its stderr
+              stats line, time to first token from process start is the first stdout byte;
+  llama.cpp   llama-cpp-python in the peers venv: load, eval the prompt, greedy argmax per token;
+  mistral.rs  the PyPI `mistralrs` package in the peers venv: streamed chat request whose chat
+              template is the identity (so the model sees exactly the raw prompt), EOS ignored.
+All engines get the same raw prompt text (no chat template: Gemma-3's file has none, so raw keeps
+the input identical everywhere; BOS follows each model's tokenizer), greedy decoding, 128 new
+tokens with EOS ignored, 2 threads. Engines alternate run by run; medians over --repeats runs.
+Peak RSS is the child's own ru_maxrss from os.wait4. This script imports nothing from the project.
+
+  python scripts/bench.py [--repeats 3] [--models smollm2,gemma3] [--engines ours,llama.cpp,mistral.rs]
+                          [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MISTRALRS_CLI_CACHE", Path.home() / ".cache" / "mistralrs-cli"))
+
+MODELS = {
+    "smollm2": {"label": "SmolLM2-135M Q4_1", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "gemma3": {"label": "Gemma-3-270M Q4_K_M", "file": "gemma-3-270m-q4_k_m.gguf"},
+}
+ENGINES = ["ours", "llama.cpp", "mistral.rs"]
+# Known problems that make a row not comparable; printed beside the row.
+KNOWN_BROKEN = {("mistral.rs", "gemma3"): "tokenizer converted wrongly by mistral.rs (prompt token "
+                                          "count differs, output is garbage)"}
+
+# ~200 tokens with both tokenizers; fixed so results compare across commits.
+PROMPT = (
+    "You are reviewing a design document for a small command-line tool that runs language models "
+    "on an ordinary laptop. The tool reads a quantized model file, builds the tokenizer from the "
+    "metadata stored inside that file, and then generates text one token at a time. The authors "
+    "claim three things. First, that loading the model takes less than a second once the file is "
+    "in the operating system's page cache. Second, that the prompt is processed in large batches, "
+    "so a long question costs little more than a short one. Third, that memory use stays close to "
+    "the size of the weights, because nothing is copied or converted to a wider format at load "
+    "time. Write a careful review of these claims. For each one, explain how you would measure it, "
+    "which numbers you would report, what could make the measurement misleading on a shared "
+    "machine, and what result would convince you that the claim holds. Finish with a short list of "
+    "questions for the authors about threads, caches and the cost of the first request."
+)
+
+STATS_RE = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) tokens, ([\d.]+) tok/s"
+                      r" \| first token after ([\d.]+) s")
+RESULT_TAG = "BENCH_RESULT "
+
+# Runs in the peers venv. argv[1] is a JSON config; BENCH_T0 is the wall time of the spawn.
+LLAMA_RUNNER = r'''
+import json, os, sys, time
+cfg = json.loads(sys.argv[1]); T0 = float(os.environ["BENCH_T0"])
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+t_load = time.perf_counter()
+llm = Llama(model_path=cfg["model"], n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
+            n_ctx=cfg["n_ctx"], n_batch=512, verbose=False)
+load_s = time.perf_counter() - t_load
+n_vocab = llm.n_vocab()
+def greedy():
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+    return int(np.argmax(logits))
+# add_bos=True means "add BOS if the vocab asks for it" (llama_tokenize's add_special)
+toks = llm.tokenize(cfg["prompt"].encode("utf-8"), add_bos=True, special=False)
+t_req = time.perf_counter()
+llm.eval(toks)
+tok = greedy()
+t_first = time.perf_counter(); w_first = time.time()
+out = [tok]
+while len(out) < cfg["max_tokens"]:
+    llm.eval([tok])
+    tok = greedy()
+    out.append(tok)
+t_end = time.perf_counter()
+n = len(out)
+print("BENCH_RESULT " + json.dumps({
+    "version": llama_cpp.__version__, "prompt_tokens": len(toks), "gen_tokens": n,
+    "prefill_tps": len(toks) / (t_first - t_req), "decode_tps": (n - 1) / (t_end - t_first),
+    "ttft_in": t_first - t_req, "ttft_start": w_first - T0, "load_s": load_s,
+    "text": llm.detokenize(out).decode("utf-8", "replace")}), flush=True)
+'''
+
+MISTRALRS_RUNNER = r'''
+import json, os, sys, tempfile, time
+cfg = json.loads(sys.argv[1]); T0 = float(os.environ["BENCH_T0"])
+from importlib.metadata import version
+from mistralrs import Runner, Which, ChatCompletionRequest
+# identity chat template: the model sees the raw prompt (BOS added by the template when the
+# model's tokenizer wants one), so every engine gets the same input
+tpl = os.path.join(tempfile.mkdtemp(), "identity.jinja")
+with open(tpl, "w") as f:
+    f.write(("{{ bos_token }}" if cfg["add_bos"] else "")
+            + "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+t_load = time.perf_counter()
+runner = Runner(which=Which.GGUF(quantized_model_id=os.path.dirname(cfg["model"]),
+                                 quantized_filename=os.path.basename(cfg["model"])),
+                token_source="none", jinja_explicit=tpl)
+load_s = time.perf_counter() - t_load
+req = ChatCompletionRequest(messages=[{"role": "user", "content": cfg["prompt"]}], model="bench",
+                            max_tokens=cfg["max_tokens"], temperature=0.0, ignore_eos=True,
+                            stream=True)
+t_req = time.perf_counter()
+t_first = w_first = None; chunks = 0; usage = None; text = []
+for ch in runner.send_chat_completion_request(req):
+    now = time.perf_counter()
+    c = ch.choices[0] if ch.choices else None
+    if c is not None and c.delta is not None and c.delta.content:
+        if t_first is None:
+            t_first, w_first = now, time.time()
+        chunks += 1; text.append(c.delta.content); t_last = now
+    if getattr(ch, "usage", None) is not None:
+        usage = ch.usage
+u = usage
+print("BENCH_RESULT " + json.dumps({
+    "version": version("mistralrs"),
+    "prompt_tokens": u.prompt_tokens if u else None, "gen_tokens": u.completion_tokens if u else chunks,
+    "prefill_tps": u.avg_prompt_tok_per_sec if u else None,
+    "decode_tps": u.avg_compl_tok_per_sec if u else None,
+    "own_prefill_tps": (u.prompt_tokens / (t_first - t_req)) if u and t_first else None,
+    "own_decode_tps": (chunks - 1) / (t_last - t_first) if chunks > 1 else None,
+    "ttft_in": t_first - t_req if t_first else None,
+    "ttft_start": w_first - T0 if w_first else None, "load_s": load_s, "chunks": chunks,
+    "text": "".join(text)}), flush=True)
+'''
+
+PEER_PROBES = {"llama.cpp": "import llama_cpp; print(llama_cpp.__version__)",
+               "mistral.rs": "from importlib.metadata import version; import mistralrs; "
+                             "print(version('mistralrs'))"}
+
+
+def run_process(cmd: list[str], env: dict, timeout: float) -> dict:
+    """Spawn cmd, time its first stdout byte, reap it with wait4 for its own peak RSS."""
+    t0 = time.time()
+    env = dict(env, BENCH_T0=repr(t0))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = [None]
+    out, err = bytearray(), bytearray()
+
+    def read_out():
+        while True:
+            b = p.stdout.read1(65536)
+            if not b:
+                break
+            if first[0] is None:
+                first[0] = time.time()
+            out.extend(b)
+
+    def read_err():
+        err.extend(p.stderr.read())
+
+    threads = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    timer = threading.Timer(timeout, p.kill)
+    timer.start()
+    try:
+        _, status, ru = os.wait4(p.pid, 0)
+    except BaseException:  # Ctrl-C / SIGTERM: do not leave the engine running
+        p.kill()
+        os.waitpid(p.pid, 0)
+        raise
+    finally:
+        timer.cancel()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    for t in threads:
+        t.join(5)
+    return {"rc": p.returncode, "wall_s": time.time() - t0, "peak_rss_mb": ru.ru_maxrss / 1024,
+            "first_stdout_s": first[0] - t0 if first[0] else None,
+            "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace"),
+            "timed_out": time.time() - t0 >= timeout}
+
+
+def find_cli(arg: str | None) -> str | None:
+    if arg:
+        return arg if os.access(arg, os.X_OK) else None
+    local = REPO / ".venv" / "bin" / "mistralrs"
+    if local.exists() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("mistralrs")
+
+
+def probe(engine: str, args) -> tuple[bool, str]:
+    """(available, version or reason)."""
+    if engine == "ours":
+        cli = find_cli(args.cli)
+        if not cli:
+            return False, "not installed (no mistralrs CLI; run `make venv` or pass --cli)"
+        try:
+            r = subprocess.run([cli, "--help"], capture_output=True, timeout=120)
+        except OSError as e:
+            return False, f"not runnable ({e})"
+        if r.returncode != 0:
+            return False, f"not runnable ({cli} --help exited {r.returncode})"
+        try:
+            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip()
+        except OSError:
+            rev = ""
+        return True, f"git {rev}" if rev else "local"
+    py = args.peers_python
+    if not (py and os.access(py, os.X_OK)):
+        return False, f"not installed (no peers python at {py}; see scripts/peers_setup.sh)"
+    r = subprocess.run([py, "-c", PEER_PROBES[engine]], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        return False, "not installed (see scripts/peers_setup.sh)"
+    return True, r.stdout.strip()
+
+
+def bench_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS",
+              "TORCH_NUM_THREADS"):
+        env[k] = str(threads)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def one_run(engine: str, model_key: str, model_path: Path, args) -> dict:
+    env = bench_env(args.threads)
+    cfg = {"model": str(model_path), "prompt": PROMPT, "max_tokens": args.max_tokens,
+           "threads": args.threads, "n_ctx": 1024,
+           # BOS per the model's tokenizer (add_bos metadata): only used by the mistral.rs template
+           "add_bos": model_key == "gemma3"}
+    if engine == "ours":
+        cmd = [find_cli(args.cli), "--raw", "--ignore-eos", "--max-tokens", str(args.max_tokens),
+               "--temperature", "0", "--prompt", PROMPT, "gguf", "-f", str(model_path)]
+    else:
+        code = LLAMA_RUNNER if engine == "llama.cpp" else MISTRALRS_RUNNER
+        cmd = [args.peers_python, "-c", code, json.dumps(cfg)]
+    p = run_process(cmd, env, args.timeout)
+    res = {"engine": engine, "model": model_key, "rc": p["rc"], "wall_s": p["wall_s"],
+           "peak_rss_mb": p["peak_rss_mb"]}
+    if p["rc"] != 0 or p["timed_out"]:
+        res["error"] = ("timed out; " if p["timed_out"] else f"exit {p['rc']}; ") + p["stderr"].strip()[-400:]
+        return res
+    if engine == "ours":
+        m = STATS_RE.search(p["stderr"])
+        if not m:
+            res["error"] = "no stats line on stderr: " + p["stderr"].strip()[-400:]
+            return res
+        n_p, pps, n_g, dps, ttft_cli = int(m[1]), float(m[2]), int(m[3]), float(m[4]), float(m[5])
+        res.update(prompt_tokens=n_p, gen_tokens=n_g, prefill_tps=pps, decode_tps=dps,
+                   # the CLI's prompt_time runs from scheduling the request to the first token
+                   ttft_in=n_p / pps if pps > 0 else None,
+                   ttft_start=p["first_stdout_s"], ttft_cli_s=ttft_cli, text=p["stdout"].rstrip("\n"))
+    else:
+        line = next((ln for ln in p["stdout"].splitlines() if ln.startswith(RESULT_TAG)), None)
+        if line is None:
+            res["error"] = "no result line: " + (p["stdout"] + p["stderr"]).strip()[-400:]
+            return res
+        res.update(json.loads(line[len(RESULT_TAG):]))
+    return res
+
+
+def median(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, nd=1, unit=""):
+    return "-" if v is None else f"{v:.{nd}f}{unit}"
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    keys = ("prefill_tps", "decode_tps", "ttft_in", "ttft_start", "peak_rss_mb", "prompt_tokens",
+            "gen_tokens", "own_prefill_tps", "own_decode_tps")
+    s = {k: median([r.get(k) for r in ok]) for k in keys}
+    s["n_ok"], s["n"] = len(ok), len(runs)
+    s["errors"] = [r["error"] for r in runs if "error" in r]
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    ap.add_argument("--models-dir", default=str(CACHE / "models"))
+    ap.add_argument("--peers-python", default=os.environ.get("MISTRALRS_PEERS_PYTHON",
+                                                             str(CACHE / "peers" / "bin" / "python")))
+    ap.add_argument("--cli", default=None, help="our CLI (default: REPO/.venv/bin/mistralrs, else PATH)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--json", help="write raw runs and medians to this file")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")
+    for e in engines:
+        if e not in ENGINES:
+            ap.error(f"unknown engine {e!r}; choose from {ENGINES}")
+
+    status = {e: probe(e, args) for e in engines}
+    for e, (ok, info) in status.items():
+        print(f"# {e}: {info}" if ok else f"# {e}: {info} -- skipped", file=sys.stderr)
+    live = [e for e in engines if status[e][0]]
+    paths = {}
+    for m in models:
+        p = Path(args.models_dir) / MODELS[m]["file"]
+        if p.exists():
+            paths[m] = p
+        else:
+            print(f"# model {m}: {p} missing (scripts/fetch_models.py) -- skipped", file=sys.stderr)
+
+    load_before = os.getloadavg()
+    runs: list[dict] = []
+    for rep in range(args.repeats):
+        k = rep % max(1, len(live))
+        order = live[k:] + live[:k]  # rotate so no engine always runs first
+        for m in paths:
+            for e in order:
+                print(f"# run {rep + 1}/{args.repeats} {e} {m} ...", file=sys.stderr, flush=True)
+                r = one_run(e, m, paths[m], args)
+                r["repeat"] = rep
+                runs.append(r)
+                if "error" in r:
+                    print(f"#   failed: {r['error'][:300]}", file=sys.stderr)
+                else:
+                    print(f"#   prefill {fmt(r.get('prefill_tps'))} tok/s, decode {fmt(r.get('decode_tps'))}"
+                          f" tok/s, ttft {fmt(r.get('ttft_in'), 2)} s / {fmt(r.get('ttft_start'), 2)} s,"
+                          f" rss {fmt(r['peak_rss_mb'], 0)} MB", file=sys.stderr, flush=True)
+
+    summary = {}
+    for m in paths:
+        for e in live:
+            summary[(e, m)] = summarize([r for r in runs if r["engine"] == e and r["model"] == m])
+
+    load_after = os.getloadavg()
+    print(f"\n{args.max_tokens} new tokens (EOS ignored), greedy, {args.threads} threads, raw prompt, "
+          f"medians of {args.repeats}; TTFT in-process is from the request, from start is from spawn. "
+          f"1-min load average before the runs {load_before[0]:.1f} on {os.cpu_count()} CPUs "
+          f"(well above 0 means other work shared the CPUs).\n")
+    print("| engine | model | prompt tok | prefill tok/s | decode tok/s | TTFT (in-process) | "
+          "TTFT (from start) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    notes = []
+    for m in paths:
+        for e in engines:
+            label = f"{e} ({status[e][1]})" if status[e][0] else e
+            if not status[e][0]:
+                print(f"| {label} | {MODELS[m]['label']} | not installed | | | | | |")
+                continue
+            s = summary[(e, m)]
+            mark = ""
+            if (e, m) in KNOWN_BROKEN:
+                notes.append(f"{e} on {MODELS[m]['label']}: {KNOWN_BROKEN[(e, m)]}")
+                mark = f" [{len(notes)}]"
+            if s["n_ok"] == 0:
+                err = s["errors"][0].replace("\n", " ")[:120] if s["errors"] else "no runs"
+                print(f"| {label}{mark} | {MODELS[m]['label']} | failed: {err} | | | | | |")
+                continue
+            print(f"| {label}{mark} | {MODELS[m]['label']} | {fmt(s['prompt_tokens'], 0)} | "
+                  f"{fmt(s['prefill_tps'])} | {fmt(s['decode_tps'])} | {fmt(s['ttft_in'], 2, ' s')} | "
+                  f"{fmt(s['ttft_start'], 2, ' s')} | {fmt(s['peak_rss_mb'], 0)} |")
+    for i, n in enumerate(notes, 1):
+        print(f"\n[{i}] {n}")
+
+    rows = []
+    for m in paths:
+        if ("ours", m) not in summary or summary[("ours", m)]["n_ok"] == 0:
+            continue
+        o = summary[("ours", m)]
+        for peer in ("llama.cpp", "mistral.rs"):
+            p = summary.get((peer, m))
+            if not p or p["n_ok"] == 0:
+                continue
+
+            def ratio(k):
+                return o[k] / p[k] if o.get(k) and p.get(k) else None
+            rows.append(f"| {MODELS[m]['label']} | ours/{peer} | {fmt(ratio('prefill_tps'), 2)} | "
+                        f"{fmt(ratio('decode_tps'), 2)} | {fmt(ratio('ttft_in'), 2)} | "
+                        f"{fmt(ratio('ttft_start'), 2)} | {fmt(ratio('peak_rss_mb'), 2)} |")
+    if rows:
+        print("\nRatios (speed: >1 means ours is faster; TTFT and RSS: <1 means ours is lower):\n")
+        print("| model | ratio | prefill | decode | TTFT (in-process) | TTFT (from start) | peak RSS |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "config": {"threads": args.threads, "max_tokens": args.max_tokens, "repeats": args.repeats,
+                       "prompt": PROMPT, "engines": {e: status[e][1] for e in engines},
+                       "loadavg_before": load_before, "loadavg_after": load_after},
+            "runs": runs,
+            "medians": [dict(engine=e, model=m, **s) for (e, m), s in summary.items()],
+        }, indent=1))
+        print(f"\n# raw results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
