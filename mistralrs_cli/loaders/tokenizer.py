@@ -113,7 +113,7 @@ _SIDECAR = "mistralrs_tokenizer.json"
 @dataclass
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the few facts llama.cpp keeps beside the vocab."""
-    hf: HFTokenizer
+    hf: HFTokenizer = field(repr=False)
     bos_id: int | None
     eos_id: int | None
     add_bos: bool = False
@@ -200,16 +200,12 @@ def _array(meta: Mapping[str, Any], key: str) -> np.ndarray | None:
 
 def _added_tokens(tokens: list[str], types: np.ndarray | None) -> list[AddedToken]:
     """Control/unknown tokens (special) and user-defined ones, matched on raw text as llama.cpp."""
-    out = []
-    for i in ([] if types is None else np.flatnonzero(np.isin(types, (_CONTROL, _USER_DEFINED,
-                                                                        _UNKNOWN)))):
-        special = int(types[i]) != _USER_DEFINED
-        out.append(AddedToken(tokens[i], special=special, normalized=False))
-    known = {t.content for t in out}
+    kinds = np.zeros(len(tokens), np.int64) if types is None else types
+    out = [AddedToken(tokens[i], special=int(kinds[i]) != _USER_DEFINED, normalized=False)
+           for i in np.flatnonzero(np.isin(kinds, (_CONTROL, _USER_DEFINED, _UNKNOWN)))]
     # llama.cpp promotes end-of-generation names to control even when typed normal.
-    vocab = set(EOG_NAMES) & set(tokens)
-    out += [AddedToken(t, special=True, normalized=False) for t in EOG_NAMES if t in vocab - known]
-    return out
+    missing = set(EOG_NAMES) & set(tokens) - {t.content for t in out}
+    return out + [AddedToken(t, special=True, normalized=False) for t in sorted(missing)]
 
 
 def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
