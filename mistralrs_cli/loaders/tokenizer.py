@@ -210,7 +210,8 @@ def _added_tokens(tokens: list[str], types: np.ndarray | None) -> list[AddedToke
 
 def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
     """SentencePiece BPE as merges: a pair ranks by its concatenation's score (higher first),
-    ties by the pieces' scores, as llama.cpp's score-ordered bigram queue does."""
+    as in llama.cpp's bigram queue; ties (one token, several splits) by the pieces' scores,
+    where llama.cpp takes the leftmost pair (not expressible as merge ranks; rarely matters)."""
     index = {t: i for i, t in enumerate(tokens)}
     found: list[tuple[float, float, float, str, str]] = []
     for token, i in index.items():
@@ -272,8 +273,7 @@ def _build_gpt2(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer
 def _special_ids(meta: Mapping[str, Any], kind: str, n: int) -> tuple[int | None, int | None]:
     bos = meta.get("tokenizer.ggml.bos_token_id", 1 if kind == "llama" else None)
     eos = meta.get("tokenizer.ggml.eos_token_id", 2 if kind == "llama" else None)
-    valid = lambda i: int(i) if i is not None and 0 <= int(i) < n else None  # noqa: E731
-    return valid(bos), valid(eos)
+    return tuple(int(i) if i is not None and 0 <= int(i) < n else None for i in (bos, eos))
 
 
 def _eos_ids(hf: HFTokenizer, meta: Mapping[str, Any], eos: int | None) -> set[int]:
