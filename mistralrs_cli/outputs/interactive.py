@@ -1,0 +1,306 @@
+"""-i: a chat in the terminal. prompt_toolkit reads the input on a tty (history, multi-line, keys);
+from a pipe, each line is one message. Answers stream to stdout, notices and stats go to stderr."""
+from __future__ import annotations
+
+import math
+import re
+import signal
+import sys
+from dataclasses import replace
+from typing import Any, Callable
+
+from ..api import Runner
+from ..errors import UserError
+from ..loaders.load import cache_root
+from ..prompting import chat_ids, chat_prompt
+from ..types import SamplingParams
+from .oneshot import _load, stats_line
+from .request_log import RequestLog
+
+try:
+    import termios
+except ImportError:  # Windows: no terminal settings to touch
+    termios = None
+
+HELP = r"""commands:
+  \help               this list
+  \exit               leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
+  \clear              forget the conversation (the system prompt stays)
+  \system <text>      set the system prompt (\system alone removes it)
+  \temperature <x>    set the sampling temperature, 0 or more (0 is greedy)
+keys: Enter sends; Alt+Enter (Esc, Enter) or a trailing \ starts a new line;
+      Ctrl-C stops a running answer"""
+
+_COMMAND = re.compile(r"\\([A-Za-z_]+)(?:\s+(.*))?\Z", re.DOTALL)
+
+
+class LineDiscarded(Exception):
+    """Ctrl-C on a typed line: drop the line and prompt again, as shells do."""
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class _Streaming:
+    """While an answer streams, a first Ctrl-C asks to stop after the current token (the engine
+    stays consistent); a second one stops at once. The terminal echo is off meanwhile, so that
+    neither ^C nor type-ahead lands inside the answer."""
+
+    def __enter__(self) -> "_Streaming":
+        self.requested = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        self._tty = _echo_off()
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tty is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._tty)
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _echo_off() -> list | None:
+    """Turn the terminal's echo off; returns the settings to restore (None: not a terminal)."""
+    if termios is None or not sys.stdin.isatty():
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd)
+        new = list(old)
+        new[3] &= ~(termios.ECHO | termios.ECHOCTL)
+        termios.tcsetattr(fd, termios.TCSADRAIN, new)
+        return old
+    except (termios.error, OSError, ValueError):
+        return None
+
+
+class Chat:
+    """The conversation (a system prompt and the turns) and the sampling settings."""
+
+    def __init__(self, runner: Runner, params: SamplingParams, log: RequestLog, quiet: bool):
+        self.runner, self.params, self.log, self.quiet = runner, params, log, quiet
+        self.system: str | None = None
+        self.turns: list[dict[str, str]] = []
+        self.commands: dict[str, Callable[[str], bool]] = {
+            "help": self.cmd_help, "exit": self.cmd_exit, "clear": self.cmd_clear,
+            "system": self.cmd_system, "temperature": self.cmd_temperature,
+        }
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    # ---- the read loop ----
+    def loop(self, read: Callable[[], str | None]) -> None:
+        armed = False  # a Ctrl-C at an empty prompt waits for a second one
+        while True:
+            try:
+                line = read()
+            except LineDiscarded:
+                armed = False
+                continue
+            except KeyboardInterrupt:
+                if armed:
+                    return
+                armed = True
+                _note("(press Ctrl-C again or Ctrl-D to exit)")
+                continue
+            armed = False
+            if line is None:
+                return
+            text = line.strip()
+            if not text:
+                continue
+            m = _COMMAND.match(text)
+            if m is None:
+                self.ask(text)
+            elif not self.command(m.group(1), (m.group(2) or "").strip()):
+                return
+
+    # ---- commands: each returns False to leave ----
+    def command(self, name: str, arg: str) -> bool:
+        handler = self.commands.get(name)
+        if handler is None:
+            _note(f"unknown command \\{name}; type \\help for the list.")
+            return True
+        return handler(arg)
+
+    def cmd_help(self, arg: str) -> bool:
+        _note(HELP)
+        return True
+
+    def cmd_exit(self, arg: str) -> bool:
+        return False
+
+    def cmd_clear(self, arg: str) -> bool:
+        self.turns.clear()
+        _note("conversation cleared" + (" (the system prompt stays)." if self.system else "."))
+        return True
+
+    def cmd_system(self, arg: str) -> bool:
+        if arg:
+            _note("system prompt set.")
+        else:
+            _note("system prompt removed." if self.system else r"no system prompt to remove.")
+        self.system = arg or None
+        return True
+
+    def cmd_temperature(self, arg: str) -> bool:
+        if not arg:
+            _note(f"temperature is {self.params.temperature:g}; set it with \\temperature <x>.")
+            return True
+        try:
+            t = float(arg)
+        except ValueError:
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            _note(f"\\temperature needs a number, 0 or more (0 is greedy); got {arg!r}.")
+            return True
+        self.params = replace(self.params, temperature=t)
+        _note(f"temperature set to {t:g}.")
+        return True
+
+    # ---- one turn ----
+    def ask(self, text: str) -> None:
+        self.turns.append({"role": "user", "content": text})
+        msgs = self.messages()
+        try:
+            answer, last, stopped = self._stream(chat_ids(self.runner.loaded, msgs), msgs)
+        except UserError as e:
+            self.turns.pop()
+            self.log.write("error", {"messages": msgs, "error": str(e)})
+            hint = r" (\clear starts a new conversation)" if self.turns else ""
+            _note(f"error: {e}{hint}")
+            return
+        if answer or not stopped:
+            self.turns.append({"role": "assistant", "content": answer})
+        else:  # stopped before its first word: forget the question too
+            self.turns.pop()
+        self.log.write("response", {"text": answer, "finish_reason": "cancelled" if stopped else
+                                    (last.finish_reason if last else None)})
+        if stopped:
+            _note("[answer stopped]")
+        if last is not None and not self.quiet:
+            _note(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time))
+
+    def _stream(self, ids: list[int], msgs: list[dict[str, str]]):
+        """Stream one answer to stdout. Returns (text, last delta, stopped by Ctrl-C)."""
+        self.log.write("request", {"messages": msgs, "prompt_tokens": len(ids)})
+        parts, last, stopped = [], None, False
+        gen = self.runner.stream(ids, self.params)
+        with _Streaming() as sigint:
+            try:
+                for out in gen:
+                    if sigint.requested and out.finish_reason is None:
+                        stopped = True
+                        break
+                    if out.text:
+                        sys.stdout.write(out.text)
+                        sys.stdout.flush()
+                        parts.append(out.text)
+                    last = out
+            except KeyboardInterrupt:
+                stopped = True
+            finally:
+                gen.close()  # engine.generate's finally aborts the request
+        if parts or not stopped:  # one line per answer, for scripts reading stdout
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        return "".join(parts), last, stopped
+
+
+# ---- input ----
+def _pipe_reader(prompt: bool) -> Callable[[], str | None]:
+    """Plain lines (stdin is not a terminal): a line ending with a backslash continues."""
+
+    def read() -> str | None:
+        lines = []
+        while True:
+            if prompt:
+                sys.stderr.write("> " if not lines else ". ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return "\n".join(lines) if lines else None
+            line = line.rstrip("\r\n")
+            if not line.endswith("\\"):
+                return "\n".join(lines + [line])
+            lines.append(line[:-1])
+
+    return read
+
+
+def _history():
+    """A file under the cache when it is writable, else memory; history is never fatal."""
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    class QuietFileHistory(FileHistory):
+        def store_string(self, string: str) -> None:
+            try:
+                super().store_string(string)
+            except OSError:
+                pass
+
+    path = cache_root() / "history"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("ab").close()
+        return QuietFileHistory(str(path))
+    except OSError:
+        return InMemoryHistory()
+
+
+def _tty_reader() -> Callable[[], str | None]:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.key_binding import KeyBindings
+
+    kb = KeyBindings()
+
+    @kb.add("enter")
+    def _send(event: Any) -> None:
+        buf = event.current_buffer
+        if buf.text.endswith("\\"):
+            buf.cursor_position = len(buf.text)
+            buf.delete_before_cursor(1)
+            buf.newline(copy_margin=False)
+        else:
+            buf.validate_and_handle()
+
+    @kb.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.newline(copy_margin=False)
+
+    @kb.add("c-c")
+    def _cancel(event: Any) -> None:
+        exc = LineDiscarded() if event.current_buffer.text else KeyboardInterrupt()
+        event.app.exit(exception=exc, style="class:aborting")
+
+    session = PromptSession(history=_history(), key_bindings=kb, multiline=True,
+                            prompt_continuation=". ", enable_history_search=False)
+
+    def read() -> str | None:
+        try:
+            return session.prompt("> ")
+        except EOFError:
+            return None
+
+    return read
+
+
+def run_interactive(opts, spec, params: SamplingParams) -> None:
+    log = RequestLog(opts.request_log)
+    loaded = _load(opts, spec)
+    if loaded.chat_template is None:
+        chat_prompt(loaded, [])  # raises the one-line "no chat template" UserError
+    runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
+                    truncate_sequence=opts.truncate_sequence, loaded=loaded)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    if not opts.quiet:
+        _note(f"{loaded.model_id} is ready: type a message, \\help for commands, Ctrl-D to exit.")
+    read = _tty_reader() if tty else _pipe_reader(prompt=sys.stdin.isatty())
+    Chat(runner, params, log, opts.quiet).loop(read)
