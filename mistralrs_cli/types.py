@@ -22,6 +22,7 @@ class LoadOptions:
     chat_template: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    numerics: str = "llama.cpp"  # GGUF: "llama.cpp" rounding (token parity) or "exact"
 
 
 @dataclass

@@ -127,7 +127,7 @@ def case(request, cases) -> Case:
 
 def _ours(path: Path, ids: list[int], greedy: list[int]) -> list[torch.Tensor]:
     """Our model, prefill then one cached step per token of `greedy` (teacher-forced)."""
-    model, cfg = load_gguf_model(GGUFFile(path))
+    model, cfg = load_gguf_model(GGUFFile(path), numerics="exact")  # transformers does no rounding
     cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     n = len(ids)
     with torch.inference_mode():

@@ -2,17 +2,63 @@
 
 A quantized weight is prepared once into a dense compute form (cached on the QWeight), because
 dequantizing every block on every token costs more than the multiply itself on a CPU.
+
+Two numerics:
+- "exact": the dequantized weights times the activations, in the activations' dtype.
+- "llama.cpp" (the default for GGUF models): first round the activations the way llama.cpp's CPU
+  kernels do before their integer dot products (8-bit blocks of 32 with an fp16 scale for the
+  legacy types, of 256 with an f32 scale for the K types). llama.cpp's own noise is about one
+  logit on small models (flash attention on vs off moves it that much), so matching its rounding
+  is what makes greedy output agree token for token.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
 
 from ..quant.qweight import QWeight
 
 
+def _q8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Round to 8-bit blocks with scale max|x|/127 stored as fp16 (llama.cpp's q8_0 / q8_1)."""
+    xb = x.reshape(-1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = (xb * (127.0 / amax.clamp_min(1e-30))).round_()
+    return (q * (amax / 127.0).half().float()).view(x.shape)
+
+
+def _q8_k(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """llama.cpp's q8_K: scale -max/127 from the signed largest value, f32, codes capped at 127."""
+    xb = x.reshape(-1, block)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+    iscale = -127.0 / torch.where(mx == 0, torch.ones_like(mx), mx)
+    q = (xb * iscale).round_().clamp_(max=127)
+    return torch.where(mx == 0, torch.zeros_like(xb), q / iscale).view(x.shape)
+
+
+def _q8_0(x: torch.Tensor) -> torch.Tensor:
+    return _q8_blocks(x, 32)
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+# weight type -> how llama.cpp's CPU path rounds the activations it multiplies with
+ACTIVATION_ROUNDING = {
+    **dict.fromkeys([Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL], _q8_0),
+    **dict.fromkeys([Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS], _q8_k),
+    Q.F16: _f16,
+}
+
+
 class TorchBackend:
     name = "torch"
+
+    def __init__(self, numerics: str = "llama.cpp"):
+        self.numerics = numerics
+        self._last: tuple | None = None  # (x, rounding, rounded x): q/k/v and gate/up share inputs
 
     def dequantize(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
         return w.dequantize(dtype)
@@ -23,5 +69,15 @@ class TorchBackend:
             dense = w.cache[dtype] = w.dequantize(dtype)
         return dense
 
+    def round_activations(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+        rounding = ACTIVATION_ROUNDING.get(w.qtype)
+        if self.numerics != "llama.cpp" or rounding is None or x.dtype != torch.float32:
+            return x
+        if self._last is not None and self._last[0] is x and self._last[1] is rounding:
+            return self._last[2]
+        xr = rounding(x)
+        self._last = (x, rounding, xr)
+        return xr
+
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        return F.linear(x, self.prepare(w, x.dtype))
+        return F.linear(self.round_activations(x, w), self.prepare(w, x.dtype))

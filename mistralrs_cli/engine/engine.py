@@ -64,6 +64,10 @@ class Engine:
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
         outputs = self._reap()
+        for req in [r for r in self.waiting if r.params.max_tokens == 0]:
+            self.waiting.remove(req)  # nothing to generate: finish without computing
+            req.finish_reason = "length"
+            outputs.append(self._final(req))
         while self.waiting and len(self.running) < self.cfg.max_seqs:
             req = self.waiting.popleft()
             if req.finish_reason is None:
@@ -80,7 +84,7 @@ class Engine:
                 req.n_computed, req.cache = 0, None
             elif req.cache is None:
                 c = self.model.config
-                req.cache = SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.dtype)
+                req.cache = SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.kv_dtype if self.model.dtype == torch.float32 else self.model.dtype)
             todo = req.n_known - req.n_computed
             n = todo if (todo == 1 or self.cfg.no_kv_cache) else min(todo, max(budget, 1))
             budget -= n

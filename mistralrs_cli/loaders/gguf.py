@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..backends.torch_backend import TorchBackend
 from ..errors import UserError
 from ..models import ARCHITECTURES
 from ..models.config import ModelConfig
@@ -40,9 +41,16 @@ TENSOR_NAMES: dict[str, str] = {
 _GEMMA_NAMES = {"blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}
 
 
+class _MissingKey(KeyError):
+    pass
+
+
 def _base_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise _MissingKey(f"{arch}.{key}")
+        return value
 
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
@@ -59,9 +67,9 @@ def _base_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
         "max_position_embeddings": int(get("context_length", 4096)),
         "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim,
     }
-    if get("rope.scaling.type") in ("linear",):
+    if get("rope.scaling.type", "none") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    if get("attention.sliding_window") is not None:
+    if get("attention.sliding_window", 0):
         cfg["sliding_window"] = int(get("attention.sliding_window"))
     return cfg
 
@@ -116,8 +124,11 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
                         f"architectures: {', '.join(sorted(ARCHS))}.")
     try:
         base = _base_config(gf.metadata, arch)
-    except TypeError as e:
-        raise UserError(f"{gf.path}: GGUF metadata lacks a required {arch}.* key ({e}).") from None
+    except _MissingKey as e:
+        raise UserError(f"{gf.path}: GGUF metadata lacks the required key {e.args[0]}; the file "
+                        "is incomplete or was written by a broken converter.") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{gf.path}: GGUF metadata has a value of the wrong type ({e}).") from None
     cfg = ARCHS[arch][0](gf.metadata, base)
     embd = gf.tensors.get("token_embd.weight")
     cfg["vocab_size"] = int(gf.metadata.get(f"{arch}.vocab_size", embd.shape[0] if embd else 0))
@@ -135,7 +146,8 @@ def hf_name(gguf_name: str, table: dict[str, str]) -> str | None:
     return None if target is None else target + "." + suffix
 
 
-def load_gguf_model(gf: GGUFFile) -> tuple[torch.nn.Module, ModelConfig]:
+def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn.Module, ModelConfig]:
+    """numerics: "llama.cpp" (activations rounded as its CPU kernels do, f16 KV cache) or "exact"."""
     cfg = gguf_config(gf)
     _, overrides, fixup = ARCHS[gf.architecture]
     table = {**TENSOR_NAMES, **overrides}
@@ -150,5 +162,7 @@ def load_gguf_model(gf: GGUFFile) -> tuple[torch.nn.Module, ModelConfig]:
         shape = (info.shape[0], info.shape[-1]) if len(info.shape) > 1 else (1, info.shape[0])
         w = QWeight(gf.raw(name), info.qtype, shape)
         weights[target] = fixup(cfg, target.rsplit(".", 1)[0], w)
-    model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path))
+    model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path),
+                        backend=TorchBackend(numerics))
+    model.kv_dtype = torch.float16 if numerics == "llama.cpp" else torch.float32
     return model, cfg

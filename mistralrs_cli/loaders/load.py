@@ -61,6 +61,9 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
 def _gguf_path(spec: GGUFSpec, opts: LoadOptions) -> Path:
     if spec.quantized_model_id is None:
         path = Path(spec.quantized_filename).expanduser()
+        if path.is_dir():
+            raise UserError(f"-f {path} is a directory; pass the .gguf file inside it (or the "
+                            "directory with -m and the file name with -f).")
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist; pass an existing .gguf path to -f "
                             "(or a repo or directory with -m and the file name with -f).")
@@ -90,7 +93,7 @@ def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokeniz
 def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     path = _gguf_path(spec, opts)
     gf = GGUFFile(path)
-    model, cfg = load_gguf_model(gf)
+    model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
     tok, tok_cfg = _tokenizer(spec, gf, opts)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))

@@ -39,7 +39,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _place(model: nn.Module, mod_name: str, weights: dict[str, Weight], source: str,
-           dtype: torch.dtype) -> None:
+           dtype: torch.dtype, backend) -> None:
     module = model.get_submodule(mod_name)
     w = weights[f"{mod_name}.weight"]
     bias = weights.get(f"{mod_name}.bias")
@@ -47,7 +47,7 @@ def _place(model: nn.Module, mod_name: str, weights: dict[str, Weight], source: 
         _check(f"{mod_name}.weight", w, (module.out_features, module.in_features), source)
         if isinstance(w, QWeight):
             b = None if bias is None else _dense(bias, dtype).view(-1)
-            _set_module(model, mod_name, QLinear(w, b))
+            _set_module(model, mod_name, QLinear(w, b, backend))
             return
     elif isinstance(module, nn.Embedding):
         _check(f"{mod_name}.weight", w, (module.num_embeddings, module.embedding_dim), source)
@@ -64,7 +64,7 @@ def _place(model: nn.Module, mod_name: str, weights: dict[str, Weight], source: 
 
 
 def build_model(cls: type[nn.Module], cfg: ModelConfig, weights: dict[str, Weight], source: str,
-                dtype: torch.dtype = torch.float32) -> nn.Module:
+                dtype: torch.dtype = torch.float32, backend=None) -> nn.Module:
     with torch.device("meta"):
         model = cls(cfg)
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
@@ -75,7 +75,7 @@ def build_model(cls: type[nn.Module], cfg: ModelConfig, weights: dict[str, Weigh
             model.get_submodule(mod_name)
         except AttributeError:
             continue  # a tensor this architecture does not use
-        _place(model, mod_name, weights, source, dtype)
+        _place(model, mod_name, weights, source, dtype, backend)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_meta and not name.endswith("inv_freq"):
             raise UserError(f"{source}: tensor {name} is missing; the file is incomplete or "

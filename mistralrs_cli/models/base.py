@@ -26,6 +26,7 @@ class CausalLM(nn.Module):
     layer_cls: type[nn.Module]
     norm_offset = 0.0
     dtype = torch.float32  # activations; set by the loader for --dtype
+    kv_dtype = torch.float32  # KV cache storage (llama.cpp keeps f16)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -148,6 +148,7 @@ class Attention(nn.Module):
             ks, vs = k[s.start:s.end], v[s.start:s.end]
             if s.cache is not None:
                 ks, vs = s.cache.update(self.layer, ks, vs)
+                ks, vs = ks.to(q.dtype), vs.to(q.dtype)
             out[s.start:s.end] = self.attend(q[s.start:s.end], ks, vs, batch.positions[s.start:s.end])
         return self.o_proj(out.view(T, self.n_heads * self.head_dim))
 
