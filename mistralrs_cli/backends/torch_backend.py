@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
+from ..quant.dequant import dequantize
 from ..quant.qweight import QWeight
 
 
@@ -53,6 +54,9 @@ ACTIVATION_ROUNDING = {
 }
 
 
+SMALL_M = 8
+
+
 class TorchBackend:
     name = "torch"
 
@@ -66,8 +70,27 @@ class TorchBackend:
     def prepare(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
         dense = w.cache.get(dtype)
         if dense is None:
-            dense = w.cache[dtype] = w.dequantize(dtype)
+            dense = w.cache[dtype] = self._dense(w, dtype)
         return dense
+
+    @staticmethod
+    def _dense(w: QWeight, dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+        """Dequantize in row chunks, so a large table never exists in f32 all at once."""
+        parts = getattr(w, "parts", [w])
+        out = torch.empty(w.shape, dtype=dtype)
+        row = 0
+        for p in parts:
+            for i in range(0, p.shape[0], chunk):
+                rows = p.raw[i:i + chunk]
+                out[row:row + rows.shape[0]] = dequantize(rows, p.qtype, torch.float32)
+                row += rows.shape[0]
+        return out
+
+    def can_fuse(self, linears: list) -> bool:
+        """Fusable when the activations would be rounded the same way for every part."""
+        rounding = {ACTIVATION_ROUNDING.get(lin.qweight.qtype) for lin in linears}
+        backends = {id(lin.backend) for lin in linears}
+        return len(rounding) == 1 and backends == {id(self)}
 
     def round_activations(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
         rounding = ACTIVATION_ROUNDING.get(w.qtype)
@@ -79,5 +102,17 @@ class TorchBackend:
         self._last = (x, rounding, xr)
         return xr
 
+    def weight_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        return torch.float16 if x_dtype == torch.float32 and self.numerics != "exact" else x_dtype
+
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        return F.linear(self.round_activations(x, w), self.prepare(w, x.dtype))
+        x = self.round_activations(x, w)
+        if self.weight_dtype(x.dtype) == x.dtype:
+            return F.linear(x, self.prepare(w, x.dtype))
+        # f32 activations on the CPU: weights kept as f16 (half the bytes of f32, and decode is
+        # bound by reading them); a few rows multiply in f16 (f32 accumulation inside), a
+        # prefill chunk widens the weight to f32 first (CPU f16 GEMMs are slow).
+        w16 = self.prepare(w, torch.float16)
+        if x.shape[0] <= SMALL_M:
+            return F.linear(x.half(), w16).float()
+        return F.linear(x, w16.float())

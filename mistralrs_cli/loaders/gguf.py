@@ -17,7 +17,7 @@ from ..models.gemma3 import gemma3_layer_types
 from ..quant.dequant import SUPPORTED as DEQUANT_SUPPORTED
 from ..quant.qweight import QWeight
 from .gguf_file import GGUFFile
-from .weights import build_model
+from .weights import build_model, fuse_projections
 
 # GGUF block-tensor name -> HF name (per-layer names use {i}); architectures override entries
 TENSOR_NAMES: dict[str, str] = {
@@ -162,7 +162,8 @@ def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn
         shape = (info.shape[0], info.shape[-1]) if len(info.shape) > 1 else (1, info.shape[0])
         w = QWeight(gf.raw(name), info.qtype, shape)
         weights[target] = fixup(cfg, target.rsplit(".", 1)[0], w)
-    model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path),
-                        backend=TorchBackend(numerics))
+    backend = TorchBackend(numerics)
+    model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path), backend=backend)
+    fuse_projections(model, backend.can_fuse)
     model.kv_dtype = torch.float16 if numerics == "llama.cpp" else torch.float32
     return model, cfg

@@ -7,6 +7,7 @@ reference the tests compare this reader against, field for field.
 """
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,13 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
+
+    def release(self) -> None:
+        """Drop the file's pages from this process's memory (they are clean: re-read on demand).
+        Called once every weight has its compute form; embedding lookups fault rows back in."""
+        mm = getattr(self._map, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor's bytes as uint8 (rows, row_bytes), zero-copy from the file mapping."""

@@ -18,7 +18,7 @@ from .chat_template import ChatTemplate, resolve_chat_template
 from .gguf import load_gguf_model
 from .gguf_file import GGUFFile
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
-from .weights import set_dtype
+from .weights import prepare_weights, set_dtype
 
 
 @dataclass
@@ -95,6 +95,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     gf = GGUFFile(path)
     model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
+    prepare_weights(model, release=gf.release)
     tok, tok_cfg = _tokenizer(spec, gf, opts)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
     name = spec.quantized_model_id or path.name

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.config import ModelConfig
-from ..quant.qweight import QEmbedding, QLinear, QWeight
+from ..quant.qweight import FusedQLinear, QEmbedding, QLinear, QWeight
 
 Weight = Union[QWeight, torch.Tensor]
 
@@ -96,3 +96,39 @@ def set_dtype(model: nn.Module, name: str) -> None:
     model.dtype = dtype
     for p in model.parameters():
         p.data = p.data.to(dtype)
+
+
+# module that receives the fused projection -> the projections it replaces, in output order
+FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse_projections(model: nn.Module, can_fuse) -> None:
+    """Install one FusedQLinear where projections share an input and the backend can multiply
+    them together (`can_fuse(list of QLinear)`); the separate modules stay for their names."""
+    for module in model.modules():
+        for target, names in FUSIONS.items():
+            if not hasattr(module, target):
+                continue
+            parts = [getattr(module, n, None) for n in names]
+            if all(isinstance(p, QLinear) for p in parts) and can_fuse(parts):
+                setattr(module, target, FusedQLinear(parts))
+
+
+def active_linears(model: nn.Module):
+    """The QLinear / FusedQLinear modules a forward pass calls (not those a fusion replaced)."""
+    for module in model.modules():
+        fused = {n for t, names in FUSIONS.items() if getattr(module, t, None) is not None for n in names}
+        for name, child in module.named_children():
+            if isinstance(child, (QLinear, FusedQLinear)) and name not in fused:
+                yield child
+
+
+def prepare_weights(model: nn.Module, release=None, every: int = 8) -> None:
+    """Build every weight's compute form now, so the first token does not pay for it; `release`
+    (GGUFFile.release) is called as we go so file pages and compute forms never peak together."""
+    for i, lin in enumerate(active_linears(model)):
+        lin.backend.prepare(lin.qweight, lin.backend.weight_dtype(model.dtype))
+        if release is not None and i % every == every - 1:
+            release()
+    if release is not None:
+        release()

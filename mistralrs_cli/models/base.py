@@ -15,7 +15,10 @@ from .layers import Batch, RMSNorm, softcap
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_cls: type[nn.Module], norm_offset: float = 0.0):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an explicit weight skips Embedding's random init, which on the meta device imports
+        # torch's decomposition machinery (~70 MB of modules)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, norm_offset)
 

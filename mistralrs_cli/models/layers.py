@@ -7,7 +7,7 @@ sequence against that sequence's KV cache (`Batch.seqs`), so sequences of any le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -34,6 +34,8 @@ class Batch:
     positions: torch.Tensor  # (T,) int64
     seqs: list[SeqSlice]
     logits_rows: torch.Tensor | None = None  # rows whose logits are wanted (None: all)
+    # per-forward memo shared by all layers: rotary tables by frequency vector, masks by window
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -91,16 +93,26 @@ class Rotary(nn.Module):
         kind, dim, base, scaling = self._args
         self.inv_freq = ROPE_INV_FREQ[kind](dim, base, scaling)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (T, H, D); positions: (T,)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
+    def tables(self, batch: "Batch", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, dim) for the batch's positions, computed once per forward."""
+        key = ("rope", self._args[0], self.dim, self._args[2], dtype)
+        if key not in batch.memo:
+            freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+            emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+            batch.memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return batch.memo[key]
+
+    def forward(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
+        # x: (T, H, D)
+        cos, sin = self.tables(batch, x.dtype)
         rot, rest = x[..., : self.dim], x[..., self.dim:]
         half = self.dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         out = rot * cos + rotated * sin
         return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+
+CAUSAL = object()  # mask sentinel: plain causal over a whole prompt
 
 
 def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -121,6 +133,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None
         if qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)
@@ -137,31 +150,57 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, H, D)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:  # installed by the loader: one multiply for q, k and v
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.n_heads, self.head_dim)  # (T, H, D)
+        k = k.view(T, self.n_kv, self.head_dim)  # (T, Hkv, D)
+        v = v.view(T, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, batch.positions), self.rotary(k, batch.positions)
-        out = torch.empty_like(q)
-        for s in batch.seqs:
+        q, k = self.rotary(q, batch), self.rotary(k, batch)
+        out = torch.empty_like(q) if len(batch.seqs) > 1 else None
+        for i, s in enumerate(batch.seqs):
             ks, vs = k[s.start:s.end], v[s.start:s.end]
             if s.cache is not None:
                 ks, vs = s.cache.update(self.layer, ks, vs)
+                if self.window is not None and s.end - s.start == 1:
+                    ks, vs = ks[-self.window:], vs[-self.window:]  # a decode sees one window
                 ks, vs = ks.to(q.dtype), vs.to(q.dtype)
-            out[s.start:s.end] = self.attend(q[s.start:s.end], ks, vs, batch.positions[s.start:s.end])
-        return self.o_proj(out.view(T, self.n_heads * self.head_dim))
+            o = self.attend(q[s.start:s.end], ks, vs, self._mask(batch, i, s, ks.shape[0]))
+            if out is None:
+                out = o
+            else:
+                out[s.start:s.end] = o
+        return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    def _mask(self, batch: Batch, i: int, s: SeqSlice, n_keys: int) -> torch.Tensor | None:
+        """None when every key is visible (a decode step inside the window): SDPA's fast path."""
+        q_pos = batch.positions[s.start:s.end]
+        if s.end - s.start == 1 and (self.window is None or n_keys <= self.window):
+            return None
+        if n_keys == s.end - s.start and (self.window is None or n_keys <= self.window):
+            return CAUSAL  # a whole prompt in one chunk
+        key = ("mask", i, self.window, n_keys)
+        if key not in batch.memo:
+            batch.memo[key] = causal_mask(q_pos, n_keys, self.window)
+        return batch.memo[key]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # q: (Tq, H, D), k/v: (S, Hkv, D) -> (Tq, H, D)
-        mask = causal_mask(q_pos, k.shape[0], self.window)
-        rep = self.n_heads // self.n_kv
-        qh = q.transpose(0, 1)  # (H, Tq, D)
-        kh = k.transpose(0, 1).repeat_interleave(rep, dim=0)  # (H, S, D)
-        vh = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
         if self.softcap is None:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+            causal = mask is CAUSAL
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if causal else mask,
+                                               is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.n_heads != self.n_kv)
         else:
+            rep = self.n_heads // self.n_kv
+            kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
+            if mask is None or mask is CAUSAL:
+                q_pos = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
+                mask = causal_mask(q_pos, k.shape[0], None)
             scores = (qh @ kh.transpose(1, 2)) * self.scale
             scores = torch.tanh(scores / self.softcap) * self.softcap
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -178,9 +217,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:  # installed by the loader: one multiply for both
+            gate, up = self.gate_up_proj(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -65,6 +65,41 @@ class QLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, qtype={self.qweight.qtype.name}"
 
 
+class QWeightGroup(QWeight):
+    """Several weights over the same input, stacked by rows (their blocks stay separate)."""
+
+    def __init__(self, parts: list[QWeight]):
+        rows = sum(p.shape[0] for p in parts)
+        super().__init__(parts[0].raw[:0], parts[0].qtype, (rows, parts[0].shape[1]))
+        self.parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts])
+
+
+class FusedQLinear(nn.Module):
+    """q/k/v or gate/up as one multiply: one pass over the input, one kernel call, then split."""
+
+    def __init__(self, linears: list[QLinear]):
+        super().__init__()
+        self.qweight = QWeightGroup([lin.qweight for lin in linears])
+        self.sizes = [lin.out_features for lin in linears]
+        biases = [lin.bias for lin in linears]
+        self.bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat(
+            [b if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)]), requires_grad=False)
+        self.backend = linears[0].backend
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.backend.qmatmul(x, self.qweight)
+        if self.bias is not None:
+            y = y + self.bias
+        return list(torch.split(y, self.sizes, dim=-1))
+
+
 class QEmbedding(nn.Module):
     """An embedding table kept as blocks; lookups dequantize only the rows they need."""
 
