@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mistralrs_cli import Runner, Which
-from mistralrs_cli.engine.kv_cache import SeqKVCache
+from mistralrs_cli.engine.kv_cache import cache_for
 from mistralrs_cli.models.layers import Batch, SeqSlice
 from mistralrs_cli.types import SamplingParams
 
@@ -28,12 +28,16 @@ def runners(smollm2_path, gemma3_path):
             "gemma3": Runner(Which.GGUF(None, str(gemma3_path)))}
 
 
-def _logits(runner: Runner, ids: list[int]) -> torch.Tensor:
-    n, cfg, model = len(ids), runner.loaded.config, runner.loaded.model
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.kv_dtype)
-    batch = Batch(torch.arange(n), [SeqSlice(0, n, cache)], torch.tensor([n - 1]))
+def _logits(runner: Runner, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """Our logits after `generated`, computed as the engine does: one prefill, then one token
+    per step (a batched recompute rounds differently and could disagree with the engine)."""
+    model, n = runner.loaded.model, len(prompt)
+    cache = cache_for(model)
     with torch.inference_mode():
-        return runner.loaded.model(torch.tensor(ids), batch)[0]
+        logits = model(torch.tensor(prompt), Batch(torch.arange(n), [SeqSlice(0, n, cache)], torch.tensor([n - 1])))[0]
+        for i, tok in enumerate(generated):
+            logits = model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0]
+    return logits
 
 
 def _near_tie(a: float, b: float) -> bool:
@@ -69,7 +73,8 @@ def test_greedy_matches_llamacpp(runners, name, run):
     for step, (a, b) in enumerate(zip(ours, theirs)):
         if a == b:
             continue
-        logits = _logits(runner, ids + ours[:step])
+        logits = _logits(runner, ids, ours[:step])
+        assert int(torch.argmax(logits)) == a, "the probe disagrees with the engine's own choice"
         ours_tie = _near_tie(float(logits[a]), float(logits[b]))
         top5 = dict((t, v) for t, v in run["steps"][step]["top5"])
         theirs_tie = a in top5 and _near_tie(top5[a], top5[b])

@@ -16,7 +16,7 @@ import torch
 from ..errors import UserError
 from ..models.layers import Batch, SeqSlice
 from ..types import EngineConfig, SamplingParams
-from .kv_cache import SeqKVCache
+from .kv_cache import cache_for
 from .request import Request, RequestOutput
 from .sampler import sample
 
@@ -83,8 +83,7 @@ class Engine:
             if self.cfg.no_kv_cache:
                 req.n_computed, req.cache = 0, None
             elif req.cache is None:
-                c = self.model.config
-                req.cache = SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.model.kv_dtype if self.model.dtype == torch.float32 else self.model.dtype)
+                req.cache = cache_for(self.model)
             todo = req.n_known - req.n_computed
             n = todo if (todo == 1 or self.cfg.no_kv_cache) else min(todo, max(budget, 1))
             budget -= n

@@ -1,4 +1,7 @@
-"""Per-sequence KV cache: contiguous per-layer buffers that grow by doubling."""
+"""Per-sequence KV cache: contiguous per-layer buffers that grow by doubling.
+
+`round_to` stores values rounded through a narrower dtype (llama.cpp keeps its cache in f16)
+while keeping them in the compute dtype, so attention never converts the whole cache per step."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +9,8 @@ import torch
 
 class SeqKVCache:
     def __init__(self, n_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype = torch.float32,
-                 capacity: int = 256):
+                 capacity: int = 256, round_to: torch.dtype | None = None):
+        self.round_to = round_to
         self.k: list[torch.Tensor] = [torch.empty(capacity, n_kv, head_dim, dtype=dtype) for _ in range(n_layers)]
         self.v: list[torch.Tensor] = [torch.empty(capacity, n_kv, head_dim, dtype=dtype) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
@@ -22,6 +26,8 @@ class SeqKVCache:
                 grown = buf[layer].new_empty(cap, *buf[layer].shape[1:])
                 grown[:n] = buf[layer][:n]
                 buf[layer] = grown
+        if self.round_to is not None:
+            k, v = k.to(self.round_to), v.to(self.round_to)
         self.k[layer][n:n + t] = k
         self.v[layer][n:n + t] = v
         self.lengths[layer] = n + t
@@ -29,3 +35,10 @@ class SeqKVCache:
 
     def truncate(self, n: int) -> None:
         self.lengths = [min(x, n) for x in self.lengths]
+
+
+def cache_for(model) -> SeqKVCache:
+    """An empty cache shaped for `model`, in its activation dtype, rounded as its kv_dtype says."""
+    c = model.config
+    round_to = model.kv_dtype if model.kv_dtype != model.dtype and model.dtype == torch.float32 else None
+    return SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.dtype, round_to=round_to)

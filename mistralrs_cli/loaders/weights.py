@@ -92,6 +92,9 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 def set_dtype(model: nn.Module, name: str) -> None:
     """--dtype: activations and dense parameters in this dtype (auto = f32 on the CPU).
     Quantized weights stay as blocks; the backend prepares them in the activations' dtype."""
+    why = getattr(model, "unsupported_dtypes", {}).get(name)
+    if why:
+        raise UserError(f"--dtype {name} is not usable with this model ({why}); use bf16 or f32.")
     dtype = DTYPES.get(name, torch.float32)
     model.dtype = dtype
     for p in model.parameters():
@@ -127,7 +130,7 @@ def prepare_weights(model: nn.Module, release=None, every: int = 8) -> None:
     """Build every weight's compute form now, so the first token does not pay for it; `release`
     (GGUFFile.release) is called as we go so file pages and compute forms never peak together."""
     for i, lin in enumerate(active_linears(model)):
-        lin.backend.prepare(lin.qweight, lin.backend.weight_dtype(model.dtype))
+        lin.backend.prepare_for(lin.qweight, model.dtype)
         if release is not None and i % every == every - 1:
             release()
     if release is not None:

@@ -29,6 +29,7 @@ class CausalLM(nn.Module):
     layer_cls: type[nn.Module]
     norm_offset = 0.0
     dtype = torch.float32  # activations; set by the loader for --dtype
+    unsupported_dtypes: dict[str, str] = {}  # --dtype value -> why not
     kv_dtype = torch.float32  # KV cache storage (llama.cpp keeps f16)
 
     def __init__(self, cfg: ModelConfig):

@@ -31,6 +31,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     layer_cls = Gemma3DecoderLayer
     norm_offset = 1.0
+    unsupported_dtypes = {"f16": "Gemma 3's activations overflow float16"}
 
     def embed_multiplier(self) -> float:
         return math.sqrt(self.config.hidden_size)

@@ -189,12 +189,15 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # q: (Tq, H, D), k/v: (S, Hkv, D) -> (Tq, H, D)
+        if mask is None and self.softcap is None:
+            return self.attend_one(q, k, v)
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
         if self.softcap is None:
             causal = mask is CAUSAL
+            rep = self.n_heads // self.n_kv  # SDPA's fused CPU kernels want equal head counts
+            kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if causal else mask,
-                                               is_causal=causal, scale=self.scale,
-                                               enable_gqa=self.n_heads != self.n_kv)
+                                               is_causal=causal, scale=self.scale)
         else:
             rep = self.n_heads // self.n_kv
             kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
@@ -206,6 +209,15 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
             o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vh
         return o.transpose(0, 1)
+
+
+    def attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query over all keys (decode): grouped heads, two small matmuls, no copies."""
+        rep = self.n_heads // self.n_kv
+        qg = q.view(self.n_kv, rep, self.head_dim)  # (Hkv, rep, D)
+        scores = torch.matmul(qg, k.permute(1, 2, 0)) * self.scale  # (Hkv, rep, S)
+        o = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(0, 1))  # (Hkv, rep, D)
+        return o.view(1, self.n_heads, self.head_dim)
 
 
 class GatedMLP(nn.Module):
