@@ -83,11 +83,25 @@ def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokeniz
     if tok_json is not None:
         if not tok_json.is_file():
             raise UserError(f"tokenizer file {tok_json} does not exist; check --tokenizer-json.")
+        tok_cfg = tok_cfg or _special_tokens_from_gguf(gf.metadata)
         eos = (gen_cfg or {}).get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else (eos or [])
         return tokenizer_from_file(tok_json, tok_cfg, eos), tok_cfg
     cache = cache_root() / "tokenizers" / _file_key(gf.path)
     return tokenizer_from_gguf(gf.metadata, cache_path=cache), None
+
+
+def _special_tokens_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
+    """A bare tokenizer.json says nothing about BOS/EOS: take them from the GGUF's metadata."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    cfg: dict[str, Any] = {}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token")):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            cfg[name] = tokens[int(i)]
+    if "tokenizer.ggml.add_bos_token" in meta:
+        cfg["add_bos_token"] = bool(meta["tokenizer.ggml.add_bos_token"])
+    return cfg
 
 
 def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
