@@ -22,29 +22,33 @@ from ..quant.dequant import dequantize
 from ..quant.qweight import QWeight
 
 
-def _q8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Round to 8-bit blocks with scale max|x|/127 stored as fp16 (llama.cpp's q8_0 / q8_1)."""
+def _q8_blocks(x: torch.Tensor, block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Round to 8-bit blocks with scale max|x|/127 stored as fp16 (llama.cpp's q8_0 / q8_1).
+    In f16 the product code * scale rounds once, as the f32 product would when narrowed."""
     xb = x.reshape(-1, block)
     amax = xb.abs().amax(-1, keepdim=True)
     q = (xb * (127.0 / amax.clamp_min(1e-30))).round_()
-    return (q * (amax / 127.0).half().float()).view(x.shape)
+    d = (amax / 127.0).half()
+    if dtype == torch.float16:
+        return (q.half() * d).view(x.shape)
+    return (q * d.float()).view(x.shape).to(dtype)
 
 
-def _q8_k(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+def _q8_k(x: torch.Tensor, block: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """llama.cpp's q8_K: scale -max/127 from the signed largest value, f32, codes capped at 127."""
     xb = x.reshape(-1, block)
     mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
     iscale = -127.0 / torch.where(mx == 0, torch.ones_like(mx), mx)
     q = (xb * iscale).round_().clamp_(max=127)
-    return torch.where(mx == 0, torch.zeros_like(xb), q / iscale).view(x.shape)
+    return torch.where(mx == 0, torch.zeros_like(xb), q / iscale).view(x.shape).to(dtype)
 
 
-def _q8_0(x: torch.Tensor) -> torch.Tensor:
-    return _q8_blocks(x, 32)
+def _q8_0(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _q8_blocks(x, 32, dtype)
 
 
-def _f16(x: torch.Tensor) -> torch.Tensor:
-    return x.half().float()
+def _f16(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return x.half().to(dtype)
 
 
 # weight type -> how llama.cpp's CPU path rounds the activations it multiplies with
@@ -93,14 +97,16 @@ class TorchBackend:
         backends = {id(lin.backend) for lin in linears}
         return len(rounding) == 1 and backends == {id(self)}
 
-    def round_activations(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    def round_activations(self, x: torch.Tensor, w: QWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x rounded as llama.cpp would for w's dot products, delivered in `dtype`."""
         rounding = ACTIVATION_ROUNDING.get(w.qtype)
         if self.numerics != "llama.cpp" or rounding is None or x.dtype != torch.float32:
-            return x
-        if self._last is not None and self._last[0] is x and self._last[1] is rounding:
-            return self._last[2]
-        xr = rounding(x)
-        self._last = (x, rounding, xr)
+            return x.to(dtype)
+        last = self._last
+        if last is not None and last[0] is x and last[1] is rounding and last[2] == dtype:
+            return last[3]
+        xr = rounding(x, dtype=dtype)
+        self._last = (x, rounding, dtype, xr)
         return xr
 
     def prepare_for(self, w: QWeight, x_dtype: torch.dtype) -> None:
@@ -124,15 +130,14 @@ class TorchBackend:
         return w.cache["int4"]
 
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
-        x = self.round_activations(x, w)
         if x.dtype == torch.float32 and (form := self.int4_form(w)) is not None:
             return int4pack.matmul(x, *form)
         if self.weight_dtype(x.dtype) == x.dtype:
-            return F.linear(x, self.prepare(w, x.dtype))
+            return F.linear(self.round_activations(x, w, x.dtype), self.prepare(w, x.dtype))
         # f32 activations on the CPU: weights kept as f16 (half the bytes of f32, and decode is
         # bound by reading them); a few rows multiply in f16 (f32 accumulation inside), a
         # prefill chunk widens the weight to f32 first (CPU f16 GEMMs are slow).
         w16 = self.prepare(w, torch.float16)
         if x.shape[0] <= SMALL_M:
-            return F.linear(x.half(), w16).float()
-        return F.linear(x, w16.float())
+            return F.linear(self.round_activations(x, w, torch.float16), w16).float()
+        return F.linear(self.round_activations(x, w), w16.float())

@@ -104,12 +104,16 @@ class Rotary(nn.Module):
         if key not in batch.memo:
             freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-            batch.memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            sin = freqs.sin()[:, None, :]
+            signed = torch.cat([-sin, sin], dim=-1)  # rotate_half(x) * sin == roll(x) * signed
+            batch.memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype), signed.to(dtype))
         return batch.memo[key]
 
     def forward(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
         # x: (T, H, D)
-        cos, sin = self.tables(batch, x.dtype)
+        cos, sin, signed = self.tables(batch, x.dtype)
+        if self.dim == x.shape[-1]:  # full rotary: three ops
+            return torch.addcmul(x * cos, x.roll(self.dim // 2, dims=-1), signed)
         rot, rest = x[..., : self.dim], x[..., self.dim:]
         half = self.dim // 2
         rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
@@ -154,17 +158,19 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcapping
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        T = x.shape[0]
+        T, H = x.shape[0], self.n_heads
         if self.qkv_proj is not None:  # installed by the loader: one multiply for q, k and v
-            q, k, v = self.qkv_proj(x)
+            qkv = self.qkv_proj.full(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(T, self.n_heads, self.head_dim)  # (T, H, D)
-        k = k.view(T, self.n_kv, self.head_dim)  # (T, Hkv, D)
-        v = v.view(T, self.n_kv, self.head_dim)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(T, H + 2 * self.n_kv, self.head_dim)  # (T, H + 2 Hkv, D)
+        qk, v = qkv[:, : H + self.n_kv], qkv[:, H + self.n_kv:]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, batch), self.rotary(k, batch)
+            q, k = self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])
+            q, k = self.rotary(q, batch), self.rotary(k, batch)
+        else:  # q and k rotate together
+            qk = self.rotary(qk, batch)
+            q, k = qk[:, :H], qk[:, H:]
         out = torch.empty_like(q) if len(batch.seqs) > 1 else None
         for i, s in enumerate(batch.seqs):
             ks, vs = k[s.start:s.end], v[s.start:s.end]

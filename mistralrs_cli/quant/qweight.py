@@ -93,11 +93,13 @@ class FusedQLinear(nn.Module):
             [b if b is not None else torch.zeros(n) for b, n in zip(biases, self.sizes)]), requires_grad=False)
         self.backend = linears[0].backend
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """All parts' outputs side by side, (..., sum of out_features)."""
         y = self.backend.qmatmul(x, self.qweight)
-        if self.bias is not None:
-            y = y + self.bias
-        return list(torch.split(y, self.sizes, dim=-1))
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(self.full(x), self.sizes, dim=-1))
 
 
 class QEmbedding(nn.Module):
