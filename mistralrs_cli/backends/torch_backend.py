@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from ..quant import int4pack
+from . import native
 from ..quant.dequant import dequantize
 from ..quant.qweight import QWeight
 
@@ -109,9 +110,20 @@ class TorchBackend:
         self._last = (x, rounding, dtype, xr)
         return xr
 
+    def native_ok(self, w: QWeight) -> bool:
+        """llama.cpp numerics and types the native kernels know: multiply the blocks directly
+        (integer dot products, weights never leave their 4.5-8.5 bit form)."""
+        ok = w.cache.get("native")
+        if ok is None:
+            parts = getattr(w, "parts", [w])
+            ok = w.cache["native"] = (
+                self.numerics == "llama.cpp" and all(p.qtype in native.TYPES and p.shape[1] % 32 == 0 for p in parts)
+                and native.library() is not None)
+        return ok
+
     def prepare_for(self, w: QWeight, x_dtype: torch.dtype) -> None:
         """Build the compute form qmatmul will use for activations of `x_dtype`."""
-        if x_dtype == torch.float32 and self.int4_form(w) is not None:
+        if x_dtype == torch.float32 and (self.native_ok(w) or self.int4_form(w) is not None):
             return
         self.prepare(w, self.weight_dtype(x_dtype))
 
@@ -130,6 +142,10 @@ class TorchBackend:
         return w.cache["int4"]
 
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.native_ok(w):
+            parts = getattr(w, "parts", [w])
+            y = native.qmatmul(x.reshape(-1, w.shape[1]), [(p.raw, p.qtype, p.shape[0]) for p in parts])
+            return y.view(*x.shape[:-1], w.shape[0])
         if x.dtype == torch.float32 and (form := self.int4_form(w)) is not None:
             return int4pack.matmul(x, *form)
         if self.weight_dtype(x.dtype) == x.dtype:
