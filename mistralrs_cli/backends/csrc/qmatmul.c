@@ -9,13 +9,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 enum { QK = 32 };
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8 };  // GGML type ids
 
+#ifdef __F16C__
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static float h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
@@ -31,6 +34,7 @@ static float h2f(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
+#endif
 
 static uint16_t f2h(float f) {  // round to nearest even, as the F16C instruction does
     uint32_t x;
