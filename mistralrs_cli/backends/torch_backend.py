@@ -121,9 +121,28 @@ class TorchBackend:
                 and native.library() is not None)
         return ok
 
+    @staticmethod
+    def native_parts(w: QWeight) -> list[tuple[torch.Tensor, Q, int]]:
+        """(raw rows, qtype, rows) per kernel call: neighbouring parts of one type are copied
+        into one block array (one call instead of two or three; their file pages go unused)."""
+        parts = w.cache.get("native_parts")
+        if parts is None:
+            parts = []
+            for p in getattr(w, "parts", [w]):
+                if parts and parts[-1][1] == p.qtype:
+                    raw, qtype, rows = parts.pop()
+                    parts.append((torch.cat([raw, p.raw]), qtype, rows + p.shape[0]))
+                else:
+                    parts.append((p.raw.contiguous(), p.qtype, p.shape[0]))
+            w.cache["native_parts"] = parts
+        return parts
+
     def prepare_for(self, w: QWeight, x_dtype: torch.dtype) -> None:
         """Build the compute form qmatmul will use for activations of `x_dtype`."""
-        if x_dtype == torch.float32 and (self.native_ok(w) or self.int4_form(w) is not None):
+        if x_dtype == torch.float32 and self.native_ok(w):
+            self.native_parts(w)
+            return
+        if x_dtype == torch.float32 and self.int4_form(w) is not None:
             return
         self.prepare(w, self.weight_dtype(x_dtype))
 
@@ -143,8 +162,7 @@ class TorchBackend:
 
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
         if x.dtype == torch.float32 and self.native_ok(w):
-            parts = getattr(w, "parts", [w])
-            y = native.qmatmul(x.reshape(-1, w.shape[1]), [(p.raw, p.qtype, p.shape[0]) for p in parts])
+            y = native.qmatmul(x.reshape(-1, w.shape[1]), self.native_parts(w))
             return y.view(*x.shape[:-1], w.shape[0])
         if x.dtype == torch.float32 and (form := self.int4_form(w)) is not None:
             return int4pack.matmul(x, *form)
