@@ -21,7 +21,8 @@ venv: $(VENV)/.installed
 models: venv
 	$(PY) scripts/fetch_models.py
 
-run: models
+run: venv
+	$(PY) scripts/fetch_models.py smollm2
 	$(VENV)/bin/mistralrs --max-tokens 256 --prompt "$(PROMPT)" gguf -f "$(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 test: models
