@@ -19,7 +19,7 @@ from .config import ModelConfig
 
 class KVCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (T, Hkv, D) for `layer`; return all keys and values so far (S, Hkv, D)."""
+        """Append k, v (T, Hkv, D) for `layer`; return all keys and values so far (Hkv, S, D)."""
 
 
 @dataclass
@@ -175,11 +175,13 @@ class Attention(nn.Module):
         for i, s in enumerate(batch.seqs):
             ks, vs = k[s.start:s.end], v[s.start:s.end]
             if s.cache is not None:
-                ks, vs = s.cache.update(self.layer, ks, vs)
+                ks, vs = s.cache.update(self.layer, ks, vs)  # (Hkv, S, D)
                 if self.window is not None and s.end - s.start == 1:
-                    ks, vs = ks[-self.window:], vs[-self.window:]  # a decode sees one window
+                    ks, vs = ks[:, -self.window:], vs[:, -self.window:]  # a decode sees one window
                 ks, vs = ks.to(q.dtype), vs.to(q.dtype)
-            o = self.attend(q[s.start:s.end], ks, vs, self._mask(batch, i, s, ks.shape[0]))
+            else:
+                ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)
+            o = self.attend(q[s.start:s.end], ks, vs, self._mask(batch, i, s, ks.shape[1]))
             if out is None:
                 out = o
             else:
@@ -199,10 +201,10 @@ class Attention(nn.Module):
         return batch.memo[key]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # q: (Tq, H, D), k/v: (S, Hkv, D) -> (Tq, H, D)
+        # q: (Tq, H, D), k/v: (Hkv, S, D) -> (Tq, H, D)
         if mask is None and self.softcap is None:
             return self.attend_one(q, k, v)
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
+        qh, kh, vh = q.transpose(0, 1), k, v  # (H, T, D), (Hkv, S, D)
         if self.softcap is None:
             causal = mask is CAUSAL
             rep = self.n_heads // self.n_kv  # SDPA's fused CPU kernels want equal head counts
@@ -213,8 +215,8 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv
             kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
             if mask is None or mask is CAUSAL:
-                q_pos = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
-                mask = causal_mask(q_pos, k.shape[0], None)
+                q_pos = torch.arange(k.shape[1] - q.shape[0], k.shape[1])
+                mask = causal_mask(q_pos, k.shape[1], None)
             scores = (qh @ kh.transpose(1, 2)) * self.scale
             scores = torch.tanh(scores / self.softcap) * self.softcap
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -226,8 +228,8 @@ class Attention(nn.Module):
         """One query over all keys (decode): grouped heads, two small matmuls, no copies."""
         rep = self.n_heads // self.n_kv
         qg = q.view(self.n_kv, rep, self.head_dim)  # (Hkv, rep, D)
-        scores = torch.matmul(qg, k.permute(1, 2, 0)) * self.scale  # (Hkv, rep, S)
-        o = torch.matmul(torch.softmax(scores, dim=-1), v.transpose(0, 1))  # (Hkv, rep, D)
+        scores = torch.matmul(qg, k.transpose(1, 2)) * self.scale  # (Hkv, rep, S)
+        o = torch.matmul(torch.softmax(scores, dim=-1), v)  # (Hkv, rep, D)
         return o.view(1, self.n_heads, self.head_dim)
 
 
