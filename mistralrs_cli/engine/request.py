@@ -47,12 +47,14 @@ class Request:
     def n_known(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
-
     def tokens(self, start: int, end: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:end]
+        """Known tokens [start, end) without copying the whole sequence each step."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     def timing(self) -> tuple[float, float]:
         now = time.perf_counter()
