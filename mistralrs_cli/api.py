@@ -13,7 +13,7 @@ from .engine.request import RequestOutput
 from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
-from .types import EngineConfig, GGUFSpec, LoadOptions, SamplingParams
+from .types import EngineConfig, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
 
 
 class Which:
@@ -23,6 +23,11 @@ class Which:
     def GGUF(quantized_model_id: str | None, quantized_filename: str, tok_model_id: str | None = None,
              tokenizer_json: str | None = None, **_ignored: Any) -> GGUFSpec:
         return GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
+
+    @staticmethod
+    def Plain(model_id: str, arch: str | None = None, tokenizer_json: str | None = None,
+              **_ignored: Any) -> PlainSpec:
+        return PlainSpec(model_id, arch, tokenizer_json)
 
 
 class Role(str, enum.Enum):

@@ -10,7 +10,7 @@ import typer
 
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGUFSpec, LoadOptions
+from .types import GGUFSpec, LoadOptions, PlainSpec
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -71,6 +71,17 @@ def gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     run(ctx.obj, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
+
+
+@app.command("plain", no_args_is_help=True)
+def plain(
+    ctx: typer.Context,
+    model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json."),
+    tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
+    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
+) -> None:
+    """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
+    run(ctx.obj, PlainSpec(model_id, arch, tokenizer_json))
 
 
 def main() -> None:

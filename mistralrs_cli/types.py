@@ -15,6 +15,15 @@ class GGUFSpec:
 
 
 @dataclass
+class PlainSpec:
+    """`mistralrs plain`: a Hugging Face checkpoint (config.json + safetensors), local or a repo."""
+
+    model_id: str
+    arch: str | None = None  # HF model_type (or mistral.rs's name); default: config.json's
+    tokenizer_json: str | None = None
+
+
+@dataclass
 class LoadOptions:
     """Global options that shape loading."""
 

@@ -13,10 +13,11 @@ import torch
 from .. import hub
 from ..errors import UserError
 from ..models.config import ModelConfig
-from ..types import GGUFSpec, LoadOptions
+from ..types import GGUFSpec, LoadOptions, PlainSpec
 from .chat_template import ChatTemplate, resolve_chat_template
 from .gguf import load_gguf_model
 from .gguf_file import GGUFFile
+from .plain import load_plain
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
 from .weights import prepare_weights, set_dtype
 
@@ -118,7 +119,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
 
 
-LOADERS = {GGUFSpec: load_gguf}
+LOADERS = {GGUFSpec: load_gguf, PlainSpec: load_plain}
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
