@@ -1,6 +1,7 @@
 """Tiny GGUF files built from transformers models, written the way llama.cpp's converter writes them.
 
-A test builds a seeded random transformers model (`tiny_llama`, `tiny_gemma3`), a tiny byte-level
+A test builds a seeded random transformers model (`tiny_llama`, `tiny_gemma3`, `tiny_mistral`,
+`tiny_mixtral`, `tiny_qwen2`, `tiny_qwen3`), a tiny byte-level
 BPE vocab (`train_tokenizer`), and writes both with `write_gguf`: arch metadata keys, GGUF tensor
 names, llama's q/k row permutation, Gemma's norms stored as (1 + w), F32 or Q8_0 tensors, and the
 gpt2 tokenizer keys. `write_gguf` also takes an arbitrary `general.architecture` and per-tensor
@@ -124,6 +125,45 @@ def tiny_gemma3(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     return model.eval()
 
 
+def _tiny(config_cls: Any, model_cls: Any, seed: int, overrides: dict[str, Any], **extra: Any) -> torch.nn.Module:
+    """A llama-shaped tiny model of another architecture (the same sizes as tiny_llama)."""
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+               rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False,
+               bos_token_id=0, eos_token_id=1, **extra)
+    model = model_cls(config_cls(**{**cfg, **overrides}))
+    randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def tiny_mistral(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A window of 8 tokens, so a 12-token prompt already slides."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _tiny(MistralConfig, MistralForCausalLM, seed, overrides, sliding_window=8)
+
+
+def tiny_mixtral(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """4 experts, each token routed to 2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _tiny(MixtralConfig, MixtralForCausalLM, seed, overrides, num_local_experts=4,
+                 num_experts_per_tok=2)
+
+
+def tiny_qwen2(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _tiny(Qwen2Config, Qwen2ForCausalLM, seed, overrides)
+
+
+def tiny_qwen3(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """head_dim 32 (not hidden / heads = 16), as real Qwen3 checkpoints decouple them."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _tiny(Qwen3Config, Qwen3ForCausalLM, seed, overrides, head_dim=32)
+
+
 # ---- HF -> GGUF: names, metadata, weight transforms ----
 _TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -141,6 +181,10 @@ _TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# transformers 5 keeps a Mixtral block's experts stacked, gate and up fused: `_mixtral_split`
+# names the parts, which llama.cpp writes as three 3-D tensors (experts first)
+_MIXTRAL_TENSORS = {**_TENSORS, "mlp.gate": "ffn_gate_inp", "mlp.experts.gate": "ffn_gate_exps",
+                    "mlp.experts.up": "ffn_up_exps", "mlp.experts.down": "ffn_down_exps"}
 _GEMMA_TENSORS = {**_TENSORS, "post_attention_layernorm": "post_attention_norm",
                   "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
@@ -167,6 +211,19 @@ def _llama_weight(cfg: Any, hf_name: str, w: np.ndarray) -> np.ndarray:
     return w
 
 
+def _as_is(cfg: Any, hf_name: str, w: np.ndarray) -> np.ndarray:
+    return w  # qwen2/qwen3: NEOX rope in llama.cpp, q/k rows stay in HF order
+
+
+def _mixtral_split(cfg: Any, hf_name: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    if hf_name.endswith("experts.gate_up_proj"):  # (E, 2 I, H): gate rows, then up rows
+        base, n = hf_name[: -len("gate_up_proj")], cfg.intermediate_size
+        return {base + "gate.weight": w[:, :n], base + "up.weight": w[:, n:]}
+    if hf_name.endswith("experts.down_proj"):
+        return {hf_name[: -len("down_proj")] + "down.weight": w}
+    return {hf_name: w}
+
+
 def _gemma_weight(cfg: Any, hf_name: str, w: np.ndarray) -> np.ndarray:
     return w + 1.0 if hf_name.endswith("norm.weight") else w
 
@@ -188,6 +245,25 @@ def _llama_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
+def _mistral_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _llama_kv(w, cfg)
+    w.add_sliding_window(cfg.sliding_window)
+
+
+def _mixtral_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _llama_kv(w, cfg)
+    w.add_expert_count(cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+
+
+def _qwen_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _common_kv(w, cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+
+
 def _gemma3_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
     _common_kv(w, cfg)
     w.add_key_length(cfg.head_dim)
@@ -202,11 +278,17 @@ class ArchWriter:
     names: dict[str, str]
     weight: Callable[[Any, str, np.ndarray], np.ndarray]
     kv: Callable[[gguf.GGUFWriter, Any], None]
+    # one HF tensor -> the HF-named parts llama.cpp writes separately (default: itself)
+    split: Callable[[Any, str, np.ndarray], dict[str, np.ndarray]] = lambda cfg, name, w: {name: w}
 
 
 ARCHS: dict[str, ArchWriter] = {  # transformers model_type -> how llama.cpp converts it
     "llama": ArchWriter("llama", _TENSORS, _llama_weight, _llama_kv),
     "gemma3_text": ArchWriter("gemma3", _GEMMA_TENSORS, _gemma_weight, _gemma3_kv),
+    "mistral": ArchWriter("llama", _TENSORS, _llama_weight, _mistral_kv),
+    "mixtral": ArchWriter("llama", _MIXTRAL_TENSORS, _llama_weight, _mixtral_kv, _mixtral_split),
+    "qwen2": ArchWriter("qwen2", _TENSORS, _as_is, _qwen_kv),
+    "qwen3": ArchWriter("qwen3", _TENSORS, _as_is, _qwen_kv),
 }
 
 
@@ -218,8 +300,8 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        w = t.detach().float().numpy().copy()
-        out[gguf_name(hf_name, arch.names)] = arch.weight(cfg, hf_name, w).astype(np.float32)
+        for name, w in arch.split(cfg, hf_name, t.detach().float().numpy().copy()).items():
+            out[gguf_name(name, arch.names)] = arch.weight(cfg, name, w).astype(np.float32)
     return out
 
 

@@ -37,6 +37,11 @@ TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
     "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
     "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
+    # mixture of experts: a router, and experts stacked in one 3-D tensor per projection ({e})
+    "blk.{i}.ffn_gate_inp": "model.layers.{i}.block_sparse_moe.gate",
+    "blk.{i}.ffn_gate_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w1",
+    "blk.{i}.ffn_down_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w2",
+    "blk.{i}.ffn_up_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
 }
 _GEMMA_NAMES = {"blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}
 
@@ -75,7 +80,21 @@ def _base_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
 
 
 def _llama_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp writes Mistral and Mixtral as "llama": a sliding window (in _base_config) and
+    expert counts tell them apart."""
+    experts = int(meta.get("llama.expert_count", 0) or 0)
+    if experts:
+        return {**cfg, "model_type": "mixtral", "hidden_act": "silu", "num_local_experts": experts,
+                "num_experts_per_tok": int(meta.get("llama.expert_used_count", 2))}
     return {**cfg, "model_type": "llama", "hidden_act": "silu"}
+
+
+def _qwen2_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "model_type": "qwen2", "hidden_act": "silu", "attention_bias": True}
+
+
+def _qwen3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "model_type": "qwen3", "hidden_act": "silu"}
 
 
 def _gemma3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -110,10 +129,17 @@ def _gemma_norm(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
     return QWeight.from_float(w.dequantize() - 1.0, w.shape)
 
 
+def _as_is(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
+    return w
+
+
 ARCHS: dict[str, tuple[Callable, dict[str, str], Callable]] = {
     # gguf general.architecture -> (config builder, tensor-name overrides, weight fix-up)
     "llama": (_llama_config, {}, _unpermute_qk),
     "gemma3": (_gemma3_config, _GEMMA_NAMES, _gemma_norm),
+    # NEOX rope in llama.cpp: its converter leaves q/k rows in HF order
+    "qwen2": (_qwen2_config, {}, _as_is),
+    "qwen3": (_qwen3_config, {}, _as_is),
 }
 
 
@@ -141,9 +167,21 @@ def hf_name(gguf_name: str, table: dict[str, str]) -> str | None:
     if parts[0] == "blk" and len(parts) >= 3:
         key, i = "blk.{i}." + ".".join(parts[2:]), parts[1]
         target = table.get(key)
-        return None if target is None else target.format(i=i) + "." + suffix
+        return None if target is None else target.replace("{i}", i) + "." + suffix
     target = table.get(base)
     return None if target is None else target + "." + suffix
+
+
+def _weights_of(target: str, raw: torch.Tensor, qtype, shape: tuple[int, ...]) -> list[tuple[str, QWeight]]:
+    """One tensor's weights: (1, n) for a vector, (rows, cols) for a matrix, and for experts stacked
+    in a 3-D tensor (experts, rows, cols) one weight per expert (its rows are whole blocks)."""
+    if len(shape) == 1:
+        return [(target, QWeight(raw, qtype, (1, shape[0])))]
+    if len(shape) == 2:
+        return [(target, QWeight(raw, qtype, (shape[0], shape[1])))]
+    experts = raw.view(shape[0], shape[1], -1)  # (E, rows, row_bytes)
+    return [(target.replace("{e}", str(e)), QWeight(experts[e], qtype, (shape[1], shape[2])))
+            for e in range(shape[0])]
 
 
 def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn.Module, ModelConfig]:
@@ -159,9 +197,8 @@ def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn
         if info.qtype not in DEQUANT_SUPPORTED:
             raise UserError(f"{gf.path}: tensor {name} has type {info.qtype.name}, which is not "
                             "supported yet; use a file quantized with another type.")
-        shape = (info.shape[0], info.shape[-1]) if len(info.shape) > 1 else (1, info.shape[0])
-        w = QWeight(gf.raw(name), info.qtype, shape)
-        weights[target] = fixup(cfg, target.rsplit(".", 1)[0], w)
+        for hf, w in _weights_of(target, gf.raw(name), info.qtype, info.shape):
+            weights[hf] = fixup(cfg, hf.rsplit(".", 1)[0], w)
     backend = TorchBackend(numerics)
     model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path), backend=backend)
     fuse_projections(model, backend.can_fuse)

@@ -4,9 +4,16 @@ from __future__ import annotations
 from .base import CausalLM
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
+from .mixtral import MixtralForCausalLM
+from .qwen2 import Qwen2ForCausalLM
+from .qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,  # llama with a sliding window (config.sliding_window)
+    "mixtral": MixtralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
 }

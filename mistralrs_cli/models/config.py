@@ -36,6 +36,8 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # gemma*: attention scale = this ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    num_local_experts: int = 0  # mixtral: experts per MoE block (0: a dense MLP)
+    num_experts_per_tok: int = 0  # mixtral: experts each token is routed to
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -134,13 +134,15 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0):
+    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0,
+                 qkv_bias: bool | None = None):
         super().__init__()
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.layer = h, kvh, d, layer
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=cfg.attention_bias)
+        bias = cfg.attention_bias if qkv_bias is None else qkv_bias  # qwen2: always, not in its config
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
         self.qkv_proj: nn.Module | None = None
         if qk_norm:

@@ -10,9 +10,11 @@ from .layers import Attention, Batch, GatedMLP, RMSNorm
 
 
 class LlamaDecoderLayer(nn.Module):
+    attn_options: dict = {}  # variants that differ only in attention (qwen2's bias, qwen3's q/k norms)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, **self.attn_options)
         self.mlp = GatedMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -1,0 +1,109 @@
+"""Mistral, Mixtral, Qwen2 and Qwen3: tiny random transformers models written to F32 GGUF files
+as llama.cpp's converter writes them; our logits (12-token prefill, then 8 cached decode steps)
+equal transformers' within 1e-4, and Mixtral's router picks transformers' experts for every token."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import gguf_builder as gb
+from mistralrs_cli.engine.kv_cache import SeqKVCache
+from mistralrs_cli.loaders.gguf import load_gguf_model
+from mistralrs_cli.loaders.gguf_file import GGUFFile
+from mistralrs_cli.models.layers import Batch, SeqSlice
+
+PROMPT = [0, 17, 301, 44, 260, 9, 388, 123, 77, 500, 256, 31]  # BOS + 11 tokens
+STEPS = 8
+F32_TOL = 1e-4
+# builder, seed, llama.cpp architecture, our model_type once loaded
+BUILDERS = {
+    "mistral": (gb.tiny_mistral, 1, "llama", "llama"),
+    "mixtral": (gb.tiny_mixtral, 2, "llama", "mixtral"),
+    "qwen2": (gb.tiny_qwen2, 3, "qwen2", "qwen2"),
+    "qwen3": (gb.tiny_qwen3, 4, "qwen3", "qwen3"),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """name -> (transformers model, its F32 GGUF file)."""
+    workdir = tmp_path_factory.mktemp("more_models")
+    out = {}
+    for name, (build, seed, *_) in BUILDERS.items():
+        hf = build(seed)
+        out[name] = (hf, gb.write_gguf(workdir / f"{name}-f32.gguf", hf, vocab=None))
+    return out
+
+
+def _reference(hf: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]]:
+    """transformers with its own KV cache: prefill logits, then STEPS greedy steps."""
+    logits, greedy = [], []
+    with torch.no_grad():
+        out = hf(torch.tensor([PROMPT]), use_cache=True)
+        logits.append(out.logits[0])
+        for _ in range(STEPS):
+            greedy.append(int(out.logits[0, -1].argmax()))
+            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return logits, greedy
+
+
+def _ours(model: torch.nn.Module, cfg, greedy: list[int]) -> list[torch.Tensor]:
+    """Prefill, then one cached step per token of `greedy` (teacher-forced)."""
+    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    n = len(PROMPT)
+    with torch.inference_mode():
+        out = [model(torch.tensor(PROMPT), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
+        for i, tok in enumerate(greedy):
+            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_f32_logits_match_transformers(models, name):
+    hf, path = models[name]
+    gf = GGUFFile(path)
+    assert gf.architecture == BUILDERS[name][2]
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    assert cfg.model_type == BUILDERS[name][3]
+    want, greedy = _reference(hf)
+    got = _ours(model, cfg, greedy)
+    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
+    print(f"{name} f32 max |logit diff| prefill {diffs[0]:.2e}, decode {max(diffs[1:]):.2e}")
+    assert max(diffs) < F32_TOL, diffs
+    assert len(set(greedy)) > 1  # the seed gives a non-degenerate continuation
+
+
+def test_mistral_window_slides(models):
+    """The window is read from the file and is shorter than the prompt, so the logits test
+    covers sliding; without the window the logits differ by whole units."""
+    _, path = models["mistral"]
+    _, cfg = load_gguf_model(GGUFFile(path), numerics="exact")
+    assert cfg.sliding_window == 8 < len(PROMPT)
+
+
+def test_mixtral_routes_to_transformers_experts(models):
+    hf, path = models["mixtral"]
+    model, cfg = load_gguf_model(GGUFFile(path), numerics="exact")
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (4, 2)
+    ours, theirs = [], []
+    hooks = [layer.block_sparse_moe.gate.register_forward_hook(lambda m, i, o: ours.append(o))
+             for layer in model.model.layers]
+    hooks += [layer.mlp.gate.register_forward_hook(lambda m, i, o: theirs.append(o[2]))
+              for layer in hf.model.layers]
+    try:
+        n = len(PROMPT)
+        with torch.inference_mode():
+            model(torch.tensor(PROMPT), Batch(torch.arange(n), [SeqSlice(0, n, None)]))
+            hf(torch.tensor([PROMPT]))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(ours) == len(theirs) == cfg.num_hidden_layers
+    for layer, (logits, want) in enumerate(zip(ours, theirs)):
+        picked = logits.float().topk(cfg.num_experts_per_tok, dim=-1).indices  # (T, k)
+        assert torch.equal(picked.sort(-1).values, want.sort(-1).values), layer
+        # and routing is not trivial: tokens go to different experts
+        assert len({tuple(r) for r in picked.sort(-1).values.tolist()}) > 1
