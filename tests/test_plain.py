@@ -246,3 +246,26 @@ def test_bad_inputs_are_one_error_line(env, built):
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, (key, stderr)
         for part in bad[key][2]:
             assert part in lines[0], (key, part, lines[0])
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_text_model(env, built, refs):
+    """Gemma3ForConditionalGeneration: text_config nests the config, weights sit under
+    language_model.*, vision tensors are skipped; logits equal the text model's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = built["gemma3"][1]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    mm = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text.config.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        image_token_index=500, boi_token_index=498, eoi_token_index=499)).eval()
+    inner = {k[len("model."):]: v for k, v in text.state_dict().items() if k.startswith("model.")}
+    mm.model.language_model.load_state_dict(inner)
+    path = _save(mm, env / "gemma3-mm")
+    loaded = load(PlainSpec(str(path)), LoadOptions(token_source="none"))
+    assert loaded.config.model_type == "gemma3_text"
+    ids, logits, greedy, _, _ = refs["gemma3"]
+    got = _ours(loaded.model, loaded.config, ids, greedy)
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, logits))
+    print(f"gemma3 multimodal max |logit diff| {diff:.2e}")
+    assert diff < F32_TOL
