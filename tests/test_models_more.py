@@ -107,3 +107,34 @@ def test_mixtral_routes_to_transformers_experts(models):
         assert torch.equal(picked.sort(-1).values, want.sort(-1).values), layer
         # and routing is not trivial: tokens go to different experts
         assert len({tuple(r) for r in picked.sort(-1).values.tolist()}) > 1
+
+
+def test_mixtral_q8_0_experts_split_by_whole_blocks(models, tmp_path):
+    """Quantized stacked experts: each expert's weight is its slice of the 3-D tensor, decoded
+    by gguf-py as a whole."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    hf, _ = models["mixtral"]
+    path = gb.write_gguf(tmp_path / "mixtral-q8_0.gguf", hf, vocab=None, qtype=Q.Q8_0)
+    gf = GGUFFile(path)
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    for gguf_name, w in (("ffn_gate_exps", "w1"), ("ffn_down_exps", "w2"), ("ffn_up_exps", "w3")):
+        info = gf.tensors[f"blk.1.{gguf_name}.weight"]
+        assert info.qtype == Q.Q8_0 and info.shape[0] == cfg.num_local_experts
+        want = torch.from_numpy(dequantize(gf.raw(info.name).numpy(), Q.Q8_0).reshape(info.shape))
+        for e, expert in enumerate(model.model.layers[1].block_sparse_moe.experts):
+            assert torch.equal(getattr(expert, w).qweight.dequantize(), want[e])
+
+
+def test_qwen_window_only_when_enabled():
+    """Hub Qwen configs carry sliding_window with use_sliding_window false: no window then."""
+    from mistralrs_cli.models.config import ModelConfig
+    from mistralrs_cli.models.qwen2 import qwen_window_config
+
+    hub = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=4,
+               num_attention_heads=2, num_key_value_heads=1, sliding_window=32768, max_window_layers=2)
+    off = qwen_window_config(ModelConfig.from_dict({**hub, "use_sliding_window": False}))
+    assert [off.window(i) for i in range(4)] == [None] * 4
+    on = qwen_window_config(ModelConfig.from_dict({**hub, "use_sliding_window": True}))
+    assert [on.window(i) for i in range(4)] == [None, None, 32768, 32768]
