@@ -371,3 +371,94 @@ def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ---- phi2 and phi3 (llama.cpp's Phi2Model and Phi3MiniModel converters) ----
+def tiny_phi2(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """PhiForCausalLM: parallel attention and MLP under one LayerNorm, half the head rotated."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512, layer_norm_eps=1e-5,
+               partial_rotary_factor=0.5, rope_theta=10000.0, bos_token_id=0, eos_token_id=1)
+    model = PhiForCausalLM(PhiConfig(**{**cfg, **overrides}))
+    randomize_(model, seed, std=0.15, norm_center=1.0)
+    with torch.no_grad():  # randomize_ centres only weights of *norm; give phi's LayerNorms theirs
+        for name, p in model.named_parameters():
+            if "layernorm.weight" in name:
+                p.add_(1.0)
+    return model.eval()
+
+
+def tiny_phi3(seed: int = 0, longrope: bool = False, **overrides: Any) -> torch.nn.Module:
+    """Phi3ForCausalLM (fused qkv_proj and gate_up_proj). longrope: an original context of 16
+    tokens under a 512-token one, so decoding past position 16 switches to the long factors."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    extra: dict[str, Any] = dict(sliding_window=None, pad_token_id=1)
+    if longrope:
+        half = 64 // 4 // 2
+        gen = torch.Generator().manual_seed(seed + 100)
+        extra["original_max_position_embeddings"] = 16
+        extra["rope_scaling"] = {"type": "longrope",
+                                 "short_factor": (1.0 + torch.rand(half, generator=gen)).tolist(),
+                                 "long_factor": (1.0 + 8 * torch.rand(half, generator=gen)).tolist()}
+    return _tiny(Phi3Config, Phi3ForCausalLM, seed, overrides, **extra)
+
+
+_PHI2_TENSORS = {"model.embed_tokens": "token_embd", "model.final_layernorm": "output_norm",
+                 "lm_head": "output", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+_PHI3_TENSORS = {**_TENSORS, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+                 "rope_factors_long": "rope_factors_long", "rope_factors_short": "rope_factors_short"}
+
+
+def _rope_dims(cfg: Any) -> int:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
+def _phi2_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+    w.add_rope_dimension_count(_rope_dims(cfg))
+
+
+def _phi3_longrope(cfg: Any) -> tuple[int, float] | None:
+    """(original context, attention factor) as the converter computes them, or None."""
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") not in ("longrope", "su"):
+        return None
+    orig = rope.get("original_max_position_embeddings") or cfg.original_max_position_embeddings
+    scale = cfg.max_position_embeddings / orig
+    return orig, (float(np.sqrt(1 + np.log(scale) / np.log(orig))) if scale > 1.0 else 1.0)
+
+
+def _phi3_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _common_kv(w, cfg)
+    w.add_rope_dimension_count(_rope_dims(cfg))
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_scaling_orig_ctx_len(getattr(cfg, "original_max_position_embeddings", cfg.max_position_embeddings))
+    longrope = _phi3_longrope(cfg)
+    if longrope is not None:
+        w.add_rope_scaling_attn_factors(longrope[1])
+
+
+def _phi3_split(cfg: Any, hf_name: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    """The converter adds the LongRoPE factors as two F32 tensors; they ride along here with
+    the embedding, the one tensor every model has."""
+    if hf_name != "model.embed_tokens.weight" or _phi3_longrope(cfg) is None:
+        return {hf_name: w}
+    rope = cfg.rope_parameters
+    return {hf_name: w, "rope_factors_long.weight": np.asarray(rope["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.asarray(rope["short_factor"], dtype=np.float32)}
+
+
+ARCHS["phi"] = ArchWriter("phi2", _PHI2_TENSORS, _as_is, _phi2_kv)
+ARCHS["phi3"] = ArchWriter("phi3", _PHI3_TENSORS, _as_is, _phi3_kv, _phi3_split)

@@ -113,6 +113,38 @@ def _gemma3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _phi2_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "model_type": "phi", "hidden_act": "gelu_new", "attention_bias": True,
+            "layer_norm_eps": float(meta.get("phi2.attention.layer_norm_epsilon", 1e-5))}
+
+
+def _phi3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """LongRoPE files carry an attention factor; the per-frequency factors are tensors, which
+    `_phi3_rope_factors` moves into rope_scaling as they are read."""
+    out = {**cfg, "model_type": "phi3", "hidden_act": "silu"}
+    if meta.get("phi3.rope.scaling.attn_factor") is not None:
+        orig = int(meta.get("phi3.rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+        out["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": orig,
+                               "attention_factor": float(meta["phi3.rope.scaling.attn_factor"])}
+    return out
+
+
+def _phi3_rope_factors(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
+    if name in ("rope_factors_long", "rope_factors_short") and cfg.rope_scaling is not None:
+        cfg.rope_scaling[name.replace("rope_factors_", "") + "_factor"] = w.dequantize().flatten().tolist()
+    return w
+
+
+_PHI2_NAMES = {"output_norm": "model.final_layernorm",
+               "blk.{i}.attn_output": "model.layers.{i}.self_attn.dense",
+               "blk.{i}.ffn_up": "model.layers.{i}.mlp.fc1",
+               "blk.{i}.ffn_down": "model.layers.{i}.mlp.fc2"}
+# Phi-3 keeps HF's fused projections: attn_qkv is q|k|v rows, ffn_up is gate|up rows
+_PHI3_NAMES = {"blk.{i}.attn_qkv": "model.layers.{i}.self_attn.qkv_proj",
+               "blk.{i}.ffn_up": "model.layers.{i}.mlp.gate_up_proj",
+               "rope_factors_long": "rope_factors_long", "rope_factors_short": "rope_factors_short"}
+
+
 def _unpermute_qk(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
     """llama.cpp's converter interleaves q/k rows for its rope; undo it (rows = whole blocks)."""
     if not name.endswith(("q_proj", "k_proj")):
@@ -140,6 +172,8 @@ ARCHS: dict[str, tuple[Callable, dict[str, str], Callable]] = {
     # NEOX rope in llama.cpp: its converter leaves q/k rows in HF order
     "qwen2": (_qwen2_config, {}, _as_is),
     "qwen3": (_qwen3_config, {}, _as_is),
+    "phi2": (_phi2_config, _PHI2_NAMES, _as_is),
+    "phi3": (_phi3_config, _PHI3_NAMES, _phi3_rope_factors),
 }
 
 

@@ -5,6 +5,8 @@ from .base import CausalLM
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
 from .mixtral import MixtralForCausalLM
+from .phi2 import PhiForCausalLM
+from .phi3 import Phi3ForCausalLM
 from .qwen2 import Qwen2ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
@@ -16,4 +18,7 @@ ARCHITECTURES: dict[str, type[CausalLM]] = {
     "qwen3": Qwen3ForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "phi": PhiForCausalLM,
+    "phi2": PhiForCausalLM,  # llama.cpp's name
+    "phi3": Phi3ForCausalLM,
 }

@@ -21,6 +21,7 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # phi: LayerNorm (with bias) in place of RMSNorm
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     partial_rotary_factor: float = 1.0
