@@ -1,8 +1,10 @@
 """`plain`: a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json).
 
-Tensor names are already HF names, so loading is config.json -> ModelConfig (accepting both the
+Tensor names are HF hub names, so loading is config.json -> ModelConfig (accepting both the
 hub spelling and transformers 5's `rope_parameters`/`dtype`) and memory-mapped safetensors handed
-to build_model. Nothing is quantized, so the numerics are exact.
+to build_model. A checkpoint in transformers 5's in-memory layout (a state_dict written as is:
+Mixtral's experts stacked, gate and up fused) is brought to the hub names by two data tables,
+RENAMES and SPLITS. Nothing is quantized, so the numerics are exact.
 """
 from __future__ import annotations
 
@@ -43,6 +45,19 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                  ("language_model.lm_head.", "lm_head."))
 FILES = ["*.json", "model*.safetensors", "chat_template.jinja"]
+# transformers 5 in-memory names -> hub names (our modules'), by model_type: substring rewrites
+RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.gate.weight", ".block_sparse_moe.gate.weight"),),
+}
+# a stacked tensor `<layer prefix><suffix>` of shape (experts, parts * rows, cols) -> per expert e,
+# its equal row blocks (dim 1) in order, named `<layer prefix><part>` with {e} filled in
+SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {
+        ".mlp.experts.gate_up_proj": (".block_sparse_moe.experts.{e}.w1.weight",   # gate
+                                      ".block_sparse_moe.experts.{e}.w3.weight"),  # up
+        ".mlp.experts.down_proj": (".block_sparse_moe.experts.{e}.w2.weight",),
+    },
+}
 
 
 def supported() -> str:
@@ -167,6 +182,31 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return weights
 
 
+def hub_names(weights: dict[str, torch.Tensor], mtype: str, source: str) -> dict[str, torch.Tensor]:
+    """Rename and split transformers 5's in-memory layout into hub names (views, no copies);
+    hub-named tensors pass through."""
+    renames, splits = RENAMES.get(mtype, ()), SPLITS.get(mtype, {})
+    if not renames and not splits:
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        suffix = next((s for s in splits if name.endswith(s)), None)
+        if suffix is None:
+            for old, new in renames:
+                name = name.replace(old, new)
+            out[name] = w
+            continue
+        parts, prefix = splits[suffix], name[: -len(suffix)]
+        if w.dim() != 3 or w.shape[1] % len(parts):
+            raise UserError(f"{source}: stacked tensor {name} has shape {list(w.shape)}; expected "
+                            f"(experts, {len(parts)} x rows, cols). The file is damaged or not of "
+                            "this architecture.")
+        for e in range(w.shape[0]):
+            for part, block in zip(parts, w[e].chunk(len(parts), dim=0)):
+                out[prefix + part.format(e=e)] = block
+    return out
+
+
 def _model_dir(spec: PlainSpec, opts: LoadOptions) -> Path:
     model_dir = hub.resolve_model_dir(spec.model_id, opts.token_source, FILES, flag="-m/--model-id")
     if not (model_dir / "config.json").is_file():
@@ -185,7 +225,9 @@ def load_plain_model(spec: PlainSpec, opts: LoadOptions, model_dir: Path) -> tup
         raise UserError(f"{config_path} is not a JSON object; fix the file.")
     mtype = model_type(spec.arch, raw, config_path)
     cfg = plain_config(raw, mtype, config_path)
-    weights = read_weights(_weight_files(model_dir))
+    weights = hub_names(read_weights(_weight_files(model_dir)), mtype, str(model_dir))
+    # as transformers 5: an lm_head in the file is used even when the config says tied (it then
+    # declines to tie); without one the embeddings serve
     cfg.tie_word_embeddings = "lm_head.weight" not in weights
     dtype = DTYPES.get(opts.dtype, torch.float32)
     model = build_model(ARCHITECTURES[mtype], cfg, weights, source=str(model_dir), dtype=dtype)
