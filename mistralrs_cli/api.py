@@ -13,7 +13,7 @@ from .engine.request import RequestOutput
 from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
-from .types import EngineConfig, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
+from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
 
 
 class Which:
@@ -23,6 +23,15 @@ class Which:
     def GGUF(quantized_model_id: str | None, quantized_filename: str, tok_model_id: str | None = None,
              tokenizer_json: str | None = None, **_ignored: Any) -> GGUFSpec:
         return GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
+
+    @staticmethod
+    def GGML(tok_model_id: str | None = None, quantized_model_id: str | None = None,
+             quantized_filename: str | None = None, tokenizer_json: str | None = None, gqa: int = 1,
+             eps: float = 1e-5, rope_theta: float = 10000.0, **_ignored: Any) -> GGMLSpec:
+        if not quantized_filename:
+            raise UserError("Which.GGML needs quantized_filename (the GGML .bin file).")
+        return GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json,
+                        1 if gqa is None else int(gqa), eps, rope_theta)
 
     @staticmethod
     def Plain(model_id: str, arch: str | None = None, tokenizer_json: str | None = None,

@@ -10,7 +10,7 @@ import typer
 
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGUFSpec, LoadOptions, PlainSpec
+from .types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -71,6 +71,21 @@ def gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     run(ctx.obj, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
+
+
+@app.command("ggml", no_args_is_help=True)
+def ggml(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGML file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The GGML v3 ('ggjt') llama .bin in -m, or a path to one when -m is not given."),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer from (required: GGML vocabs have no merges)."),
+    tokenizer_json: Optional[str] = typer.Option(None, "--tokenizer-json", help="A tokenizer.json file (instead of -t)."),
+    gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
+    eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
+    rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+) -> None:
+    """Run a GGML v3 llama model: mistralrs --prompt 'Hi' ggml -f model.bin -t tokenizer.json"""
+    run(ctx.obj, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta))
 
 
 @app.command("plain", no_args_is_help=True)

@@ -15,6 +15,19 @@ class GGUFSpec:
 
 
 @dataclass
+class GGMLSpec:
+    """`mistralrs ggml`: a GGML v3 'ggjt' llama .bin (-f, optionally in -m) and a tokenizer (-t)."""
+
+    quantized_filename: str
+    quantized_model_id: str | None = None
+    tok_model_id: str | None = None  # repo, dir or tokenizer.json (GGML vocabs have no merges)
+    tokenizer_json: str | None = None
+    gqa: int = 1  # KV heads = heads / gqa (not in the file)
+    eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+@dataclass
 class PlainSpec:
     """`mistralrs plain`: a Hugging Face checkpoint (config.json + safetensors), local or a repo."""
 

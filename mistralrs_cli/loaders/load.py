@@ -13,8 +13,9 @@ import torch
 from .. import hub
 from ..errors import UserError
 from ..models.config import ModelConfig
-from ..types import GGUFSpec, LoadOptions, PlainSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
 from .chat_template import ChatTemplate, resolve_chat_template
+from .ggml import load_ggml
 from .gguf import load_gguf_model
 from .gguf_file import GGUFFile
 from .plain import load_plain
@@ -119,7 +120,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
 
 
-LOADERS = {GGUFSpec: load_gguf, PlainSpec: load_plain}
+LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain}
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
