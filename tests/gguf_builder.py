@@ -1,7 +1,7 @@
 """Tiny GGUF files built from transformers models, written the way llama.cpp's converter writes them.
 
 A test builds a seeded random transformers model (`tiny_llama`, `tiny_gemma3`, `tiny_mistral`,
-`tiny_mixtral`, `tiny_qwen2`, `tiny_qwen3`), a tiny byte-level
+`tiny_mixtral`, `tiny_qwen2`, `tiny_qwen3`, `tiny_gemma`, `tiny_gemma2`, `tiny_starcoder2`), a tiny byte-level
 BPE vocab (`train_tokenizer`), and writes both with `write_gguf`: arch metadata keys, GGUF tensor
 names, llama's q/k row permutation, Gemma's norms stored as (1 + w), F32 or Q8_0 tensors, and the
 gpt2 tokenizer keys. `write_gguf` also takes an arbitrary `general.architecture` and per-tensor
@@ -164,6 +164,47 @@ def tiny_qwen3(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     return _tiny(Qwen3Config, Qwen3ForCausalLM, seed, overrides, head_dim=32)
 
 
+def _tiny_gemma(config_cls: Any, model_cls: Any, seed: int, overrides: dict[str, Any],
+                **extra: Any) -> torch.nn.Module:
+    """Gemma sizes: head_dim 32 (not hidden / heads), query_pre_attn_scalar = head_dim as
+    llama.cpp assumes, small embeddings (scaled by sqrt(hidden), tied to lm_head)."""
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, vocab_size=VOCAB, max_position_embeddings=512,
+               rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=1, **extra)
+    model = model_cls(config_cls(**{**cfg, **overrides}))
+    randomize_(model, seed, std=0.15, norm_center=0.0, embed_std=0.15)
+    return model.eval()
+
+
+def tiny_gemma(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _tiny_gemma(GemmaConfig, GemmaForCausalLM, seed, overrides)
+
+
+def tiny_gemma2(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """4 layers alternating sliding (window 8) and global; soft caps small enough to bend the
+    logits (attention scores reach a few units with these weights)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _tiny_gemma(Gemma2Config, Gemma2ForCausalLM, seed, {"num_hidden_layers": 4, **overrides},
+                       query_pre_attn_scalar=32, sliding_window=8, attn_logit_softcapping=1.5,
+                       final_logit_softcapping=4.0, attn_implementation="eager")
+
+
+def tiny_starcoder2(seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """Biased LayerNorms and linears, a non-gated MLP, a window of 8 tokens, tied lm_head."""
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, norm_epsilon=1e-5,
+               rope_theta=50000.0, sliding_window=8, use_bias=True, tie_word_embeddings=True,
+               bos_token_id=0, eos_token_id=1)
+    model = Starcoder2ForCausalLM(Starcoder2Config(**{**cfg, **overrides}))
+    randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
 # ---- HF -> GGUF: names, metadata, weight transforms ----
 _TENSORS = {
     "model.embed_tokens": "token_embd",
@@ -185,6 +226,7 @@ _TENSORS = {
 # names the parts, which llama.cpp writes as three 3-D tensors (experts first)
 _MIXTRAL_TENSORS = {**_TENSORS, "mlp.gate": "ffn_gate_inp", "mlp.experts.gate": "ffn_gate_exps",
                     "mlp.experts.up": "ffn_up_exps", "mlp.experts.down": "ffn_down_exps"}
+_STARCODER2_TENSORS = {**_TENSORS, "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 _GEMMA_TENSORS = {**_TENSORS, "post_attention_layernorm": "post_attention_norm",
                   "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 
@@ -272,6 +314,32 @@ def _gemma3_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
     w.add_sliding_window(cfg.sliding_window)
 
 
+def _gemma_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _common_kv(w, cfg)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+
+
+def _gemma2_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    _gemma_kv(w, cfg)
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_sliding_window(cfg.sliding_window)
+
+
+def _starcoder2_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_eps(cfg.norm_epsilon)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+
+
 @dataclass(frozen=True)
 class ArchWriter:
     gguf_arch: str
@@ -289,6 +357,9 @@ ARCHS: dict[str, ArchWriter] = {  # transformers model_type -> how llama.cpp con
     "mixtral": ArchWriter("llama", _MIXTRAL_TENSORS, _llama_weight, _mixtral_kv, _mixtral_split),
     "qwen2": ArchWriter("qwen2", _TENSORS, _as_is, _qwen_kv),
     "qwen3": ArchWriter("qwen3", _TENSORS, _as_is, _qwen_kv),
+    "gemma": ArchWriter("gemma", _TENSORS, _gemma_weight, _gemma_kv),
+    "gemma2": ArchWriter("gemma2", _GEMMA_TENSORS, _gemma_weight, _gemma2_kv),
+    "starcoder2": ArchWriter("starcoder2", _STARCODER2_TENSORS, _as_is, _starcoder2_kv),
 }
 
 

@@ -44,6 +44,9 @@ TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_up_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
 }
 _GEMMA_NAMES = {"blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}
+# starcoder2's non-gated MLP: c_fc (up) -> c_proj (down)
+_STARCODER2_NAMES = {"blk.{i}.ffn_up": "model.layers.{i}.mlp.c_fc",
+                     "blk.{i}.ffn_down": "model.layers.{i}.mlp.c_proj"}
 
 
 class _MissingKey(KeyError):
@@ -113,6 +116,27 @@ def _gemma3_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gemma_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    return {**cfg, "model_type": "gemma", "hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+
+
+def _gemma2_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    # llama.cpp: the 27B (46 layers) scales queries by hidden/heads, the others by head_dim
+    scalar = cfg["hidden_size"] // heads if n == 46 else cfg["head_dim"]
+    caps = {k: float(meta[f"gemma2.{k}"]) for k in ("attn_logit_softcapping", "final_logit_softcapping")
+            if meta.get(f"gemma2.{k}")}
+    return {**cfg, **caps, "model_type": "gemma2", "hidden_act": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True, "sliding_window": cfg.get("sliding_window", 4096),
+            "query_pre_attn_scalar": scalar}  # even layers slide (Gemma2ForCausalLM's default)
+
+
+def _starcoder2_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    eps = float(meta.get("starcoder2.attention.layer_norm_epsilon", 1e-5))
+    return {**cfg, "model_type": "starcoder2", "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": eps,
+            "use_bias": True}
+
+
 def _phi2_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, "model_type": "phi", "hidden_act": "gelu_new", "attention_bias": True,
             "layer_norm_eps": float(meta.get("phi2.attention.layer_norm_epsilon", 1e-5))}
@@ -172,6 +196,10 @@ ARCHS: dict[str, tuple[Callable, dict[str, str], Callable]] = {
     # NEOX rope in llama.cpp: its converter leaves q/k rows in HF order
     "qwen2": (_qwen2_config, {}, _as_is),
     "qwen3": (_qwen3_config, {}, _as_is),
+    # gemma, gemma2, starcoder2: NEOX rope too, q/k rows in HF order
+    "gemma": (_gemma_config, {}, _gemma_norm),
+    "gemma2": (_gemma2_config, _GEMMA_NAMES, _gemma_norm),
+    "starcoder2": (_starcoder2_config, _STARCODER2_NAMES, _as_is),
     "phi2": (_phi2_config, _PHI2_NAMES, _as_is),
     "phi3": (_phi3_config, _PHI3_NAMES, _phi3_rope_factors),
 }

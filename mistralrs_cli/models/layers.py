@@ -68,45 +68,125 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def _default_inv_freq(dim: int, base: float, _scaling: dict[str, Any]) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+class LayerNorm(nn.Module):
+    """(x - mean) / std * w + b: starcoder2."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def _linear_inv_freq(dim: int, base: float, scaling: dict[str, Any]) -> torch.Tensor:
-    return _default_inv_freq(dim, base, scaling) / float(scaling["factor"])
+def _default_inv_freq(dim: int, base: float, _scaling: dict[str, Any], _max_pos: int,
+                      _seq_len: int) -> tuple[torch.Tensor, float]:
+    idx = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
+    return 1.0 / (base ** (idx / dim)), 1.0
 
 
-# rope_scaling["rope_type"] -> inverse frequencies; more types plug in here
-ROPE_INV_FREQ = {"default": _default_inv_freq, "linear": _linear_inv_freq}
+def _linear_inv_freq(dim, base, scaling, max_pos, seq_len):
+    inv, _ = _default_inv_freq(dim, base, scaling, max_pos, seq_len)
+    return inv / float(scaling["factor"]), 1.0
+
+
+def _llama3_inv_freq(dim, base, scaling, max_pos, seq_len):
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
+    inv, _ = _default_inv_freq(dim, base, scaling, max_pos, seq_len)
+    factor = float(scaling["factor"])
+    lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, blended, scaled), 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim, base, scaling, max_pos, seq_len):
+    """YaRN: interpolate low frequencies, extrapolate high ones (a linear ramp over dimensions
+    between the beta_fast and beta_slow rotation counts); cos/sin scaled by the attention factor."""
+    orig = int(scaling.get("original_max_position_embeddings") or max_pos)
+    factor = float(scaling.get("factor") or max_pos / orig)
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
+
+    def corr_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `orig`
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = corr_dim(scaling.get("beta_fast") or 32), corr_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv, float(attn)
+
+
+def _dynamic_inv_freq(dim, base, scaling, max_pos, seq_len):
+    """Dynamic NTK: past max_position_embeddings the base grows with the sequence length (that of
+    the forward's furthest position: transformers' behaviour for a growing sequence)."""
+    factor, n = float(scaling["factor"]), max(seq_len, max_pos)
+    base = base * ((factor * n / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(dim, base, scaling, max_pos, seq_len)
+
+
+# rope_scaling["rope_type"] -> (dim, base, scaling, max_position_embeddings, seq_len) ->
+# (inverse frequencies (dim/2,), cos/sin multiplier); more types plug in here
+ROPE_INV_FREQ = {"default": _default_inv_freq, "linear": _linear_inv_freq, "llama3": _llama3_inv_freq,
+                 "yarn": _yarn_inv_freq, "dynamic": _dynamic_inv_freq}
+SEQ_LEN_DEPENDENT = {"dynamic"}  # recomputed per forward from the batch's furthest position
 
 
 class Rotary(nn.Module):
     """Rotate-half rotary embeddings (HF layout) over the first `dim` channels of each head."""
 
-    def __init__(self, dim: int, base: float, scaling: dict[str, Any] | None = None):
+    def __init__(self, dim: int, base: float, scaling: dict[str, Any] | None = None,
+                 max_positions: int = 4096):
         super().__init__()
         scaling = scaling or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ROPE_INV_FREQ:
             raise ValueError(f"rope scaling type {kind!r} is not supported")
-        self.dim, self._args = dim, (kind, dim, base, scaling)
+        self.dim, self._args = dim, (kind, dim, base, scaling, max_positions)
         self.register_buffer("inv_freq", torch.empty(dim // 2), persistent=False)
+        self.attention_factor = 1.0
         self.reset()
 
     def reset(self) -> None:
         """(Re)compute the frequencies on the CPU (models are built on the meta device)."""
-        kind, dim, base, scaling = self._args
-        self.inv_freq = ROPE_INV_FREQ[kind](dim, base, scaling)
+        kind, dim, base, scaling, max_pos = self._args
+        self.inv_freq, self.attention_factor = ROPE_INV_FREQ[kind](dim, base, scaling, max_pos, max_pos)
 
     def tables(self, batch: "Batch", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, 1, dim) for the batch's positions, computed once per forward."""
-        key = ("rope", self._args[0], self.dim, self._args[2], dtype)
+        kind, _, base, scaling, max_pos = self._args
+        key = ("rope", kind, self.dim, base, dtype)
         if key not in batch.memo:
-            freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+            inv_freq = self.inv_freq
+            if kind in SEQ_LEN_DEPENDENT:
+                seq_len = int(batch.positions.max()) + 1
+                inv_freq, _ = ROPE_INV_FREQ[kind](self.dim, base, scaling, max_pos, seq_len)
+            freqs = batch.positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
             sin = freqs.sin()[:, None, :]
             signed = torch.cat([-sin, sin], dim=-1)  # rotate_half(x) * sin == roll(x) * signed
-            batch.memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype), signed.to(dtype))
+            cos, sin, m = emb.cos(), emb.sin(), self.attention_factor
+            if m != 1.0:  # yarn's attention factor, applied to the tables as transformers does
+                cos, sin, signed = cos * m, sin * m, signed * m
+            batch.memo[key] = (cos.to(dtype), sin.to(dtype), signed.to(dtype))
         return batch.memo[key]
 
     def forward(self, x: torch.Tensor, batch: "Batch") -> torch.Tensor:
@@ -135,7 +215,7 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0,
-                 qkv_bias: bool | None = None):
+                 qkv_bias: bool | None = None, o_bias: bool = False):
         super().__init__()
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.layer = h, kvh, d, layer
@@ -143,7 +223,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=o_bias)  # starcoder2: biased
         self.qkv_proj: nn.Module | None = None
         if qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)
@@ -154,7 +234,7 @@ class Attention(nn.Module):
         scaling = cfg.rope_scaling
         if self.window is not None and cfg.rope_local_base_freq is not None:
             base, scaling = cfg.rope_local_base_freq, None
-        self.rotary = Rotary(int(d * cfg.partial_rotary_factor), base, scaling)
+        self.rotary = Rotary(int(d * cfg.partial_rotary_factor), base, scaling, cfg.max_position_embeddings)
         scalar = cfg.query_pre_attn_scalar
         self.scale = (scalar if scalar else d) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
@@ -252,6 +332,19 @@ class GatedMLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """c_proj(act(c_fc(x))): starcoder2's non-gated MLP (HF names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Gemma, Gemma 2 and StarCoder2 from tiny random transformers models written to F32 GGUF files as
+llama.cpp's converter writes them (12-token prefill, 8 cached decode steps, logits within 1e-4 of
+transformers'); rope scaling types against transformers' ROPE_INIT_FUNCTIONS, and a tiny llama
+with each scaling end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import gguf_builder as gb
+from mistralrs_cli.loaders.gguf import load_gguf_model
+from mistralrs_cli.loaders.gguf_file import GGUFFile
+from mistralrs_cli.loaders.plain import plain_config
+from mistralrs_cli.loaders.weights import build_model
+from mistralrs_cli.models import ARCHITECTURES
+from mistralrs_cli.models.layers import ROPE_INV_FREQ
+from test_models_more import PROMPT, _ours, _reference
+
+F32_TOL = 1e-4
+# builder, seed (one whose greedy continuation is not a single repeated token: tied embeddings
+# make that common), llama.cpp architecture = our model_type once loaded
+BUILDERS = {
+    "gemma": (gb.tiny_gemma, 23),
+    "gemma2": (gb.tiny_gemma2, 17),
+    "starcoder2": (gb.tiny_starcoder2, 8),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    workdir = tmp_path_factory.mktemp("arch2_models")
+    out = {}
+    for name, (build, seed) in BUILDERS.items():
+        hf = build(seed)
+        out[name] = (hf, gb.write_gguf(workdir / f"{name}-f32.gguf", hf, vocab=None))
+    return out
+
+
+def _max_diffs(model, cfg, hf) -> list[float]:
+    want, greedy = _reference(hf)
+    assert len(set(greedy)) > 1  # the seed gives a non-degenerate continuation
+    got = _ours(model, cfg, greedy)
+    return [float((g - w).abs().max()) for g, w in zip(got, want)]
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_f32_logits_match_transformers(models, name):
+    hf, path = models[name]
+    gf = GGUFFile(path)
+    assert gf.architecture == name
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    assert cfg.model_type == name
+    diffs = _max_diffs(model, cfg, hf)
+    print(f"{name} f32 max |logit diff| prefill {diffs[0]:.2e}, decode {max(diffs[1:]):.2e}")
+    assert max(diffs) < F32_TOL, diffs
+
+
+def test_gemma2_config_from_gguf(models):
+    """Soft caps, window and alternation come from the file; the window is shorter than the
+    prompt and the caps bend the logits, so the logits test covers them."""
+    hf, path = models["gemma2"]
+    model, cfg = load_gguf_model(GGUFFile(path), numerics="exact")
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (1.5, 4.0)
+    assert cfg.sliding_window == 8 < len(PROMPT)
+    assert [a.self_attn.window for a in model.model.layers] == [8, None, 8, None]
+    assert hf.config.layer_types == ["sliding_attention", "full_attention"] * 2
+
+
+def test_starcoder2_layernorm_and_biases(models):
+    _, path = models["starcoder2"]
+    model, cfg = load_gguf_model(GGUFFile(path), numerics="exact")
+    layer = model.model.layers[0]
+    assert abs(cfg.layer_norm_eps - 1e-5) < 1e-10 and cfg.sliding_window == 8  # stored as f32
+    assert float(layer.input_layernorm.bias.abs().sum()) > 0
+    assert float(model.model.norm.bias.abs().sum()) > 0
+    assert layer.self_attn.o_proj.bias is not None and layer.mlp.c_fc.bias is not None
+
+
+# ---- rope scaling ----
+HEAD_DIM, THETA, MAX_POS = 16, 50000.0, 64
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                    "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+}
+
+
+def _llama_config(scaling: dict, max_pos: int = MAX_POS):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
+                       rope_parameters={"rope_theta": THETA, **scaling})
+
+
+@pytest.mark.parametrize("name", sorted(SCALINGS))
+@pytest.mark.parametrize("seq_len", [MAX_POS, 3 * MAX_POS + 5])
+def test_inv_freq_matches_transformers(name, seq_len):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = SCALINGS[name]
+    kind = scaling["rope_type"]
+    want, want_factor = ROPE_INIT_FUNCTIONS[kind](_llama_config(scaling), "cpu", seq_len=seq_len)
+    got, factor = ROPE_INV_FREQ[kind](HEAD_DIM, THETA, scaling, MAX_POS, seq_len)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-6
+    assert abs(factor - (want_factor or 1.0)) < 1e-6
+
+
+def test_unknown_rope_type_is_refused():
+    from mistralrs_cli.models.layers import Rotary
+
+    with pytest.raises(ValueError, match="longrope"):
+        Rotary(16, THETA, {"rope_type": "longrope"})
+
+
+@pytest.mark.parametrize("name", ["llama3", "yarn_mscale", "dynamic"])
+def test_tiny_llama_with_rope_scaling_matches_transformers(name):
+    """Through the plain config parser and the model builder; a max_position_embeddings of 8 makes
+    dynamic NTK rescale on every step past the 8th position."""
+    scaling = SCALINGS[name]
+    hf = gb.tiny_llama(11, max_position_embeddings=8 if name == "dynamic" else MAX_POS,
+                       rope_parameters={"rope_theta": THETA, **scaling})
+    raw = hf.config.to_dict()
+    cfg = plain_config(raw, "llama", Path("config.json"))
+    assert cfg.rope_scaling["rope_type"] == scaling["rope_type"]
+    weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    model = build_model(ARCHITECTURES["llama"], cfg, weights, source="tiny")
+    diffs = _max_diffs(model, cfg, hf)
+    print(f"llama {name} max |logit diff| {max(diffs):.2e}")
+    assert max(diffs) < F32_TOL, diffs
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_config_json_path_matches_transformers(models, name):
+    """The same models through config.json's fields (plain_config) and HF-named weights."""
+    hf, _ = models[name]
+    cfg = plain_config(hf.config.to_dict(), name, Path("config.json"))
+    weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    model = build_model(ARCHITECTURES[name], cfg, weights, source="tiny")
+    assert max(_max_diffs(model, cfg, hf)) < F32_TOL
