@@ -83,7 +83,11 @@ def model_type(arch: str | None, raw: dict[str, Any], config_path: Path) -> str:
     return MODEL_TYPES[name]
 
 
-def _rope_fields(d: dict[str, Any]) -> None:
+# rope scaling kinds an architecture implements itself, beyond the shared ROPE_INV_FREQ table
+OWN_ROPE_KINDS: dict[str, tuple[str, ...]] = {"phi3": ("longrope", "su")}
+
+
+def _rope_fields(d: dict[str, Any], mtype: str) -> None:
     """transformers 5 keeps rope settings in `rope_parameters` (per layer kind for Gemma 3);
     the hub spelling has rope_theta / rope_scaling / rope_local_base_freq at top level."""
     params = d.pop("rope_parameters", None)
@@ -100,7 +104,7 @@ def _rope_fields(d: dict[str, Any]) -> None:
             d.setdefault("rope_scaling", {k: v for k, v in full.items() if k != "rope_theta"})
     scaling = d.get("rope_scaling")
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind not in ROPE_INV_FREQ:
+    if kind not in ROPE_INV_FREQ and kind not in OWN_ROPE_KINDS.get(mtype, ()):
         raise UserError(f"config.json: rope scaling type {kind!r} is not supported yet (supported: "
                         f"{', '.join(sorted(ROPE_INV_FREQ))}).")
 
@@ -122,7 +126,7 @@ def plain_config(raw: dict[str, Any], mtype: str, config_path: Path) -> ModelCon
         if d.get(key) is None:
             d.pop(key, None)
     d.setdefault("num_key_value_heads", d["num_attention_heads"])
-    _rope_fields(d)
+    _rope_fields(d, mtype)
     if mtype == "gemma3_text":
         if d.get("layer_types") is None:
             d["layer_types"] = gemma3_layer_types(d["num_hidden_layers"], d.get("sliding_window_pattern", 6))
