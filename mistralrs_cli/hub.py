@@ -187,3 +187,18 @@ def resolve_model_dir(model_id: str, token_source: str = "cache",
                                  local_files_only=hub_offline(), allow_patterns=allow_patterns)
 
     return _call_hub(call, model_id, None, token_source, True, flag)
+
+
+def resolve_model_file(model_id: str | None, filename: str, token_source: str, kind: str, ext: str) -> Path:
+    """-m/-f of the file-based subcommands: a bare path to the file (no -m), or a file in a repo
+    or local directory. `kind` and `ext` name the format in messages ("GGUF", ".gguf")."""
+    if model_id is None:
+        path = Path(filename).expanduser()
+        if path.is_dir():
+            raise UserError(f"-f {path} is a directory; pass the {kind} {ext} file inside it (or the "
+                            "directory with -m and the file name with -f).")
+        if not path.is_file():
+            raise UserError(f"{kind} file {path} does not exist; pass an existing {ext} path to -f "
+                            "(or a repo or directory with -m and the file name with -f).")
+        return path
+    return resolve_file(model_id, filename, token_source, flag="-m/--quantized-model-id")

@@ -240,20 +240,6 @@ def load_ggml_model(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: f
     return model, cfg
 
 
-def _ggml_path(spec: GGMLSpec, opts: LoadOptions) -> Path:
-    if spec.quantized_model_id is None:
-        path = Path(spec.quantized_filename).expanduser()
-        if path.is_dir():
-            raise UserError(f"-f {path} is a directory; pass the GGML .bin file inside it (or the "
-                            "directory with -m and the file name with -f).")
-        if not path.is_file():
-            raise UserError(f"GGML file {path} does not exist; pass an existing .bin path to -f "
-                            "(or a repo or directory with -m and the file name with -f).")
-        return path
-    return hub.resolve_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
-                            flag="-m/--quantized-model-id")
-
-
 def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
     """The tokenizer from -t (repo, dir or tokenizer.json) or --tokenizer-json: GGML files keep
     scores but no merges, so their vocab cannot tokenize."""
@@ -297,7 +283,8 @@ def load_ggml(spec: GGMLSpec, opts: LoadOptions):
     from .chat_template import resolve_chat_template
     from .load import Loaded
 
-    path = _ggml_path(spec, opts)
+    path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
+                                  "GGML", ".bin")
     tok, tok_cfg = _tokenizer(spec, opts)
     gf = GGMLFile(path)
     if tok.vocab_size > gf.hparams["n_vocab"]:

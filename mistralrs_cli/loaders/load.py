@@ -60,20 +60,6 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
         raise UserError(f"cannot read {path} as JSON ({e}); fix or remove the file.") from None
 
 
-def _gguf_path(spec: GGUFSpec, opts: LoadOptions) -> Path:
-    if spec.quantized_model_id is None:
-        path = Path(spec.quantized_filename).expanduser()
-        if path.is_dir():
-            raise UserError(f"-f {path} is a directory; pass the .gguf file inside it (or the "
-                            "directory with -m and the file name with -f).")
-        if not path.is_file():
-            raise UserError(f"GGUF file {path} does not exist; pass an existing .gguf path to -f "
-                            "(or a repo or directory with -m and the file name with -f).")
-        return path
-    return hub.resolve_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
-                            flag="-m/--quantized-model-id")
-
-
 def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokenizer, dict | None]:
     tok_json = Path(spec.tokenizer_json) if spec.tokenizer_json else None
     tok_cfg = gen_cfg = None
@@ -107,7 +93,8 @@ def _special_tokens_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
-    path = _gguf_path(spec, opts)
+    path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
+                                  "GGUF", ".gguf")
     gf = GGUFFile(path)
     model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
