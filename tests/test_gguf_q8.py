@@ -20,7 +20,7 @@ from gguf.quants import dequantize, quantize
 import gguf_builder as gb
 from mistralrs_cli.loaders.gguf import load_gguf_model
 from mistralrs_cli.loaders.gguf_file import GGUFFile
-from test_models_more import PROMPT, _ours, _reference
+from test_models_more import _ours, _reference
 
 HF_GGUF_TOL, DEQUANT_TOL = 1e-3, 1e-4
 BLOCK = 32

@@ -15,6 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import gguf_builder as gb
+import parity
 from mistralrs_cli.engine.kv_cache import SeqKVCache
 from mistralrs_cli.loaders.gguf import load_gguf_model
 from mistralrs_cli.loaders.gguf_file import GGUFFile
@@ -73,20 +74,7 @@ def vocab() -> gb.GGUFVocab:
 
 
 def _reference(hf: torch.nn.Module, ids: list[int]) -> tuple[list[torch.Tensor], list[int], list[float]]:
-    """transformers with its own KV cache: prefill logits, then STEPS greedy steps."""
-    logits, greedy, margins = [], [], []
-    with torch.no_grad():
-        out = hf(torch.tensor([ids]), use_cache=True)
-        logits.append(out.logits[0])
-        last = out.logits[0, -1]
-        for step in range(STEPS):
-            top = last.topk(2).values
-            greedy.append(int(last.argmax()))
-            margins.append(float(top[0] - top[1]))
-            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            last = out.logits[0, -1]
-            logits.append(last)
-    return logits, greedy, margins
+    return parity.hf_steps(hf, ids, STEPS)
 
 
 def _start_cli(path: Path) -> subprocess.Popen:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gguf_builder as gb
-from mistralrs_cli.engine.kv_cache import SeqKVCache
+import parity
 from mistralrs_cli.loaders.gguf import load_gguf_model
 from mistralrs_cli.loaders.gguf_file import GGUFFile
 from mistralrs_cli.models.layers import Batch, SeqSlice
@@ -38,27 +38,12 @@ def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
 
 
 def _reference(hf: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]]:
-    """transformers with its own KV cache: prefill logits, then STEPS greedy steps."""
-    logits, greedy = [], []
-    with torch.no_grad():
-        out = hf(torch.tensor([PROMPT]), use_cache=True)
-        logits.append(out.logits[0])
-        for _ in range(STEPS):
-            greedy.append(int(out.logits[0, -1].argmax()))
-            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[0, -1])
+    logits, greedy, _ = parity.hf_steps(hf, PROMPT, STEPS)
     return logits, greedy
 
 
 def _ours(model: torch.nn.Module, cfg, greedy: list[int]) -> list[torch.Tensor]:
-    """Prefill, then one cached step per token of `greedy` (teacher-forced)."""
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n = len(PROMPT)
-    with torch.inference_mode():
-        out = [model(torch.tensor(PROMPT), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
-        for i, tok in enumerate(greedy):
-            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
-    return out
+    return parity.our_steps(model, cfg, PROMPT, greedy)
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))

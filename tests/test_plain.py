@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gguf_builder as gb
+import parity
 from mistralrs_cli.engine.kv_cache import SeqKVCache
 from mistralrs_cli.loaders.load import load
 from mistralrs_cli.models.layers import Batch, SeqSlice
@@ -56,21 +57,8 @@ def _save(model: torch.nn.Module, path: Path, hub_spelling: bool = False, **kw) 
     return path
 
 
-def _reference(hf: torch.nn.Module, ids: list[int]):
-    """transformers with its own KV cache: prefill logits, then STEPS greedy steps."""
-    logits, greedy, margins = [], [], []
-    with torch.no_grad():
-        out = hf(torch.tensor([ids]), use_cache=True)
-        logits.append(out.logits[0])
-        last = out.logits[0, -1]
-        for _ in range(STEPS):
-            top = last.topk(2).values
-            greedy.append(int(last.argmax()))
-            margins.append(float(top[0] - top[1]))
-            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            last = out.logits[0, -1]
-            logits.append(last)
-    return logits, greedy, margins
+def _reference(hf: torch.nn.Module, ids: list[int]) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    return parity.hf_steps(hf, ids, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +97,7 @@ def refs(built):
 
 
 def _ours(model, cfg, ids: list[int], greedy: list[int]) -> list[torch.Tensor]:
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n = len(ids)
-    with torch.inference_mode():
-        out = [model(torch.tensor(ids), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
-        for i, tok in enumerate(greedy):
-            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
-    return out
+    return parity.our_steps(model, cfg, ids, greedy)
 
 
 def _expected(ref) -> list[int]:

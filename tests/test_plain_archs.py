@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import gguf_builder as gb
-from mistralrs_cli.engine.kv_cache import SeqKVCache
+import parity
 from mistralrs_cli.loaders.plain import load_plain_model
 from mistralrs_cli.models.layers import Batch, SeqSlice
 from mistralrs_cli.types import LoadOptions, PlainSpec
@@ -105,26 +105,12 @@ def _load(path: Path):
 
 
 def _reference(hf: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]]:
-    """transformers with its own KV cache: prefill logits, then STEPS greedy steps."""
-    logits, greedy = [], []
-    with torch.no_grad():
-        out = hf(torch.tensor([PROMPT]), use_cache=True)
-        logits.append(out.logits[0])
-        for _ in range(STEPS):
-            greedy.append(int(out.logits[0, -1].argmax()))
-            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            logits.append(out.logits[0, -1])
+    logits, greedy, _ = parity.hf_steps(hf, PROMPT, STEPS)
     return logits, greedy
 
 
 def _ours(model: torch.nn.Module, cfg, greedy: list[int]) -> list[torch.Tensor]:
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n = len(PROMPT)
-    with torch.inference_mode():
-        out = [model(torch.tensor(PROMPT), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
-        for i, tok in enumerate(greedy):
-            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
-    return out
+    return parity.our_steps(model, cfg, PROMPT, greedy)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import gguf_builder as gb
-from mistralrs_cli.engine.kv_cache import SeqKVCache
+import parity
 from mistralrs_cli.loaders.plain import load_plain_model
-from mistralrs_cli.models.layers import Batch, SeqSlice
 from mistralrs_cli.types import LoadOptions, PlainSpec
 
 PROMPT_IDS = [0, 17, 301, 44, 260, 9, 388, 123, 77, 500, 256, 31]  # BOS + 11 tokens
@@ -80,21 +79,8 @@ def built(tmp_path_factory):
     return out
 
 
-def _reference(hf: torch.nn.Module, ids: list[int]):
-    """transformers with its own KV cache: prefill logits, then STEPS greedy steps (+ margins)."""
-    logits, greedy, margins = [], [], []
-    with torch.no_grad():
-        out = hf(torch.tensor([ids]), use_cache=True)
-        logits.append(out.logits[0])
-        last = out.logits[0, -1]
-        for _ in range(STEPS):
-            top = last.topk(2).values
-            greedy.append(int(last.argmax()))
-            margins.append(float(top[0] - top[1]))
-            out = hf(torch.tensor([[greedy[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            last = out.logits[0, -1]
-            logits.append(last)
-    return logits, greedy, margins
+def _reference(hf: torch.nn.Module, ids: list[int]) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    return parity.hf_steps(hf, ids, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +93,7 @@ def _load(path: Path):
 
 
 def _ours(model, cfg, ids: list[int], greedy: list[int]) -> list[torch.Tensor]:
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n = len(ids)
-    with torch.inference_mode():
-        out = [model(torch.tensor(ids), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
-        for i, tok in enumerate(greedy):
-            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
-    return out
+    return parity.our_steps(model, cfg, ids, greedy)
 
 
 NAMES = [n for base in MODELS for n in (base, f"{base}-hub")]
