@@ -34,3 +34,22 @@ def our_steps(model: torch.nn.Module, cfg, ids: list[int], greedy: list[int]) ->
         for i, tok in enumerate(greedy):
             out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
     return out
+
+
+def mixtral_routes(model: torch.nn.Module, hf: torch.nn.Module, ids: list[int], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: (experts our router picks, experts transformers' router picks), each (T, k) sorted."""
+    ours, theirs = [], []
+    hooks = [layer.block_sparse_moe.gate.register_forward_hook(lambda m, i, o: ours.append(o))
+             for layer in model.model.layers]
+    hooks += [layer.mlp.gate.register_forward_hook(lambda m, i, o: theirs.append(o[2]))
+              for layer in hf.model.layers]
+    try:
+        n = len(ids)
+        with torch.inference_mode():
+            model(torch.tensor(ids), Batch(torch.arange(n), [SeqSlice(0, n, None)]))
+            hf(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(ours) == len(theirs)
+    return [(o.float().topk(k, dim=-1).indices.sort(-1).values, t.sort(-1).values) for o, t in zip(ours, theirs)]
