@@ -11,6 +11,7 @@ Nothing here is read by the package: it is the independent writer our loader is 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +130,40 @@ def _llama_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
+    _rope_scaling_kv(w, cfg)
+
+
+def _rope_scaling_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
+    """Linear and YaRN scaling as llama.cpp's converter writes them (Llama 3's: rope_freqs)."""
+    rope = cfg.rope_parameters
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, name in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if key in rope:
+                w.add_float32(f"{w.arch}.rope.scaling.{name}", float(rope[key]))
+
+
+def llama3_rope_freqs(cfg: Any) -> np.ndarray | None:
+    """Llama 3's scaling as the divisor per frequency that llama.cpp's converter precomputes:
+    1 for short wavelengths, `factor` for long ones, the smooth blend's inverse between."""
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    inv = 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blend = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old / hi, 1.0, np.where(wavelen > old / lo, factor, blend))
+    return out.astype(np.float32)
 
 
 def _mistral_kv(w: gguf.GGUFWriter, cfg: Any) -> None:
@@ -215,6 +250,9 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
             continue
         for name, w in arch.split(cfg, hf_name, t.detach().float().numpy().copy()).items():
             out[gguf_name(name, arch.names)] = arch.weight(cfg, name, w).astype(np.float32)
+    freqs = llama3_rope_freqs(cfg) if cfg.model_type == "llama" else None
+    if freqs is not None:
+        out["rope_freqs.weight"] = freqs
     return out
 
 
@@ -247,12 +285,13 @@ def _encode(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
 
 def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None, qtype: Q = Q.F32,
                architecture: str | None = None, chat_template: str | None = None,
-               tensor_types: dict[str, Q] | None = None, add_bos: bool = True) -> Path:
+               tensor_types: dict[str, Q] | None = None, add_bos: bool = True,
+               extra_strings: dict[str, str] | None = None) -> Path:
     """Write `model` (and `vocab`) as llama.cpp's converter would; returns the path.
 
     architecture: written as general.architecture and the metadata key prefix (default: the
     model's llama.cpp name). tensor_types: GGUF tensor name -> GGML type, overriding `qtype`;
-    types gguf-py cannot quantize get random block bytes."""
+    types gguf-py cannot quantize get random block bytes. extra_strings: more string keys."""
     path = Path(path)
     cfg = model.config
     arch = ARCHS[cfg.model_type]
@@ -271,6 +310,8 @@ def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None
         writer.add_add_bos_token(add_bos)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    for key, value in (extra_strings or {}).items():
+        writer.add_string(key, value)
     for name, w in gguf_tensors(model).items():
         want = (tensor_types or {}).get(name, qtype)
         if want in QUANTIZABLE:

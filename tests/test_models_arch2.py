@@ -136,6 +136,30 @@ def test_tiny_llama_with_rope_scaling_matches_transformers(name):
     assert max(diffs) < F32_TOL, diffs
 
 
+@pytest.mark.parametrize("name", ["linear", "llama3", "yarn"])
+def test_gguf_rope_scaling_matches_transformers(name, tmp_path):
+    """Scaling as llama.cpp's converter writes it: rope.scaling.* keys (linear, YaRN with its
+    original context and betas) or, for Llama 3, the rope_freqs tensor of per-frequency divisors."""
+    scaling = {**SCALINGS[name], **({"beta_fast": 16.0, "beta_slow": 2.0} if name == "yarn" else {})}
+    hf = gb.tiny_llama(11, max_position_embeddings=MAX_POS, rope_parameters={"rope_theta": THETA, **scaling})
+    path = gb.write_gguf(tmp_path / f"{name}.gguf", hf, vocab=None)
+    gf = GGUFFile(path)
+    assert ("rope_freqs.weight" in gf.tensors) == (name == "llama3")
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    diffs = _max_diffs(model, cfg, hf)
+    print(f"gguf llama {name} max |logit diff| {max(diffs):.2e}")
+    assert max(diffs) < F32_TOL, diffs
+
+
+def test_gguf_unknown_rope_scaling_is_one_error(tmp_path):
+    from mistralrs_cli.errors import UserError
+
+    path = gb.write_gguf(tmp_path / "tiny.gguf", gb.tiny_llama(11), vocab=None,
+                         extra_strings={"llama.rope.scaling.type": "su"})
+    with pytest.raises(UserError, match=r"llama.rope.scaling.type is 'su'; supported: none, linear, yarn"):
+        load_gguf_model(GGUFFile(path))
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_config_json_path_matches_transformers(models, name):
     """The same models through config.json's fields (plain_config) and HF-named weights."""

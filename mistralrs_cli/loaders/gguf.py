@@ -14,7 +14,9 @@ from ..errors import UserError
 from ..models import ARCHITECTURES
 from ..models.config import ModelConfig
 from ..models.gemma3 import gemma3_layer_types
+from ..models.layers import yarn_mscale
 from ..quant.dequant import SUPPORTED as DEQUANT_SUPPORTED
+from ..quant.dequant import dequantize
 from ..quant.qweight import QWeight
 from .gguf_file import GGUFFile
 from .weights import build_model, fuse_projections
@@ -49,6 +51,10 @@ _STARCODER2_NAMES = {"blk.{i}.ffn_up": "model.layers.{i}.mlp.c_fc",
                      "blk.{i}.ffn_down": "model.layers.{i}.mlp.c_proj"}
 
 
+class _Unsupported(ValueError):
+    pass
+
+
 class _MissingKey(KeyError):
     pass
 
@@ -75,11 +81,35 @@ def _base_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
         "max_position_embeddings": int(get("context_length", 4096)),
         "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim,
     }
-    if get("rope.scaling.type", "none") == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    scaling = _rope_scaling(meta, arch, cfg["max_position_embeddings"])
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
     if get("attention.sliding_window", 0):
         cfg["sliding_window"] = int(get("attention.sliding_window"))
     return cfg
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, max_pos: int) -> dict[str, Any] | None:
+    """`{arch}.rope.scaling.*` as a config.json rope_scaling dict (Llama 3's scaling is a tensor,
+    rope_freqs, read in gguf_config; Phi-3's LongRoPE in _phi3_config)."""
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.rope.scaling.{key}", default)
+
+    kind = str(get("type", "none"))
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(get("factor", 1.0))}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": float(get("factor", 1.0)),
+               "original_max_position_embeddings": int(get("original_context_length", max_pos))}
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if get(key) is not None:
+                out[name] = float(get(key))
+        if get("yarn_attn_factor") is not None:  # llama.cpp multiplies YaRN's own mscale by it
+            out["attention_factor"] = float(get("yarn_attn_factor")) * yarn_mscale(out["factor"])
+        return out
+    raise _Unsupported(f"{arch}.rope.scaling.type is '{kind}'; supported: none, linear, yarn")
 
 
 def _llama_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +247,12 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
                         "is incomplete or was written by a broken converter.") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"{gf.path}: GGUF metadata has a value of the wrong type ({e}).") from None
+    except _Unsupported as e:
+        raise UserError(f"{gf.path}: {e.args[0]}.") from None
     cfg = ARCHS[arch][0](gf.metadata, base)
+    if "rope_freqs.weight" in gf.tensors:  # Llama 3.x: per-frequency divisors, precomputed
+        factors = dequantize(gf.raw("rope_freqs.weight"), gf.tensors["rope_freqs.weight"].qtype)
+        cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.flatten().tolist()}
     embd = gf.tensors.get("token_embd.weight")
     cfg["vocab_size"] = int(gf.metadata.get(f"{arch}.vocab_size", embd.shape[0] if embd else 0))
     return ModelConfig.from_dict(cfg)

@@ -106,7 +106,7 @@ def _llama3_inv_freq(dim, base, scaling, max_pos, seq_len):
     return torch.where(medium, blended, scaled), 1.0
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -118,7 +118,7 @@ def _yarn_inv_freq(dim, base, scaling, max_pos, seq_len):
     attn = scaling.get("attention_factor")
     if attn is None:
         m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attn = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
+        attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
 
     def corr_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `orig`
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -135,6 +135,12 @@ def _yarn_inv_freq(dim, base, scaling, max_pos, seq_len):
     return inv, float(attn)
 
 
+def _freq_factors_inv_freq(dim, base, scaling, max_pos, seq_len):
+    """llama.cpp's rope_freqs tensor (how GGUF files carry Llama 3's scaling): divisors per frequency."""
+    inv, _ = _default_inv_freq(dim, base, scaling, max_pos, seq_len)
+    return inv / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu"), 1.0
+
+
 def _dynamic_inv_freq(dim, base, scaling, max_pos, seq_len):
     """Dynamic NTK: past max_position_embeddings the base grows with the sequence length (that of
     the forward's furthest position: transformers' behaviour for a growing sequence)."""
@@ -146,7 +152,8 @@ def _dynamic_inv_freq(dim, base, scaling, max_pos, seq_len):
 # rope_scaling["rope_type"] -> (dim, base, scaling, max_position_embeddings, seq_len) ->
 # (inverse frequencies (dim/2,), cos/sin multiplier); more types plug in here
 ROPE_INV_FREQ = {"default": _default_inv_freq, "linear": _linear_inv_freq, "llama3": _llama3_inv_freq,
-                 "yarn": _yarn_inv_freq, "dynamic": _dynamic_inv_freq}
+                 "yarn": _yarn_inv_freq, "dynamic": _dynamic_inv_freq,
+                 "freq_factors": _freq_factors_inv_freq}
 SEQ_LEN_DEPENDENT = {"dynamic"}  # recomputed per forward from the batch's furthest position
 
 
