@@ -256,6 +256,26 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def _split_experts(name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """blk.N.ffn_gate_exps.weight (E, rows, cols) -> blk.N.ffn_gate.{e}.weight, one per expert."""
+    base, _, suffix = name.rpartition(".")
+    if not base.endswith("_exps"):
+        return [(name, w)]
+    return [(f"{base[:-len('_exps')]}.{e}.{suffix}", w[e]) for e in range(w.shape[0])]
+
+
+def _fuse_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, w in tensors.items():
+        if ".attn_k." in name or ".attn_v." in name:
+            continue
+        if ".attn_q." in name:
+            parts = [tensors[name.replace(".attn_q.", f".attn_{x}.")] for x in "qkv"]
+            name, w = name.replace(".attn_q.", ".attn_qkv."), np.concatenate(parts, axis=0)
+        out[name] = w
+    return out
+
+
 def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
     """Random bytes laid out as (rows, row_bytes) of `qtype` blocks: any type, even ones
     gguf-py cannot quantize (the bytes are never meant to be decoded)."""
@@ -286,12 +306,16 @@ def _encode(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, Q]:
 def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None, qtype: Q = Q.F32,
                architecture: str | None = None, chat_template: str | None = None,
                tensor_types: dict[str, Q] | None = None, add_bos: bool = True,
-               extra_strings: dict[str, str] | None = None) -> Path:
+               extra_strings: dict[str, str] | None = None, per_expert: bool = False,
+               fused_qkv: bool = False) -> Path:
     """Write `model` (and `vocab`) as llama.cpp's converter would; returns the path.
 
     architecture: written as general.architecture and the metadata key prefix (default: the
     model's llama.cpp name). tensor_types: GGUF tensor name -> GGML type, overriding `qtype`;
-    types gguf-py cannot quantize get random block bytes. extra_strings: more string keys."""
+    types gguf-py cannot quantize get random block bytes. extra_strings: more string keys.
+    per_expert: MoE experts one 2-D tensor each (`ffn_gate.{e}`), as converters wrote them before
+    llama.cpp stacked them into `ffn_gate_exps`. fused_qkv: attn_q/k/v as one attn_qkv (q, k, v
+    rows in turn), as Phi-2 GGUFs converted from its original Wqkv checkpoints have them."""
     path = Path(path)
     cfg = model.config
     arch = ARCHS[cfg.model_type]
@@ -312,7 +336,12 @@ def write_gguf(path: str | Path, model: torch.nn.Module, vocab: GGUFVocab | None
         writer.add_chat_template(chat_template)
     for key, value in (extra_strings or {}).items():
         writer.add_string(key, value)
-    for name, w in gguf_tensors(model).items():
+    tensors = gguf_tensors(model)
+    if per_expert:
+        tensors = dict(kv for name, w in tensors.items() for kv in _split_experts(name, w))
+    if fused_qkv:
+        tensors = _fuse_qkv(tensors)
+    for name, w in tensors.items():
         want = (tensor_types or {}).get(name, qtype)
         if want in QUANTIZABLE:
             data, got = _encode(w, want)

@@ -109,3 +109,15 @@ def test_qwen_window_only_when_enabled():
     assert [off.window(i) for i in range(4)] == [None] * 4
     on = qwen_window_config(ModelConfig.from_dict({**hub, "use_sliding_window": True}))
     assert [on.window(i) for i in range(4)] == [None, None, 32768, 32768]
+
+
+def test_mixtral_per_expert_tensors(models, tmp_path):
+    """Files from older converters: one tensor per expert (blk.N.ffn_gate.E.weight)."""
+    hf, _ = models["mixtral"]
+    path = gb.write_gguf(tmp_path / "mixtral-per-expert.gguf", hf, vocab=None, per_expert=True)
+    gf = GGUFFile(path)
+    assert "blk.0.ffn_gate.3.weight" in gf.tensors and "blk.0.ffn_gate_exps.weight" not in gf.tensors
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    want, greedy = _reference(hf)
+    got = _ours(model, cfg, greedy)
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < F32_TOL

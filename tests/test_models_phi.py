@@ -78,3 +78,25 @@ def test_longrope_tables_equal_transformers(models):
         assert torch.allclose(sin[:, 0], emb.sin() * factor, atol=1e-6)
     # and the 8 decode steps of the logits test cross the original 16-token context
     assert len(PROMPT) + 8 > rot.orig
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_phi2_fused_qkv_file(models, tmp_path, qtype):
+    """Phi-2 GGUFs converted from the original Wqkv checkpoints carry one attn_qkv tensor (and
+    bias): split at load into q/k/v, the result equals the separate-tensor file's weights."""
+    from gguf import GGMLQuantizationType as Q
+
+    hf, _ = models["phi2"]
+    fused = GGUFFile(gb.write_gguf(tmp_path / "fused.gguf", hf, vocab=None, qtype=Q[qtype], fused_qkv=True))
+    separate = GGUFFile(gb.write_gguf(tmp_path / "separate.gguf", hf, vocab=None, qtype=Q[qtype]))
+    assert "blk.0.attn_qkv.weight" in fused.tensors and "blk.0.attn_q.weight" not in fused.tensors
+    a, _ = load_gguf_model(fused, numerics="exact")
+    b, _ = load_gguf_model(separate, numerics="exact")
+    for x in "qkv":
+        pa, pb = (getattr(m.model.layers[1].self_attn, f"{x}_proj") for m in (a, b))
+        assert torch.equal(pa.qweight.dequantize(), pb.qweight.dequantize())
+        assert torch.equal(pa.bias, pb.bias)
+    if qtype == "F32":
+        want, greedy = _reference(hf)
+        got = _ours(a, a.config, greedy)
+        assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < 1e-4

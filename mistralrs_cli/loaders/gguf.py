@@ -44,6 +44,10 @@ TENSOR_NAMES: dict[str, str] = {
     "blk.{i}.ffn_gate_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w1",
     "blk.{i}.ffn_down_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w2",
     "blk.{i}.ffn_up_exps": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
+    # older converters: one 2-D tensor per expert (blk.N.ffn_gate.E.weight)
+    "blk.{i}.ffn_gate.{e}": "model.layers.{i}.block_sparse_moe.experts.{e}.w1",
+    "blk.{i}.ffn_down.{e}": "model.layers.{i}.block_sparse_moe.experts.{e}.w2",
+    "blk.{i}.ffn_up.{e}": "model.layers.{i}.block_sparse_moe.experts.{e}.w3",
 }
 _GEMMA_NAMES = {"blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm"}
 # starcoder2's non-gated MLP: c_fc (up) -> c_proj (down)
@@ -190,6 +194,7 @@ def _phi3_rope_factors(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
 
 
 _PHI2_NAMES = {"output_norm": "model.final_layernorm",
+               "blk.{i}.attn_qkv": "model.layers.{i}.self_attn.qkv_proj",  # split at load
                "blk.{i}.attn_output": "model.layers.{i}.self_attn.dense",
                "blk.{i}.ffn_up": "model.layers.{i}.mlp.fc1",
                "blk.{i}.ffn_down": "model.layers.{i}.mlp.fc2"}
@@ -215,6 +220,21 @@ def _gemma_norm(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
     return QWeight.from_float(w.dequantize() - 1.0, w.shape)
 
 
+def _split_qkv(cfg: ModelConfig, target: str, w: QWeight) -> list[tuple[str, QWeight]]:
+    """A fused attn_qkv (q, k, v rows in turn) as q_proj, k_proj, v_proj: for models whose
+    attention has separate projections (Phi-2 files converted from its Wqkv checkpoints)."""
+    if ".qkv_proj." not in target:
+        return [(target, w)]
+    hd = cfg.head_dim
+    sizes = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
+    names = [target.replace(".qkv_proj.", f".{x}_proj.") for x in "qkv"]
+    if w.shape[0] == 1:  # the bias: a (1, n) vector
+        parts = w.dequantize().flatten().split(sizes)
+        return [(n, QWeight.from_float(p, (1, p.numel()))) for n, p in zip(names, parts)]
+    rows = w.raw.split(sizes)  # whole rows of blocks
+    return [(n, QWeight(r, w.qtype, (r.shape[0], w.shape[1]))) for n, r in zip(names, rows)]
+
+
 def _as_is(cfg: ModelConfig, name: str, w: QWeight) -> QWeight:
     return w
 
@@ -233,6 +253,9 @@ ARCHS: dict[str, tuple[Callable, dict[str, str], Callable]] = {
     "phi2": (_phi2_config, _PHI2_NAMES, _as_is),
     "phi3": (_phi3_config, _PHI3_NAMES, _phi3_rope_factors),
 }
+
+
+SPLIT_QKV = {"phi2"}  # architectures whose fused attn_qkv becomes q/k/v_proj
 
 
 def gguf_config(gf: GGUFFile) -> ModelConfig:
@@ -262,9 +285,13 @@ def hf_name(gguf_name: str, table: dict[str, str]) -> str | None:
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
     if parts[0] == "blk" and len(parts) >= 3:
-        key, i = "blk.{i}." + ".".join(parts[2:]), parts[1]
+        e = parts.pop() if len(parts) == 4 and parts[3].isdigit() else None  # per-expert tensor
+        key, i = "blk.{i}." + ".".join(parts[2:]) + (".{e}" if e is not None else ""), parts[1]
         target = table.get(key)
-        return None if target is None else target.replace("{i}", i) + "." + suffix
+        if target is None:
+            return None
+        target = target.replace("{i}", i)
+        return (target if e is None else target.replace("{e}", e)) + "." + suffix
     target = table.get(base)
     return None if target is None else target + "." + suffix
 
@@ -295,7 +322,8 @@ def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn
             raise UserError(f"{gf.path}: tensor {name} has type {info.qtype.name}, which is not "
                             "supported yet; use a file quantized with another type.")
         for hf, w in _weights_of(target, gf.raw(name), info.qtype, info.shape):
-            weights[hf] = fixup(cfg, hf.rsplit(".", 1)[0], w)
+            for hf_part, part in (_split_qkv(cfg, hf, w) if gf.architecture in SPLIT_QKV else [(hf, w)]):
+                weights[hf_part] = fixup(cfg, hf_part.rsplit(".", 1)[0], part)
     backend = TorchBackend(numerics)
     model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path), backend=backend)
     fuse_projections(model, backend.can_fuse)
