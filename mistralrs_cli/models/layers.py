@@ -298,8 +298,9 @@ class Attention(nn.Module):
             causal = mask is CAUSAL
             rep = self.n_heads // self.n_kv  # SDPA's fused CPU kernels want equal head counts
             kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if causal else mask,
-                                               is_causal=causal, scale=self.scale)
+            # 4-D inputs: SDPA's CPU flash kernel takes only those (3-D falls back to the math path)
+            o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=None if causal else mask,
+                                               is_causal=causal, scale=self.scale)[0]
         else:
             rep = self.n_heads // self.n_kv
             kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
