@@ -153,11 +153,12 @@ def _usage(outs: list[RequestOutput]) -> Usage:
 class Runner:
     def __init__(self, which: Any, token_source: str = "cache", chat_template: str | None = None,
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
-                 loaded: Loaded | None = None, numerics: str = "llama.cpp", **_ignored: Any):
+                 loaded: Loaded | None = None, numerics: str = "llama.cpp",
+                 engine_config: EngineConfig | None = None, **_ignored: Any):
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics)
         self.loaded = loaded or load(which, opts)
-        self.engine = Engine(self.loaded, EngineConfig(max_seqs=max_seqs, truncate_sequence=truncate_sequence,
-                                                       no_kv_cache=no_kv_cache))
+        self.engine = Engine(self.loaded, engine_config or EngineConfig(
+            max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))
 
     # ---- tokenizer ----
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:

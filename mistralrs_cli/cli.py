@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 
 _SAMPLING = "Sampling (defaults for --prompt and -i)"
+_SERVER = "Server and engine"
 
 
 @app.callback()
@@ -47,6 +48,18 @@ def global_options(
     log: Optional[str] = typer.Option(None, "--log", help="A log level (off, error, warn, info, debug, trace), or a FILE to append every request and response to as JSON lines."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No stats or notices on stderr."),
+    port: Optional[int] = typer.Option(None, "-p", "--port", help="Serve the OpenAI API on this port (no output mode at all: port 1234).", rich_help_panel=_SERVER),
+    host: str = typer.Option("127.0.0.1", "--host", "--serve-ip", help="Address to listen on (0.0.0.0: every interface).", rich_help_panel=_SERVER),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MISTRALRS_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes.", rich_help_panel=_SERVER),
+    request_logging_file: Optional[str] = typer.Option(None, "--request-logging-file", help="Append every request, response and error to FILE as JSON lines.", rich_help_panel=_SERVER),
+    max_seqs: int = typer.Option(16, "--max-seqs", help="Sequences running at once (continuous batching).", rich_help_panel=_SERVER),
+    no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Recompute the whole sequence every step (slow; for checking).", rich_help_panel=_SERVER),
+    no_paged_attn: bool = typer.Option(False, "--no-paged-attn", help="One growing KV cache per sequence instead of the paged block pool (no prefix cache).", rich_help_panel=_SERVER),
+    pa_blk_size: int = typer.Option(32, "--pa-blk-size", help="Tokens per KV block.", rich_help_panel=_SERVER),
+    pa_gpu_mem: Optional[float] = typer.Option(None, "--pa-gpu-mem", help="KV pool size in MB [default: max-seqs full contexts, at most half the free RAM].", rich_help_panel=_SERVER),
+    pa_gpu_mem_usage: Optional[float] = typer.Option(None, "--pa-gpu-mem-usage", help="KV pool size as a fraction (0-1] of the free memory (RAM on the CPU).", rich_help_panel=_SERVER),
+    pa_ctxt_len: Optional[int] = typer.Option(None, "--pa-ctxt-len", help="KV pool size in tokens (all sequences together).", rich_help_panel=_SERVER),
+    prefix_cache_n: int = typer.Option(16, "--prefix-cache-n", help="Finished sequences whose KV blocks stay cached for prompts that share a prefix; 0 disables.", rich_help_panel=_SERVER),
 ) -> None:
     ctx.obj = RunOptions(
         prompt=prompt, interactive=interactive, raw=raw,
@@ -56,6 +69,10 @@ def global_options(
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                       repeat_last_n=repeat_last_n, ignore_eos=ignore_eos, seed=seed),
         truncate_sequence=truncate_sequence, log=log, verbose=verbose, quiet=quiet,
+        request_logging_file=request_logging_file, port=port, host=host, api_key=api_key,
+        max_seqs=max_seqs, no_kv_cache=no_kv_cache, no_paged_attn=no_paged_attn, pa_blk_size=pa_blk_size,
+        pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, pa_ctxt_len=pa_ctxt_len,
+        prefix_cache_n=prefix_cache_n,
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .types import LoadOptions, SamplingParams
+from .types import EngineConfig, LoadOptions, SamplingParams
 
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging.WARNING,
               "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
@@ -25,12 +25,48 @@ class RunOptions:
     sampling: dict[str, Any] = field(default_factory=dict)
     truncate_sequence: bool = False
     log: str | None = None
+    request_logging_file: str | None = None
     verbose: bool = False
     quiet: bool = False
+    # the server (--port, or no output mode at all)
+    port: int | None = None
+    host: str = "127.0.0.1"
+    api_key: str | None = None
+    # the engine
+    max_seqs: int = 16
+    no_kv_cache: bool = False
+    no_paged_attn: bool = False
+    pa_blk_size: int = 32
+    pa_gpu_mem: float | None = None
+    pa_gpu_mem_usage: float | None = None
+    pa_ctxt_len: int | None = None
+    prefix_cache_n: int = 16
 
     @property
     def request_log(self) -> str | None:
+        if self.request_logging_file:
+            return self.request_logging_file
         return None if self.log is None or self.log.lower() in LOG_LEVELS else self.log
+
+
+DEFAULT_PORT = 1234  # no output mode: the server, on the later guide's port
+
+
+def engine_config(opts: RunOptions) -> EngineConfig:
+    """The engine settings of every output mode, with the flags checked."""
+    checks = [("--max-seqs", opts.max_seqs, 1), ("--pa-blk-size", opts.pa_blk_size, 1),
+              ("--prefix-cache-n", opts.prefix_cache_n, 0), ("--pa-ctxt-len", opts.pa_ctxt_len, 1),
+              ("--pa-gpu-mem", opts.pa_gpu_mem, 1)]
+    for flag, value, lo in checks:
+        if value is not None and value < lo:
+            raise UserError(f"{flag} must be {lo} or more, got {value}.")
+    if opts.pa_gpu_mem_usage is not None and not 0 < opts.pa_gpu_mem_usage <= 1:
+        raise UserError(f"--pa-gpu-mem-usage is a fraction of memory in (0, 1], got {opts.pa_gpu_mem_usage}.")
+    return EngineConfig(max_seqs=opts.max_seqs, truncate_sequence=opts.truncate_sequence,
+                        no_kv_cache=opts.no_kv_cache, paged_attn=not opts.no_paged_attn,
+                        block_size=opts.pa_blk_size, kv_mem_mb=opts.pa_gpu_mem,
+                        kv_mem_fraction=opts.pa_gpu_mem_usage, kv_tokens=opts.pa_ctxt_len,
+                        prefix_cache_n=opts.prefix_cache_n)
 
 
 def sampling_params(opts: RunOptions, interactive: bool) -> SamplingParams:
@@ -70,21 +106,29 @@ def _check_device(device: str) -> None:
 
 def run(opts: RunOptions, spec: Any) -> None:
     _setup_logging(opts)
-    if opts.prompt is not None and opts.interactive:
-        raise UserError("--prompt and -i/--interactive are two output modes; choose one.")
-    if opts.prompt is None and not opts.interactive:
-        raise UserError("choose an output mode: --prompt TEXT for a one-shot answer or -i for a chat "
-                        "(global options go before the subcommand).")
+    modes = [name for name, on in (("--prompt", opts.prompt is not None), ("-i/--interactive", opts.interactive),
+                                   ("--port", opts.port is not None)) if on]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} are different output modes; choose one.")
     if opts.load.dtype not in ("auto", "f32", "bf16", "f16"):
         raise UserError(f"--dtype {opts.load.dtype!r} is not one of auto, f32, bf16, f16.")
     _check_device(opts.load.device)
+    config = engine_config(opts)
     params = sampling_params(opts, opts.interactive)
-    if opts.prompt is not None:
+    if not modes or opts.port is not None:
+        from .outputs.server import run_server
+
+        if opts.port is None:
+            opts.port = DEFAULT_PORT
+        if not 0 <= opts.port <= 65535:
+            raise UserError(f"--port must be between 0 and 65535, got {opts.port}.")
+        run_server(opts, spec, config)
+    elif opts.prompt is not None:
         from .outputs.oneshot import run_oneshot
 
         prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt
-        run_oneshot(opts, spec, prompt, params)
+        run_oneshot(opts, spec, prompt, params, config)
     else:
         from .outputs.interactive import run_interactive
 
-        run_interactive(opts, spec, params)
+        run_interactive(opts, spec, params, config)

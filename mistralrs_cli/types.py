@@ -45,6 +45,7 @@ class LoadOptions:
     device: str = "auto"
     dtype: str = "auto"
     numerics: str = "llama.cpp"  # GGUF: "llama.cpp" rounding (token parity) or "exact"
+    isq: str | None = None  # --isq TYPE: quantize a plain model's linear layers at load
 
 
 @dataclass
@@ -77,3 +78,9 @@ class EngineConfig:
     max_batch_tokens: int = 2048  # prompt tokens per step (chunked prefill beyond this)
     truncate_sequence: bool = False
     no_kv_cache: bool = False
+    paged_attn: bool = True  # False: one growing contiguous cache per sequence
+    block_size: int = 32  # --pa-blk-size
+    kv_mem_mb: float | None = None  # --pa-gpu-mem: the KV pool's size in MB
+    kv_mem_fraction: float | None = None  # --pa-gpu-mem-usage: of the available RAM
+    kv_tokens: int | None = None  # --pa-ctxt-len: the pool holds this many tokens
+    prefix_cache_n: int = 16  # finished sequences whose blocks stay cached; 0 disables

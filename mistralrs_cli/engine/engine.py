@@ -2,13 +2,14 @@
 
 A request is "computed tokens catching up with known tokens": a prompt is prefilled in chunks
 under a token budget, then each step adds one token. All scheduled sequences run in one
-flattened forward pass, so prefills and decodes of different requests mix in one step.
+flattened forward pass, so prefills and decodes of different requests mix in one step. The
+scheduler (scheduler.py) decides who runs; the KV cache is a paged pool (paged.py), or one
+contiguous cache per sequence with --no-paged-attn, or none with --no-kv-cache.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from typing import Iterator
 
 import torch
@@ -17,20 +18,55 @@ from ..errors import UserError
 from ..models.layers import Batch, SeqSlice
 from ..types import EngineConfig, SamplingParams
 from .kv_cache import cache_for
+from .paged import PagedKV, PagedSeqCache, PoolShape
 from .request import Request, RequestOutput
 from .sampler import sample
+from .scheduler import Scheduled, Scheduler
 
 _ids = itertools.count()
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def pool_blocks(cfg: EngineConfig, shape: PoolShape, max_context: int) -> int:
+    """How many blocks the KV pool gets: --pa-ctxt-len tokens, else --pa-gpu-mem MB, else
+    --pa-gpu-mem-usage of the available RAM; by default enough for max_seqs full contexts,
+    capped at half the available RAM."""
+    per_block = shape.bytes_per_token() * cfg.block_size
+    if cfg.kv_tokens is not None:
+        return max(1, -(-cfg.kv_tokens // cfg.block_size))
+    if cfg.kv_mem_mb is not None:
+        return max(1, int(cfg.kv_mem_mb * 2**20) // per_block)
+    if cfg.kv_mem_fraction is not None:
+        return max(1, int(cfg.kv_mem_fraction * _available_ram()) // per_block)
+    want = cfg.max_seqs * -(-max_context // cfg.block_size)
+    return max(1, min(want, int(0.5 * _available_ram()) // per_block))
 
 
 class Engine:
     def __init__(self, loaded, config: EngineConfig | None = None):
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.cfg = config or EngineConfig()
+        self.cfg = cfg = config or EngineConfig()
         self.max_context = loaded.max_context
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.kv: PagedKV | None = None
+        if cfg.paged_attn and not cfg.no_kv_cache:
+            c, m = self.model.config, self.model
+            shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, m.dtype)
+            round_to = m.kv_dtype if m.kv_dtype != m.dtype and m.dtype == torch.float32 else None
+            self.kv = PagedKV(shape, pool_blocks(cfg, shape, self.max_context), cfg.block_size,
+                              cfg.prefix_cache_n, round_to)
+        self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
+                                   chunked=not cfg.no_kv_cache)
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -40,7 +76,9 @@ class Engine:
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(params.seed)
-        self.waiting.append(req)
+        if params.max_tokens == 0:  # nothing to generate: finish without computing
+            req.finish_reason = "length"
+        self.scheduler.add(req)
         return req
 
     def _fit_prompt(self, ids: list[int]) -> list[int]:
@@ -51,75 +89,92 @@ class Engine:
                 raise UserError(f"the prompt has {len(ids)} tokens but the model's context is "
                                 f"{self.max_context}; shorten it or pass --truncate-sequence.")
             ids = ids[-(self.max_context - 1):]
+        if self.kv is not None and len(ids) + 1 > self.kv.capacity_tokens:
+            raise UserError(f"the prompt has {len(ids)} tokens but the KV cache holds "
+                            f"{self.kv.capacity_tokens}; give it more memory (--pa-gpu-mem MB or "
+                            "--pa-ctxt-len TOKENS) or shorten the prompt.")
         return ids
 
     def abort(self, request_id: str) -> None:
-        for req in list(self.waiting) + self.running:
+        """Cancel a request (call on the engine's thread); its final output comes next step."""
+        for req in list(self.scheduler.waiting) + self.scheduler.running:
             if req.id == request_id and req.finish_reason is None:
                 req.finish_reason = "cancelled"
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_unfinished()
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    # ---- the KV cache, as the scheduler asks for it ----
+    def _reserve(self, req: Request, n_tokens: int) -> bool:
+        if self.cfg.no_kv_cache:
+            return True
+        if req.cache is None:
+            if req.t_scheduled is None:
+                req.t_scheduled = time.perf_counter()
+            if self.kv is None:
+                req.cache = cache_for(self.model)
+            else:
+                req.cache = self.kv.new_sequence(req.tokens(0, req.n_known))
+                req.n_computed = len(req.cache)
+        return not isinstance(req.cache, PagedSeqCache) or req.cache.reserve(n_tokens)
+
+    def _release(self, req: Request, keep_prefix: bool = False) -> None:
+        if isinstance(req.cache, PagedSeqCache):
+            req.cache.release(keep_prefix)
+        req.cache = None
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
-        outputs = self._reap()
-        for req in [r for r in self.waiting if r.params.max_tokens == 0]:
-            self.waiting.remove(req)  # nothing to generate: finish without computing
-            req.finish_reason = "length"
-            outputs.append(self._final(req))
-        while self.waiting and len(self.running) < self.cfg.max_seqs:
-            req = self.waiting.popleft()
-            if req.finish_reason is None:
-                req.t_scheduled = time.perf_counter()
-                self.running.append(req)
-            else:
+        outputs = []
+        for req in self.scheduler.finished():
+            self._release(req, keep_prefix=True)
+            if not req.final_sent:
                 outputs.append(self._final(req))
-        if not self.running:
+        work = self.scheduler.schedule()
+        if not work:
             return outputs
-        ids, positions, seqs, sampled_reqs, rows = [], [], [], [], []
-        budget = self.cfg.max_batch_tokens
-        for req in self.running:
-            if self.cfg.no_kv_cache:
-                req.n_computed, req.cache = 0, None
-            elif req.cache is None:
-                req.cache = cache_for(self.model)
-            todo = req.n_known - req.n_computed
-            n = todo if (todo == 1 or self.cfg.no_kv_cache) else min(todo, max(budget, 1))
-            budget -= n
-            start = len(ids)
-            ids.extend(req.tokens(req.n_computed, req.n_computed + n))
-            positions.extend(range(req.n_computed, req.n_computed + n))
-            seqs.append(SeqSlice(start, start + n, req.cache))
-            req.n_computed += n
-            if req.n_computed == req.n_known:
-                sampled_reqs.append(req)
-                rows.append(start + n - 1)
+        ids, positions, seqs, rows, sampled = [], [], [], [], []
+        for w in work:
+            req, start = w.req, len(ids)
+            if req.t_scheduled is None:
+                req.t_scheduled = time.perf_counter()
+            ids.extend(req.tokens(req.n_computed, req.n_computed + w.n))
+            positions.extend(range(req.n_computed, req.n_computed + w.n))
+            seqs.append(SeqSlice(start, start + w.n, req.cache))
+            if req.n_computed + w.n == req.n_known:
+                sampled.append(req)
+                rows.append(start + w.n - 1)
         batch = Batch(torch.tensor(positions), seqs, torch.tensor(rows))
         with torch.inference_mode():
             logits = self.model(torch.tensor(ids), batch)
-        for req, row in zip(sampled_reqs, logits):
+        self._computed(work)
+        for req, row in zip(sampled, logits):
             outputs.append(self._advance(req, row))
         return outputs
 
-    def _reap(self) -> list[RequestOutput]:
-        done = [r for r in self.running if r.finish_reason is not None]
-        self.running = [r for r in self.running if r.finish_reason is None]
-        return [self._final(r) for r in done if r.finish_reason == "cancelled"]
+    def _computed(self, work: list[Scheduled]) -> None:
+        for w in work:
+            req = w.req
+            req.n_computed = 0 if self.cfg.no_kv_cache else req.n_computed + w.n
+            if isinstance(req.cache, PagedSeqCache):
+                req.cache.commit(req.tokens(0, req.n_computed))
 
     def _advance(self, req: Request, logits: torch.Tensor) -> RequestOutput:
         p = req.params
         start = max(0, req.n_known - p.repeat_last_n) if p.repeat_last_n > 0 else 0
-        history = req.tokens(start, req.n_known)
-        s = sample(logits, history, p, req.generator)
+        s = sample(logits, req.tokens(start, req.n_known), p, req.generator)
         if req.t_first is None:
             req.t_first = time.perf_counter()
         tok = s.token
         stop_tok = (not p.ignore_eos and tok in self.loaded.eos_ids) or tok in p.stop_token_ids
         req.output_ids.append(tok)
-        if stop_tok:
+        if stop_tok:  # an end token is not part of the answer: no logprob entry for it
             req.finish_reason = "stop"
-            return self._emit(req, tok, s, flush=True)
+            return self._emit(req, tok, None, flush=True)
         req.text += req.detok.push(tok)
         if self._match_stop(req):
             req.finish_reason = "stop"
@@ -151,6 +206,7 @@ class Engine:
         end = len(req.text) - req.hold
         delta, req.emitted = req.text[req.emitted:end], max(req.emitted, end)
         pt, dt = req.timing()
+        req.final_sent = req.finish_reason is not None
         return RequestOutput(
             req.id, tok, delta, req.finish_reason,
             logprob=s.logprob if s is not None and req.params.logprobs else None,
@@ -176,4 +232,5 @@ class Engine:
         finally:
             if req.finish_reason is None:
                 self.abort(req.id)
-                self._reap()
+            for r in self.scheduler.finished():  # free its blocks now
+                self._release(r, keep_prefix=True)

@@ -40,6 +40,7 @@ class Request:
     hold: int = 0  # trailing characters held back: they may begin a stop string
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    final_sent: bool = False  # the output carrying finish_reason went out
     t_scheduled: float | None = None
     t_first: float | None = None
 

@@ -69,7 +69,9 @@ class Sampled:
 
 def sample(logits: torch.Tensor, history: Sequence[int], p: SamplingParams,
            generator: torch.Generator | None = None) -> Sampled:
-    """logits (vocab,) float32 -> one token."""
+    """logits (vocab,) float32 -> one token. Log-probabilities are the model's own (natural
+    log-softmax of the raw logits, before penalties, bias and temperature), as OpenAI reports."""
+    raw = logits
     logits = apply_logit_bias(apply_penalties(logits, history, p), p.logit_bias)
     if p.greedy:
         token = int(torch.argmax(logits))
@@ -78,7 +80,7 @@ def sample(logits: torch.Tensor, history: Sequence[int], p: SamplingParams,
         token = int(torch.multinomial(probs, 1, generator=generator))
     logprob, top = 0.0, []
     if p.logprobs:
-        lp = torch.log_softmax(logits, dim=-1)
+        lp = torch.log_softmax(raw, dim=-1)
         logprob = float(lp[token])
         if p.top_logprobs:
             vals, ids = torch.topk(lp, p.top_logprobs)

@@ -13,7 +13,7 @@ from ..api import Runner
 from ..errors import UserError
 from ..loaders.load import cache_root
 from ..prompting import chat_ids, chat_prompt
-from ..types import SamplingParams
+from ..types import EngineConfig, SamplingParams
 from .oneshot import _load, stats_line
 from .request_log import RequestLog
 
@@ -292,13 +292,13 @@ def _tty_reader() -> Callable[[], str | None]:
     return read
 
 
-def run_interactive(opts, spec, params: SamplingParams) -> None:
+def run_interactive(opts, spec, params: SamplingParams, config: EngineConfig | None = None) -> None:
     log = RequestLog(opts.request_log)
     loaded = _load(opts, spec)
     if loaded.chat_template is None:
         chat_prompt(loaded, [])  # raises the one-line "no chat template" UserError
     runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
-                    truncate_sequence=opts.truncate_sequence, loaded=loaded)
+                    truncate_sequence=opts.truncate_sequence, loaded=loaded, engine_config=config)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if not opts.quiet:
         _note(f"{loaded.model_id} is ready: type a message, \\help for commands, Ctrl-D to exit.")

@@ -6,7 +6,7 @@ import time
 
 from ..api import Runner
 from ..prompting import chat_ids, completion_ids
-from ..types import SamplingParams
+from ..types import EngineConfig, SamplingParams
 from .request_log import RequestLog
 
 
@@ -18,11 +18,11 @@ def stats_line(n_prompt: int, prompt_time: float, n_gen: int, decode_time: float
             f"{dps:.1f} tok/s")
 
 
-def run_oneshot(opts, spec, prompt: str, params: SamplingParams) -> None:
+def run_oneshot(opts, spec, prompt: str, params: SamplingParams, config: EngineConfig | None = None) -> None:
     t0 = time.perf_counter()
     log = RequestLog(opts.request_log)
     runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
-                    truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec))
+                    truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec), engine_config=config)
     loaded = runner.loaded
     ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
     log.write("request", {"prompt": prompt, "raw": opts.raw, "prompt_tokens": len(ids)})

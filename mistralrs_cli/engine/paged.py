@@ -1,0 +1,258 @@
+"""Paged KV cache: a fixed pool of blocks per layer, block tables per sequence, a prefix cache.
+
+Each layer's pool is head-major, (Hkv, n_blocks * block_size, D). A sequence owns a list of
+block ids; `PagedSeqCache.update` keeps the model's KVCache protocol (append (T, Hkv, D), get
+back all keys/values as (Hkv, S, D)). The allocator places a sequence's blocks next to each other
+whenever it can, so the returned keys/values are a view of the pool (as fast as a contiguous
+cache); only a fragmented sequence pays for a gather.
+
+Prefix cache: a full block is named by hash(parent block's hash, its token ids). Finished
+sequences leave their full blocks behind as cache entries (the `prefix_cache_n` newest ones);
+a later prompt that starts with the same blocks reuses them (reference counts). Under memory
+pressure the oldest entry is dropped first (LRU).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PoolShape:
+    n_layers: int
+    n_kv: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+
+class BlockAllocator:
+    """Block ids, reference counts and the prefix cache's hash table; pure Python."""
+
+    def __init__(self, n_blocks: int, prefix_cache_n: int = 0):
+        self.n_blocks = n_blocks
+        self.free: set[int] = set(range(n_blocks))
+        self.refs = [0] * n_blocks
+        self.hash_of: dict[int, int] = {}  # block -> hash (full, registered blocks)
+        self.by_hash: dict[int, int] = {}  # hash -> block
+        self.entries: deque[list[int]] = deque()  # finished sequences' full blocks, oldest first
+        self.prefix_cache_n = prefix_cache_n
+        self.hits = 0  # prompt blocks found in the prefix cache
+
+    # ---- allocation ----
+    def allocate(self, after: int | None) -> int | None:
+        """A free block, preferably `after + 1` (keeps a sequence contiguous); None if full."""
+        if not self.free:
+            while self.entries and not self.free:
+                self._drop_entry()
+            if not self.free:
+                return None
+        if after is not None and after + 1 in self.free:
+            block = after + 1
+        else:
+            block = self._roomy_start()
+        self.free.discard(block)
+        self.refs[block] = 1
+        return block
+
+    def _roomy_start(self) -> int:
+        """The start of a new run: inside the largest free gap, leaving the block before it
+        room to grow when that block belongs to a live sequence."""
+        best, start, run = (0, 0), None, 0
+        for b in range(self.n_blocks + 1):
+            if b < self.n_blocks and b in self.free:
+                start = b if run == 0 else start
+                run += 1
+                continue
+            if run > best[0]:
+                best = (run, start)
+            run = 0
+        length, start = best
+        if start > 0 and self.refs[start - 1] > 0 and length > 1:
+            return start + length // 2
+        return start
+
+    def incref(self, block: int) -> None:
+        self.refs[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            h = self.hash_of.pop(block, None)
+            if h is not None and self.by_hash.get(h) == block:
+                del self.by_hash[h]
+            self.free.add(block)
+
+    # ---- prefix cache ----
+    def register(self, block: int, h: int) -> None:
+        if self.prefix_cache_n and h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """The cached blocks for the longest run of `hashes` from the start (increfed)."""
+        found = []
+        for h in hashes:
+            b = self.by_hash.get(h)
+            if b is None:
+                break
+            self.incref(b)
+            found.append(b)
+        self.hits += len(found)
+        return found
+
+    def retain(self, blocks: list[int]) -> None:
+        """Keep a finished sequence's full, registered blocks as a prefix-cache entry."""
+        blocks = [b for b in blocks if b in self.hash_of]
+        if not self.prefix_cache_n or not blocks:
+            return
+        for old in [e for e in self.entries if e == blocks[: len(e)]]:  # now redundant
+            self.entries.remove(old)
+            for b in old:
+                self.decref(b)
+        for b in blocks:
+            self.incref(b)
+        self.entries.append(blocks)
+        while len(self.entries) > self.prefix_cache_n:
+            self._drop_entry()
+
+    def _drop_entry(self) -> None:
+        for b in self.entries.popleft():
+            self.decref(b)
+
+    # ---- accounting ----
+    def n_free(self) -> int:
+        return len(self.free)
+
+    def held_by_sequences(self) -> int:
+        """Blocks referenced by something other than prefix-cache entries (0 when idle)."""
+        by_entries = [0] * self.n_blocks
+        for e in self.entries:
+            for b in e:
+                by_entries[b] += 1
+        return sum(1 for b in range(self.n_blocks) if self.refs[b] > by_entries[b])
+
+
+def block_hashes(tokens: list[int], block_size: int, n_blocks: int) -> list[int]:
+    out, parent = [], None
+    for i in range(n_blocks):
+        parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        out.append(parent)
+    return out
+
+
+class PagedKV:
+    """The block pool (per layer, head-major) and its allocator: one per engine."""
+
+    def __init__(self, shape: PoolShape, n_blocks: int, block_size: int, prefix_cache_n: int = 0,
+                 round_to: torch.dtype | None = None):
+        self.shape, self.block_size, self.round_to = shape, block_size, round_to
+        slots = n_blocks * block_size
+        self.k = [torch.empty(shape.n_kv, slots, shape.head_dim, dtype=shape.dtype) for _ in range(shape.n_layers)]
+        self.v = [torch.empty(shape.n_kv, slots, shape.head_dim, dtype=shape.dtype) for _ in range(shape.n_layers)]
+        self.alloc = BlockAllocator(n_blocks, prefix_cache_n)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.alloc.n_blocks * self.block_size
+
+    def new_sequence(self, tokens: list[int]) -> "PagedSeqCache":
+        """A cache for a sequence; its first blocks come from the prefix cache when they can.
+        The last prompt token is never taken from the cache: its logits are needed."""
+        cache = PagedSeqCache(self)
+        if self.alloc.prefix_cache_n:
+            n = (len(tokens) - 1) // self.block_size
+            cache.hashes = block_hashes(tokens, self.block_size, n)
+            cache.blocks = self.alloc.lookup(cache.hashes)
+            cache.hashes = cache.hashes[: len(cache.blocks)]
+            cache.set_length(len(cache.blocks) * self.block_size)
+        return cache
+
+
+class PagedSeqCache:
+    """One sequence's view of the pool: the KVCache protocol over its block table."""
+
+    def __init__(self, kv: PagedKV):
+        self.kv = kv
+        self.blocks: list[int] = []
+        self.hashes: list[int] = []  # hashes of the leading full blocks, registered
+        self.lengths = [0] * kv.shape.n_layers
+        self._slots = torch.empty(0, dtype=torch.long)
+        self._contig, self._contig_checked = True, 0
+
+    def __len__(self) -> int:
+        return self.lengths[0]
+
+    def set_length(self, n: int) -> None:
+        self.lengths = [n] * len(self.lengths)
+
+    @property
+    def contiguous(self) -> bool:
+        """Blocks b, b+1, b+2, ...: the keys/values are one slice of the pool."""
+        b = self.blocks
+        if self._contig_checked != len(b):
+            self._contig = all(y == x + 1 for x, y in zip(b, b[1:]))
+            self._contig_checked = len(b)
+        return self._contig
+
+    def reserve(self, n_tokens: int) -> bool:
+        """Blocks for `n_tokens` in all; False (and nothing changed beyond what fits) if the pool
+        is full."""
+        bs = self.kv.block_size
+        while len(self.blocks) * bs < n_tokens:
+            block = self.kv.alloc.allocate(self.blocks[-1] if self.blocks else None)
+            if block is None:
+                return False
+            self.blocks.append(block)
+            self._slots = torch.empty(0, dtype=torch.long)
+        return True
+
+    def slots(self, n: int) -> torch.Tensor:
+        if self._slots.numel() < len(self.blocks) * self.kv.block_size:
+            bs = self.kv.block_size
+            base = torch.tensor(self.blocks, dtype=torch.long)[:, None] * bs
+            self._slots = (base + torch.arange(bs)[None, :]).reshape(-1)
+        return self._slots[:n]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (T, Hkv, D); return all keys and values so far, (Hkv, S, D)."""
+        n, t = self.lengths[layer], k.shape[0]
+        kp, vp = self.kv.k[layer], self.kv.v[layer]
+        if self.kv.round_to is not None:
+            k, v = k.to(self.kv.round_to), v.to(self.kv.round_to)
+        self.lengths[layer] = n + t
+        if self.contiguous:
+            s0 = self.blocks[0] * self.kv.block_size
+            kp[:, s0 + n:s0 + n + t] = k.transpose(0, 1)
+            vp[:, s0 + n:s0 + n + t] = v.transpose(0, 1)
+            return kp[:, s0:s0 + n + t], vp[:, s0:s0 + n + t]
+        idx = self.slots(n + t)
+        kp.index_copy_(1, idx[n:], k.transpose(0, 1).to(kp.dtype))
+        vp.index_copy_(1, idx[n:], v.transpose(0, 1).to(vp.dtype))
+        return kp.index_select(1, idx), vp.index_select(1, idx)
+
+    def commit(self, tokens: list[int]) -> None:
+        """After a step: register the blocks that became full (tokens: the sequence so far)."""
+        alloc, bs = self.kv.alloc, self.kv.block_size
+        if not alloc.prefix_cache_n:
+            return
+        for i in range(len(self.hashes), len(self) // bs):
+            parent = self.hashes[-1] if self.hashes else None
+            h = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
+            self.hashes.append(h)
+            alloc.register(self.blocks[i], h)
+
+    def release(self, keep_prefix: bool) -> None:
+        """Give the blocks back; a finished sequence leaves its full blocks in the prefix cache."""
+        if keep_prefix:
+            self.kv.alloc.retain(self.blocks[: len(self.hashes)])
+        for b in self.blocks:
+            self.kv.alloc.decref(b)
+        self.blocks, self.hashes = [], []
+        self._contig_checked = -1
+        self.set_length(0)
+        self._slots = torch.empty(0, dtype=torch.long)

@@ -1,0 +1,156 @@
+"""The engine on its own thread: the only thread that touches the model and the KV cache.
+
+Callers (the server's event loop, tests, scripts) submit requests and aborts through a
+thread-safe inbox; each request's RequestOutput deltas go to that request's sink (a callable
+run on the engine thread: put into a queue.Queue, or hand to an asyncio loop).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+from ..errors import UserError
+from ..types import SamplingParams
+from .engine import Engine
+from .request import RequestOutput
+
+log = logging.getLogger(__name__)
+Sink = Callable[[RequestOutput], None]
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineThread:
+    def __init__(self, engine: Engine, max_pending: int = 1024):
+        self.engine, self.max_pending = engine, max_pending
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._pending = 0  # submitted, not yet finished (read from other threads: approximate)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stopping = False
+        self._thread.start()
+
+    # ---- any thread ----
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink,
+               request_id: str | None = None) -> str:
+        """Queue a request; raises UserError for a prompt the engine cannot take."""
+        ids = self.engine._fit_prompt(list(prompt_ids))  # pure: safe off the engine thread
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self._pending >= self.max_pending:
+                raise QueueFull(f"{self._pending} requests are already queued")
+            self._pending += 1
+        rid = request_id or f"r{next(_ids)}"
+        self._inbox.put(("add", rid, ids, params, sink))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps; returns its result (or raises)."""
+        done: queue.Queue = queue.Queue()
+        self._inbox.put(("call", fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """A blocking iterator over one request's deltas; closing it early aborts the request."""
+        q: queue.Queue = queue.Queue()
+        rid = self.submit(prompt_ids, params, q.put)
+        finished = False
+        try:
+            while not finished:
+                out = q.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel what is in flight and end the thread."""
+        with self._lock:
+            self._stopping = True
+        self._inbox.put(("stop",))
+        self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # ---- the engine thread ----
+    def _loop(self) -> None:
+        stop = False
+        while True:
+            block = not self.engine.has_unfinished() and not stop
+            try:
+                while True:
+                    stop = self._handle(self._inbox.get(block=block)) or stop
+                    block = False
+            except queue.Empty:
+                pass
+            if stop:
+                for rid in list(self._sinks):
+                    self.engine.abort(rid)
+            if not self.engine.has_unfinished():
+                if stop:
+                    return
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # a bug: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                outs = self._fail_all(e)
+            for out in outs:
+                self._deliver(out)
+
+    def _handle(self, msg: tuple) -> bool:
+        kind = msg[0]
+        if kind == "add":
+            _, rid, ids, params, sink = msg
+            self._sinks[rid] = sink
+            try:
+                self.engine.add_request(ids, params, rid)
+            except UserError as e:
+                self._deliver(RequestOutput(rid, None, str(e), "error"))
+        elif kind == "abort":
+            self.engine.abort(msg[1])
+        elif kind == "call":
+            _, fn, done = msg
+            try:
+                done.put((True, fn(self.engine)))
+            except Exception as e:
+                done.put((False, e))
+        return kind == "stop"
+
+    def _fail_all(self, err: Exception) -> list[RequestOutput]:
+        sched = self.engine.scheduler
+        outs = [RequestOutput(r.id, None, f"internal error: {err}", "error")
+                for r in list(sched.running) + list(sched.waiting)]
+        for r in list(sched.running) + list(sched.waiting):
+            r.finish_reason, r.final_sent = "error", True
+        return outs
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if out.finish_reason is not None:
+            self._sinks.pop(out.request_id, None)
+            with self._lock:
+                self._pending -= 1
+        if sink is None:
+            return
+        try:
+            sink(out)
+        except Exception:  # the consumer went away (e.g. its event loop closed)
+            self.engine.abort(out.request_id)

@@ -1,0 +1,73 @@
+"""--port (or no output mode at all): the OpenAI-compatible HTTP server. The only package that
+imports FastAPI and uvicorn."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Callable
+
+from ...types import EngineConfig, GGMLSpec, GGUFSpec
+from .protocol import ApiError
+
+GRACE_SECONDS = 10  # SIGINT/SIGTERM: in-flight requests get this long to finish, then are cancelled
+
+
+def reisq_handler(spec: Any, worker) -> Callable[[str], str] | None:
+    """POST /v1/re_isq: refuse for files that are quantized already; None if ISQ is absent."""
+    if isinstance(spec, (GGUFSpec, GGMLSpec)):
+        fmt = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
+
+        def refuse(kind: str) -> str:
+            raise ApiError(400, f"re_isq cannot requantize a {fmt} model (its weights are quantized "
+                                "already); ISQ applies to plain safetensors models.", "ggml_type")
+        return refuse
+    try:
+        from ...quant.isq import apply_isq
+    except ImportError:
+        return None
+
+    def requantize(kind: str) -> str:
+        try:
+            worker.call(lambda engine: apply_isq(engine.model, kind))
+        except (ValueError, KeyError) as e:
+            raise ApiError(400, f"re_isq: {e}", "ggml_type") from None
+        return f"the model is now quantized to {kind}"
+    return requantize
+
+
+def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
+    import uvicorn
+
+    from ...engine.engine import Engine
+    from ...engine.worker import EngineThread
+    from ...loaders.load import load
+    from ..request_log import RequestLog
+    from .app import ServerState, make_app
+
+    log = RequestLog(opts.request_log)
+    loaded = load(spec, opts.load)
+    worker = EngineThread(Engine(loaded, config))
+    state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker))
+    app = make_app(state)
+    level = "warning" if opts.quiet else "info"
+    server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level=level,
+                                           timeout_graceful_shutdown=GRACE_SECONDS,
+                                           access_log=opts.verbose))
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    if not opts.quiet:
+        print(f"serving {loaded.model_id} at http://{host}:{opts.port}/v1 (OpenAI API); "
+              "Ctrl-C stops", file=sys.stderr, flush=True)
+    # uvicorn re-raises the signal that stopped it once it is done; a no-op handler turns that
+    # into a clean exit 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when it cannot bind
+        pass
+    finally:
+        worker.stop(timeout=GRACE_SECONDS)
+    if not server.started:
+        from ...errors import UserError
+        raise UserError(f"could not listen on {opts.host}:{opts.port} (in use, or not an address "
+                        "of this machine); choose another --port or --host.")
