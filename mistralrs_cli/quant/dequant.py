@@ -11,6 +11,7 @@ comments). The IQ grids are format data shipped by gguf-py; we decode its packed
 """
 from __future__ import annotations
 
+import enum
 import functools
 from typing import Callable
 
@@ -39,14 +40,26 @@ def _register(qtype: Q) -> Callable[[_BlockFn], _BlockFn]:
     return deco
 
 
+def register_format(qtype, block: int, nbytes: int, fn: _BlockFn) -> None:
+    """A block format beyond GGUF's (HQQ, made by --isq): `qtype` is a member of another enum
+    whose values no GGMLQuantizationType uses, so tables keyed by GGUF types never match it."""
+    _SIZES[qtype] = (block, nbytes)
+    _BLOCK_DEQUANT[qtype] = fn
+
+
+def _qtype(qtype):
+    """A GGUF type (or its number), or a registered format's own enum member, as is."""
+    return qtype if isinstance(qtype, enum.Enum) and qtype in _BLOCK_DEQUANT else Q(qtype)
+
+
 def block_size(qtype: Q) -> int:
     """Elements per block (1 for plain float types)."""
-    return _SIZES[Q(qtype)][0]
+    return _SIZES[_qtype(qtype)][0]
 
 
 def row_bytes(qtype: Q, n_elements: int) -> int:
     """Bytes taken by a row of `n_elements` values of `qtype`."""
-    qtype = Q(qtype)
+    qtype = _qtype(qtype)
     elems, nbytes = _SIZES[qtype]
     if n_elements % elems:
         raise UserError(f"a row of {n_elements} values is not a whole number of {qtype.name} blocks "
@@ -58,8 +71,8 @@ def dequantize(raw: torch.Tensor, qtype: Q, dtype: torch.dtype = torch.float32) 
     """(..., row_bytes) uint8 of whole blocks -> (..., row_elements) of `dtype`.
 
     Plain float types may come back as a view of `raw` when no conversion is needed."""
-    qtype = Q(qtype)
-    if qtype not in SUPPORTED:
+    qtype = _qtype(qtype)
+    if qtype not in _BLOCK_DEQUANT and qtype not in _FLOAT_VIEWS:
         names = ", ".join(sorted(t.name for t in SUPPORTED))
         raise UserError(f"tensor type {qtype.name} is not supported yet; supported: {names}")
     if raw.dtype != torch.uint8:
