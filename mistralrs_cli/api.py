@@ -153,9 +153,9 @@ def _usage(outs: list[RequestOutput]) -> Usage:
 class Runner:
     def __init__(self, which: Any, token_source: str = "cache", chat_template: str | None = None,
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
-                 loaded: Loaded | None = None, numerics: str = "llama.cpp",
+                 loaded: Loaded | None = None, numerics: str = "llama.cpp", isq: str | None = None,
                  engine_config: EngineConfig | None = None, **_ignored: Any):
-        opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics)
+        opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics, isq=isq)
         self.loaded = loaded or load(which, opts)
         self.engine = Engine(self.loaded, engine_config or EngineConfig(
             max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))

@@ -44,6 +44,7 @@ def global_options(
     token_source: str = typer.Option("cache", "--token-source", help="Hugging Face token: literal:TOKEN, env:VAR, env, path:FILE, cache, none."),
     device: str = typer.Option("auto", "--device", help="auto or cpu (a CUDA backend is not part of this build)."),
     dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto (f32 on the CPU), f32, bf16, f16."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain model's linear layers at load: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2K Q3K Q4K Q5K Q6K Q8K HQQ4 HQQ8."),
     truncate_sequence: bool = typer.Option(False, "--truncate-sequence", help="Keep the end of a prompt longer than the context instead of refusing it."),
     log: Optional[str] = typer.Option(None, "--log", help="A log level (off, error, warn, info, debug, trace), or a FILE to append every request and response to as JSON lines."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging."),
@@ -63,7 +64,7 @@ def global_options(
 ) -> None:
     ctx.obj = RunOptions(
         prompt=prompt, interactive=interactive, raw=raw,
-        load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype),
+        load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype, isq=isq),
         sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, repetition_penalty=repetition_penalty,
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -111,8 +112,10 @@ def plain(
     model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json."),
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq (mistral.rs's later guide puts it here)."),
 ) -> None:
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
+    ctx.obj.load.isq = isq or ctx.obj.load.isq
     run(ctx.obj, PlainSpec(model_id, arch, tokenizer_json))
 
 

@@ -13,6 +13,7 @@ import torch
 from .. import hub
 from ..errors import UserError
 from ..models.config import ModelConfig
+from ..quant.isq import isq_model, parse_isq
 from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
 from .chat_template import ChatTemplate, resolve_chat_template
 from .ggml import load_ggml
@@ -111,4 +112,12 @@ LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain}
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
-    return LOADERS[type(spec)](spec, opts or LoadOptions())
+    opts = opts or LoadOptions()
+    if opts.isq and parse_isq(opts.isq) and isinstance(spec, (GGUFSpec, GGMLSpec)):  # as mistral.rs
+        kind = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
+        raise UserError(f"--isq applies to plain (safetensors) models; this {kind} file is already "
+                        "quantized, so run it without --isq.")
+    loaded = LOADERS[type(spec)](spec, opts)
+    if opts.isq:
+        isq_model(loaded.model, opts.isq, opts.numerics)
+    return loaded
