@@ -136,6 +136,21 @@ def test_tiny_llama_with_rope_scaling_matches_transformers(name):
     assert max(diffs) < F32_TOL, diffs
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_attention_bias_covers_o_proj(name):
+    """config.json's attention_bias biases q, k, v and o in transformers' Llama and Qwen3."""
+    hf = {"llama": gb.tiny_llama, "qwen3": gb.tiny_qwen3}[name](11, attention_bias=True)
+    with torch.no_grad():  # transformers zero-initialises biases: make them count
+        for layer in hf.model.layers:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, proj).bias.normal_(0.0, 0.5)
+    cfg = plain_config(hf.config.to_dict(), name, Path("config.json"))
+    weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    assert "model.layers.0.self_attn.o_proj.bias" in weights
+    model = build_model(ARCHITECTURES[name], cfg, weights, source="tiny")
+    assert max(_max_diffs(model, cfg, hf)) < F32_TOL
+
+
 @pytest.mark.parametrize("name", ["linear", "llama3", "yarn"])
 def test_gguf_rope_scaling_matches_transformers(name, tmp_path):
     """Scaling as llama.cpp's converter writes it: rope.scaling.* keys (linear, YaRN with its

@@ -222,7 +222,7 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0,
-                 qkv_bias: bool | None = None, o_bias: bool = False):
+                 qkv_bias: bool | None = None, o_bias: bool | None = None):
         super().__init__()
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.layer = h, kvh, d, layer
@@ -230,7 +230,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kvh * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=o_bias)  # starcoder2: biased
+        o_bias = cfg.attention_bias if o_bias is None else o_bias  # as transformers' llama/qwen3/gemma
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=o_bias)
         self.qkv_proj: nn.Module | None = None
         if qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, norm_offset)

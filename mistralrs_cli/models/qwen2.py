@@ -21,7 +21,7 @@ def qwen_window_config(cfg: ModelConfig) -> ModelConfig:
 
 
 class Qwen2DecoderLayer(LlamaDecoderLayer):
-    attn_options = {"qkv_bias": True}
+    attn_options = {"qkv_bias": True, "o_bias": False}
 
 
 class Qwen2ForCausalLM(CausalLM):

@@ -22,7 +22,7 @@ def starcoder2_config(cfg: ModelConfig) -> ModelConfig:
 class Starcoder2DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer, o_bias=cfg.attention_bias)
+        self.self_attn = Attention(cfg, layer)  # biased o_proj: attention_bias
         self.mlp = PlainMLP(cfg)
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
