@@ -18,7 +18,7 @@ import enum
 import torch
 
 from .dequant import _q4, register_format
-from .kquants import pack_bits
+from .kquants import pack_bits, rdiv
 from .quantize import register
 
 GROUP = 64
@@ -45,7 +45,7 @@ def fit(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(n, 64) groups -> (codes, scale, zero) with x ~ (codes - zero) * scale."""
     top = float(2 ** bits - 1)
     mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    inv = (top / (mx - mn)).clamp(0, 2e4)  # an inverse scale; flat groups get the cap
+    inv = rdiv(top, mx - mn).clamp(0, 2e4)  # an inverse scale; flat groups get the cap
     zero = -mn * inv
     best_err = torch.full_like(mn, float("inf"))
     best_zero, active, beta = zero, torch.ones_like(mn, dtype=torch.bool), BETA

@@ -40,6 +40,11 @@ def signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(-1, keepdim=True))
 
 
+def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """c / t rounded once, as C divides (torch's `c / t` is reciprocal(t) * c: two roundings)."""
+    return torch.full_like(t, c) / t
+
+
 def _c(expr: float) -> float:
     """A constant as C computes it in float (e.g. rmin + rdelta*is + nmax)."""
     return float(np.float32(expr))
@@ -65,12 +70,14 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     def cost(v):
         return (w * (v.abs() if use_mad else v * v)).sum(-1, keepdim=True)
 
-    iscale = nmax / span
+    iscale = rdiv(nmax, span)
     scale = 1 / iscale
     L = (iscale * xm).round().clamp(0, nmax)
     best, best_min = cost(scale * L + mn - x), mn
-    for step in range(nstep + 1):
-        la = ((_c(rmin + _c(rdelta * step) + nmax) / span) * xm).round().clamp(0, nmax)
+    for step in range(nstep + 1):  # ggml moves `min` to each better fit: later ranges start there
+        span = torch.where(flat, torch.ones_like(mx), mx - best_min)
+        c = _c(rmin + _c(np.float32(rdelta) * np.float32(step)) + nmax)
+        la = (rdiv(c, span) * (x - best_min)).round().clamp(0, nmax)
         wl = w * la
         sum_l, sum_l2, sum_xl = wl.sum(-1, keepdim=True), (wl * la).sum(-1, keepdim=True), (wl * x).sum(-1, keepdim=True)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -98,14 +105,14 @@ def make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         l = (iscale * x).round().clamp(-nmax, nmax - 1)
         return l, (w * x * l).sum(-1, keepdim=True), (w * l * l).sum(-1, keepdim=True)
 
-    l, sumlx, suml2 = fit(-nmax / mx)
+    l, sumlx, suml2 = fit(rdiv(-nmax, mx))
     L = l + nmax
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        l, sumlx, suml2 = fit(-_c(nmax + _c(np.float32(0.1) * step)) / mx)
+        l, sumlx, suml2 = fit(rdiv(-_c(nmax + _c(np.float32(0.1) * step)), mx))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         L = torch.where(better, l + nmax, L)
         scale = torch.where(better, sumlx / suml2, scale)
@@ -119,7 +126,7 @@ def make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     mx = signed_absmax(x)
     zero = mx.abs() < GROUP_MAX_EPS
     mx = _where(zero, 1.0, mx)
-    L = ((-nmax / mx) * x).round().clamp(-nmax, nmax - 1)
+    L = (rdiv(-nmax, mx) * x).round().clamp(-nmax, nmax - 1)
     w = x * x
     wx = w * x
     sumlx, suml2 = (wx * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True)
@@ -157,8 +164,8 @@ def q2_k(x):  # scales@0 (lo nibble scale, hi nibble min) qs@16 d@80 dmin@82
     scales, mins = scales.view(n, 16), mins.view(n, 16)
     max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
     max_min = mins.amax(-1, keepdim=True).clamp(min=0)
-    ls = _where(max_scale > 0, (15 / max_scale * scales).round().clamp(0, 15), torch.zeros_like(scales))
-    lm = _where(max_min > 0, (15 / max_min * mins).round().clamp(0, 15), torch.zeros_like(mins))
+    ls = _where(max_scale > 0, (rdiv(15, max_scale) * scales).round().clamp(0, 15), torch.zeros_like(scales))
+    lm = _where(max_min > 0, (rdiv(15, max_min) * mins).round().clamp(0, 15), torch.zeros_like(mins))
     d = fp16_round(_where(max_scale > 0, max_scale / 15, torch.zeros_like(max_scale)))
     dmin = fp16_round(_where(max_min > 0, max_min / 15, torch.zeros_like(max_min)))
     dl, ml = (d * ls).view(n, 16, 1), (dmin * lm).view(n, 16, 1)
@@ -174,7 +181,7 @@ def q3_k(x):  # hmask@0 qs@32 scales@96 (16 x 6 bits) d@108
     scales = scales.view(n, 16)
     max_scale = signed_absmax(scales)
     has = max_scale != 0
-    iscale = -32 / _where(has, 1.0, max_scale)
+    iscale = rdiv(-32, _where(~has, 1.0, max_scale))
     l = _where(has, (iscale * scales).round().clamp(-32, 31) + 32, torch.full_like(scales, 32.0)).to(torch.uint8)
     d = fp16_round(_where(has, 1 / iscale, torch.zeros_like(iscale)))
     sc_bytes = torch.cat([(l[:, :8] & 15) | ((l[:, 8:] & 15) << 4), pack_bits((l >> 4).view(n, 4, 4), 2)], 1)
@@ -195,8 +202,8 @@ def _k4_scales(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: in
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
     max_min = mins.amax(-1, keepdim=True).clamp(min=0)
-    inv_scale = _where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_min = _where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+    inv_scale = _where(max_scale > 0, rdiv(63, max_scale), torch.zeros_like(max_scale))
+    inv_min = _where(max_min > 0, rdiv(63, max_min), torch.zeros_like(max_min))
     ls = (inv_scale * scales).round().clamp(0, 63).to(torch.uint8)
     lm = (inv_min * mins).round().clamp(0, 63).to(torch.uint8)
     packed = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
@@ -229,7 +236,7 @@ def q6_k(x):  # ql@0 qh@128 scales@192 (int8) d@208
     scales = scales.view(n, 16)
     max_scale = signed_absmax(scales)
     empty = max_scale.abs() < GROUP_MAX_EPS
-    iscale = -128 / _where(empty, 1.0, max_scale)
+    iscale = rdiv(-128, _where(empty, 1.0, max_scale))
     sc = (iscale * scales).round().clamp(max=127)
     d = fp16_round(1 / iscale)
     dl = (d * sc).view(n, 16, 1)

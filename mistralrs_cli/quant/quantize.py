@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from .dequant import _qtype, block_size, row_bytes
-from .kquants import KQUANTS, f16_bytes as _f16_bytes, pack_bits, signed_absmax as _signed_absmax
+from .kquants import KQUANTS, f16_bytes as _f16_bytes, pack_bits, rdiv, signed_absmax as _signed_absmax
 
 __all__ = ["QUANTIZERS", "quantize"]
 
@@ -158,7 +158,7 @@ def _q8_1(x):  # ggml's 36-byte block: d, s = d * sum(q) (both fp16), then the i
 @register(Q.Q8_K)
 def _q8_k(x):  # d = max / -127 (f32), q = min(127, round(x / d)), bsums of 16 (int16)
     mx = _signed_absmax(x)
-    iscale = torch.where(mx == 0, torch.zeros_like(mx), -127 / mx)
+    iscale = torch.where(mx == 0, torch.zeros_like(mx), rdiv(-127, mx))
     q = (iscale * x).round().clamp(max=127)
     bsums = q.view(-1, 16, 16).sum(-1).to(torch.int16).view(torch.uint8)
     d = torch.where(mx == 0, torch.zeros_like(mx), 1 / iscale)
