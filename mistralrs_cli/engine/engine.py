@@ -67,6 +67,7 @@ class Engine:
                               cfg.prefix_cache_n, round_to)
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
                                    chunked=not cfg.no_kv_cache)
+        self.finished: dict[str, int] = {}  # finish reason -> requests, since start
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -132,6 +133,7 @@ class Engine:
         outputs = []
         for req in self.scheduler.finished():
             self._release(req, keep_prefix=True)
+            self.finished[req.finish_reason] = self.finished.get(req.finish_reason, 0) + 1
             if not req.final_sent:
                 outputs.append(self._final(req))
         work = self.scheduler.schedule()
