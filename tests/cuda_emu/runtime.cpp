@@ -1,4 +1,4 @@
-// The scheduler of the CUDA emulator: one block at a time, each CUDA thread a ucontext fiber with a
+// The scheduler of the CUDA emulator: one block at a time, each CUDA thread a fiber with a
 // 64 KiB stack. A fiber runs until it parks (barrier, warp collective) or returns; the scheduler
 // resumes runnable fibers in the chosen order, then resolves what every live thread has reached.
 // After each run of a fiber it checks the red zones around every buffer, so an out-of-bounds
@@ -11,7 +11,33 @@
 #include <random>
 #include <string>
 #include <vector>
-#include <ucontext.h>
+
+// The context switch: save the callee-saved registers on the current stack, swap stack pointers,
+// restore. ucontext's swapcontext does the same plus a signal-mask system call on every switch,
+// which made it the emulator's main cost.
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.globl emu_switch
+.type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+.size emu_switch, .-emu_switch
+)");
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -26,7 +52,8 @@ static const size_t kStack = 64 * 1024;
 static const unsigned char kRed = 0xA5;
 
 struct Thread {
-    ucontext_t ctx;
+    void* sp = nullptr;  // saved stack pointer while parked
+    char* stack = nullptr;
     dim3 idx;
     State st = RUN;
     int op = 0, arg = 0, width = 32;
@@ -53,7 +80,7 @@ struct Launch {
 thread_local dim3 t_blockIdx, t_blockDim, t_gridDim;
 static thread_local Launch* L;
 static thread_local Thread* cur;
-static thread_local ucontext_t sched_ctx;
+static thread_local void* sched_sp;
 static thread_local const void* main_bottom;
 static thread_local size_t main_size;
 static const size_t kSmemRed = 64;
@@ -65,7 +92,7 @@ static void to_scheduler(bool exiting) {
 #if EMU_ASAN
     __sanitizer_start_switch_fiber(exiting ? nullptr : &cur->fake, main_bottom, main_size);
 #endif
-    swapcontext(&cur->ctx, &sched_ctx);
+    emu_switch(&cur->sp, sched_sp);
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(cur->fake, nullptr, nullptr);
 #endif
@@ -100,17 +127,23 @@ static void resume(Thread& t) {
     cur = &t;
 #if EMU_ASAN
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(&fake, (char*)t.ctx.uc_stack.ss_sp, t.ctx.uc_stack.ss_size);
+    __sanitizer_start_switch_fiber(&fake, t.stack, kStack);
 #endif
-    swapcontext(&sched_ctx, &t.ctx);
+    emu_switch(&sched_sp, t.sp);
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
 }
 
 static bool check_red(const unsigned char* p, size_t n, long* at) {
-    for (size_t i = 0; i < n; ++i)
-        if (p[i] != kRed) { *at = (long)i; return false; }
+    static const std::vector<unsigned char> red(4096, kRed);
+    // memcmp in chunks is the fast path (this runs after every fiber segment); bytes only on a hit
+    for (size_t i = 0; i < n; i += red.size()) {
+        size_t len = std::min(red.size(), n - i);
+        if (std::memcmp(p + i, red.data(), len) == 0) continue;
+        for (size_t j = i; j < i + len; ++j)
+            if (p[j] != kRed) { *at = (long)j; return false; }
+    }
     return true;
 }
 
@@ -244,11 +277,14 @@ static bool run_block(std::vector<size_t>& order, int schedule, std::mt19937& rn
     for (size_t i = 0; i < th.size(); ++i) {
         Thread& t = th[i];
         t.st = RUN;
-        getcontext(&t.ctx);
-        t.ctx.uc_stack.ss_sp = L->stacks[i];
-        t.ctx.uc_stack.ss_size = kStack;
-        t.ctx.uc_link = nullptr;
-        makecontext(&t.ctx, fiber_main, 0);
+        t.stack = L->stacks[i];
+        // A frame emu_switch can "return" into fiber_main from: six zeroed registers, the return
+        // address, and a dummy slot that leaves rsp 16-byte aligned as after a call.
+        void** top = (void**)(t.stack + kStack);
+        top[-1] = nullptr;
+        top[-2] = (void*)fiber_main;
+        for (int r = 3; r <= 8; ++r) top[-r] = nullptr;
+        t.sp = top - 8;
     }
     // Uninitialised dynamic shared memory differs per schedule, so reading it before writing shows.
     for (size_t i = 0; i < L->smem_bytes; ++i) L->smem[kSmemRed + i] = (unsigned char)rng();
