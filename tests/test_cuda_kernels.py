@@ -61,6 +61,14 @@ def test_qmatmul_matches_reference(backend, qtype, m):
     _check_product(y, x, w)
 
 
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q5_1, Q.Q3_K], ids=lambda q: q.name)
+def test_gemm_over_several_tiles(backend, qtype):
+    """45 x 40 outputs: two tiles each way, the last ones partial."""
+    w = random_qweight(qtype, 45, _cols(qtype), seed=9)
+    x = torch.randn(40, w.shape[1], generator=torch.Generator().manual_seed(9))
+    _check_product(backend.qmatmul(x, w), x, w)
+
+
 def test_group_of_mixed_types_writes_column_slices(backend):
     """A fused q/k/v of three different types: each part's kernel writes its own columns."""
     parts = [random_qweight(q, n, 256, seed=n) for q, n in ((Q.Q4_K, 5), (Q.Q8_0, 3), (Q.Q6_K, 6))]

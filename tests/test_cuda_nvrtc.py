@@ -2,6 +2,8 @@
 point and option list) for the GPUs people run this on; and the device choice with no GPU."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,12 @@ def test_device_choice_without_gpu(monkeypatch):
 def test_status_follows_cupy_here():
     cupy = pytest.importorskip("cupy")
     assert cb.cuda_status()[0] == bool(cupy.is_available())
+
+
+def test_bench_script_without_gpu():
+    cupy = pytest.importorskip("cupy")
+    if cupy.is_available():
+        pytest.skip("a GPU is here: the benchmark would run for real")
+    script = cb.CUDA_DIR.parent / "scripts" / "bench_kernels.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "no GPU" in proc.stdout, proc.stderr[-2000:]

@@ -113,7 +113,9 @@ class CupyLauncher:
         return self.module.get_function(name)
 
     def array(self, t: torch.Tensor):
-        return self.cupy.from_dlpack(t.detach())
+        t = t.detach()
+        # CuPy has no bfloat16 dtype: hand over the same bytes as int16 (kernels see a pointer)
+        return self.cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
     def stream(self):
         """Launch on torch's current stream, so kernels order with torch's own work."""

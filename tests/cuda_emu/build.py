@@ -8,6 +8,7 @@ to each argument's value, as cuLaunchKernel takes them) into a call of the kerne
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -101,11 +102,14 @@ def build(code: str, options: tuple[str, ...] = (), variant: str = "O2") -> tupl
     out = CACHE / _key(code, options, variant)
     lib = out / "libkernels.so"
     src = out / "kern.cu"
-    if lib.exists():
-        return lib, signatures(src, options)
+    sig_file = out / "signatures.json"
+    if lib.exists() and sig_file.exists():
+        sigs = json.loads(sig_file.read_text())
+        return lib, {name: [Param(*p) for p in params] for name, params in sigs.items()}
     out.mkdir(parents=True, exist_ok=True)
     src.write_text(rewrite(code))
     sigs = signatures(src, options)
+    sig_file.write_text(json.dumps({name: [[p.ctype, p.name] for p in ps] for name, ps in sigs.items()}))
     (out / "thunks.cpp").write_text(f'#include "kern.cu"\n{_thunks(sigs)}')
     with tempfile.NamedTemporaryFile(dir=out, suffix=".so", delete=False) as tmp:
         pass
