@@ -55,6 +55,10 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def cancel_all(self) -> None:
+        """Cancel every request in flight (shutdown): each stream gets its final output."""
+        self._inbox.put(("abort_all",))
+
     def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps; returns its result (or raises)."""
         done: queue.Queue = queue.Queue()
@@ -126,6 +130,9 @@ class EngineThread:
                 self._deliver(RequestOutput(rid, None, str(e), "error"))
         elif kind == "abort":
             self.engine.abort(msg[1])
+        elif kind == "abort_all":
+            for rid in list(self._sinks):
+                self.engine.abort(rid)
         elif kind == "call":
             _, fn, done = msg
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from ...types import EngineConfig, GGMLSpec, GGUFSpec
@@ -50,9 +51,21 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
     state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker))
     app = make_app(state)
     level = "warning" if opts.quiet else "info"
-    server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level=level,
-                                           timeout_graceful_shutdown=GRACE_SECONDS,
-                                           access_log=opts.verbose))
+
+    class Server(uvicorn.Server):
+        """On SIGINT/SIGTERM uvicorn stops accepting and waits for open responses; after the
+        grace period the engine cancels what still runs, so every stream ends cleanly."""
+        timer: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if self.timer is None:
+                self.timer = threading.Timer(GRACE_SECONDS, worker.cancel_all)
+                self.timer.daemon = True
+                self.timer.start()
+
+    server = Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level=level,
+                                   timeout_graceful_shutdown=GRACE_SECONDS + 5, access_log=opts.verbose))
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     if not opts.quiet:
         print(f"serving {loaded.model_id} at http://{host}:{opts.port}/v1 (OpenAI API); "

@@ -138,6 +138,9 @@ def make_app(state: ServerState) -> FastAPI:
             if out.finish_reason == "error":
                 pending.abort()
                 raise ApiError(500, out.text, type_="server_error")
+            if out.finish_reason == "cancelled":
+                pending.abort()
+                raise ApiError(503, "the server is shutting down; retry later.", type_="server_error")
             choices[j].add(out, shapes.logprob_entry(out, tt))
 
     async def stream(parsed: Parsed, rid: str, pending: Pending) -> AsyncIterator[str]:
@@ -158,9 +161,10 @@ def make_app(state: ServerState) -> FastAPI:
                                            include_usage=inc))
             while (item := await pending.next()) is not None:
                 j, out = item
-                if out.finish_reason == "error":
-                    err = ApiError(500, out.text, type_="server_error")
-                    yield sse(err.body())
+                if out.finish_reason in ("error", "cancelled"):  # a bug, or the server stopping
+                    msg = out.text if out.finish_reason == "error" else "the server is shutting down"
+                    yield sse(ApiError(500 if out.finish_reason == "error" else 503, msg,
+                                       type_="server_error").body())
                     break
                 entry = shapes.logprob_entry(out, tt)
                 choices[j].add(out, entry)
