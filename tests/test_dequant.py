@@ -2,6 +2,7 @@
 random blocks of every supported type and rows of the real cached models must match bit for bit."""
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from pathlib import Path
@@ -217,3 +218,23 @@ def test_real_tensors_bit_exact(filename):
     assert set(seen) <= SUPPORTED
     expected = {Q.Q4_1, Q.Q8_0, Q.F32} if "SmolLM2" in filename else {Q.Q4_K, Q.Q5_0, Q.Q6_K, Q.Q8_0, Q.F32}
     assert expected <= set(seen), sorted(t.name for t in seen)
+
+
+# --- llama.cpp itself, when it is on this machine ---------------------------------------------------
+
+@pytest.mark.parametrize("qtype", sorted(SUPPORTED - {Q.F32, Q.F16, Q.BF16, Q.Q8_1}, key=lambda t: t.value),
+                         ids=lambda t: t.name)
+def test_random_blocks_match_llama_cpp(qtype):
+    """ggml's own dequantize_row_* (libggml-base from the peers cache), where gguf-py's port is
+    the only other reference; Q8_K and the IQ types included. ggml has no dequantize_row_q8_1."""
+    from test_quantize import ggml_library
+
+    lib = ggml_library()
+    if lib is None:
+        pytest.skip("llama.cpp's libggml-base.so is not on this machine (set MISTRALRS_CLI_GGML_LIB)")
+    fn = getattr(lib, f"dequantize_row_{qtype.name.lower().replace('_k', '_K')}")
+    fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    raw = np.ascontiguousarray(random_blocks(qtype, n_rows=16, blocks_per_row=2, seed=5))
+    want = np.zeros((16, 2 * block_size(qtype)), np.float32)
+    fn(raw.ctypes.data, want.ctypes.data, want.size)
+    assert torch.equal(dequantize(torch.from_numpy(raw), qtype), torch.from_numpy(want))

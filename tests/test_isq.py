@@ -115,7 +115,9 @@ def test_every_linear_quantized_and_exact_against_transformers(models, isq):
     assert {m.qweight.qtype for m in layers.values()} == {parse_isq(isq)}
     assert isinstance(loaded.model.model.embed_tokens, nn.Embedding)
     assert loaded.model.model.embed_tokens.weight.dtype == torch.float32
-    assert not any(isinstance(m, QLinear) for n, m in loaded.model.named_modules() if "norm" in n)
+    # the float weights are gone: what parameters remain are the embeddings' and the norms'
+    assert {n.split(".")[-2] for n, _ in loaded.model.named_parameters()} == {
+        "embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
     swapped = copy.deepcopy(hf)
     with torch.no_grad():
         for name, lin in layers.items():
@@ -198,6 +200,22 @@ def _float_weight(hf: nn.Module, name: str) -> torch.Tensor:
     _, e, w = rest.split(".")
     gate_up, down = moe.experts.gate_up_proj[int(e)].detach(), moe.experts.down_proj[int(e)].detach()
     return {"w1": gate_up.chunk(2)[0], "w3": gate_up.chunk(2)[1], "w2": down}[w]
+
+
+def test_progress_bar(models, monkeypatch):
+    """The bar draws on a terminal and stays silent otherwise (and under -q)."""
+    from mistralrs_cli.quant import isq
+
+    assert not isq._show_progress(True)  # pytest's stderr is not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert isq._show_progress(True) and not isq._show_progress(False)
+    monkeypatch.setattr(isq.log, "isEnabledFor", lambda level: False)  # -q: errors only
+    assert not isq._show_progress(True)
+    ticks = []
+    with isq._progress(3, True) as advance:
+        for _ in range(3):
+            ticks.append(advance())
+    assert len(ticks) == 3
 
 
 def test_runner_isq(models):

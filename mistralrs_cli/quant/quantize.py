@@ -33,9 +33,10 @@ def register(qtype) -> Callable[[_QuantFn], _QuantFn]:
     return deco
 
 
-def quantize(w: torch.Tensor, qtype, chunk: int = 1 << 13) -> torch.Tensor:
+def quantize(w: torch.Tensor, qtype, chunk: int = 1 << 17) -> torch.Tensor:
     """(..., n) floats -> (..., row_bytes) uint8 of `qtype` blocks; n must be a whole number of
-    blocks. Blocks are quantized `chunk` at a time to bound the working memory."""
+    blocks. About `chunk` values are quantized at a time: the searches' temporaries then stay in
+    cache (2-4x faster than whole matrices) and the working memory stays small."""
     qtype = _qtype(qtype)
     if qtype not in QUANTIZERS:
         raise ValueError(f"no quantizer for {qtype.name}; known: {', '.join(t.name for t in QUANTIZERS)}")
@@ -43,8 +44,9 @@ def quantize(w: torch.Tensor, qtype, chunk: int = 1 << 13) -> torch.Tensor:
     width, block = row_bytes(qtype, n), block_size(qtype)
     blocks = w.detach().reshape(-1, block)
     out = torch.empty(blocks.shape[0], width * block // n if n else 0, dtype=torch.uint8)
-    for i in range(0, blocks.shape[0], chunk):
-        out[i:i + chunk] = QUANTIZERS[qtype](blocks[i:i + chunk].float())
+    step = max(1, chunk // block)
+    for i in range(0, blocks.shape[0], step):
+        out[i:i + step] = QUANTIZERS[qtype](blocks[i:i + step].float())
     return out.view(*lead, width)
 
 
