@@ -2,7 +2,9 @@
 // Every value is computed with the operations, in the order, of ggml's reference dequantization
 // (mistralrs_cli/quant/dequant.py mirrors it): f16 scales widened to f32, then f32 products; the
 // _rn intrinsics stop the compiler fusing a multiply and an add into an FMA, which rounds once
-// instead of twice and would break bit-exactness. Layouts: field@byte offset, from ggml-common.h.
+// instead of twice and would break bit-exactness. CuPy compiles with -ftz=true, which flushes f32
+// subnormal results; none arise here (f16 scales times small integers stay far above 1e-38).
+// Layouts: field@byte offset, from ggml-common.h.
 #pragma once
 #include <cuda/std/cstdint>
 #include <cuda_fp16.h>

@@ -152,3 +152,22 @@ def test_dynamic_shared_memory_overflow():
     assert np.array_equal(y, x[::-1])
     msg = _fails(code, "stage", (1,), (32,), (x, y), shared_mem=64)
     assert msg.startswith("kernel stage, block (0,0,0), thread (16,0,0)") and "dynamic shared memory" in msg
+
+
+def test_launch_limits_of_real_gpus():
+    code = r"""extern "C" __global__ void nop(float* y) { y[0] = 1.f; }"""
+    y = np.zeros(1, np.float32)
+    assert "not a valid CUDA block" in _fails(code, "nop", (1,), (1025,), (y,))
+    assert "not a valid CUDA grid" in _fails(code, "nop", (1, 70000), (1,), (y,))
+    assert "48 KiB" in _fails(code, "nop", (1,), (1,), (y,), shared_mem=64 * 1024)
+
+
+def test_half_arithmetic_rounds_like_cuda():
+    code = r"""
+    #include <cuda_fp16.h>
+    extern "C" __global__ void hmul(const __half* a, const __half* b, __half* c) {
+        const int i = threadIdx.x; c[i] = a[i] * b[i] + a[i]; }"""
+    a, b = (torch.randn(32, generator=torch.Generator().manual_seed(s)).half() for s in (1, 2))
+    c = np.zeros(32, np.float16)
+    EmuModule(code).get_function("hmul")((1,), (32,), (a.numpy(), b.numpy(), c))
+    assert np.array_equal(c, (a * b + a).numpy())

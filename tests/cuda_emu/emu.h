@@ -78,6 +78,18 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
 inline __nv_bfloat16 __float2bfloat16(float v) { return __float2bfloat16_rn(v); }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+// cuda_fp16.h / cuda_bf16.h arithmetic: computed in f32, rounded back once (as sm_80+ does)
+#define EMU_HALF_OPS(T, TO, FROM)                                                                  \
+    inline T operator+(T a, T b) { return FROM(TO(a) + TO(b)); }                                   \
+    inline T operator-(T a, T b) { return FROM(TO(a) - TO(b)); }                                   \
+    inline T operator*(T a, T b) { return FROM(TO(a) * TO(b)); }                                   \
+    inline T operator/(T a, T b) { return FROM(TO(a) / TO(b)); }                                   \
+    inline bool operator<(T a, T b) { return TO(a) < TO(b); }                                      \
+    inline bool operator>(T a, T b) { return TO(a) > TO(b); }                                      \
+    inline bool operator==(T a, T b) { return TO(a) == TO(b); }
+EMU_HALF_OPS(__half, __half2float, __float2half_rn)
+EMU_HALF_OPS(__nv_bfloat16, __bfloat162float, __float2bfloat16_rn)
+#undef EMU_HALF_OPS
 
 // --- arithmetic intrinsics (the .so is built with -ffp-contract=off, so these round each step) ----
 inline float __fmul_rn(float a, float b) { return a * b; }

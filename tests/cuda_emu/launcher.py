@@ -80,8 +80,7 @@ class EmuFunction:
 
     def __call__(self, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         grid, block = _dims(grid), _dims(block)
-        if not 0 < block[0] * block[1] * block[2] <= 1024:
-            raise EmuError(f"kernel {self.name}: block {block} has more than 1024 threads or none")
+        _check_launch(self.name, grid, block, shared_mem)
         args = tuple(args)
         _check_args(self.name, self.params, args)
         runs = []
@@ -127,6 +126,17 @@ class EmuFunction:
                            f"differs between the {self.module.schedules[0]} and {order} thread orders "
                            f"(last written by that thread in the forward order): a race, e.g. a missing "
                            f"__syncthreads")
+
+
+def _check_launch(kernel: str, grid, block, shared_mem: int) -> None:
+    """The limits a real launch fails on (sm_80..sm_90) instead of running."""
+    if not 0 < block[0] * block[1] * block[2] <= 1024 or block[2] > 64:
+        raise EmuError(f"kernel {kernel}: block {block} is not a valid CUDA block (1..1024 threads, z <= 64)")
+    if not (0 < grid[0] < 2**31 and 0 < grid[1] <= 65535 and 0 < grid[2] <= 65535):
+        raise EmuError(f"kernel {kernel}: grid {grid} is not a valid CUDA grid (x < 2^31, y and z <= 65535)")
+    if shared_mem > 48 * 1024:
+        raise EmuError(f"kernel {kernel}: {shared_mem} bytes of dynamic shared memory is over the 48 KiB "
+                       "a launch gets without cudaFuncSetAttribute")
 
 
 def _dims(d) -> tuple[int, int, int]:

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if !defined(__x86_64__)
+#error "the emulator's context switch is written for x86-64"
+#endif
+
 // The context switch: save the callee-saved registers on the current stack, swap stack pointers,
 // restore. ucontext's swapcontext does the same plus a signal-mask system call on every switch,
 // which made it the emulator's main cost.
