@@ -154,8 +154,10 @@ class Runner:
     def __init__(self, which: Any, token_source: str = "cache", chat_template: str | None = None,
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
                  loaded: Loaded | None = None, numerics: str = "llama.cpp", isq: str | None = None,
+                 in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
                  engine_config: EngineConfig | None = None, **_ignored: Any):
-        opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics, isq=isq)
+        opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
+                           isq=isq or in_situ_quant)
         self.loaded = loaded or load(which, opts)
         self.engine = Engine(self.loaded, engine_config or EngineConfig(
             max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))

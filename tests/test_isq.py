@@ -224,6 +224,9 @@ def test_runner_isq(models):
     assert {m.qweight.qtype for m in quantized(runner.loaded.model).values()} == {HQQ.HQQ8}
     res = runner.send_completion_request(CompletionRequest(prompt="the quick", max_tokens=4, temperature=0.0))
     assert res.usage.completion_tokens == 4 and isinstance(res.choices[0].text, str)
+    same = Runner(Which.Plain(str(path)), in_situ_quant="HQQ8")  # mistral.rs's Python spelling
+    again = same.send_completion_request(CompletionRequest(prompt="the quick", max_tokens=4, temperature=0.0))
+    assert again.choices[0].text == res.choices[0].text
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
