@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_emu import EmuError, EmuModule
+from cuda_emu import EmuError, EmuLauncher, EmuModule
 
 FULL = "0xffffffffu"
 FEATURES = r"""
@@ -171,3 +171,21 @@ def test_half_arithmetic_rounds_like_cuda():
     c = np.zeros(32, np.float16)
     EmuModule(code).get_function("hmul")((1,), (32,), (a.numpy(), b.numpy(), c))
     assert np.array_equal(c, (a * b + a).numpy())
+
+
+def test_project_gemm_without_its_second_barrier_is_caught():
+    """Mutate the real cuda/gemm.cu: without the barrier that keeps the next tile from being
+    staged while others still read this one, the orders disagree (so the barrier is needed,
+    and the emulator would notice it missing)."""
+    from cuda_emu.fixtures import random_qweight
+    from gguf import GGMLQuantizationType as Q
+    from mistralrs_cli.backends import cupy_backend as cb
+
+    src = (cb.CUDA_DIR / "gemm.cu").read_text()
+    barrier = "__syncthreads();  // the next step overwrites"
+    assert src.count(barrier) == 1
+    launcher = EmuLauncher(src.replace(barrier, "// removed: "), cb.kernel_options())
+    w = random_qweight(Q.Q8_0, 9, 96, seed=2)
+    x = torch.randn(12, 96, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(EmuError, match=r"kernel gemm_q8_0_f32, block \(0,0,0\), thread \(\d+,\d+,0\): argument 2 \(y\)"):
+        cb.CupyBackend(launcher).qmatmul(x, w)

@@ -31,7 +31,8 @@ def nvrtc(request):
     mp.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch={target[method]}_{arch}", method))
     mp.setattr(compiler, "_get_arch", lambda: ARCHS[0])
     request.addfinalizer(mp.undo)
-    # what RawModule adds (CCCL/libcu++ include dirs, --std=c++17) and -ftz=true, as it compiles
+    # RawModule -> core.compile_with_cache -> assemble_cupy_compiler_options (CCCL/libcu++ include
+    # dirs, --std=c++17) -> _compile_with_cache_cuda (+ -ftz=true) -> compile_using_nvrtc
     options = core.assemble_cupy_compiler_options(cb.kernel_options()) + ("-ftz=true",)
     method = "cubin"  # what CuPy does by default; "ptx" is its CUPY_COMPILE_WITH_PTX=1 path
 
