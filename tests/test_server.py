@@ -281,3 +281,22 @@ def test_clients_hanging_up_mid_stream_free_every_block(srv):
     assert srv.worker.call(lambda e: e.finished.get("cancelled", 0)) - cancelled == 50
     r = srv.client.completions.create(model="m", prompt="hi", max_tokens=3)
     assert r.choices[0].finish_reason == "length"
+
+
+def test_re_isq_quantizes_a_plain_model_in_place(tiny, tmp_path):
+    from mistralrs_cli.quant.qweight import QLinear
+    from mistralrs_cli.types import PlainSpec
+
+    tiny.hf.save_pretrained(tmp_path)
+    gb.train_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    loaded = Runner(Which.Plain(str(tmp_path))).loaded
+    with serve(loaded, PlainSpec(str(tmp_path))) as s:
+        before = s.client.completions.create(model="m", prompt="rain falls in", max_tokens=4).choices[0].text
+        assert before == ref_text(tiny, loaded.tokenizer.encode("rain falls in"), 4)
+        bad = httpx.post(s.url + "/re_isq", json={"isq_type": "Q9_Z"})
+        assert bad.status_code == 400 and "Q9_Z" in bad.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/re_isq", json={"ggml_type": "Q8_0"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert any(isinstance(m, QLinear) for m in loaded.model.modules())
+        after = s.client.completions.create(model="m", prompt="rain falls in", max_tokens=4)
+        assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 4

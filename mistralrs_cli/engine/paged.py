@@ -124,6 +124,13 @@ class BlockAllocator:
         for b in self.entries.popleft():
             self.decref(b)
 
+    def forget(self) -> None:
+        """Empty the prefix cache (the weights changed: cached keys/values are stale)."""
+        while self.entries:
+            self._drop_entry()
+        self.by_hash.clear()
+        self.hash_of.clear()
+
     # ---- accounting ----
     def n_free(self) -> int:
         return len(self.free)

@@ -13,8 +13,9 @@ from .protocol import ApiError
 GRACE_SECONDS = 10  # SIGINT/SIGTERM: in-flight requests get this long to finish, then are cancelled
 
 
-def reisq_handler(spec: Any, worker) -> Callable[[str], str] | None:
-    """POST /v1/re_isq: refuse for files that are quantized already; None if ISQ is absent."""
+def reisq_handler(spec: Any, worker, numerics: str = "llama.cpp") -> Callable[[str], str]:
+    """POST /v1/re_isq: quantize a plain model's linear layers in place; refuse GGUF/GGML files
+    (quantized already)."""
     if isinstance(spec, (GGUFSpec, GGMLSpec)):
         fmt = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
 
@@ -22,18 +23,23 @@ def reisq_handler(spec: Any, worker) -> Callable[[str], str] | None:
             raise ApiError(400, f"re_isq cannot requantize a {fmt} model (its weights are quantized "
                                 "already); ISQ applies to plain safetensors models.", "ggml_type")
         return refuse
-    try:
-        from ...quant.isq import apply_isq
-    except ImportError:
-        return None
+    from ...errors import UserError
 
     def requantize(kind: str) -> str:
-        try:
-            worker.call(lambda engine: apply_isq(engine.model, kind))
-        except (ValueError, KeyError) as e:
+        try:  # on the engine thread, between steps
+            worker.call(lambda engine: _requantize(engine, kind, numerics))
+        except UserError as e:
             raise ApiError(400, f"re_isq: {e}", "ggml_type") from None
         return f"the model is now quantized to {kind}"
     return requantize
+
+
+def _requantize(engine, kind: str, numerics: str) -> None:
+    from ...quant.isq import isq_model
+
+    isq_model(engine.model, kind, numerics, progress=False)
+    if engine.kv is not None:
+        engine.kv.alloc.forget()
 
 
 def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
@@ -48,7 +54,7 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
     log = RequestLog(opts.request_log)
     loaded = load(spec, opts.load)
     worker = EngineThread(Engine(loaded, config))
-    state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker))
+    state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker, opts.load.numerics))
     app = make_app(state)
     level = "warning" if opts.quiet else "info"
 
