@@ -4,8 +4,8 @@
 - every type's bytes read back by gguf-py's dequantizer (or, for Q8_1/Q8_K/HQQ, a numpy decoder
   written here from the block layout) equal our own dequantization, bit for bit;
 - the RMSE of each type on one seeded matrix falls in llama.cpp's order (printed with -s);
-- when llama.cpp's libggml-base is on this machine (the peers cache), our K-quant bytes match its
-  quantize_row_*_ref for nearly every block, with the same RMSE."""
+- when llama.cpp's libggml-base is on this machine (the peers cache), our bytes match its
+  quantize_row_*_ref: every block for the simple types, over 99% for the K types."""
 from __future__ import annotations
 
 import ctypes
@@ -195,8 +195,8 @@ def test_matches_llama_cpp_reference(qtype):
     got = quantize(torch.from_numpy(w), qtype).numpy()
     nbytes = row_bytes(qtype, block_size(qtype))
     same = (got.reshape(-1, nbytes) == want.reshape(-1, nbytes)).all(1).mean()
-    # ggml sums in C's order; ours sums vectorized, so a near-tie can go the other way
-    assert same >= (1.0 if qtype in (Q.Q8_1, Q.Q4_0, Q.Q5_1, Q.Q8_K) else 0.9), same
+    # the searches sum in C's order too; a last-bit difference still flips a rare exact tie
+    assert same >= (1.0 if qtype in (Q.Q8_1, Q.Q4_0, Q.Q5_1, Q.Q8_K) else 0.99), same
     x = torch.from_numpy(w)
     ours = (dequantize(torch.from_numpy(got), qtype) - x).pow(2).mean().sqrt()
     theirs = (dequantize(torch.from_numpy(want), qtype) - x).pow(2).mean().sqrt()

@@ -2,8 +2,9 @@
 
 ggml searches each sub-block's scale (and min) with small iterative fits, one sub-block at a
 time; here every search runs on all sub-blocks of all super-blocks at once, with the loop over
-the candidate scales (or the coordinate updates of make_q3_quants) outside. Block layouts are
-those dequant.py reads (field@byte offset in the comments).
+the candidate scales (or the coordinate updates of make_q3_quants) outside. Sums run left to
+right in f32 as C's loops do, and constants are rounded as C computes them, so the bytes are
+ggml's for over 99% of blocks. Block layouts are those dequant.py reads (field@byte offset).
 """
 from __future__ import annotations
 
@@ -45,6 +46,16 @@ def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, c) / t
 
 
+def seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim from left to right in f32, keepdim: C's `s += t[i]` loop, so that
+    near-ties in the searches resolve as in ggml (a tree-shaped reduction rounds differently)."""
+    cols = t.t().contiguous()  # (k, m): each step adds one contiguous row
+    acc = cols[0].clone()
+    for row in cols[1:]:
+        acc += row
+    return acc.unsqueeze(-1)
+
+
 def _c(expr: float) -> float:
     """A constant as C computes it in float (e.g. rmin + rdelta*is + nmax)."""
     return float(np.float32(expr))
@@ -65,10 +76,10 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     flat = mx == mn
     span = torch.where(flat, torch.ones_like(mx), mx - mn)
     xm = x - mn
-    sum_w, sum_x = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+    sum_w, sum_x = seqsum(w), seqsum(w * x)
 
     def cost(v):
-        return (w * (v.abs() if use_mad else v * v)).sum(-1, keepdim=True)
+        return seqsum(w * (v.abs() if use_mad else v * v))
 
     iscale = rdiv(nmax, span)
     scale = 1 / iscale
@@ -76,10 +87,10 @@ def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
     best, best_min = cost(scale * L + mn - x), mn
     for step in range(nstep + 1):  # ggml moves `min` to each better fit: later ranges start there
         span = torch.where(flat, torch.ones_like(mx), mx - best_min)
-        c = _c(rmin + _c(np.float32(rdelta) * np.float32(step)) + nmax)
+        c = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         la = (rdiv(c, span) * (x - best_min)).round().clamp(0, nmax)
         wl = w * la
-        sum_l, sum_l2, sum_xl = wl.sum(-1, keepdim=True), (wl * la).sum(-1, keepdim=True), (wl * x).sum(-1, keepdim=True)
+        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * la), seqsum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -103,7 +114,7 @@ def make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     def fit(iscale):
         l = (iscale * x).round().clamp(-nmax, nmax - 1)
-        return l, (w * x * l).sum(-1, keepdim=True), (w * l * l).sum(-1, keepdim=True)
+        return l, seqsum(w * x * l), seqsum(w * l * l)
 
     l, sumlx, suml2 = fit(rdiv(-nmax, mx))
     L = l + nmax
@@ -129,7 +140,7 @@ def make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     L = (rdiv(-nmax, mx) * x).round().clamp(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx, suml2 = (wx * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True)
+    sumlx, suml2 = seqsum(wx * L), seqsum(w * L * L)
     for _ in range(5):
         changed = torch.zeros_like(zero)
         for i in range(x.shape[-1]):
@@ -162,8 +173,8 @@ def q2_k(x):  # scales@0 (lo nibble scale, hi nibble min) qs@16 d@80 dmin@82
     xs = x.view(n * 16, 16)
     scales, mins, L = make_qkx2(xs, xs.abs(), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.view(n, 16), mins.view(n, 16)
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+    max_scale = scales.amax(-1, keepdim=True).clamp(min=0) + 0.0  # C starts from +0
+    max_min = mins.amax(-1, keepdim=True).clamp(min=0) + 0.0  # C starts from +0
     ls = _where(max_scale > 0, (rdiv(15, max_scale) * scales).round().clamp(0, 15), torch.zeros_like(scales))
     lm = _where(max_min > 0, (rdiv(15, max_min) * mins).round().clamp(0, 15), torch.zeros_like(mins))
     d = fp16_round(_where(max_scale > 0, max_scale / 15, torch.zeros_like(max_scale)))
@@ -197,11 +208,11 @@ def _k4_scales(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: in
     """The 8 sub-blocks of 32 of Q4_K/Q5_K: (12 packed scale bytes, d, dmin, L (n, 8, 32))."""
     n = x.shape[0]
     xs = x.view(n * 8, 32)
-    av = ((xs * xs).sum(-1, keepdim=True) / 32).sqrt()
+    av = (seqsum(xs * xs) / 32).sqrt()
     scales, mins, L = make_qkx2(xs, av + xs.abs(), nmax, rmin, rdelta, nstep, False)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
-    max_scale = scales.amax(-1, keepdim=True).clamp(min=0)
-    max_min = mins.amax(-1, keepdim=True).clamp(min=0)
+    max_scale = scales.amax(-1, keepdim=True).clamp(min=0) + 0.0  # C starts from +0
+    max_min = mins.amax(-1, keepdim=True).clamp(min=0) + 0.0  # C starts from +0
     inv_scale = _where(max_scale > 0, rdiv(63, max_scale), torch.zeros_like(max_scale))
     inv_min = _where(max_min > 0, rdiv(63, max_min), torch.zeros_like(max_min))
     ls = (inv_scale * scales).round().clamp(0, 63).to(torch.uint8)

@@ -4,8 +4,8 @@
 out as ggml-common.h defines them, so `dequant.dequantize`, gguf-py and llama.cpp all read them.
 F16, BF16 and Q4_0..Q8_0 reproduce gguf-py's quantizers (ports of ggml's reference) bit for bit.
 Q8_1, Q8_K and the K-quants follow llama.cpp's quantize_row_*_ref: the same searches for scales
-and mins, run for every sub-block at once instead of one after another. Sums are reduced in
-another order than C's running float sums, so a rare near-tie may resolve the other way.
+and mins, run for every sub-block at once instead of one after another, summing in C's order;
+they give ggml's bytes for over 99% of blocks (a last-bit difference flips a rare exact tie).
 
 Each format is one function from (n_blocks, block_size) f32 to (n_blocks, type_size) uint8,
 registered in `QUANTIZERS` (other formats, such as HQQ, register themselves the same way).
