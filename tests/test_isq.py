@@ -63,7 +63,7 @@ def models(env):
     """name -> (checkpoint dir, transformers model, its f32 logits on IDS)."""
     built = {
         "llama256": gb.tiny_llama(0, hidden_size=256, intermediate_size=512),
-        "llama64": gb.tiny_llama(1),
+        "llama64": gb.tiny_llama(1, tie_word_embeddings=True),  # lm_head shares the embeddings
         "phi3": gb.tiny_phi3(2),
         "mixtral": gb.tiny_mixtral(3),
     }
@@ -163,7 +163,9 @@ def test_fallback_when_rows_are_not_256_blocks(models, caplog):
     path, _, ref = models["llama64"]
     with caplog.at_level(logging.WARNING):
         loaded = isq_load(path, "Q4K")
-    assert {m.qweight.qtype for m in quantized(loaded.model).values()} == {Q.Q4_1}
+    layers = quantized(loaded.model)
+    assert {m.qweight.qtype for m in layers.values()} == {Q.Q4_1} and "lm_head" in layers
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.float32  # tied, yet left float
     assert "use Q4_1 instead, as mistral.rs does" in caplog.text
     assert rel(our_logits(loaded), ref) < 0.5
     exact = isq_load(path, "Q4_1")
