@@ -117,25 +117,19 @@ class TorchBackend:
         if ok is None:
             parts = getattr(w, "parts", [w])
             ok = w.cache["native"] = (
-                self.numerics == "llama.cpp" and all(p.qtype in native.TYPES and p.shape[1] % 32 == 0 for p in parts)
+                self.numerics == "llama.cpp" and all(
+                    p.qtype in native.TYPES and p.shape[1] % (256 if p.qtype in native.K_TYPES else 32) == 0
+                    for p in parts)
                 and native.library() is not None)
         return ok
 
     @staticmethod
-    def native_parts(w: QWeight) -> list[tuple[torch.Tensor, Q, int]]:
-        """(raw rows, qtype, rows) per kernel call: neighbouring parts of one type are copied
-        into one block array (one call instead of two or three; their file pages go unused)."""
-        parts = w.cache.get("native_parts")
-        if parts is None:
-            parts = []
-            for p in getattr(w, "parts", [w]):
-                if parts and parts[-1][1] == p.qtype:
-                    raw, qtype, rows = parts.pop()
-                    parts.append((torch.cat([raw, p.raw]), qtype, rows + p.shape[0]))
-                else:
-                    parts.append((p.raw.contiguous(), p.qtype, p.shape[0]))
-            w.cache["native_parts"] = parts
-        return parts
+    def native_parts(w: QWeight) -> "native.Plan":
+        """The kernel's view of w's blocks, read in place from the file mapping."""
+        plan = w.cache.get("native_parts")
+        if plan is None:
+            plan = w.cache["native_parts"] = native.Plan([(p.raw, p.qtype, p.shape[0]) for p in getattr(w, "parts", [w])])
+        return plan
 
     def prepare_for(self, w: QWeight, x_dtype: torch.dtype) -> None:
         """Build the compute form qmatmul will use for activations of `x_dtype`."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import hub
+from ..backends.native_decoder import NativeDecoder
 from ..errors import UserError
 from ..models.config import ModelConfig
 from ..quant.isq import isq_model, parse_isq
@@ -100,6 +101,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
     prepare_weights(model, release=gf.release)
+    model.native = NativeDecoder.build(model)
     tok, tok_cfg = _tokenizer(spec, gf, opts)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
     name = spec.quantized_model_id or path.name

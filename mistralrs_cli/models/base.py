@@ -31,6 +31,7 @@ class CausalLM(nn.Module):
     dtype = torch.float32  # activations; set by the loader for --dtype
     unsupported_dtypes: dict[str, str] = {}  # --dtype value -> why not
     kv_dtype = torch.float32  # KV cache storage (llama.cpp keeps f16)
+    native = None  # a fused CPU executor of this model (backends/native_decoder.py), set by the loader
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -43,6 +44,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids (T,) -> logits (len(batch.logits_rows) or T, vocab) in float32."""
+        if self.native is not None and self.native.handles(batch):
+            return self.native(input_ids, batch)
         h = self.model.embed_tokens(input_ids).to(self.dtype)  # (T, hidden)
         mult = self.embed_multiplier()
         if mult is not None:

@@ -4,6 +4,10 @@
 // Q4_1 weights also the block sum d*sum(q) as fp16), then every weight block is an integer dot
 // product with its activation block, scaled in f32. Loop order: weight row, block, activation
 // row, so a weight block is read from memory once however many activation rows there are.
+// The K types (Q4_K, Q5_K, Q6_K) multiply against llama.cpp's q8_K rounding instead: 8-bit blocks
+// of 256 with an f32 scale and sums per 16. qmm_parts also fuses what sits around a projection
+// in a decoder layer (an RMSNorm or a gated activation before it, a bias, a norm and a residual
+// add after it), so one call does what took the torch path a dozen ops.
 // Built at first use by native.py (cc -O3 -march=native -fopenmp); AVX2 where the CPU has it.
 #include <math.h>
 #include <stdint.h>
@@ -14,7 +18,14 @@
 #endif
 
 enum { QK = 32 };
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8 };  // GGML type ids
+enum { QKK = 256 };
+
+typedef struct {
+    int type;          // GGML type id, | PACKED for packed.c's layout
+    int64_t rows;
+    const uint8_t *w;  // rows x (k / block) blocks, or the packed groups
+} qpart_t;
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };  // GGML ids
 
 #ifdef __F16C__
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -62,7 +73,12 @@ static float round_h(float f) { return h2f(f2h(f)); }
 static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 
 // x (K floats) -> int8 codes, per-block scale d (fp16-rounded) and d*sum(codes) (fp16-rounded)
-static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+int packed_block_bytes(int type);
+void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
+                 const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
+enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
+
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s, int32_t *isum) {
     for (int64_t b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -76,6 +92,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
         }
         d[b] = round_h(db);
         s[b] = round_h(db * (float)sum);
+        isum[b] = sum;
     }
 }
 
@@ -178,43 +195,191 @@ __attribute__((unused)) static int block_dot(int type, const uint8_t *w, const i
 }
 
 static int block_bytes(int type) {
+    if (type & PACKED) return packed_block_bytes(type & ~PACKED) ? 1 : 0;
     switch (type) {
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
     case T_Q5_0: return 22;
     case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
     }
     return 0;
 }
 
+static int is_k(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
+
+static int64_t units(const qpart_t *p) { return p->type & PACKED ? (p->rows + 7) / 8 : p->rows; }
+
 int qmm_supported(int type) { return block_bytes(type) != 0; }
 
-// y[r * ldy + i] = sum_k x[r, k] W[i, k] for rows r < m of x (m, k) and rows i < n of W (n blocks
-// per row of k / 32); W given as raw GGUF rows. Returns 0, or -1 for an unsupported call.
-int qmm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int64_t ldy,
-        int n_threads) {
-    const int bb = block_bytes(type);
-    if (!bb || k % QK) return -1;
+// ---- K types: llama.cpp's q8_K activations (codes, f32 scale, sums of 16) ----
+
+static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16_t *bsums) {
+    for (int64_t b = 0; b < k / QKK; b++) {
+        const float *xb = x + b * QKK;
+        float amax = 0.0f, mx = 0.0f;
+        for (int j = 0; j < QKK; j++) {
+            if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); mx = xb[j]; }
+        }
+        int8_t *qb = q + b * QKK;
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, QKK);
+            memset(bsums + b * 16, 0, 32);
+            continue;
+        }
+        const float iscale = -127.0f / mx;
+        for (int j = 0; j < QKK; j++) {
+            int v = (int)nearbyintf(iscale * xb[j]);
+            qb[j] = (int8_t)(v > 127 ? 127 : v);
+        }
+        for (int g = 0; g < 16; g++) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += qb[g * 16 + j];
+            bsums[b * 16 + g] = (int16_t)s;
+        }
+        d[b] = 1.0f / iscale;
+    }
+}
+
+static inline void k_scale_min(int j, const uint8_t *q, int *sc, int *m) {  // Q4_K / Q5_K 6-bit fields
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+static inline int dot32(const int8_t *a, const int8_t *b) {
+    int s = 0;
+    for (int l = 0; l < 32; l++) s += a[l] * b[l];
+    return s;
+}
+
+// one K block against one q8_K block: d_w * d_x * sum(scale * int dot) - dmin * d_x * sum(min * bsum)
+static float kblock_dot(int type, const uint8_t *w, const int8_t *xq, float xd, const int16_t *bs) {
+    int8_t v[QKK];
+    if (type == T_Q6_K) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        for (int n = 0; n < 2; n++) {
+            int8_t *y = v + n * 128;
+            const uint8_t *l_ = ql + n * 64, *h_ = qh + n * 32;
+            for (int l = 0; l < 32; l++) {
+                y[l] = (int8_t)(((l_[l] & 0xF) | (((h_[l] >> 0) & 3) << 4)) - 32);
+                y[l + 32] = (int8_t)(((l_[l + 32] & 0xF) | (((h_[l] >> 2) & 3) << 4)) - 32);
+                y[l + 64] = (int8_t)(((l_[l] >> 4) | (((h_[l] >> 4) & 3) << 4)) - 32);
+                y[l + 96] = (int8_t)(((l_[l + 32] >> 4) | (((h_[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+        int isum = 0;
+        for (int g = 0; g < 16; g++) {
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += v[g * 16 + l] * xq[g * 16 + l];
+            isum += sc[g] * s;
+        }
+        return h2f(rd16(w + 208)) * xd * (float)isum;
+    }
+    const uint8_t *scales = w + 4, *qs = type == T_Q4_K ? w + 16 : w + 48, *qh = w + 16;
+    for (int j = 0; j < 4; j++) {
+        for (int l = 0; l < 32; l++) {
+            int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
+            if (type == T_Q5_K) {
+                lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+            }
+            v[64 * j + l] = (int8_t)lo;
+            v[64 * j + 32 + l] = (int8_t)hi;
+        }
+    }
+    int isum = 0, msum = 0;
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        k_scale_min(j, scales, &sc, &m);
+        isum += sc * dot32(v + 32 * j, xq + 32 * j);
+        msum += m * (bs[2 * j] + bs[2 * j + 1]);
+    }
+    return xd * (h2f(rd16(w)) * (float)isum - h2f(rd16(w + 2)) * (float)msum);
+}
+
+// ---- the driver ----
+
+
+typedef struct {
+    const float *norm_w;   // RMSNorm of each input row first (weights incl. Gemma's +1), or NULL
+    float norm_eps;
+    int act;               // 1: silu(gate) * up, 2: gelu_tanh(gate) * up over input rows [gate | up] of 2k
+    const float *bias;     // added to the outputs (sum of rows), or NULL
+    float *residual;       // NULL: y = outputs; else residual += outputs (after post_w's norm)
+    int64_t ld_res;
+    const float *post_w;   // RMSNorm of the outputs before the residual add, or NULL
+    float post_eps;
+} qmm_opts;
+
+static void rms_norm_row(const float *x, int64_t k, const float *w, float eps, float *out) {
+    float ss = 0.0f;
+    for (int64_t j = 0; j < k; j++) ss += x[j] * x[j];
+    const float r = 1.0f / sqrtf(ss / (float)k + eps);
+    for (int64_t j = 0; j < k; j++) out[j] = x[j] * r * w[j];
+}
+
+static float act_fn(int act, float g) {
+    if (act == 1) return g / (1.0f + expf(-g));
+    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+// the input row as the projection sees it: normed and/or gated, into tmp (k floats)
+static const float *input_row(const float *x, int64_t k, const qmm_opts *o, float *tmp) {
+    if (o && o->act) {
+        for (int64_t j = 0; j < k; j++) tmp[j] = act_fn(o->act, x[j]) * x[k + j];
+        x = tmp;
+    }
+    if (o && o->norm_w) {
+        rms_norm_row(x, k, o->norm_w, o->norm_eps, tmp);
+        x = tmp;
+    }
+    return x;
+}
+
+static void part_rows(const qpart_t *p, int64_t i0, int64_t i1, int64_t k, int64_t m, const int8_t *xq,
+                      const float *xd, const float *xs, const int32_t *xi, const int8_t *kq, const float *kd,
+                      const int16_t *kbs, float *y, int64_t ldy) {
+    if (p->type & PACKED) {  // units are groups of 8 rows
+        packed_rows(p->type & ~PACKED, p->w, p->rows, k, i0, i1, m, xq, xd, xs, xi, y, ldy);
+        return;
+    }
+    const int bb = block_bytes(p->type);
+    if (is_k(p->type)) {
+        const int64_t nb = k / QKK;
+        for (int64_t i = i0; i < i1; i++) {
+            const uint8_t *wr = p->w + i * nb * bb;
+            for (int64_t r = 0; r < m; r++) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nb; b++)
+                    acc += kblock_dot(p->type, wr + b * bb, kq + r * k + b * QKK, kd[r * nb + b], kbs + (r * nb + b) * 16);
+                y[r * ldy + i] = acc;
+            }
+        }
+        return;
+    }
     const int64_t nb = k / QK;
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
-    if (!xq || !xd || !xs) { free(xq); free(xd); free(xs); return -1; }
-    for (int64_t r = 0; r < m; r++) quantize_row(x + r * k, k, xq + r * k, xd + r * nb, xs + r * nb);
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *wr = w + i * nb * bb;
+    for (int64_t i = i0; i < i1; i++) {
+        const uint8_t *wr = p->w + i * nb * bb;
         for (int64_t r0 = 0; r0 < m; r0 += 8) {  // up to 8 activation rows share each weight block
             const int64_t rn = m - r0 < 8 ? m - r0 : 8;
             float out[8];
 #ifdef __AVX2__
-            row_avx2(type, wr, nb, bb, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, rn, out);
+            row_avx2(p->type, wr, nb, bb, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, rn, out);
 #else
             for (int64_t r = 0; r < rn; r++) out[r] = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 float wd, wm;
                 for (int64_t r = 0; r < rn; r++) {
                     const int64_t row = r0 + r;
-                    const int si = block_dot(type, wr + b * bb, xq + row * k + b * QK, &wd, &wm);
+                    const int si = block_dot(p->type, wr + b * bb, xq + row * k + b * QK, &wd, &wm);
                     out[r] += wd * xd[row * nb + b] * (float)si + wm * xs[row * nb + b];
                 }
             }
@@ -222,6 +387,67 @@ int qmm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_
             for (int64_t r = 0; r < rn; r++) y[(r0 + r) * ldy + i] = out[r];
         }
     }
-    free(xq); free(xd); free(xs);
-    return 0;
+}
+
+static void epilogue(float *y, int64_t m, int64_t n, int64_t ldy, const qmm_opts *o) {
+    if (!o) return;
+    for (int64_t r = 0; r < m; r++) {
+        float *yr = y + r * ldy;
+        if (o->bias)
+            for (int64_t i = 0; i < n; i++) yr[i] += o->bias[i];
+        if (o->residual) {
+            float *res = o->residual + r * o->ld_res;
+            if (o->post_w) rms_norm_row(yr, n, o->post_w, o->post_eps, yr);
+            for (int64_t i = 0; i < n; i++) res[i] += yr[i];
+        }
+    }
+}
+
+// y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
+// parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
+// Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
+int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
+              float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
+    int need_a = 0, need_k = 0;
+    int64_t n_total = 0;
+    for (int p = 0; p < nparts; p++) {
+        if (!block_bytes(parts[p].type)) return -1;
+        if (is_k(parts[p].type)) need_k = 1; else need_a = 1;
+        n_total += parts[p].rows;
+    }
+    if ((need_a && k % QK) || (need_k && k % QKK)) return -1;
+    const int64_t nb = k / QK, nbk = k / QKK;
+    int8_t *xq = need_a ? malloc((size_t)(m * k)) : NULL, *kq = need_k ? malloc((size_t)(m * k)) : NULL;
+    float *xd = malloc(sizeof(float) * (size_t)(m * nb + 1)), *xs = malloc(sizeof(float) * (size_t)(m * nb + 1));
+    float *kd = malloc(sizeof(float) * (size_t)(m * nbk + 1)), *tmp = malloc(sizeof(float) * (size_t)k);
+    int32_t *xi = malloc(sizeof(int32_t) * (size_t)(m * nb + 1));
+    int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(m * nbk * 16 + 1));
+    int rc = 0;
+    if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !kbs) { rc = -1; goto done; }
+    for (int64_t r = 0; r < m; r++) {
+        const float *row = input_row(x + r * ldx, k, o, tmp);
+        if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
+        if (need_k) quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
+    }
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t col = 0;
+        for (int p = 0; p < nparts; p++) {
+#pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < units(&parts[p]); i++)
+                part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, y + col, ldy);
+            col += parts[p].rows;
+        }
+    }
+    epilogue(y, m, n_total, ldy, o);
+done:
+    free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(kbs);
+    return rc;
+}
+
+// One weight of one type, no fusion: y[r * ldy + i] = sum_k x[r, k] W[i, k].
+int qmm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int64_t ldy,
+        int n_threads) {
+    qpart_t p = {type, n, w};
+    return qmm_parts(&p, 1, k, x, k, m, y, ldy, n_threads, NULL);
 }

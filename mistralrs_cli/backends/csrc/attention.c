@@ -1,0 +1,71 @@
+// The rest of a decoder layer's decode step on the CPU, beside qmatmul.c's projections:
+// per-head q/k RMSNorm + rotary embedding in place, and attention of a few query rows over a
+// sequence's cached keys and values. Same math as models/layers.py (its torch path is the
+// reference these are tested against), in one call each instead of a dozen small torch ops.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+// qkv rows (T, ldq): q heads [0, nq), k heads [nq, nq + nkv), each hd wide. Per head of q and k:
+// optional RMSNorm (qn / kn weights incl. any +1, eps), then rotate-half rotary over the first
+// rot dims with this row's cos/sin (T, rot) tables.
+void rope_rows(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int rot,
+               const float *cos_t, const float *sin_t, const float *qn, const float *kn, float eps) {
+    const int half = rot / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * rot, *s = sin_t + t * rot;
+        for (int h = 0; h < nq + nkv; h++) {
+            float *x = qkv + t * ldq + (int64_t)h * hd;
+            const float *nw = h < nq ? qn : kn;
+            if (nw) {
+                float ss = 0.0f;
+                for (int j = 0; j < hd; j++) ss += x[j] * x[j];
+                const float r = 1.0f / sqrtf(ss / (float)hd + eps);
+                for (int j = 0; j < hd; j++) x[j] = x[j] * r * nw[j];
+            }
+            for (int j = 0; j < half; j++) {
+                const float a = x[j], b = x[j + half];
+                x[j] = a * c[j] - b * s[j];
+                x[j + half] = b * c[j + half] + a * s[j + half];
+            }
+        }
+    }
+}
+
+// Attention for T query rows of one sequence: q (T, ldq) heads of hd; keys/values (nkv, S, hd)
+// with strides (sh, ss) in floats; out (T, ldo). Query t at position pos[t] sees keys
+// j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window.
+void attn_rows(const float *q, int64_t T, int64_t ldq, const float *k, const float *v, int64_t S,
+               int64_t sh, int64_t ss, float *out, int64_t ldo, int nq, int nkv, int hd,
+               const int64_t *pos, int64_t window, float scale, float softcap, int n_threads) {
+    const int rep = nq / nkv;
+#pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
+    for (int64_t t = 0; t < T; t++) {
+        for (int h = 0; h < nq; h++) {
+            const int64_t hi = pos[t] < S - 1 ? pos[t] : S - 1;
+            const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            const float *qh = q + t * ldq + (int64_t)h * hd;
+            const float *kh = k + (int64_t)(h / rep) * sh, *vh = v + (int64_t)(h / rep) * sh;
+            float *o = out + t * ldo + (int64_t)h * hd;
+            float *p = malloc(sizeof(float) * (size_t)(hi - lo + 1));
+            float mx = -INFINITY;
+            for (int64_t j = lo; j <= hi; j++) {
+                const float *kj = kh + j * ss;
+                float d = 0.0f;
+                for (int e = 0; e < hd; e++) d += qh[e] * kj[e];
+                d *= scale;
+                if (softcap > 0.0f) d = tanhf(d / softcap) * softcap;
+                p[j - lo] = d;
+                if (d > mx) mx = d;
+            }
+            float sum = 0.0f;
+            for (int64_t j = lo; j <= hi; j++) { p[j - lo] = expf(p[j - lo] - mx); sum += p[j - lo]; }
+            for (int e = 0; e < hd; e++) o[e] = 0.0f;
+            for (int64_t j = lo; j <= hi; j++) {
+                const float w = p[j - lo] / sum, *vj = vh + j * ss;
+                for (int e = 0; e < hd; e++) o[e] += w * vj[e];
+            }
+            free(p);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+"""The decoder layers of a GGUF model run by the native kernels, a handful of C calls per layer.
+
+On a model of 135M parameters the torch path spends as long dispatching ~170 small ops per
+layer as it does multiplying, so for the common block shapes this runs each layer as:
+  qkv  = [norm ->] x @ Wqkv (+ bias)                       qmm_parts, RMSNorm fused before
+  q, k : per-head norm, rotary                             rope_rows
+  attn = softmax(q k^T) v over the KV cache                attn_rows (a prompt chunk: torch SDPA)
+  x   += [post-norm] attn @ Wo                             qmm_parts, norm + residual fused after
+  gu   = [norm ->] x @ W[gate|up]                          qmm_parts
+  x   += [post-norm] act(gate) * up @ Wdown                qmm_parts, activation fused before
+and the final norm + lm_head as one more call. Everything else (embeddings, the KV cache
+protocol, rotary tables, masks for prompts) is the model's own code, read off its modules.
+
+It serves pre-norm blocks with a gated MLP (Llama, Mistral, Qwen2/3, Gemma, Gemma 2/3) whose
+projections the native kernels multiply; anything else (other blocks, other weight types,
+--numerics exact, bf16 activations) keeps the module path, which is also this one's reference
+(tests/test_native_decoder.py compares the two).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from ..models.layers import Attention, Batch, GatedMLP, RMSNorm, softcap
+from ..quant.qweight import FusedQLinear, QLinear, QWeightGroup
+from . import native
+
+SMALL_T = 16  # query rows per sequence up to which attention runs in C (more: torch's flash SDPA)
+
+
+def _norm_weight(norm: RMSNorm) -> torch.Tensor:
+    return (norm.weight.float() + norm.offset).contiguous()
+
+
+def _plan(backend, modules: list) -> tuple[native.Plan, torch.Tensor | None] | None:
+    """One kernel plan over the modules' weights (stacked by rows) and their joint bias."""
+    if not all(isinstance(m, (QLinear, FusedQLinear)) for m in modules):
+        return None
+    weights = [m.qweight for m in modules]
+    w = weights[0] if len(weights) == 1 else QWeightGroup(weights)
+    if not backend.native_ok(w):
+        return None
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        bias = None
+    else:
+        bias = torch.cat([b.float() if b is not None else torch.zeros(m.qweight.shape[0])
+                          for b, m in zip(biases, modules)]).contiguous()
+    return backend.native_parts(w), bias
+
+
+def _opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> native.QmmOpts:
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    return native.QmmOpts(norm_w=ptr(norm), norm_eps=eps, act=act, bias=ptr(bias), residual=None,
+                          ld_res=0, post_w=ptr(post), post_eps=post_eps)
+
+
+@dataclass
+class _Layer:
+    attn: Attention
+    qkv: native.Plan
+    qkv_opts: native.QmmOpts
+    o: native.Plan
+    o_opts: native.QmmOpts  # .residual set per call
+    gate_up: native.Plan
+    gate_up_opts: native.QmmOpts
+    down: native.Plan
+    down_opts: native.QmmOpts
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    keep: tuple  # tensors the opts point into
+
+
+def _layer(layer, backend, act: int) -> _Layer | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(attn) is not Attention or type(mlp) is not GatedMLP:
+        return None
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3: four norms per block
+    pre_attn = layer.input_layernorm
+    pre_ffn = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+    post_attn = layer.post_attention_layernorm if sandwich else None
+    post_ffn = layer.post_feedforward_layernorm if sandwich else None
+    norms = [n for n in (pre_attn, pre_ffn, post_attn, post_ffn, getattr(attn, "q_norm", None)) if n is not None]
+    if not all(type(n) is RMSNorm for n in norms):
+        return None
+    qkv = _plan(backend, [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj])
+    o = _plan(backend, [attn.o_proj])
+    gu = _plan(backend, [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj])
+    down = _plan(backend, [mlp.down_proj])
+    if None in (qkv, o, gu, down):
+        return None
+    w = {name: _norm_weight(n) if n is not None else None
+         for name, n in (("pre_attn", pre_attn), ("pre_ffn", pre_ffn), ("post_attn", post_attn), ("post_ffn", post_ffn))}
+    eps = {name: n.eps if n is not None else 0.0
+           for name, n in (("pre_attn", pre_attn), ("pre_ffn", pre_ffn), ("post_attn", post_attn), ("post_ffn", post_ffn))}
+    qn = _norm_weight(attn.q_norm) if attn.qk_norm else None
+    kn = _norm_weight(attn.k_norm) if attn.qk_norm else None
+    return _Layer(
+        attn, qkv[0], _opts(w["pre_attn"], eps["pre_attn"], bias=qkv[1]),
+        o[0], _opts(bias=o[1], post=w["post_attn"], post_eps=eps["post_attn"]),
+        gu[0], _opts(w["pre_ffn"], eps["pre_ffn"], bias=gu[1]),
+        down[0], _opts(act=act, bias=down[1], post=w["post_ffn"], post_eps=eps["post_ffn"]),
+        qn, kn, keep=(w, qkv[1], o[1], gu[1], down[1]))
+
+
+class NativeDecoder:
+    """Installed on a model as `model.native` by the GGUF loader when every layer qualifies."""
+
+    def __init__(self, model, layers: list[_Layer], head: native.Plan, head_opts: native.QmmOpts, keep):
+        self.model, self.layers, self.head, self.head_opts, self._keep = model, layers, head, head_opts, keep
+        self.lib = native.library()
+        a = layers[0].attn
+        self.nq, self.nkv, self.hd = a.n_heads, a.n_kv, a.head_dim
+
+    @classmethod
+    def build(cls, model) -> "NativeDecoder | None":
+        cfg = model.config
+        act = native.ACTS.get(cfg.hidden_act)
+        backend = getattr(model.lm_head, "backend", None)
+        if model.dtype != torch.float32 or act is None or backend is None or not hasattr(backend, "native_ok"):
+            return None
+        if native.library() is None:
+            return None
+        layers = [_layer(layer, backend, act) for layer in model.model.layers]
+        head = _plan(backend, [model.lm_head])
+        if head is None or any(x is None for x in layers) or type(model.model.norm) is not RMSNorm:
+            return None
+        norm = _norm_weight(model.model.norm)
+        return cls(model, layers, head[0], _opts(norm, model.model.norm.eps, bias=head[1]), (norm, head[1]))
+
+    def handles(self, batch: Batch) -> bool:
+        return all(s.cache is not None for s in batch.seqs)
+
+    def __call__(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        h = model.model.embed_tokens(input_ids).float().contiguous()  # (T, hidden)
+        mult = model.embed_multiplier()
+        if mult is not None:
+            h = h * torch.tensor(mult, dtype=h.dtype)
+        T, nq, nkv, hd = h.shape[0], self.nq, self.nkv, self.hd
+        qkv = torch.empty(T, (nq + 2 * nkv) * hd)
+        att = torch.empty(T, nq * hd)
+        gu = torch.empty(T, self.layers[0].gate_up.rows)
+        y = torch.empty(T, h.shape[1])
+        for i, L in enumerate(self.layers):
+            native.qmatmul(h, L.qkv, self.lib, L.qkv_opts, out=qkv)
+            self._rope(L, qkv, batch)
+            self._attend(i, L, qkv, att, batch)
+            self._residual(L.o, L.o_opts, att, h, y)
+            native.qmatmul(h, L.gate_up, self.lib, L.gate_up_opts, out=gu)
+            self._residual(L.down, L.down_opts, gu, h, y)
+        if batch.logits_rows is not None:
+            h = h[batch.logits_rows].contiguous()
+        logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
+        return softcap(logits, cfg.final_logit_softcapping)
+
+    def _residual(self, plan, opts, x, h, y) -> None:
+        opts.residual, opts.ld_res = h.data_ptr(), h.stride(0)
+        try:
+            native.qmatmul(x, plan, self.lib, opts, out=y)
+        finally:
+            opts.residual = None
+
+    def _rope(self, L: _Layer, qkv: torch.Tensor, batch: Batch) -> None:
+        rot = L.attn.rotary
+        cos, sin, _ = rot.tables(batch, torch.float32)  # (T, 1, dim), memoized per forward
+        cos, sin = cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1)
+        self.lib.rope_rows(qkv.data_ptr(), qkv.shape[0], qkv.stride(0), self.nq, self.nkv, self.hd, rot.dim,
+                           cos.data_ptr(), sin.data_ptr(),
+                           None if L.q_norm is None else L.q_norm.data_ptr(),
+                           None if L.k_norm is None else L.k_norm.data_ptr(),
+                           ctypes.c_float(L.attn.q_norm.eps if L.q_norm is not None else 0.0))
+
+    def _attend(self, i: int, L: _Layer, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> None:
+        nq, nkv, hd, a = self.nq, self.nkv, self.hd, L.attn
+        T = qkv.shape[0]
+        q = qkv[:, : nq * hd].view(T, nq, hd)
+        k = qkv[:, nq * hd:(nq + nkv) * hd].view(T, nkv, hd)
+        v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
+        for j, s in enumerate(batch.seqs):
+            ks, vs = s.cache.update(i, k[s.start:s.end], v[s.start:s.end])  # (Hkv, S, D)
+            n = s.end - s.start
+            if n <= SMALL_T:
+                if ks.stride(-1) != 1 or vs.stride() != ks.stride():
+                    ks, vs = ks.contiguous(), vs.contiguous()
+                pos = batch.positions[s.start:s.end]
+                self.lib.attn_rows(qkv[s.start:].data_ptr(), n, qkv.stride(0), ks.data_ptr(), vs.data_ptr(),
+                                   ks.shape[1], ks.stride(0), ks.stride(1), att[s.start:].data_ptr(), att.stride(0),
+                                   nq, nkv, hd, pos.data_ptr(), a.window or 0, ctypes.c_float(a.scale),
+                                   ctypes.c_float(a.softcap or 0.0), torch.get_num_threads())
+            else:
+                o = a.attend(q[s.start:s.end], ks.to(q.dtype), vs.to(q.dtype), a._mask(batch, j, s, ks.shape[1]))
+                att[s.start:s.end] = o.reshape(n, nq * hd)
