@@ -1,11 +1,16 @@
 // gemv_<qtype>_f32: y[m, col0 + n] = sum_k x[m, k] * W[n, k] for a few activation rows (decode).
-// Launch: block (32, GEMV_WARPS), grid (ceil(N / GEMV_WARPS)). One warp per output row: its lanes
-// walk the row 32 values apart (consecutive bytes, coalesced), dequantizing as they go, keep one f32
-// sum per activation row, and reduce them with shuffles. The weight row is read once for all M rows.
+// Launch: block (32, GEMV_WARPS), grid (ceil(N / GEMV_WARPS)). One warp per output row: the lanes
+// walk the row together (neighbouring lanes, neighbouring bytes), dequantizing as they go, keep one
+// f32 sum per activation row, and reduce them with shuffles. The weight row is read once for all
+// M rows.
 #include "quants.cuh"
 
 #define GEMV_MAX_M 8
 #define GEMV_WARPS 4
+#define GEMV_RUN 8  // consecutive values per lane and step
+
+// Rows of blocks hold whole runs of 8; only the float formats (QK = 1) can end mid-run.
+template <class Q> __device__ __forceinline__ bool in_row(int k, int K) { return Q::QK > 1 || k < K; }
 
 template <class Q>
 __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const float* __restrict__ x,
@@ -17,11 +22,20 @@ __device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const float*
     float acc[GEMV_MAX_M];
 #pragma unroll
     for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.f;
-    for (int k = lane; k < K; k += 32) {
-        const float v = row_value<Q>(row, k);
+    // A lane takes 8 consecutive values per step: they share a block and a sub-block scale (QK is
+    // 1, 32 or 256 and k0 is a multiple of 8), so after inlining the scale is decoded once.
+    for (int k0 = lane * GEMV_RUN; k0 < K; k0 += 32 * GEMV_RUN) {
+        float v[GEMV_RUN];
 #pragma unroll
-        for (int m = 0; m < GEMV_MAX_M; ++m)
-            if (m < M) acc[m] = __fmaf_rn(v, x[(i64)m * K + k], acc[m]);
+        for (int i = 0; i < GEMV_RUN; ++i) v[i] = in_row<Q>(k0 + i, K) ? row_value<Q>(row, k0 + i) : 0.f;
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; ++m) {
+            if (m >= M) break;
+            const float* xm = x + (i64)m * K + k0;
+#pragma unroll
+            for (int i = 0; i < GEMV_RUN; ++i)
+                if (in_row<Q>(k0 + i, K)) acc[m] = __fmaf_rn(v[i], xm[i], acc[m]);
+        }
     }
     for (int m = 0; m < M; ++m) {
         float s = acc[m];

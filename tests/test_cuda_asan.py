@@ -56,7 +56,7 @@ def _asan_process(script: str) -> subprocess.Popen:
 def test_asan_ubsan_pass_and_catch():
     good, bad = _asan_process(ALL_KERNELS), _asan_process(READ_PAST_END)
     out, err = good.communicate(timeout=300)
-    assert good.returncode == 0 and "all kernels clean" in out, err[-3000:]
+    assert good.returncode == 0 and "all kernels clean" in out, f"exit {good.returncode}\n{out[-1000:]}\n{err[-3000:]}"
     out, err = bad.communicate(timeout=300)
     assert bad.returncode != 0 and "not caught" not in out
     assert "heap-buffer-overflow" in err, err[-3000:]

@@ -21,7 +21,8 @@ CACHE = Path(os.environ.get("MISTRALRS_CLI_CACHE") or Path.home() / ".cache" / "
 FLAGS = {
     "O2": ["-O2"],
     # ASan/UBSan: fatal on the first report, so the subprocess exit code carries the verdict.
-    "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    # -g1 (functions and line tables) builds 3x faster than -g and reports still name file:line.
+    "asan": ["-O1", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
 }
 _COMMON = ["-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
 
@@ -55,7 +56,9 @@ def includes(options: tuple[str, ...]) -> list[str]:
 
 
 def _gxx(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run(["g++", *args], cwd=cwd, capture_output=True, text=True)
+    # never the compiler under a preloaded sanitizer runtime (the ASan test process has one)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.run(["g++", *args], cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"g++ failed for the emulator build:\n{proc.stderr[-4000:]}")
     return proc.stdout
