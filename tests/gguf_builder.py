@@ -276,14 +276,25 @@ def _fuse_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+# fp16 scale fields of the K types (byte offsets in a block): kept small and finite
+_K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
 def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
     """Random bytes laid out as (rows, row_bytes) of `qtype` blocks: any type, even ones
-    gguf-py cannot quantize (the bytes are never meant to be decoded)."""
+    gguf-py cannot quantize. K types get scales in [0.001, 0.003) so the weights decode to
+    sane values (a model built from them gives finite logits)."""
     block, size = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
         raise ValueError(f"rows of {shape[-1]} values are not whole {qtype.name} blocks of {block}")
     rows = int(np.prod(shape[:-1]))
-    return np.random.default_rng(seed).integers(0, 256, (rows, shape[-1] // block * size), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    out = rng.integers(0, 256, (rows, shape[-1] // block * size), dtype=np.uint8)
+    blocks = out.reshape(-1, size)
+    for off in _K_SCALES.get(qtype, ()):
+        d = rng.uniform(0.001, 0.003, blocks.shape[0]).astype(np.float16)
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return out
 
 
 # what gguf.quants.quantize can write; any other type gets random block bytes

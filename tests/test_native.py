@@ -66,3 +66,29 @@ def test_builds_agree(libs):
         a = native.qmatmul(x, [(raw, qtype, 16)], libs["avx2"])
         b = native.qmatmul(x, [(raw, qtype, 16)], libs["scalar"])
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), qtype.name
+
+
+def _q8_k_reference(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's q8_K activation rounding, written from its definition: per 256 values the
+    signed value of largest magnitude maps to -127, codes round half to even, capped at 127."""
+    xb = x.reshape(-1, 256).astype(np.float32)
+    mx = xb[np.arange(len(xb)), np.abs(xb).argmax(1)][:, None]
+    iscale = np.float32(-127.0) / np.where(mx == 0, np.float32(1), mx)
+    q = np.minimum(np.rint(xb * iscale), 127)
+    return np.where(mx == 0, 0, q / iscale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3, 10])
+def test_k_types_match_reference(libs, qtype, m):
+    """K weights (random blocks with finite scales, decoded by gguf-py) times q8_K activations."""
+    import gguf_builder as gb
+
+    n, k = 21, 512
+    raw = gb.random_blocks((n, k), qtype, seed=m)
+    w = quants.dequantize(raw, qtype).astype(np.float64)
+    x = (np.random.default_rng(m).standard_normal((m, k)) * 2).astype(np.float32)
+    ref = _q8_k_reference(x).astype(np.float64) @ w.T
+    for name, lib in libs.items():
+        got = native.qmatmul(torch.from_numpy(x), [(torch.from_numpy(raw), qtype, n)], lib).double().numpy()
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), name
