@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 import gguf_builder as gb
 from cuda_emu.fixtures import emu_launcher, random_qweight
 from mistralrs_cli.backends import cupy_backend as cb
+from mistralrs_cli.backends.placement import assign_backends, place_layers
 from mistralrs_cli.engine.kv_cache import SeqKVCache
 from mistralrs_cli.loaders.gguf import load_gguf_model
 from mistralrs_cli.loaders.gguf_file import GGUFFile
@@ -67,3 +68,18 @@ def test_greedy_tokens_equal_torch_backend(files, qtype):
     assert got == want
     for a, b in zip(got_logits, want_logits):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_first_layer_on_the_device_backend(files):
+    """-n 1: layer 0's projections on the CuPy backend (emulated), layer 1 and the head on torch;
+    the same greedy tokens as all-torch."""
+    model, cfg = load_gguf_model(GGUFFile(files[Q.Q4_0]), numerics="exact")
+    want, _ = _greedy(model, cfg)
+    device = cb.CupyBackend(emu_launcher(("forward",)))
+    placement = place_layers(cfg.num_hidden_layers, 1)
+    assert assign_backends(model, placement, device) >= 7
+    layer0, layer1 = model.model.layers
+    assert layer0.self_attn.o_proj.backend is device and layer1.self_attn.o_proj.backend is not device
+    assert model.lm_head.backend is not device
+    got, _ = _greedy(model, cfg)
+    assert got == want

@@ -18,6 +18,7 @@ class Placement:
     embed: str
     head: str
     warning: str | None = None  # one line for the user when -n was clamped
+    device: str = "cuda"  # the accelerator the first layers go to
 
     @property
     def boundaries(self) -> list[int]:
@@ -43,10 +44,26 @@ def place_layers(n_layers: int, num_device_layers: int | None, device: str = "cu
         n = 0
     layers = (device,) * n + (host,) * (n_layers - n)
     first, last = (layers[0], layers[-1]) if layers else (host, host)
-    return Placement(layers, embed=first, head=last, warning=warning)
+    return Placement(layers, embed=first, head=last, warning=warning, device=device)
 
 
 def to_layer(h: torch.Tensor, placement: Placement, i: int) -> torch.Tensor:
     """Activations entering layer i, moved if that layer lives elsewhere (a no-op otherwise)."""
     dev = placement.layers[i]
     return h if h.device.type == torch.device(dev).type else h.to(dev)
+
+
+def assign_backends(model: torch.nn.Module, placement: Placement, device_backend) -> int:
+    """Quantized linears (QLinear, FusedQLinear) of the layers placed on the device, and the LM
+    head if it is, multiply with `device_backend`; the others keep theirs. Returns how many moved.
+    Models are CausalLM-shaped: model.model.layers[i], model.lm_head."""
+    groups = [layer for layer, dev in zip(model.model.layers, placement.layers) if dev == placement.device]
+    if placement.head == placement.device:
+        groups.append(model.lm_head)
+    count = 0
+    for group in groups:
+        for module in group.modules():
+            if hasattr(module, "qweight") and hasattr(module, "backend"):
+                module.backend = device_backend
+                count += 1
+    return count
