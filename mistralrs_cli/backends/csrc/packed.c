@@ -7,23 +7,28 @@
 // Group layout, per block of 32 (of k / 32): d[8] fp16, (Q4_1: m[8] fp16), then the quants in
 // 4-byte chunks, chunk-major: Q4_x chunk c (0..3) = bytes 4c..4c+3 of each row's 16 nibble
 // bytes (low nibbles: weights 4c..4c+3, high: 16+4c..), Q8_0 chunk c (0..7) = weights 4c..4c+3
-// of each row with 128 added (unsigned). Missing rows of the last group are zero.
+// of each row with 128 added (unsigned), Q5_0 like Q8_0 with its 5-bit codes 0..31 as bytes (50%
+// more bytes than its 22-byte blocks, but no bit-plane unpacking on every token). Missing rows
+// of the last group are zero.
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8 };
 
 int packed_block_bytes(int type) {  // per group of 8 rows, per block of 32
     switch (type) {
     case T_Q4_0: return 16 + 128;
     case T_Q4_1: return 32 + 128;
+    case T_Q5_0:
     case T_Q8_0: return 16 + 256;
     }
     return 0;
 }
+
+static int bytewise(int type) { return type == T_Q8_0 || type == T_Q5_0; }  // one byte per weight
 
 int packed_supported(int type) {
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
@@ -36,7 +41,7 @@ int packed_supported(int type) {
 int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     const int gb = packed_block_bytes(type);
     if (!packed_supported(type) || k % 32) return -1;
-    const int bb = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : 34;
+    const int bb = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 34;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const int head = type == T_Q4_1 ? 32 : 16;
     memset(out, 0, (size_t)(groups * nb * gb));
@@ -47,12 +52,19 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                 const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
                 memcpy(o + 2 * r, src, 2);                                   // d
                 if (type == T_Q4_1) memcpy(o + 16 + 2 * r, src + 2, 2);      // m
-                const uint8_t *qs = src + (type == T_Q4_1 ? 4 : 2);
-                const int chunks = type == T_Q8_0 ? 8 : 4;
+                const uint8_t *qs = src + (type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 2);
+                uint32_t qh = 0;
+                if (type == T_Q5_0) memcpy(&qh, src + 2, 4);
+                const int chunks = bytewise(type) ? 8 : 4;
                 for (int c = 0; c < chunks; c++)
                     for (int j = 0; j < 4; j++) {
-                        uint8_t v = qs[4 * c + j];
-                        o[head + (c * 8 + r) * 4 + j] = type == T_Q8_0 ? (uint8_t)(v ^ 0x80) : v;
+                        const int e = 4 * c + j;  // weight index in the block
+                        uint8_t v;
+                        if (type == T_Q8_0) v = (uint8_t)(qs[e] ^ 0x80);
+                        else if (type == T_Q5_0)
+                            v = (uint8_t)(((e < 16 ? qs[e] & 15 : qs[e - 16] >> 4)) | (((qh >> e) & 1) << 4));
+                        else v = qs[e];
+                        o[head + (c * 8 + r) * 4 + j] = v;
                     }
             }
         }
@@ -108,10 +120,10 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
                     const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + head;
                     const int8_t *xr = xq + r * k + b * 32;
                     int32_t s = 0;
-                    if (type == T_Q8_0) {
+                    if (bytewise(type)) {
                         for (int c = 0; c < 8; c++)
                             for (int j = 0; j < 4; j++) s += q[(c * 8 + lane) * 4 + j] * xr[4 * c + j];
-                        s -= 128 * xi[r * nb + b];
+                        s -= (type == T_Q8_0 ? 128 : 16) * xi[r * nb + b];
                     } else {
                         for (int c = 0; c < 4; c++)
                             for (int j = 0; j < 4; j++) {
@@ -151,7 +163,7 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
                 __m256i isum[MR];
                 for (int r = 0; r < MR; r++) isum[r] = _mm256_setzero_si256();
                 const uint8_t *q = blk + head;
-                if (type == T_Q8_0) {
+                if (bytewise(type)) {
                     for (int c = 0; c < 8; c++) {
                         const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
                         for (int r = 0; r < rn; r++)
@@ -170,7 +182,7 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
                 for (int r = 0; r < rn; r++) {
                     const int64_t xb = (r0 + r) * nb + b;
                     // unsigned codes: subtract the offset times the activations' integer sum
-                    const int off = type == T_Q8_0 ? 128 : type == T_Q4_0 ? 8 : 0;
+                    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
                     __m256i s = isum[r];
                     if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * xi[xb]));
                     const __m256 sd = _mm256_mul_ps(d, _mm256_set1_ps(xd[xb]));
