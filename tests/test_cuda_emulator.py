@@ -189,3 +189,11 @@ def test_project_gemm_without_its_second_barrier_is_caught():
     x = torch.randn(12, 96, generator=torch.Generator().manual_seed(2))
     with pytest.raises(EmuError, match=r"kernel gemm_q8_0_f32, block \(0,0,0\), thread \(\d+,\d+,0\): argument 2 \(y\)"):
         cb.CupyBackend(launcher).qmatmul(x, w)
+
+
+def test_dynamic_shared_declarations_become_launch_pointers():
+    from cuda_emu.build import rewrite
+
+    assert rewrite("extern __shared__ float smem[];") == "float* smem = (float*)::emu::dyn_smem();"
+    assert rewrite("extern __shared__ __align__(16) unsigned char raw [ ];") == \
+        "unsigned char* raw = (unsigned char*)::emu::dyn_smem();"

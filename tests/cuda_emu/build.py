@@ -26,7 +26,7 @@ FLAGS = {
 }
 _COMMON = ["-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-w"]
 
-_DYN_SHARED = re.compile(r"extern\s+__shared__\s+((?:__align__\(\d+\)\s*)?)([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
+_DYN_SHARED = re.compile(r"extern\s+__shared__\s+((?:__align__\(\d+\)\s*)?)([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\s*\[\s*\]\s*;")
 _KERNEL = re.compile(r'extern\s+"C"\s+__attribute__\(\(visibility\("default"\)\)\)\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{')
 
 
