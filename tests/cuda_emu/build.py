@@ -94,8 +94,8 @@ def _key(code: str, options: tuple[str, ...], variant: str) -> str:
     h = hashlib.sha256()
     for part in (code, " ".join(options), variant, " ".join(FLAGS[variant])):
         h.update(part.encode() + b"\0")
-    for f in sorted(HERE.rglob("*")):
-        if f.is_file() and f.suffix in ("", ".h", ".cpp", ".py"):
+    for f in sorted(HERE.rglob("*")):  # what goes into a build: headers, runtime, this file
+        if f.is_file() and (f.suffix in ("", ".h", ".cpp") or f.name == "build.py"):
             h.update(f.read_bytes())
     return h.hexdigest()[:20]
 
