@@ -70,16 +70,19 @@ def test_prefix_blocks_are_shared_and_ref_counted():
     assert a.reserve(len(prompt))
     _append_both(a, SeqKVCache(2, 2, 4), len(prompt), gen)
     a.commit(prompt)
-    b = kv.new_sequence(prompt)  # while a runs: its full blocks are found
-    assert b.blocks == a.blocks[:2] and len(b) == 8 and kv.alloc.hits == 2
-    assert kv.alloc.refs[a.blocks[0]] == 2
+    shared = a.blocks[:2]
     a.release(keep_prefix=True)
-    b.release(keep_prefix=True)
-    assert kv.alloc.held_by_sequences() == 0
+    assert kv.alloc.held_by_sequences() == 0 and kv.alloc.refs[shared[0]] == 1  # held by the cache
+    b = kv.new_sequence(prompt)  # the blocks after the cached ones are free: shared, not copied
+    assert b.blocks == shared and len(b) == 8 and kv.alloc.hits == 2
+    assert kv.alloc.refs[shared[0]] == 2
     c = kv.new_sequence(prompt[:9] + [99, 98])  # shares the first two blocks only
-    assert len(c) == 8
+    assert len(c) == 8 and kv.alloc.hits == 4
     d = kv.new_sequence([7] + prompt[1:])  # differs in the first token: no hit
     assert len(d) == 0
+    for seq in (b, c, d):
+        seq.release(keep_prefix=True)
+    assert kv.alloc.held_by_sequences() == 0
 
 
 def test_the_last_prompt_token_is_always_computed():
@@ -113,3 +116,21 @@ def test_lru_entries_evicted_under_pressure_and_by_count():
     got = [alloc.allocate(None) for _ in range(3)]  # the third needs an entry's block
     assert None not in got and len(alloc.entries) == 1 and hash(("e", 1)) not in alloc.by_hash
     assert alloc.allocate(None) is not None and alloc.allocate(None) is None
+
+
+def test_a_prefix_hit_that_could_not_grow_is_copied_into_a_contiguous_run():
+    kv, gen = _kv(prefix_cache_n=4), torch.Generator().manual_seed(3)
+    prompt = list(range(30, 43))  # 13 tokens: 3 full blocks
+    a, ref = kv.new_sequence(prompt), SeqKVCache(2, 2, 4)
+    a.reserve(16)
+    _append_both(a, ref, 13, gen)
+    a.commit(prompt)
+    b = kv.new_sequence(prompt)  # a still owns the block after the shared ones
+    assert len(b) == 12 and b.blocks[0] not in a.blocks and b.contiguous
+    assert kv.alloc.hits == 3
+    for layer in range(2):  # the copy holds the same keys and values
+        got = b.update(layer, torch.zeros(0, 2, 4), torch.zeros(0, 2, 4))
+        assert torch.equal(got[0], ref.k[layer][:, :12]) and torch.equal(got[1], ref.v[layer][:, :12])
+    b.release(keep_prefix=True)
+    a.release(keep_prefix=True)
+    assert kv.alloc.held_by_sequences() == 0

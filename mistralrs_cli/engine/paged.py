@@ -174,10 +174,34 @@ class PagedKV:
         if self.alloc.prefix_cache_n:
             n = (len(tokens) - 1) // self.block_size
             cache.hashes = block_hashes(tokens, self.block_size, n)
-            cache.blocks = self.alloc.lookup(cache.hashes)
+            cache.blocks = self._contiguous_copy(self.alloc.lookup(cache.hashes))
             cache.hashes = cache.hashes[: len(cache.blocks)]
             cache.set_length(len(cache.blocks) * self.block_size)
         return cache
+
+    def _contiguous_copy(self, found: list[int]) -> list[int]:
+        """Shared prefix blocks the sequence could not grow after (the next block is taken) would
+        make every decode step gather; copying them once into a fresh run keeps its keys a view
+        of the pool. Falls back to sharing when no such run is free."""
+        alloc = self.alloc
+        if not found or (all(y == x + 1 for x, y in zip(found, found[1:])) and found[-1] + 1 in alloc.free):
+            return found
+        fresh: list[int] = []
+        for _ in found:
+            b = alloc.allocate(fresh[-1] if fresh else None)
+            if b is None or (fresh and b != fresh[-1] + 1):
+                for x in fresh + ([b] if b is not None else []):
+                    alloc.decref(x)
+                return found
+            fresh.append(b)
+        bs = self.block_size
+        src = (torch.tensor(found)[:, None] * bs + torch.arange(bs)).reshape(-1)
+        s0, n = fresh[0] * bs, len(found) * bs
+        for pool in self.k + self.v:
+            pool[:, s0:s0 + n] = pool.index_select(1, src)
+        for b in found:
+            alloc.decref(b)
+        return fresh
 
 
 class PagedSeqCache:
