@@ -204,6 +204,26 @@ def _float_weight(hf: nn.Module, name: str) -> torch.Tensor:
     return {"w1": gate_up.chunk(2)[0], "w3": gate_up.chunk(2)[1], "w2": down}[w]
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_checkpoint_memory_map_released(models, env):
+    """After ISQ nothing refers to the checkpoint's memory map any more, so the pages the
+    quantizer read are unmapped (without ISQ the float weights live in that map)."""
+    import shutil
+
+    path = env / "llama64-maps"
+    shutil.copytree(models["llama64"][0], path)
+    weights = str(path / "model.safetensors")
+
+    def mapped() -> bool:
+        return weights in Path("/proc/self/maps").read_text()
+
+    plain = load(PlainSpec(str(path)), LoadOptions())
+    assert mapped()
+    del plain
+    loaded = isq_load(path, "Q8_0")
+    assert quantized(loaded.model) and not mapped()
+
+
 def test_progress_bar(models, monkeypatch):
     """The bar draws on a terminal and stays silent otherwise (and under -q)."""
     from mistralrs_cli.quant import isq
