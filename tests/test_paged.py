@@ -134,3 +134,29 @@ def test_a_prefix_hit_that_could_not_grow_is_copied_into_a_contiguous_run():
     b.release(keep_prefix=True)
     a.release(keep_prefix=True)
     assert kv.alloc.held_by_sequences() == 0
+
+
+def test_pool_size_flags():
+    from mistralrs_cli.engine.engine import pool_blocks
+    from mistralrs_cli.types import EngineConfig
+
+    per_block_mb = SHAPE.bytes_per_token() * 32 / 2**20
+    assert pool_blocks(EngineConfig(kv_tokens=100), SHAPE, 4096) == 4  # --pa-ctxt-len: ceil(100 / 32)
+    assert pool_blocks(EngineConfig(kv_mem_mb=10 * per_block_mb), SHAPE, 4096) == 10  # --pa-gpu-mem
+    assert pool_blocks(EngineConfig(max_seqs=3), SHAPE, 100) == 3 * 4  # default: max_seqs full contexts
+    half = pool_blocks(EngineConfig(kv_mem_fraction=0.5), SHAPE, 4096)
+    assert half >= 2 * pool_blocks(EngineConfig(kv_mem_fraction=0.25), SHAPE, 4096) - 1
+
+
+def test_engine_flags_are_checked():
+    import pytest
+
+    from mistralrs_cli.errors import UserError
+    from mistralrs_cli.run import RunOptions, engine_config
+
+    for field, value, flag in [("pa_gpu_mem_usage", 2.0, "--pa-gpu-mem-usage"), ("max_seqs", 0, "--max-seqs"),
+                               ("pa_blk_size", 0, "--pa-blk-size"), ("prefix_cache_n", -1, "--prefix-cache-n")]:
+        with pytest.raises(UserError, match=flag):
+            engine_config(RunOptions(**{field: value}))
+    cfg = engine_config(RunOptions(no_paged_attn=True, pa_blk_size=16, prefix_cache_n=0, pa_ctxt_len=512))
+    assert (cfg.paged_attn, cfg.block_size, cfg.prefix_cache_n, cfg.kv_tokens) == (False, 16, 0, 512)

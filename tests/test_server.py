@@ -300,3 +300,13 @@ def test_re_isq_quantizes_a_plain_model_in_place(tiny, tmp_path):
         assert any(isinstance(m, QLinear) for m in loaded.model.modules())
         after = s.client.completions.create(model="m", prompt="rain falls in", max_tokens=4)
         assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 4
+
+
+def test_a_full_queue_is_a_503(srv):
+    srv.worker.max_pending = 0
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    finally:
+        srv.worker.max_pending = 1024
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
