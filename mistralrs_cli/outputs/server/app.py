@@ -33,30 +33,39 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def make_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="mistralrs-cli", docs_url=None, redoc_url=None, openapi_url=None)
-    tt = TokenText(state.loaded.tokenizer)
-    log = state.log or RequestLog(None)
+class Routes:
+    """The handlers, sharing the server's state, the token-text table and the request log."""
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
+    def __init__(self, state: ServerState):
+        self.state, self.loaded = state, state.loaded
+        self.tt = TokenText(state.loaded.tokenizer)
+        self.log = state.log or RequestLog(None)
+
+    # ---- errors ----
+    async def http_error(self, request: Request, exc: StarletteHTTPException):
         code = "unknown_url" if exc.status_code == 404 else None
         msg = (f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404
                else str(exc.detail))
         return error_response(ApiError(exc.status_code, msg, code=code))
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        log.write("error", {"path": request.url.path, "status": exc.status, "message": exc.message})
+    async def api_error(self, request: Request, exc: ApiError):
+        self.log.write("error", {"path": request.url.path, "status": exc.status, "message": exc.message})
         return error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.write("error", {"path": request.url.path, "status": 500, "message": repr(exc)})
+    async def internal(self, request: Request, exc: Exception):
+        self.log.write("error", {"path": request.url.path, "status": 500, "message": repr(exc)})
         return error_response(ApiError(500, f"internal error: {exc}", type_="server_error"))
 
-    async def body_of(request: Request) -> dict:
-        check_key(request)
+    # ---- request bodies ----
+    def check_key(self, request: Request) -> None:
+        key = self.state.api_key
+        if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+            raise ApiError(401, "Incorrect or missing API key: send the header "
+                                "'Authorization: Bearer <key>' with the key given to --api-key.",
+                           code="invalid_api_key")
+
+    async def body_of(self, request: Request) -> dict:
+        self.check_key(request)
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -64,65 +73,50 @@ def make_app(state: ServerState) -> FastAPI:
             raise ApiError(400, f"the request body is not valid JSON ({e}).") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object.")
-        log.write("request", {"path": request.url.path, "body": body})
+        self.log.write("request", {"path": request.url.path, "body": body})
         return body
 
-    def check_key(request: Request) -> None:
-        if state.api_key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-            raise ApiError(401, "Incorrect or missing API key: send the header "
-                                "'Authorization: Bearer <key>' with the key given to --api-key.",
-                           code="invalid_api_key")
-
-    @app.get("/health")
-    async def health():
+    # ---- routes ----
+    async def health(self):
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [{"id": state.loaded.model_id, "object": "model",
+    async def models(self, request: Request):
+        self.check_key(request)
+        return {"object": "list", "data": [{"id": self.loaded.model_id, "object": "model",
                                             "created": int(time.time()), "owned_by": "local"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        parsed = parse_chat(await body_of(request), state.loaded)
-        return await complete(request, parsed)
+    async def chat(self, request: Request):
+        return await self.complete(request, parse_chat(await self.body_of(request), self.loaded))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        parsed = parse_completion(await body_of(request), state.loaded)
-        return await complete(request, parsed)
+    async def completions(self, request: Request):
+        return await self.complete(request, parse_completion(await self.body_of(request), self.loaded))
 
-    async def reisq(request: Request):
-        body = await body_of(request)
+    async def reisq(self, request: Request):
+        body = await self.body_of(request)
         kind = body.get("ggml_type") or body.get("isq_type")
         if not isinstance(kind, str) or not kind:
             raise ApiError(400, "send the quantization type as ggml_type or isq_type, e.g. "
                                 '{"ggml_type": "Q4K"}.', "ggml_type")
-        if state.reisq is None:
-            raise ApiError(400, "in-situ quantization is not available in this build.", "ggml_type")
-        return {"message": await asyncio.to_thread(state.reisq, kind)}
+        if self.state.reisq is None:
+            raise ApiError(400, "in-situ quantization is not available for this model.", "ggml_type")
+        return {"message": await asyncio.to_thread(self.state.reisq, kind)}
 
-    app.post("/v1/re_isq")(reisq)
-    app.post("/re_isq")(reisq)
-
-    async def complete(request: Request, parsed: Parsed):
+    # ---- generation ----
+    async def complete(self, request: Request, parsed: Parsed):
         rid = shapes.new_id(parsed.kind)
-        pending = Pending(state.worker, parsed)
+        pending = Pending(self.state.worker, parsed)
         if parsed.stream:
-            gen = stream(parsed, rid, pending)
-            return StreamingResponse(gen, media_type="text/event-stream",
+            return StreamingResponse(self.stream(parsed, rid, pending), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        choices = await collect(request, parsed, pending)
+        choices = await self.collect(request, parsed, pending)
         use = shapes.usage(sum(map(len, parsed.prompts)), choices)
-        body = shapes.response(parsed.kind, rid, state.loaded.model_id, choices, use, parsed.echo,
+        body = shapes.response(parsed.kind, rid, self.loaded.model_id, choices, use, parsed.echo,
                                parsed.n, parsed.logprobs is not None)
-        log.write("response", body)
+        self.log.write("response", body)
         return body
 
-    async def collect(request: Request, parsed: Parsed, pending: Pending) -> list[shapes.ChoiceState]:
+    async def collect(self, request: Request, parsed: Parsed, pending: "Pending") -> list[shapes.ChoiceState]:
+        """Every choice to its end; a client gone meanwhile cancels them."""
         choices = [shapes.ChoiceState() for _ in parsed.params]
         while True:
             try:
@@ -135,56 +129,91 @@ def make_app(state: ServerState) -> FastAPI:
             if item is None:
                 return choices
             j, out = item
-            if out.finish_reason == "error":
+            if out.finish_reason in ("error", "cancelled"):
                 pending.abort()
-                raise ApiError(500, out.text, type_="server_error")
-            if out.finish_reason == "cancelled":
-                pending.abort()
+                if out.finish_reason == "error":
+                    raise ApiError(500, out.text, type_="server_error")
                 raise ApiError(503, "the server is shutting down; retry later.", type_="server_error")
-            choices[j].add(out, shapes.logprob_entry(out, tt))
+            choices[j].add(out, shapes.logprob_entry(out, self.tt))
 
-    async def stream(parsed: Parsed, rid: str, pending: Pending) -> AsyncIterator[str]:
-        model, kind, lp = state.loaded.model_id, parsed.kind, parsed.logprobs is not None
-        inc = parsed.include_usage
+    async def stream(self, parsed: Parsed, rid: str, pending: "Pending") -> AsyncIterator[str]:
+        """SSE: a first chunk per choice, one chunk per token, a finish chunk per choice, usage
+        if asked, [DONE]. A client that hangs up cancels what is still running (finally)."""
+        ev = _Events(parsed, rid, self.loaded.model_id)
         choices = [shapes.ChoiceState() for _ in parsed.params]
-        offsets = [len(parsed.echo[j // parsed.n]) if parsed.echo else 0 for j in range(len(choices))]
-
-        def sse(obj: Any) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
         try:
             for j in range(len(choices)):
-                if kind == "chat":
-                    yield sse(shapes.chunk(kind, rid, model, j, "", None, None, lp, role=True, include_usage=inc))
-                elif parsed.echo:
-                    yield sse(shapes.chunk(kind, rid, model, j, parsed.echo[j // parsed.n], None, None, lp,
-                                           include_usage=inc))
+                if opening := from_opening(ev, j):
+                    yield opening
             while (item := await pending.next()) is not None:
                 j, out = item
                 if out.finish_reason in ("error", "cancelled"):  # a bug, or the server stopping
-                    msg = out.text if out.finish_reason == "error" else "the server is shutting down"
-                    yield sse(ApiError(500 if out.finish_reason == "error" else 503, msg,
-                                       type_="server_error").body())
+                    yield ev.failure(out)
                     break
-                entry = shapes.logprob_entry(out, tt)
+                entry = shapes.logprob_entry(out, self.tt)
                 choices[j].add(out, entry)
-                if out.text or entry is not None:
-                    yield sse(shapes.chunk(kind, rid, model, j, out.text, None, entry, lp,
-                                           include_usage=inc, offset=offsets[j]))
-                    offsets[j] += len(out.text)
-                if out.finish_reason is not None:
-                    text = None if kind == "chat" else ""
-                    yield sse(shapes.chunk(kind, rid, model, j, text, out.finish_reason, None, lp,
-                                           include_usage=inc))
-            if inc:
-                use = shapes.usage(sum(map(len, parsed.prompts)), choices)
-                yield sse(shapes.usage_chunk(kind, rid, model, use))
+                for event in ev.token(j, out, entry):
+                    yield event
+            if parsed.include_usage:
+                yield ev.sse(shapes.usage_chunk(parsed.kind, rid, ev.model,
+                                                shapes.usage(sum(map(len, parsed.prompts)), choices)))
             yield "data: [DONE]\n\n"
-            log.write("response", {"id": rid, "choices": [c.text for c in choices],
-                                   "finish_reasons": [c.finish for c in choices]})
+            self.log.write("response", {"id": rid, "choices": [c.text for c in choices],
+                                        "finish_reasons": [c.finish for c in choices]})
         finally:
-            pending.abort()  # a client that hung up: cancel what is still running
+            pending.abort()
 
+
+class _Events:
+    """SSE events of one streamed request."""
+
+    def __init__(self, parsed: Parsed, rid: str, model: str):
+        self.p, self.rid, self.model = parsed, rid, model
+        self.lp = parsed.logprobs is not None
+        self.offsets = [len(parsed.echo[j // parsed.n]) if parsed.echo else 0 for j in range(len(parsed.params))]
+
+    @staticmethod
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def chunk(self, j: int, text: str | None, finish: str | None = None, entry=None, role: bool = False) -> str:
+        return self.sse(shapes.chunk(self.p.kind, self.rid, self.model, j, text, finish, entry, self.lp,
+                                     role=role, include_usage=self.p.include_usage, offset=self.offsets[j]))
+
+    def token(self, j: int, out, entry) -> list[str]:
+        events = []
+        if out.text or entry is not None:
+            events.append(self.chunk(j, out.text, entry=entry))
+            self.offsets[j] += len(out.text)
+        if out.finish_reason is not None:
+            events.append(self.chunk(j, None if self.p.kind == "chat" else "", out.finish_reason))
+        return events
+
+    def failure(self, out) -> str:
+        if out.finish_reason == "error":
+            return self.sse(ApiError(500, out.text, type_="server_error").body())
+        return self.sse(ApiError(503, "the server is shutting down", type_="server_error").body())
+
+
+def from_opening(ev: _Events, j: int) -> str:
+    """Chat streams open each choice with the assistant role; completions echo the prompt."""
+    if ev.p.kind == "chat":
+        return ev.chunk(j, "", role=True)
+    return ev.chunk(j, ev.p.echo[j // ev.p.n]) if ev.p.echo else ""
+
+
+def make_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="mistralrs-cli", docs_url=None, redoc_url=None, openapi_url=None)
+    r = Routes(state)
+    app.add_exception_handler(StarletteHTTPException, r.http_error)
+    app.add_exception_handler(ApiError, r.api_error)
+    app.add_exception_handler(Exception, r.internal)
+    app.get("/health")(r.health)
+    app.get("/v1/models")(r.models)
+    app.post("/v1/chat/completions")(r.chat)
+    app.post("/v1/completions")(r.completions)
+    app.post("/v1/re_isq")(r.reisq)
+    app.post("/re_isq")(r.reisq)
     return app
 
 
