@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 from .engine.engine import Engine
 from .engine.request import RequestOutput
+from .engine.token_text import TokenText
 from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
@@ -161,6 +162,7 @@ class Runner:
         self.loaded = loaded or load(which, opts)
         self.engine = Engine(self.loaded, engine_config or EngineConfig(
             max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))
+        self._token_text: TokenText | None = None
 
     # ---- tokenizer ----
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -194,12 +196,17 @@ class Runner:
         gen = self._drain(index)
         if request.stream:
             return self._chunks(gen, kind, rid)
-        texts, last = [""] * len(reqs), {}
+        texts, last, lps = [""] * len(reqs), {}, [[] for _ in reqs]
         for i, out in gen:
             texts[i] += out.text
+            if out.logprob is not None and out.token_id is not None:
+                lps[i].append(self._logprob(out))
             if out.finish_reason is not None:
                 last[i] = out
         choices = [self._choice(kind, i, texts[i], last[i].finish_reason) for i in range(len(reqs))]
+        if request.logprobs:
+            for c, entries in zip(choices, lps):
+                c.logprobs = {"content": entries}
         return Response(rid, kind, int(time.time()), self.loaded.model_id, choices, _usage(list(last.values())))
 
     def _drain(self, index: dict[str, int]) -> Iterator[tuple[int, RequestOutput]]:
@@ -214,6 +221,14 @@ class Runner:
         finally:
             for rid in pending:
                 self.engine.abort(rid)
+
+    def _logprob(self, out: RequestOutput) -> dict[str, Any]:
+        """OpenAI's logprobs.content item: token text, natural log, bytes, top alternatives."""
+        if self._token_text is None:
+            self._token_text = TokenText(self.loaded.tokenizer)
+        tok, raw = self._token_text(out.token_id)
+        top = [dict(zip(("token", "bytes"), self._token_text(t)), logprob=lp) for t, lp in out.top_logprobs]
+        return {"token": tok, "logprob": out.logprob, "bytes": raw, "top_logprobs": top}
 
     @staticmethod
     def _choice(kind: str, i: int, text: str, finish: str | None, chunk: bool = False) -> Choice:
