@@ -43,8 +43,7 @@ def env(tmp_path_factory):
     path = tmp_path_factory.mktemp("isq")
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # small elementwise ops: 2 threads on a busy 2-core box cost 20x
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MISTRALRS_CLI_CACHE", str(path / "cache"))
+    with pytest.MonkeyPatch.context() as mp:  # the user's cache: its native kernels build once
         mp.setenv("HF_HUB_OFFLINE", "1")
         yield path
     torch.set_num_threads(before)

@@ -9,7 +9,6 @@ multiple of 256 falls back to a 32-block type), or stays unquantized when that d
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import re
 import sys
@@ -89,8 +88,7 @@ def apply_isq(model: nn.Module, isq_type: str, progress: bool = True, backend=No
     if not linears and any(isinstance(m, QLinear) for m in model.modules()):
         raise UserError(f"--isq {isq_type}: this model's weights are already quantized; run it without --isq.")
     counts = _swap(model, linears, qtype, backend, _show_progress(progress))
-    linears.clear()
-    gc.collect()  # the float weights (or their pages) go now, not at some later collection
+    linears.clear()  # the float weights go now (reference counts: no collection needed)
     _report(isq_type, qtype, counts)
     return counts
 
@@ -147,6 +145,5 @@ def isq_model(model: nn.Module, isq_type: str, numerics: str = "llama.cpp", prog
     # the map go, and with it every page the quantizer read (a 135M model: 930 -> 520 MB RSS)
     for p in model.parameters():
         p.data = p.data.clone()
-    gc.collect()
     fuse_projections(model, backend.can_fuse)
     prepare_weights(model)
