@@ -100,6 +100,26 @@ def _key(code: str, options: tuple[str, ...], variant: str) -> str:
     return h.hexdigest()[:20]
 
 
+def _compile(args: list[str], out: Path, target: Path) -> None:
+    """g++ into a temporary name, then an atomic rename: a concurrent or killed build never
+    leaves a half-written file under the final name."""
+    with tempfile.NamedTemporaryFile(dir=out, suffix=target.suffix, delete=False) as tmp:
+        pass
+    _gxx([*args, "-o", tmp.name], out)
+    os.replace(tmp.name, target)
+
+
+def _runtime(variant: str) -> Path:
+    """The scheduler compiled once per variant (it is the same for every kernel source)."""
+    out = CACHE / _key("", (), variant)
+    obj = out / "runtime.o"
+    if not obj.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        _compile([*FLAGS[variant], *_COMMON, "-c", "-include", str(HERE / "emu.h"),
+                  str(HERE / "runtime.cpp")], out, obj)
+    return obj
+
+
 def build(code: str, options: tuple[str, ...] = (), variant: str = "O2") -> tuple[Path, dict[str, list[Param]]]:
     """(shared library, kernel signatures), cached by a hash of everything that goes in."""
     out = CACHE / _key(code, options, variant)
@@ -114,9 +134,6 @@ def build(code: str, options: tuple[str, ...] = (), variant: str = "O2") -> tupl
     sigs = signatures(src, options)
     sig_file.write_text(json.dumps({name: [[p.ctype, p.name] for p in ps] for name, ps in sigs.items()}))
     (out / "thunks.cpp").write_text(f'#include "kern.cu"\n{_thunks(sigs)}')
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".so", delete=False) as tmp:
-        pass
-    _gxx([*FLAGS[variant], *_COMMON, f"-I{HERE / 'include'}", "-include", str(HERE / "emu.h"), *includes(options),
-          "-x", "c++", "thunks.cpp", str(HERE / "runtime.cpp"), "-o", tmp.name], out)
-    os.replace(tmp.name, lib)
+    _compile([*FLAGS[variant], *_COMMON, f"-I{HERE / 'include'}", "-include", str(HERE / "emu.h"),
+              *includes(options), "-x", "c++", "thunks.cpp", "-x", "none", str(_runtime(variant))], out, lib)
     return lib, sigs
