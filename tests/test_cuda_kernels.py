@@ -97,3 +97,14 @@ def test_kernel_table_covers_every_kernel_in_the_module():
     expected = {cb.kernel_name(op, q, dt) for q in TYPES for op, dts in
                 (("dequantize", cb.DTYPE_TAGS), ("gemv", [torch.float32]), ("gemm", [torch.float32])) for dt in dts}
     assert names == expected
+
+
+def test_no_rows_and_types_without_kernels(backend):
+    """An empty batch launches nothing; IQ2_XXS (no kernel yet) multiplies through the reference."""
+    w = random_qweight(Q.Q4_0, 3, 64)
+    assert backend.qmatmul(torch.zeros(0, 64), w).shape == (0, 3)
+    raw = torch.randint(0, 256, (4, 66), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw[:, :2] = torch.tensor([0x00, 0x1C], dtype=torch.uint8)  # d = fp16 0x1C00 (2^-8): finite
+    iq2 = QWeight(raw, Q.IQ2_XXS, (4, 256))
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(backend.qmatmul(x, iq2), x @ dequantize(raw, Q.IQ2_XXS).T)

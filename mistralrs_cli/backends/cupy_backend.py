@@ -156,6 +156,8 @@ class CupyBackend:
         x2 = x.reshape(-1, k).to(self.device, torch.float32).contiguous()  # (M, K)
         m = x2.shape[0]
         y = torch.empty(m, n_out, dtype=torch.float32, device=self.device)  # (M, N)
+        if m == 0:  # an empty grid is a launch error on CUDA
+            return y.view(*lead, n_out).to(x.device, x.dtype)
         op = "gemv" if m <= GEMV_MAX_M else "gemm"
         col = 0
         for p in getattr(w, "parts", [w]):
