@@ -56,16 +56,30 @@ def _greedy(model, cfg) -> tuple[list[int], list[torch.Tensor]]:
     return tokens, logits
 
 
+class _Recording:
+    """The emulator launcher, noting which kernels were fetched."""
+
+    def __init__(self, inner):
+        self.inner, self.names, self.device = inner, set(), inner.device
+        self.array, self.stream = inner.array, inner.stream
+
+    def get_function(self, name):
+        self.names.add(name)
+        return self.inner.get_function(name)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K], ids=lambda q: q.name)
 def test_greedy_tokens_equal_torch_backend(files, qtype):
     model, cfg = load_gguf_model(GGUFFile(files[qtype]), numerics="exact")
     types = {m.qweight.qtype for m in model.modules() if isinstance(m, QLinear)}
     assert qtype in types
     want, want_logits = _greedy(model, cfg)
-    swapped = cb.use_backend(model, cb.CupyBackend(emu_launcher(("forward",))))
+    launcher = _Recording(emu_launcher(("forward",)))
+    swapped = cb.use_backend(model, cb.CupyBackend(launcher))
     assert swapped >= 2 * 7 + 1  # every projection of both layers and the LM head
     got, got_logits = _greedy(model, cfg)
     assert got == want
+    assert {cb.kernel_name("gemm", qtype), cb.kernel_name("gemv", qtype)} <= launcher.names
     for a, b in zip(got_logits, want_logits):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
