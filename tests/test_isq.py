@@ -65,6 +65,7 @@ def models(env):
         "llama64": gb.tiny_llama(1, tie_word_embeddings=True),  # lm_head shares the embeddings
         "phi3": gb.tiny_phi3(2),
         "mixtral": gb.tiny_mixtral(3),
+        "phi2": gb.tiny_phi2(4),
     }
     out = {}
     for name, hf in built.items():
@@ -171,10 +172,11 @@ def test_fallback_when_rows_are_not_256_blocks(models, caplog):
     assert torch.equal(our_logits(loaded), our_logits(exact))  # the same model as asking for Q4_1
 
 
-@pytest.mark.parametrize("name, isq", [("phi3", "Q8_0"), ("mixtral", "Q6K"), ("mixtral", "HQQ8")])
+@pytest.mark.parametrize("name, isq", [("phi3", "Q8_0"), ("mixtral", "Q6K"), ("mixtral", "HQQ8"),
+                                       ("phi2", "Q5_1")])
 def test_fused_and_expert_layers(models, name, isq):
-    """Phi-3's fused qkv_proj / gate_up_proj and Mixtral's experts and router are quantized and
-    still run; llamas' q/k/v are fused after quantizing."""
+    """Phi-3's fused qkv_proj / gate_up_proj, Mixtral's experts and router, and Phi-2's biased
+    layers (lm_head too) are quantized and still run; separate q/k/v are fused after quantizing."""
     path, hf, ref = models[name]
     loaded = isq_load(path, isq)
     layers = quantized(loaded.model)
@@ -186,7 +188,9 @@ def test_fused_and_expert_layers(models, name, isq):
         assert any(n.endswith("block_sparse_moe.gate") for n in layers)
         assert sum(".experts." in n for n in layers) == 3 * 4 * 2  # w1..w3 x 4 experts x 2 layers
     fused = [m for m in loaded.model.modules() if isinstance(m, FusedQLinear)]
-    assert bool(fused) == (name == "mixtral")  # phi3 arrives fused; mixtral's attention fuses
+    assert bool(fused) == (name != "phi3")  # phi3 arrives fused
+    if name == "phi2":
+        assert layers["lm_head"].bias is not None and layers["model.layers.0.mlp.fc1"].bias is not None
 
 
 def _float_weight(hf: nn.Module, name: str) -> torch.Tensor:
