@@ -106,7 +106,7 @@ class _Arena:
         nbytes = (nbytes + 63) & ~63
         if self.buf is None or self.used + nbytes > self.buf.numel():
             size = max(self.CHUNK, nbytes)
-            mm = mmap.mmap(-1, size)
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 mm.madvise(mmap.MADV_HUGEPAGE)
             self.buf, self.used = torch.frombuffer(mm, dtype=torch.uint8), 0
