@@ -69,7 +69,9 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.qmm.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i64, i32]
     so.qmm_parts.argtypes = [ptr, i32, i64, ptr, i64, i64, ptr, i64, i32, ptr]
     so.repack8.restype = so.packed_supported.restype = so.packed_block_bytes.restype = i32
-    so.repack8.argtypes = [i32, ptr, i64, i64, ptr]
+    so.repack8.argtypes = so.repack8_k.argtypes = [i32, ptr, i64, i64, ptr]
+    so.repack8_k.restype = so.packed_k_block_bytes.restype = i32
+    so.packed_k_block_bytes.argtypes = [i32]
     so.packed_supported.argtypes = so.packed_block_bytes.argtypes = [i32]
     so.rope_rows.restype = so.attn_rows.restype = None
     so.rope_rows.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, f32]
@@ -128,10 +130,17 @@ class Plan:
         self.tensors, entries = [], []
         for raw, qtype, rows in parts:
             t, code = raw.contiguous(), int(qtype)
+            block, size = GGML_QUANT_SIZES[qtype]
+            k = t.shape[1] // size * block
             if lib.packed_supported(code):
-                k = t.shape[1] // GGML_QUANT_SIZES[qtype][1] * 32
-                packed = _ARENA.alloc((rows + 7) // 8 * (k // 32) * lib.packed_block_bytes(code))
-                if lib.repack8(code, t.data_ptr(), rows, k, packed.data_ptr()) == 0:
+                repack, per_block = lib.repack8, lib.packed_block_bytes(code)
+            elif lib.packed_k_block_bytes(code):
+                repack, per_block = lib.repack8_k, lib.packed_k_block_bytes(code)
+            else:
+                repack = None
+            if repack is not None:
+                packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * per_block)
+                if repack(code, t.data_ptr(), rows, k, packed.data_ptr()) == 0:
                     t, code = packed, code | PACKED
             self.tensors.append(t)
             entries.append(QPart(code, rows, t.data_ptr()))

@@ -205,3 +205,143 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
     packed_rows_scalar(type, w, n, k, g0, g1, m, xq, xd, xs, xi, y, ldy);
 #endif
 }
+
+// ---- K types in 8-row groups, against q8_K activations (codes, f32 scale per 256, sums per 16) ----
+// Q4_K per block of 256: scale[8 sub-blocks][8 rows] f32 (d * sc), min[8][8] f32 (dmin * m), then
+// nibble chunks: for each 64-group j, chunk c (0..7) = bytes 32j+4c..+3 of each row (low
+// nibbles: sub-block 2j, high: 2j+1). Q6_K: scale[16][8] f32 (d * sc), then byte chunks c
+// (0..63) = codes 4c..4c+3 (0..63, 32 above the value) of each row.
+enum { T_Q4_K = 12, T_Q6_K = 14 };
+
+int packed_k_block_bytes(int type) {
+    return type == T_Q4_K ? 512 + 1024 : type == T_Q6_K ? 512 + 2048 : 0;
+}
+
+static void k_scale_min_(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
+    const int gb = packed_k_block_bytes(type);
+    if (!gb || k % 256) return -1;
+    const int bb = type == T_Q4_K ? 144 : 210;
+    const int64_t nb = k / 256, groups = (n + 7) / 8;
+    memset(out, 0, (size_t)(groups * nb * gb));
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = out + (g * nb + b) * gb;
+            float *sc = (float *)o;
+            for (int r = 0; r < 8 && g * 8 + r < n; r++) {
+                const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
+                uint16_t dh;
+                if (type == T_Q4_K) {
+                    uint16_t mh;
+                    memcpy(&dh, src, 2);
+                    memcpy(&mh, src + 2, 2);
+                    const float d = h2f_(dh), dmin = h2f_(mh);
+                    for (int j = 0; j < 8; j++) {
+                        int s, m;
+                        k_scale_min_(j, src + 4, &s, &m);
+                        sc[j * 8 + r] = d * (float)s;
+                        sc[64 + j * 8 + r] = dmin * (float)m;
+                    }
+                    for (int j = 0; j < 4; j++)
+                        for (int c = 0; c < 8; c++)
+                            memcpy(o + 512 + ((j * 8 + c) * 8 + r) * 4, src + 16 + 32 * j + 4 * c, 4);
+                } else {
+                    const uint8_t *ql = src, *qh = src + 128;
+                    const int8_t *s8 = (const int8_t *)(src + 192);
+                    memcpy(&dh, src + 208, 2);
+                    for (int j = 0; j < 16; j++) sc[j * 8 + r] = h2f_(dh) * (float)s8[j];
+                    uint8_t v[256];
+                    for (int h = 0; h < 2; h++)
+                        for (int l = 0; l < 32; l++) {
+                            const uint8_t a = ql[64 * h + l], c2 = ql[64 * h + l + 32], q = qh[32 * h + l];
+                            v[128 * h + l] = (uint8_t)((a & 15) | ((q & 3) << 4));
+                            v[128 * h + l + 32] = (uint8_t)((c2 & 15) | (((q >> 2) & 3) << 4));
+                            v[128 * h + l + 64] = (uint8_t)((a >> 4) | (((q >> 4) & 3) << 4));
+                            v[128 * h + l + 96] = (uint8_t)((c2 >> 4) | (((q >> 6) & 3) << 4));
+                        }
+                    for (int c = 0; c < 64; c++) memcpy(o + 512 + (c * 8 + r) * 4, v + 4 * c, 4);
+                }
+            }
+        }
+    return 0;
+}
+
+// groups [g0, g1) of a packed K weight against m rows of q8_K activations; y[r * ldy + row].
+void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
+                   const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+    const int gb = packed_k_block_bytes(type);
+    const int64_t nb = k / 256;
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t r = 0; r < m; r++) {
+            float acc[8] = {0};
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + 512;
+                const float *sc = (const float *)blk;
+                const int8_t *x = kq + r * k + b * 256;
+                const int16_t *bs = kbs + (r * nb + b) * 16;
+                const float xd = kd[r * nb + b];
+#if defined(__AVX2__)
+                __m256 a = _mm256_loadu_ps(acc);
+                if (type == T_Q4_K) {
+                    const __m256i low = _mm256_set1_epi8(0x0f);
+                    for (int j = 0; j < 4; j++) {
+                        __m256i lo_s = _mm256_setzero_si256(), hi_s = _mm256_setzero_si256();
+                        for (int c = 0; c < 8; c++) {
+                            const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (j * 8 + c) * 32));
+                            lo_s = dp(lo_s, _mm256_and_si256(wv, low), bcast4(x + 64 * j + 4 * c));
+                            hi_s = dp(hi_s, _mm256_and_si256(_mm256_srli_epi16(wv, 4), low), bcast4(x + 64 * j + 32 + 4 * c));
+                        }
+                        const __m256 xs = _mm256_set1_ps(xd);
+                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + (2 * j) * 8), xs), _mm256_cvtepi32_ps(lo_s), a);
+                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + (2 * j + 1) * 8), xs), _mm256_cvtepi32_ps(hi_s), a);
+                        const float m0 = xd * (float)(bs[4 * j] + bs[4 * j + 1]), m1 = xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]);
+                        a = _mm256_fnmadd_ps(_mm256_loadu_ps(sc + 64 + (2 * j) * 8), _mm256_set1_ps(m0), a);
+                        a = _mm256_fnmadd_ps(_mm256_loadu_ps(sc + 64 + (2 * j + 1) * 8), _mm256_set1_ps(m1), a);
+                    }
+                } else {
+                    for (int s = 0; s < 16; s++) {
+                        __m256i is = _mm256_setzero_si256();
+                        for (int c = 0; c < 4; c++)
+                            is = dp(is, _mm256_loadu_si256((const __m256i *)(q + (s * 4 + c) * 32)), bcast4(x + 16 * s + 4 * c));
+                        is = _mm256_sub_epi32(is, _mm256_set1_epi32(32 * bs[s]));
+                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + s * 8), _mm256_set1_ps(xd)), _mm256_cvtepi32_ps(is), a);
+                    }
+                }
+                _mm256_storeu_ps(acc, a);
+#else
+                for (int lane = 0; lane < 8; lane++) {
+                    if (type == T_Q4_K) {
+                        for (int j = 0; j < 4; j++) {
+                            int lo = 0, hi = 0;
+                            for (int c = 0; c < 8; c++)
+                                for (int e = 0; e < 4; e++) {
+                                    const uint8_t v = q[((j * 8 + c) * 8 + lane) * 4 + e];
+                                    lo += (v & 15) * x[64 * j + 4 * c + e];
+                                    hi += (v >> 4) * x[64 * j + 32 + 4 * c + e];
+                                }
+                            acc[lane] += sc[(2 * j) * 8 + lane] * xd * (float)lo + sc[(2 * j + 1) * 8 + lane] * xd * (float)hi;
+                            acc[lane] -= sc[64 + (2 * j) * 8 + lane] * (xd * (float)(bs[4 * j] + bs[4 * j + 1]));
+                            acc[lane] -= sc[64 + (2 * j + 1) * 8 + lane] * (xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]));
+                        }
+                    } else {
+                        for (int s = 0; s < 16; s++) {
+                            int is = 0;
+                            for (int c = 0; c < 4; c++)
+                                for (int e = 0; e < 4; e++) is += q[((s * 4 + c) * 8 + lane) * 4 + e] * x[16 * s + 4 * c + e];
+                            acc[lane] += sc[s * 8 + lane] * xd * (float)(is - 32 * bs[s]);
+                        }
+                    }
+                }
+#endif
+            }
+            const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
+            memcpy(y + r * ldy + g * 8, acc, sizeof(float) * (size_t)rows);
+        }
+}

@@ -74,6 +74,9 @@ static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); 
 
 // x (K floats) -> int8 codes, per-block scale d (fp16-rounded) and d*sum(codes) (fp16-rounded)
 int packed_block_bytes(int type);
+int packed_k_block_bytes(int type);
+void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
+                   const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy);
 void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
@@ -195,7 +198,7 @@ __attribute__((unused)) static int block_dot(int type, const uint8_t *w, const i
 }
 
 static int block_bytes(int type) {
-    if (type & PACKED) return packed_block_bytes(type & ~PACKED) ? 1 : 0;
+    if (type & PACKED) return packed_block_bytes(type & ~PACKED) || packed_k_block_bytes(type & ~PACKED);
     switch (type) {
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
@@ -348,7 +351,9 @@ static void part_rows(const qpart_t *p, int64_t i0, int64_t i1, int64_t k, int64
                       const float *xd, const float *xs, const int32_t *xi, const int8_t *kq, const float *kd,
                       const int16_t *kbs, float *y, int64_t ldy) {
     if (p->type & PACKED) {  // units are groups of 8 rows
-        packed_rows(p->type & ~PACKED, p->w, p->rows, k, i0, i1, m, xq, xd, xs, xi, y, ldy);
+        const int t = p->type & ~PACKED;
+        if (is_k(t)) packed_k_rows(t, p->w, p->rows, k, i0, i1, m, kq, kd, kbs, y, ldy);
+        else packed_rows(t, p->w, p->rows, k, i0, i1, m, xq, xd, xs, xi, y, ldy);
         return;
     }
     const int bb = block_bytes(p->type);
@@ -412,7 +417,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     int64_t n_total = 0;
     for (int p = 0; p < nparts; p++) {
         if (!block_bytes(parts[p].type)) return -1;
-        if (is_k(parts[p].type)) need_k = 1; else need_a = 1;
+        if (is_k(parts[p].type & ~PACKED)) need_k = 1; else need_a = 1;
         n_total += parts[p].rows;
     }
     if ((need_a && k % QK) || (need_k && k % QKK)) return -1;
