@@ -124,16 +124,22 @@ def build(code: str, options: tuple[str, ...] = (), variant: str = "O2") -> tupl
     """(shared library, kernel signatures), cached by a hash of everything that goes in."""
     out = CACHE / _key(code, options, variant)
     lib = out / "libkernels.so"
-    src = out / "kern.cu"
     sig_file = out / "signatures.json"
     if lib.exists() and sig_file.exists():
         sigs = json.loads(sig_file.read_text())
         return lib, {name: [Param(*p) for p in params] for name, params in sigs.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    src.write_text(rewrite(code))
-    sigs = signatures(src, options)
-    sig_file.write_text(json.dumps({name: [[p.ctype, p.name] for p in ps] for name, ps in sigs.items()}))
-    (out / "thunks.cpp").write_text(f'#include "kern.cu"\n{_thunks(sigs)}')
-    _compile([*FLAGS[variant], *_COMMON, f"-I{HERE / 'include'}", "-include", str(HERE / "emu.h"),
-              *includes(options), "-x", "c++", "thunks.cpp", "-x", "none", str(_runtime(variant))], out, lib)
+    runtime = _runtime(variant)
+    # Sources go to a private directory, so concurrent test processes never compile each
+    # other's half-written files; the products are renamed into place, the library last.
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        work = Path(tmp)
+        (work / "kern.cu").write_text(rewrite(code))
+        sigs = signatures(work / "kern.cu", options)
+        (work / "signatures.json").write_text(json.dumps({n: [[p.ctype, p.name] for p in ps] for n, ps in sigs.items()}))
+        (work / "thunks.cpp").write_text(f'#include "kern.cu"\n{_thunks(sigs)}')
+        _gxx([*FLAGS[variant], *_COMMON, f"-I{HERE / 'include'}", "-include", str(HERE / "emu.h"), *includes(options),
+              "-x", "c++", "thunks.cpp", "-x", "none", str(runtime), "-o", "libkernels.so"], work)
+        out.mkdir(parents=True, exist_ok=True)
+        os.replace(work / "signatures.json", sig_file)
+        os.replace(work / "libkernels.so", lib)
     return lib, sigs
