@@ -310,3 +310,23 @@ def test_a_full_queue_is_a_503(srv):
         srv.worker.max_pending = 1024
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     assert httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_non_streaming_clients_that_time_out_are_cancelled(srv):
+    cancelled = srv.worker.call(lambda e: e.finished.get("cancelled", 0))
+
+    def give_up(i: int) -> None:
+        req = {"prompt": f"a lazy dog {i}", "max_tokens": 500, "ignore_eos": True}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=req, timeout=0.3)
+
+    threads = [threading.Thread(target=give_up, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    deadline = time.time() + 30
+    while srv.worker.pending and time.time() < deadline:
+        time.sleep(0.1)
+    assert srv.worker.call(lambda e: e.finished.get("cancelled", 0)) > cancelled  # noticed, not run to the end
+    assert srv.worker.call(lambda e: e.kv.alloc.held_by_sequences()) == 0

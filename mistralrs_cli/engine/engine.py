@@ -105,10 +105,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def running(self) -> list[Request]:
-        return self.scheduler.running
-
     # ---- the KV cache, as the scheduler asks for it ----
     def _reserve(self, req: Request, n_tokens: int) -> bool:
         if self.cfg.no_kv_cache:

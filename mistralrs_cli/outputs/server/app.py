@@ -118,13 +118,18 @@ class Routes:
     async def collect(self, request: Request, parsed: Parsed, pending: "Pending") -> list[shapes.ChoiceState]:
         """Every choice to its end; a client gone meanwhile cancels them."""
         choices = [shapes.ChoiceState() for _ in parsed.params]
+        checked = time.monotonic()
         while True:
             try:
-                item = await pending.next(timeout=1.0)
+                item = await pending.next(timeout=0.5)
             except asyncio.TimeoutError:
+                item = ...
+            if time.monotonic() - checked >= 0.5:  # tokens may arrive without pause: look anyway
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     pending.abort()
                     return choices
+            if item is ...:
                 continue
             if item is None:
                 return choices
