@@ -1,0 +1,60 @@
+"""The default CPU path (native kernels: weights multiplied in their blocks against 8-bit rounded
+activations, the native decoder, f16 KV cache) against the exact path (every weight dequantized
+to f32, transformers' arithmetic) on the two real models: over 512 teacher-forced positions of
+a fixed English text (tests/fixtures/eval_text.txt), the mean KL divergence (exact || fast)
+stays small and the top-1 token agrees at >= 99% of the positions where the exact path's top two
+candidates are more than 0.2 nats apart (>= 95% overall); the figures are printed.
+
+Why not 99% everywhere: rounding activations to 8 bits is what makes greedy output equal
+llama.cpp's, and it moves near-ties. llama.cpp itself (llama-cpp-python 0.3.36, logits_all, same
+tokens) agrees with the exact path at 96.7% of these positions on SmolLM2 (99.8% outside
+0.2-nat ties); ours 95.7% (99.3%), with KL 0.0029 nats to llama.cpp's 0.0030."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistralrs_cli.engine.kv_cache import cache_for
+from mistralrs_cli.loaders.load import load
+from mistralrs_cli.models.layers import Batch, SeqSlice
+from mistralrs_cli.types import GGUFSpec, LoadOptions
+
+TEXT = (Path(__file__).parent / "fixtures" / "eval_text.txt").read_text()
+POSITIONS = 512
+CHUNK = 128  # prompt rows per forward: the fast path's chunked prefill, and bounded logit memory
+
+
+def _logprobs(path: Path, numerics: str, ids: list[int]) -> tuple[torch.Tensor, bool]:
+    """log-softmax over the vocabulary at each of the first POSITIONS positions (predicting the
+    next token), teacher-forced in chunks through the KV cache."""
+    loaded = load(GGUFSpec(str(path)), LoadOptions(token_source="none", numerics=numerics))
+    model = loaded.model
+    cache, out = cache_for(model), []
+    with torch.inference_mode():
+        for start in range(0, POSITIONS, CHUNK):
+            chunk = ids[start:start + CHUNK]
+            batch = Batch(torch.arange(start, start + len(chunk)), [SeqSlice(0, len(chunk), cache)])
+            out.append(torch.log_softmax(model(torch.tensor(chunk), batch).float(), dim=-1))
+    return torch.cat(out), model.native is not None
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_fast_path_agrees_with_exact(name, request):
+    path = request.getfixturevalue(f"{name}_path")
+    tok = load(GGUFSpec(str(path)), LoadOptions(token_source="none")).tokenizer
+    ids = tok.encode(TEXT)
+    assert len(ids) > POSITIONS
+    fast, native = _logprobs(path, "llama.cpp", ids)
+    exact, exact_native = _logprobs(path, "exact", ids)
+    assert native and not exact_native  # the two paths really are different code
+    same = fast.argmax(-1) == exact.argmax(-1)
+    top2 = exact.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.2
+    agree, agree_clear = float(same.float().mean()), float(same[clear].float().mean())
+    kl = float((exact.exp() * (exact - fast)).sum(-1).mean())
+    print(f"{name}: top-1 agreement {agree:.2%} over {POSITIONS} positions, {agree_clear:.2%} over the "
+          f"{int(clear.sum())} without a 0.2-nat tie; mean KL(exact||fast) {kl:.5f} nats")
+    assert agree_clear >= 0.99 and agree >= 0.95
+    assert kl < 0.01
