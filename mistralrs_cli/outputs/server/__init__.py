@@ -57,11 +57,18 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
     state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker, opts.load.numerics))
     app = make_app(state)
     level = "warning" if opts.quiet else "info"
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
 
     class Server(uvicorn.Server):
         """On SIGINT/SIGTERM uvicorn stops accepting and waits for open responses; after the
         grace period the engine cancels what still runs, so every stream ends cleanly."""
         timer: threading.Timer | None = None
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and not opts.quiet:
+                print(f"serving {loaded.model_id} at http://{host}:{opts.port}/v1 (OpenAI API); "
+                      "Ctrl-C stops", file=sys.stderr, flush=True)
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
@@ -72,10 +79,6 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
 
     server = Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level=level,
                                    timeout_graceful_shutdown=GRACE_SECONDS + 5, access_log=opts.verbose))
-    host = f"[{opts.host}]" if ":" in opts.host else opts.host
-    if not opts.quiet:
-        print(f"serving {loaded.model_id} at http://{host}:{opts.port}/v1 (OpenAI API); "
-              "Ctrl-C stops", file=sys.stderr, flush=True)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler turns that
     # into a clean exit 0
     for sig in (signal.SIGINT, signal.SIGTERM):
