@@ -101,7 +101,6 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
     prepare_weights(model, release=gf.release)
-    model.native = NativeDecoder.build(model)
     tok, tok_cfg = _tokenizer(spec, gf, opts)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
     name = spec.quantized_model_id or path.name
@@ -122,4 +121,6 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     loaded = LOADERS[type(spec)](spec, opts)
     if opts.isq:
         isq_model(loaded.model, opts.isq, opts.numerics)
+    if loaded.model.native is None:  # GGML files and ISQ'd checkpoints qualify as GGUF ones do
+        loaded.model.native = NativeDecoder.build(loaded.model)
     return loaded
