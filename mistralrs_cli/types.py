@@ -75,7 +75,9 @@ class SamplingParams:
 @dataclass
 class EngineConfig:
     max_seqs: int = 16
-    max_batch_tokens: int = 2048  # prompt tokens per step (chunked prefill beyond this)
+    # tokens per step: decodes first, prompt chunks take the rest; on a CPU a 512-token chunk
+    # already runs the matmuls at full speed, and a bigger one only stalls the running streams longer
+    max_batch_tokens: int = 512
     truncate_sequence: bool = False
     no_kv_cache: bool = False
     paged_attn: bool = True  # False: one growing contiguous cache per sequence
