@@ -88,7 +88,7 @@ def gguf(
     tokenizer_json = None
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
-    run(ctx.obj, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
+    _run(ctx, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
 
 
 @app.command("ggml", no_args_is_help=True)
@@ -103,7 +103,7 @@ def ggml(
     rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
 ) -> None:
     """Run a GGML v3 llama model: mistralrs --prompt 'Hi' ggml -f model.bin -t tokenizer.json"""
-    run(ctx.obj, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta))
+    _run(ctx, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta))
 
 
 @app.command("plain", no_args_is_help=True)
@@ -116,12 +116,62 @@ def plain(
 ) -> None:
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    run(ctx.obj, PlainSpec(model_id, arch, tokenizer_json))
+    _run(ctx, PlainSpec(model_id, arch, tokenizer_json))
+
+
+def _run(ctx: typer.Context, spec) -> None:
+    """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it."""
+    if hasattr(ctx.obj, "bench"):
+        from .outputs.bench import run_bench
+
+        run_bench(ctx.obj, spec)
+    else:
+        run(ctx.obj, spec)
+
+
+bench_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Benchmark a model as mistral.rs's mistralrs-bench does: prompt processing (pp) and text "
+         "generation (tg) tokens/s per concurrency.\n\n"
+         "mistralrs-bench -p 512 -g 128 -c 1,2,4 -r 5 gguf -f model.gguf",
+)
+
+
+@bench_app.callback()
+def bench_options(
+    ctx: typer.Context,
+    n_prompt: int = typer.Option(512, "-p", "--n-prompt", help="Prompt tokens of the pp test (0 skips it)."),
+    n_gen: int = typer.Option(128, "-g", "--n-gen", help="Generated tokens of the tg test (0 skips it)."),
+    concurrency: str = typer.Option("1", "-c", "--concurrency", help="Concurrent requests, a comma-separated list."),
+    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Rounds per test."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    token_source: str = typer.Option("cache", "--token-source", help="Hugging Face token: literal:TOKEN, env:VAR, env, path:FILE, cache, none."),
+    dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto (f32 on the CPU), f32, bf16, f16."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain model's linear layers at load (Q4_0, Q4K, Q8_0, HQQ4, ...)."),
+) -> None:
+    from .outputs.bench import BenchOptions, BenchRun, parse_concurrency
+
+    opts = BenchOptions(n_prompt, n_gen, parse_concurrency(concurrency), repetitions, json_path)
+    opts.check()
+    ctx.obj = BenchRun(opts, LoadOptions(token_source=token_source, dtype=dtype, isq=isq))
+
+
+for _name, _fn in (("gguf", gguf), ("ggml", ggml), ("plain", plain)):
+    bench_app.command(_name, no_args_is_help=True)(_fn)
+
+
+def bench_main() -> None:
+    _main(bench_app)
 
 
 def main() -> None:
+    _main(app)
+
+
+def _main(typer_app: typer.Typer) -> None:
     try:
-        app()
+        typer_app()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
