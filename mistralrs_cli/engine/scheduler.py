@@ -67,19 +67,29 @@ class Scheduler:
             budget -= n
             out.append(Scheduled(req, n))
         out = [s for s in out if s.req in self.running]  # drop what a later preemption undid
+        return out + self._admit(budget, chunk_ok=not any(s.n > 1 for s in out))
+
+    def _admit(self, budget: int, chunk_ok: bool) -> list[Scheduled]:
+        """Waiting requests, first come first served. A prompt that does not fit what is left of
+        the budget waits for the next step rather than being cut, unless nothing else prefills
+        now (then it is longer than any step can take and goes in chunks anyway): whole prompts
+        keep a request's arithmetic the same however busy the engine is."""
+        out = []
         while self.waiting and len(self.running) < self.max_seqs and budget > 0:
             req = self.waiting[0]
             self.reserve(req, 0)  # sets up its cache: prefix-cache hits advance n_computed
             n = self._size(req, budget)
-            if not self.reserve(req, req.n_computed + n):
-                self.release(req)  # give back what a partial reservation took
+            defer = n < req.n_known - req.n_computed and not chunk_ok
+            if defer or not self.reserve(req, req.n_computed + n):
+                self.release(req)  # give back the prefix blocks and what a partial reservation took
                 req.n_computed = 0
-                if not self.running:  # alone and still too big for the pool: it cannot grow
+                if not defer and not self.running:  # alone and too big for the pool: cannot grow
                     req.finish_reason = "length"
                 break
             self.waiting.popleft()
             self.running.append(req)
             budget -= n
+            chunk_ok = chunk_ok and n == 1
             out.append(Scheduled(req, n))
         return out
 
