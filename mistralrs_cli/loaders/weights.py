@@ -126,12 +126,18 @@ def active_linears(model: nn.Module):
                 yield child
 
 
-def prepare_weights(model: nn.Module, release=None, every: int = 8) -> None:
+def prepare_weights(model: nn.Module, release=None, every_bytes: int = 16 << 20) -> None:
     """Build every weight's compute form now, so the first token does not pay for it; `release`
-    (GGUFFile.release) is called as we go so file pages and compute forms never peak together."""
-    for i, lin in enumerate(active_linears(model)):
+    (GGUFFile.release) is called whenever ~16 MB of weights have been read, so file pages and
+    compute forms (repacked copies) never peak together."""
+    pending = 0
+    # biggest first: while a weight is repacked its file pages are resident too, and that
+    # transient peak is lowest when little else has been built yet (Gemma's 178 MB lm_head)
+    for lin in sorted(active_linears(model), key=lambda lin: -lin.qweight.nbytes):
         lin.backend.prepare_for(lin.qweight, model.dtype)
-        if release is not None and i % every == every - 1:
+        pending += lin.qweight.nbytes
+        if release is not None and pending >= every_bytes:
             release()
+            pending = 0
     if release is not None:
         release()
