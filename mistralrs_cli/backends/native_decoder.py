@@ -144,10 +144,11 @@ class NativeDecoder:
         att = torch.empty(T, nq * hd)
         gu = torch.empty(T, self.layers[0].gate_up.rows)
         y = torch.empty(T, h.shape[1])
+        slots = self._slots(qkv, att, batch)
         for i, L in enumerate(self.layers):
             native.qmatmul(h, L.qkv, self.lib, L.qkv_opts, out=qkv)
             self._rope(L, qkv, batch)
-            self._attend(i, L, qkv, att, batch)
+            self._attend(i, L, slots, att, batch)
             self._residual(L.o, L.o_opts, att, h, y)
             native.qmatmul(h, L.gate_up, self.lib, L.gate_up_opts, out=gu)
             self._residual(L.down, L.down_opts, gu, h, y)
@@ -155,6 +156,21 @@ class NativeDecoder:
             h = h[batch.logits_rows].contiguous()
         logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
         return softcap(logits, cfg.final_logit_softcapping)
+
+    def _slots(self, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> list[tuple]:
+        """Per sequence, what every layer's attention needs (views into the shared buffers)."""
+        nq, nkv, hd, T = self.nq, self.nkv, self.hd, qkv.shape[0]
+        q = qkv[:, : nq * hd].view(T, nq, hd)
+        k = qkv[:, nq * hd:(nq + nkv) * hd].view(T, nkv, hd)
+        v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
+        threads = torch.get_num_threads()
+        out = []
+        for j, s in enumerate(batch.seqs):
+            pos = batch.positions[s.start:s.end]
+            c_args = (qkv[s.start:].data_ptr(), s.end - s.start, qkv.stride(0), att[s.start:].data_ptr(),
+                      att.stride(0), pos.data_ptr(), threads)
+            out.append((j, s, q[s.start:s.end], k[s.start:s.end], v[s.start:s.end], pos, c_args))
+        return out
 
     def _residual(self, plan, opts, x, h, y) -> None:
         opts.residual, opts.ld_res = h.data_ptr(), h.stride(0)
@@ -173,23 +189,17 @@ class NativeDecoder:
                            None if L.k_norm is None else L.k_norm.data_ptr(),
                            ctypes.c_float(L.attn.q_norm.eps if L.q_norm is not None else 0.0))
 
-    def _attend(self, i: int, L: _Layer, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> None:
+    def _attend(self, i: int, L: _Layer, slots: list[tuple], att: torch.Tensor, batch: Batch) -> None:
         nq, nkv, hd, a = self.nq, self.nkv, self.hd, L.attn
-        T = qkv.shape[0]
-        q = qkv[:, : nq * hd].view(T, nq, hd)
-        k = qkv[:, nq * hd:(nq + nkv) * hd].view(T, nkv, hd)
-        v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
-        for j, s in enumerate(batch.seqs):
-            ks, vs = s.cache.update(i, k[s.start:s.end], v[s.start:s.end])  # (Hkv, S, D)
-            n = s.end - s.start
+        window, scale, cap = a.window or 0, a.scale, a.softcap or 0.0
+        for j, s, q, k, v, _, (q_ptr, n, ldq, att_ptr, ldo, pos_ptr, threads) in slots:
+            ks, vs = s.cache.update(i, k, v)  # (Hkv, S, D)
             if n <= SMALL_T:
                 if ks.stride(-1) != 1 or vs.stride() != ks.stride():
                     ks, vs = ks.contiguous(), vs.contiguous()
-                pos = batch.positions[s.start:s.end]
-                self.lib.attn_rows(qkv[s.start:].data_ptr(), n, qkv.stride(0), ks.data_ptr(), vs.data_ptr(),
-                                   ks.shape[1], ks.stride(0), ks.stride(1), att[s.start:].data_ptr(), att.stride(0),
-                                   nq, nkv, hd, pos.data_ptr(), a.window or 0, ctypes.c_float(a.scale),
-                                   ctypes.c_float(a.softcap or 0.0), torch.get_num_threads())
+                sh, ss = ks.stride()[:2]
+                self.lib.attn_rows(q_ptr, n, ldq, ks.data_ptr(), vs.data_ptr(), ks.shape[1], sh, ss, att_ptr, ldo,
+                                   nq, nkv, hd, pos_ptr, window, scale, cap, threads)
             else:
-                o = a.attend(q[s.start:s.end], ks.to(q.dtype), vs.to(q.dtype), a._mask(batch, j, s, ks.shape[1]))
+                o = a.attend(q, ks.to(q.dtype), vs.to(q.dtype), a._mask(batch, j, s, ks.shape[1]))
                 att[s.start:s.end] = o.reshape(n, nq * hd)

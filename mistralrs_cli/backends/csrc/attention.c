@@ -5,6 +5,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 // qkv rows (T, ldq): q heads [0, nq), k heads [nq, nq + nkv), each hd wide. Per head of q and k:
 // optional RMSNorm (qn / kn weights incl. any +1, eps), then rotate-half rotary over the first
@@ -42,6 +45,47 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+#if defined(__AVX2__)
+// exp of 8 floats (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp):
+// the softmax's exps, which glibc's scalar expf made the slowest part of a decode step
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// p[i] = exp(p[i] - mx) for i < n; returns their sum
+static float exp_sum(float *p, int64_t n, float mx) {
+    float sum = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(mx);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), m));
+        _mm256_storeu_ps(p + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float t[8];
+    _mm256_storeu_ps(t, acc);
+    sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#endif
+    for (; i < n; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
+    return sum;
+}
+
 // Attention for T query rows of one sequence: q (T, ldq) heads of hd; keys/values (nkv, S, hd)
 // with strides (sh, ss) in floats; out (T, ldo). Query t at position pos[t] sees keys
 // j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window.
@@ -69,9 +113,7 @@ void attn_rows(const float *q, int64_t T, int64_t ldq, const float *k, const flo
                 p[j - lo] = d;
                 if (d > mx) mx = d;
             }
-            float sum = 0.0f;
-            for (int64_t j = lo; j <= hi; j++) { p[j - lo] = expf(p[j - lo] - mx); sum += p[j - lo]; }
-            const float inv = 1.0f / sum;
+            const float inv = 1.0f / exp_sum(p, hi - lo + 1, mx);
             for (int e = 0; e < hd; e++) o[e] = 0.0f;
             for (int64_t j = lo; j <= hi; j++) {
                 const float w = p[j - lo] * inv, *vj = vh + j * ss;
