@@ -87,7 +87,6 @@ static inline __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-enum { MR = 4 };  // activation rows per pass: each weight chunk is loaded once per MR rows
 #endif
 
 
@@ -146,60 +145,74 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
 
 // groups [g0, g1) of a packed weight against m activation rows (int8 codes xq (m, k), per-block
 // scale xd, d * sum xs (fp16-rounded, as q8_1 keeps it), integer sums xi); y[r * ldy + row].
+#if defined(__AVX2__)
+// One group of 8 weight rows against RN activation rows from r0; RN and type are constants at
+// every call site, so the loops over rows unroll and the sums stay in registers.
+static inline __attribute__((always_inline)) void tile(const int type, const int RN, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi,
+        float *y, int64_t ldy) {
+    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
+    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
+    const int64_t nb = k / 32;
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256 acc[8];
+    for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + head;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256i isum[8];
+        for (int r = 0; r < RN; r++) isum[r] = _mm256_setzero_si256();
+        if (bytewise(type)) {
+            for (int c = 0; c < 8; c++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
+                for (int r = 0; r < RN; r++) isum[r] = dp(isum[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
+                const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                for (int r = 0; r < RN; r++) {
+                    const int8_t *xr = xq + (r0 + r) * k + b * 32;
+                    isum[r] = dp(dp(isum[r], lo, bcast4(xr + 4 * c)), hi, bcast4(xr + 16 + 4 * c));
+                }
+            }
+        }
+        const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : d;
+        for (int r = 0; r < RN; r++) {
+            const int64_t xb = (r0 + r) * nb + b;
+            __m256i s = isum[r];
+            if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * xi[xb]));  // unsigned codes' offset
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(s), acc[r]);
+            if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xs[xb]), acc[r]);
+        }
+    }
+    const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
+    for (int r = 0; r < RN; r++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[r]);
+        memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
+    }
+}
+
+#define TILES(T)                                                                                \
+    for (int64_t g = g0; g < g1; g++) {                                                         \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 8 <= m; r0 += 8) tile(T, 8, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);         \
+        for (; r0 + 4 <= m; r0 += 4) tile(T, 4, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);         \
+        for (; r0 < m; r0++) tile(T, 1, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);                 \
+    }
+#endif
+
+// groups [g0, g1) of a packed weight against m activation rows (int8 codes xq (m, k), per-block
+// scale xd, d * sum xs (fp16-rounded, as q8_1 keeps it), integer sums xi); y[r * ldy + row].
 void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy) {
 #if defined(__AVX2__)
-    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
-    const int64_t nb = k / 32;
-    const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int64_t g = g0; g < g1; g++) {
-        for (int64_t r0 = 0; r0 < m; r0 += MR) {
-            const int rn = m - r0 < MR ? (int)(m - r0) : MR;
-            __m256 acc[MR];
-            for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = w + (g * nb + b) * gb;
-                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-                __m256i isum[MR];
-                for (int r = 0; r < MR; r++) isum[r] = _mm256_setzero_si256();
-                const uint8_t *q = blk + head;
-                if (bytewise(type)) {
-                    for (int c = 0; c < 8; c++) {
-                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
-                        for (int r = 0; r < rn; r++)
-                            isum[r] = dp(isum[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
-                    }
-                } else {
-                    for (int c = 0; c < 4; c++) {
-                        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
-                        const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
-                        for (int r = 0; r < rn; r++) {
-                            const int8_t *xr = xq + (r0 + r) * k + b * 32;
-                            isum[r] = dp(dp(isum[r], lo, bcast4(xr + 4 * c)), hi, bcast4(xr + 16 + 4 * c));
-                        }
-                    }
-                }
-                for (int r = 0; r < rn; r++) {
-                    const int64_t xb = (r0 + r) * nb + b;
-                    // unsigned codes: subtract the offset times the activations' integer sum
-                    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
-                    __m256i s = isum[r];
-                    if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * xi[xb]));
-                    const __m256 sd = _mm256_mul_ps(d, _mm256_set1_ps(xd[xb]));
-                    acc[r] = _mm256_fmadd_ps(sd, _mm256_cvtepi32_ps(s), acc[r]);
-                    if (type == T_Q4_1) {
-                        const __m256 mm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-                        acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xs[xb]), acc[r]);
-                    }
-                }
-            }
-            for (int r = 0; r < rn; r++) {
-                float out[8];
-                _mm256_storeu_ps(out, acc[r]);
-                const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
-                memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
-            }
-        }
+    switch (type) {
+    case T_Q4_0: TILES(T_Q4_0) break;
+    case T_Q4_1: TILES(T_Q4_1) break;
+    case T_Q5_0: TILES(T_Q5_0) break;
+    case T_Q8_0: TILES(T_Q8_0) break;
     }
 #else
     packed_rows_scalar(type, w, n, k, g0, g1, m, xq, xd, xs, xi, y, ldy);
