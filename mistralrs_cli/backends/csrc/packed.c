@@ -286,9 +286,82 @@ int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     return 0;
 }
 
+#if defined(__AVX2__)
+// One group of 8 K-weight rows against RN activation rows from r0 (RN, type constant per call site).
+static inline __attribute__((always_inline)) void ktile(const int type, const int RN, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+    const int gb = packed_k_block_bytes(type);
+    const int64_t nb = k / 256;
+    __m256 a[8];
+    for (int r = 0; r < RN; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + 512;
+        const float *sc = (const float *)blk;
+        if (type == T_Q4_K) {
+            const __m256i low = _mm256_set1_epi8(0x0f);
+            for (int j = 0; j < 4; j++) {
+                __m256i lo_s[8], hi_s[8];
+                for (int r = 0; r < RN; r++) lo_s[r] = hi_s[r] = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (j * 8 + c) * 32));
+                    const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                    for (int r = 0; r < RN; r++) {
+                        const int8_t *x = kq + (r0 + r) * k + b * 256 + 64 * j + 4 * c;
+                        lo_s[r] = dp(lo_s[r], lo, bcast4(x));
+                        hi_s[r] = dp(hi_s[r], hi, bcast4(x + 32));
+                    }
+                }
+                const __m256 s0 = _mm256_loadu_ps(sc + (2 * j) * 8), s1 = _mm256_loadu_ps(sc + (2 * j + 1) * 8);
+                const __m256 m0 = _mm256_loadu_ps(sc + 64 + (2 * j) * 8), m1 = _mm256_loadu_ps(sc + 64 + (2 * j + 1) * 8);
+                for (int r = 0; r < RN; r++) {
+                    const float xd = kd[(r0 + r) * nb + b];
+                    const int16_t *bs = kbs + ((r0 + r) * nb + b) * 16;
+                    const __m256 xv = _mm256_set1_ps(xd);
+                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xv), _mm256_cvtepi32_ps(lo_s[r]), a[r]);
+                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xv), _mm256_cvtepi32_ps(hi_s[r]), a[r]);
+                    a[r] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(xd * (float)(bs[4 * j] + bs[4 * j + 1])), a[r]);
+                    a[r] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(xd * (float)(bs[4 * j + 2] + bs[4 * j + 3])), a[r]);
+                }
+            }
+        } else {
+            for (int s_ = 0; s_ < 16; s_++) {
+                __m256i is[8];
+                for (int r = 0; r < RN; r++) is[r] = _mm256_setzero_si256();
+                for (int c = 0; c < 4; c++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c) * 32));
+                    for (int r = 0; r < RN; r++) is[r] = dp(is[r], wv, bcast4(kq + (r0 + r) * k + b * 256 + 16 * s_ + 4 * c));
+                }
+                const __m256 sv = _mm256_loadu_ps(sc + s_ * 8);
+                for (int r = 0; r < RN; r++) {
+                    const int16_t *bs = kbs + ((r0 + r) * nb + b) * 16;
+                    const __m256i t = _mm256_sub_epi32(is[r], _mm256_set1_epi32(32 * bs[s_]));
+                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(kd[(r0 + r) * nb + b])), _mm256_cvtepi32_ps(t), a[r]);
+                }
+            }
+        }
+    }
+    const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
+    for (int r = 0; r < RN; r++) {
+        float out[8];
+        _mm256_storeu_ps(out, a[r]);
+        memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
+    }
+}
+
+#define KTILES(T)                                                                               \
+    for (int64_t g = g0; g < g1; g++) {                                                         \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, g, r0, kq, kd, kbs, y, ldy);           \
+        for (; r0 < m; r0++) ktile(T, 1, w, n, k, g, r0, kq, kd, kbs, y, ldy);                   \
+    }
+#endif
+
 // groups [g0, g1) of a packed K weight against m rows of q8_K activations; y[r * ldy + row].
 void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                    const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+#if defined(__AVX2__)
+    if (type == T_Q4_K) { KTILES(T_Q4_K) } else { KTILES(T_Q6_K) }
+#else
     const int gb = packed_k_block_bytes(type);
     const int64_t nb = k / 256;
     for (int64_t g = g0; g < g1; g++)
@@ -300,35 +373,6 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
                 const int8_t *x = kq + r * k + b * 256;
                 const int16_t *bs = kbs + (r * nb + b) * 16;
                 const float xd = kd[r * nb + b];
-#if defined(__AVX2__)
-                __m256 a = _mm256_loadu_ps(acc);
-                if (type == T_Q4_K) {
-                    const __m256i low = _mm256_set1_epi8(0x0f);
-                    for (int j = 0; j < 4; j++) {
-                        __m256i lo_s = _mm256_setzero_si256(), hi_s = _mm256_setzero_si256();
-                        for (int c = 0; c < 8; c++) {
-                            const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (j * 8 + c) * 32));
-                            lo_s = dp(lo_s, _mm256_and_si256(wv, low), bcast4(x + 64 * j + 4 * c));
-                            hi_s = dp(hi_s, _mm256_and_si256(_mm256_srli_epi16(wv, 4), low), bcast4(x + 64 * j + 32 + 4 * c));
-                        }
-                        const __m256 xs = _mm256_set1_ps(xd);
-                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + (2 * j) * 8), xs), _mm256_cvtepi32_ps(lo_s), a);
-                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + (2 * j + 1) * 8), xs), _mm256_cvtepi32_ps(hi_s), a);
-                        const float m0 = xd * (float)(bs[4 * j] + bs[4 * j + 1]), m1 = xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]);
-                        a = _mm256_fnmadd_ps(_mm256_loadu_ps(sc + 64 + (2 * j) * 8), _mm256_set1_ps(m0), a);
-                        a = _mm256_fnmadd_ps(_mm256_loadu_ps(sc + 64 + (2 * j + 1) * 8), _mm256_set1_ps(m1), a);
-                    }
-                } else {
-                    for (int s = 0; s < 16; s++) {
-                        __m256i is = _mm256_setzero_si256();
-                        for (int c = 0; c < 4; c++)
-                            is = dp(is, _mm256_loadu_si256((const __m256i *)(q + (s * 4 + c) * 32)), bcast4(x + 16 * s + 4 * c));
-                        is = _mm256_sub_epi32(is, _mm256_set1_epi32(32 * bs[s]));
-                        a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + s * 8), _mm256_set1_ps(xd)), _mm256_cvtepi32_ps(is), a);
-                    }
-                }
-                _mm256_storeu_ps(acc, a);
-#else
                 for (int lane = 0; lane < 8; lane++) {
                     if (type == T_Q4_K) {
                         for (int j = 0; j < 4; j++) {
@@ -344,17 +388,17 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
                             acc[lane] -= sc[64 + (2 * j + 1) * 8 + lane] * (xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]));
                         }
                     } else {
-                        for (int s = 0; s < 16; s++) {
+                        for (int s_ = 0; s_ < 16; s_++) {
                             int is = 0;
                             for (int c = 0; c < 4; c++)
-                                for (int e = 0; e < 4; e++) is += q[((s * 4 + c) * 8 + lane) * 4 + e] * x[16 * s + 4 * c + e];
-                            acc[lane] += sc[s * 8 + lane] * xd * (float)(is - 32 * bs[s]);
+                                for (int e = 0; e < 4; e++) is += q[((s_ * 4 + c) * 8 + lane) * 4 + e] * x[16 * s_ + 4 * c + e];
+                            acc[lane] += sc[s_ * 8 + lane] * xd * (float)(is - 32 * bs[s_]);
                         }
                     }
                 }
-#endif
             }
             const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
             memcpy(y + r * ldy + g * 8, acc, sizeof(float) * (size_t)rows);
         }
+#endif
 }
