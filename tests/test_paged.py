@@ -160,3 +160,15 @@ def test_engine_flags_are_checked():
             engine_config(RunOptions(**{field: value}))
     cfg = engine_config(RunOptions(no_paged_attn=True, pa_blk_size=16, prefix_cache_n=0, pa_ctxt_len=512))
     assert (cfg.paged_attn, cfg.block_size, cfg.prefix_cache_n, cfg.kv_tokens) == (False, 16, 0, 512)
+
+
+def test_adjacent_k_and_v_of_one_qkv_row_are_stored_in_one_op():
+    kv, gen = _kv(), torch.Generator().manual_seed(4)
+    seq, ref = kv.new_sequence([1]), SeqKVCache(2, 2, 4)
+    for t in (5, 1, 1):
+        assert seq.reserve(len(seq) + t)
+        for layer in range(2):
+            qkv = torch.randn(t, 4 + 2 + 2, 4, generator=gen)  # (T, H + 2 Hkv, D): k and v adjacent
+            k, v = qkv[:, 4:6], qkv[:, 6:]
+            got, want = seq.update(layer, k, v), ref.update(layer, k, v)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))

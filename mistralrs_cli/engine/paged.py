@@ -159,8 +159,12 @@ class PagedKV:
                  round_to: torch.dtype | None = None):
         self.shape, self.block_size, self.round_to = shape, block_size, round_to
         slots = n_blocks * block_size
-        self.k = [torch.empty(shape.n_kv, slots, shape.head_dim, dtype=shape.dtype) for _ in range(shape.n_layers)]
-        self.v = [torch.empty(shape.n_kv, slots, shape.head_dim, dtype=shape.dtype) for _ in range(shape.n_layers)]
+        # one tensor per layer, keys' heads then values' heads: when k and v arrive as adjacent
+        # columns of one qkv row (the native decoder), one op rounds and stores both
+        self.kv = [torch.empty(2 * shape.n_kv, slots, shape.head_dim, dtype=shape.dtype)
+                   for _ in range(shape.n_layers)]
+        self.k = [t[: shape.n_kv] for t in self.kv]
+        self.v = [t[shape.n_kv:] for t in self.kv]
         self.alloc = BlockAllocator(n_blocks, prefix_cache_n)
 
     @property
@@ -197,11 +201,20 @@ class PagedKV:
         bs = self.block_size
         src = (torch.tensor(found)[:, None] * bs + torch.arange(bs)).reshape(-1)
         s0, n = fresh[0] * bs, len(found) * bs
-        for pool in self.k + self.v:
+        for pool in self.kv:
             pool[:, s0:s0 + n] = pool.index_select(1, src)
         for b in found:
             alloc.decref(b)
         return fresh
+
+
+def _adjacent(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v as one (T, 2 Hkv, D) view when v's heads directly follow k's in memory."""
+    if k.stride() != v.stride() or k.dtype != v.dtype or k.stride(2) != 1 or k.stride(1) != k.shape[2]:
+        return None
+    if v.data_ptr() != k.data_ptr() + k.shape[1] * k.stride(1) * k.element_size():
+        return None
+    return k.as_strided((k.shape[0], 2 * k.shape[1], k.shape[2]), k.stride())
 
 
 class PagedSeqCache:
@@ -252,19 +265,20 @@ class PagedSeqCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (T, Hkv, D); return all keys and values so far, (Hkv, S, D)."""
         n, t = self.lengths[layer], k.shape[0]
-        kp, vp = self.kv.k[layer], self.kv.v[layer]
-        if self.kv.round_to is not None:
-            k, v = k.to(self.kv.round_to), v.to(self.kv.round_to)
+        pool, h, rnd = self.kv.kv[layer], k.shape[1], self.kv.round_to
         self.lengths[layer] = n + t
+        both = _adjacent(k, v)  # (T, 2 Hkv, D) over k and v, or None
+        new = both.transpose(0, 1) if both is not None else torch.cat([k, v], 1).transpose(0, 1)
+        if rnd is not None:
+            new = new.to(rnd)
         if self.contiguous:
             s0 = self.blocks[0] * self.kv.block_size
-            kp[:, s0 + n:s0 + n + t] = k.transpose(0, 1)
-            vp[:, s0 + n:s0 + n + t] = v.transpose(0, 1)
-            return kp[:, s0:s0 + n + t], vp[:, s0:s0 + n + t]
+            pool[:, s0 + n:s0 + n + t] = new
+            return pool[:h, s0:s0 + n + t], pool[h:, s0:s0 + n + t]
         idx = self.slots(n + t)
-        kp.index_copy_(1, idx[n:], k.transpose(0, 1).to(kp.dtype))
-        vp.index_copy_(1, idx[n:], v.transpose(0, 1).to(vp.dtype))
-        return kp.index_select(1, idx), vp.index_select(1, idx)
+        pool.index_copy_(1, idx[n:], new.to(pool.dtype))
+        out = pool.index_select(1, idx)
+        return out[:h], out[h:]
 
     def commit(self, tokens: list[int]) -> None:
         """After a step: register the blocks that became full (tokens: the sequence so far)."""
