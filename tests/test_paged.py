@@ -172,3 +172,16 @@ def test_adjacent_k_and_v_of_one_qkv_row_are_stored_in_one_op():
             k, v = qkv[:, 4:6], qkv[:, 6:]
             got, want = seq.update(layer, k, v), ref.update(layer, k, v)
             assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_min_tail_keeps_the_end_of_a_cached_prompt_computed():
+    kv = _kv(prefix_cache_n=4)
+    prompt = list(range(50, 63))  # 13 tokens
+    a = kv.new_sequence(prompt)
+    a.reserve(13)
+    a.set_length(13)
+    a.commit(prompt)
+    a.release(keep_prefix=True)
+    assert len(kv.new_sequence(prompt)) == 12  # default: all but the last token (3 blocks)
+    kv.min_tail = 6  # the model computes short chunks differently: recompute at least 6
+    assert len(kv.new_sequence(prompt)) == 4

@@ -166,17 +166,21 @@ class PagedKV:
         self.k = [t[: shape.n_kv] for t in self.kv]
         self.v = [t[shape.n_kv:] for t in self.kv]
         self.alloc = BlockAllocator(n_blocks, prefix_cache_n)
+        # prompt tokens always computed, even when cached: at least the last (its logits are
+        # needed); more when the model computes short chunks with other kernels than whole
+        # prompts, so that a cached prompt's tail takes the same arithmetic as the whole prompt
+        self.min_tail = 1
 
     @property
     def capacity_tokens(self) -> int:
         return self.alloc.n_blocks * self.block_size
 
     def new_sequence(self, tokens: list[int]) -> "PagedSeqCache":
-        """A cache for a sequence; its first blocks come from the prefix cache when they can.
-        The last prompt token is never taken from the cache: its logits are needed."""
+        """A cache for a sequence; its first blocks come from the prefix cache when they can,
+        all but the last `min_tail` tokens."""
         cache = PagedSeqCache(self)
         if self.alloc.prefix_cache_n:
-            n = (len(tokens) - 1) // self.block_size
+            n = max(0, len(tokens) - self.min_tail) // self.block_size
             cache.hashes = block_hashes(tokens, self.block_size, n)
             cache.blocks = self._contiguous_copy(self.alloc.lookup(cache.hashes))
             cache.hashes = cache.hashes[: len(cache.blocks)]
