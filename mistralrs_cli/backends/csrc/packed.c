@@ -146,6 +146,17 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
 // groups [g0, g1) of a packed weight against m activation rows (int8 codes xq (m, k), per-block
 // scale xd, d * sum xs (fp16-rounded, as q8_1 keeps it), integer sums xi); y[r * ldy + row].
 #if defined(__AVX2__)
+// RN rows of 8 outputs (one group's) into y, the last group cut to the rows that exist
+static inline __attribute__((always_inline)) void store_tile(const __m256 *acc, const int RN, int64_t n, int64_t g,
+                                                             int64_t r0, float *y, int64_t ldy) {
+    const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
+    for (int r = 0; r < RN; r++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[r]);
+        memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
+    }
+}
+
 // One group of 8 weight rows against RN activation rows from r0; RN and type are constants at
 // every call site, so the loops over rows unroll and the sums stay in registers.
 static inline __attribute__((always_inline)) void tile(const int type, const int RN, const uint8_t *w, int64_t n,
@@ -186,12 +197,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
             if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xs[xb]), acc[r]);
         }
     }
-    const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
-    for (int r = 0; r < RN; r++) {
-        float out[8];
-        _mm256_storeu_ps(out, acc[r]);
-        memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
-    }
+    store_tile(acc, RN, n, g, r0, y, ldy);
 }
 
 #define TILES(T)                                                                                \
@@ -340,12 +346,7 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
             }
         }
     }
-    const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
-    for (int r = 0; r < RN; r++) {
-        float out[8];
-        _mm256_storeu_ps(out, a[r]);
-        memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
-    }
+    store_tile(a, RN, n, g, r0, y, ldy);
 }
 
 #define KTILES(T)                                                                               \
