@@ -2,6 +2,11 @@
 and ours teacher-forced on the same tokens (prefill, then one cached step per token)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from mistralrs_cli.engine.kv_cache import SeqKVCache
@@ -53,3 +58,34 @@ def mixtral_routes(model: torch.nn.Module, hf: torch.nn.Module, ids: list[int], 
             h.remove()
     assert len(ours) == len(theirs)
     return [(o.float().topk(k, dim=-1).indices.sort(-1).values, t.sort(-1).values) for o, t in zip(ours, theirs)]
+
+
+def check_cli_and_api_text(dirs: dict, prompt: str, steps: int, min_margin: float = 1e-3) -> None:
+    """`mistralrs --raw --prompt PROMPT plain -m DIR` and Runner(Which.Plain(DIR)) both produce
+    transformers' greedy continuation (decoded by our tokenizer) for every name -> (DIR, model);
+    transformers' top-2 gap must exceed min_margin at each step (no near-ties to argue about).
+    The CLIs run in parallel; set MISTRALRS_CLI_CACHE / HF_HUB_OFFLINE before calling."""
+    from mistralrs_cli import CompletionRequest, Runner, Which
+    from mistralrs_cli.loaders.load import load
+    from mistralrs_cli.types import LoadOptions, PlainSpec
+
+    exe = Path(sys.executable).with_name("mistralrs")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
+    procs = {name: subprocess.Popen([str(exe), "--raw", "--max-tokens", str(steps), "--prompt", prompt, "plain",
+                                     "-m", str(path)], env=env, text=True, encoding="utf-8",
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (path, _) in dirs.items()}
+    for name, proc in procs.items():
+        path, hf = dirs[name]
+        tok = load(PlainSpec(str(path)), LoadOptions(token_source="none")).tokenizer
+        ids = tok.encode(prompt)
+        _, greedy, margins = hf_steps(hf, ids, steps)
+        assert min(margins) > min_margin and not set(greedy) & set(tok.eos_ids), (name, greedy, margins)
+        want = tok.decode(greedy)
+        runner = Runner(which=Which.Plain(str(path)), token_source="none")
+        res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
+        assert res.choices[0].text == want, (name, res.choices[0].text, want)
+        assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == steps
+        stdout, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0 and "Traceback" not in stderr, (name, stderr)
+        assert stdout[:-1] == want, (name, stdout, want)

@@ -7,9 +7,6 @@ equals transformers' greedy tokens decoded by our tokenizer."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog!"  # 12 tokens with BOS
 STEPS = 8
 F32_TOL = 1e-4
 MIN_MARGIN = 1e-3
-MISTRALRS = Path(sys.executable).with_name("mistralrs")
 
 # name -> tiny model builder (seeds chosen so that greedy continuations do not tie)
 MODELS = {
@@ -144,33 +140,6 @@ def test_config_fields_are_read(built):
     assert lr.rope_scaling["type"] == "longrope" and len(lr.rope_scaling["long_factor"]) == 8
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([str(MISTRALRS), *args], env=env, text=True, encoding="utf-8",
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_cli_and_api_greedy_match_transformers(built, tmp_path, monkeypatch):
-    from mistralrs_cli import CompletionRequest, Runner, Which
-    from mistralrs_cli.loaders.load import load
-    from mistralrs_cli.types import PlainSpec as Spec
-
     monkeypatch.setenv("MISTRALRS_CLI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    procs = {n: _cli("--raw", "--temperature", "0", "--max-tokens", str(STEPS), "--prompt", PROMPT,
-                     "plain", "-m", str(built[n][0])) for n in TEXT_MODELS}
-    for name, proc in procs.items():
-        path, hf = built[name]
-        tok = load(Spec(str(path)), LoadOptions(token_source="none")).tokenizer
-        ids = tok.encode(PROMPT)
-        assert len(ids) == 12 and ids[0] == tok.bos_id
-        _, greedy, margins = _reference(hf, ids)
-        assert min(margins) > MIN_MARGIN and not set(greedy) & set(tok.eos_ids), (name, greedy, margins)
-        want = tok.decode(greedy)
-        runner = Runner(which=Which.Plain(str(path)), token_source="none")
-        res = runner.send_completion_request(CompletionRequest(prompt=PROMPT, max_tokens=STEPS, temperature=0.0))
-        assert res.choices[0].text == want, name
-        assert res.usage.prompt_tokens == 12
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and "Traceback" not in stderr, stderr
-        assert stdout[:-1] == want, (name, stdout, want)
+    parity.check_cli_and_api_text({n: built[n] for n in TEXT_MODELS}, PROMPT, STEPS, MIN_MARGIN)

@@ -6,9 +6,6 @@ rewritten in the hub spelling (rope_theta, torch_dtype, no generation_config.jso
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,6 @@ import parity
 PROMPT = "The quick brown fox jumps over the lazy dog!"  # 12 tokens with BOS
 STEPS = 8
 MIN_MARGIN = 1e-3  # transformers' top-2 gap at every greedy step: no near-ties to argue about
-MISTRALRS = Path(sys.executable).with_name("mistralrs")
 
 # name -> (builder, write the hub spelling); seeds picked for clear greedy margins
 MODELS = {
@@ -60,33 +56,6 @@ def built(tmp_path_factory):
     return out
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([str(MISTRALRS), *args], env=env, text=True, encoding="utf-8",
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_cli_and_api_greedy_text_match_transformers(built, tmp_path, monkeypatch):
-    from mistralrs_cli import CompletionRequest, Runner, Which
-    from mistralrs_cli.loaders.load import load
-    from mistralrs_cli.types import LoadOptions, PlainSpec
-
     monkeypatch.setenv("MISTRALRS_CLI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    procs = {n: _cli("--raw", "--max-tokens", str(STEPS), "--prompt", PROMPT, "plain", "-m", str(p))
-             for n, (p, _) in built.items()}
-    for name, proc in procs.items():
-        path, hf = built[name]
-        tok = load(PlainSpec(str(path)), LoadOptions(token_source="none")).tokenizer
-        ids = tok.encode(PROMPT)
-        assert len(ids) == 12 and ids[0] == tok.bos_id
-        _, greedy, margins = parity.hf_steps(hf, ids, STEPS)
-        assert min(margins) > MIN_MARGIN and not set(greedy) & set(tok.eos_ids), (name, greedy, margins)
-        want = tok.decode(greedy)
-        runner = Runner(which=Which.Plain(str(path)), token_source="none")
-        res = runner.send_completion_request(CompletionRequest(prompt=PROMPT, max_tokens=STEPS, temperature=0.0))
-        assert res.choices[0].text == want, (name, res.choices[0].text, want)
-        assert res.usage.prompt_tokens == 12 and res.usage.completion_tokens == STEPS
-        stdout, stderr = proc.communicate(timeout=180)
-        assert proc.returncode == 0 and "Traceback" not in stderr, (name, stderr)
-        assert stdout[:-1] == want, (name, stdout, want)
+    parity.check_cli_and_api_text(built, PROMPT, STEPS, MIN_MARGIN)
