@@ -147,6 +147,10 @@ def test_n_seed_stop_and_max_tokens_1(srv, tiny):
     r = srv.client.chat.completions.create(model="m", messages=MSGS, max_tokens=8, stop=[stop])
     assert r.choices[0].message.content == greedy[: greedy.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+    chunks = [c for c in srv.client.chat.completions.create(model="m", messages=MSGS, max_tokens=8, stop=stop,
+                                                             stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy[: greedy.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
     one = srv.client.chat.completions.create(model="m", messages=MSGS, max_tokens=1)
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
 
@@ -164,6 +168,10 @@ def test_logprobs_are_transformers_log_softmax(srv, tiny):
         top_ids = torch.topk(lp, 3).indices.tolist()
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx([float(lp[i]) for i in top_ids], abs=1e-4)
         assert entry.top_logprobs[0].token == entry.token and len(entry.top_logprobs) == 3
+    chunks = [c for c in srv.client.chat.completions.create(model="m", messages=MSGS, max_tokens=5, logprobs=True,
+                                                             top_logprobs=3, stream=True) if c.choices]
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     c = srv.client.completions.create(model="m", prompt="rain falls in", max_tokens=3, logprobs=2)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
