@@ -44,7 +44,7 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     const int bb = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 34;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const int head = type == T_Q4_1 ? 32 : 16;
-    memset(out, 0, (size_t)(groups * nb * gb));
+    if (n % 8) memset(out + (groups - 1) * nb * gb, 0, (size_t)(nb * gb));  // the last group's missing rows
     for (int64_t g = 0; g < groups; g++) {
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *o = out + (g * nb + b) * gb;
@@ -53,19 +53,21 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                 memcpy(o + 2 * r, src, 2);                                   // d
                 if (type == T_Q4_1) memcpy(o + 16 + 2 * r, src + 2, 2);      // m
                 const uint8_t *qs = src + (type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 2);
-                uint32_t qh = 0;
-                if (type == T_Q5_0) memcpy(&qh, src + 2, 4);
-                const int chunks = bytewise(type) ? 8 : 4;
-                for (int c = 0; c < chunks; c++)
-                    for (int j = 0; j < 4; j++) {
-                        const int e = 4 * c + j;  // weight index in the block
-                        uint8_t v;
-                        if (type == T_Q8_0) v = (uint8_t)(qs[e] ^ 0x80);
-                        else if (type == T_Q5_0)
-                            v = (uint8_t)(((e < 16 ? qs[e] & 15 : qs[e - 16] >> 4)) | (((qh >> e) & 1) << 4));
-                        else v = qs[e];
-                        o[head + (c * 8 + r) * 4 + j] = v;
+                if (type == T_Q5_0) {
+                    uint32_t qh;
+                    memcpy(&qh, src + 2, 4);
+                    for (int e = 0; e < 32; e++)  // weight e: its nibble and its fifth bit
+                        o[head + ((e / 4) * 8 + r) * 4 + e % 4] =
+                            (uint8_t)((e < 16 ? qs[e] & 15 : qs[e - 16] >> 4) | (((qh >> e) & 1) << 4));
+                } else {
+                    const int chunks = type == T_Q8_0 ? 8 : 4;
+                    for (int c = 0; c < chunks; c++) {
+                        uint32_t v;
+                        memcpy(&v, qs + 4 * c, 4);
+                        if (type == T_Q8_0) v ^= 0x80808080u;  // signed -> unsigned codes
+                        memcpy(o + head + (c * 8 + r) * 4, &v, 4);
                     }
+                }
             }
         }
     }
