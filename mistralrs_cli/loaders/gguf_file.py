@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def lazy_strings(self, count: int) -> "_LazyStrings":
+        """Skip `count` strings, reading only their lengths; decode them on first use."""
+        start, pos, buf, unpack = self.pos, self.pos, self.buf, struct.unpack_from
+        end = len(buf)
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Truncated()
+            pos += 8 + unpack("<Q", buf, pos)[0]
+        if pos > end:
+            raise _Truncated()
+        self.pos = pos
+        return _LazyStrings(buf, start, count)
+
     def value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
         if vtype == GGUFValueType.STRING:
@@ -81,6 +95,8 @@ class _Cursor:
         if vtype == GGUFValueType.ARRAY:
             item_type, count = GGUFValueType(self.take("<I")), self.take("<Q")
             if item_type == GGUFValueType.STRING:
+                if count >= _LAZY_STRINGS:
+                    return self.lazy_strings(count)
                 return [self.string() for _ in range(count)]
             if item_type == GGUFValueType.ARRAY:
                 return [self.value(GGUFValueType.ARRAY) for _ in range(count)]
@@ -92,6 +108,37 @@ class _Cursor:
             self.pos = end
             return arr
         return self.take(_SCALAR[vtype])
+
+
+_LAZY_STRINGS = 4096  # string arrays this long (vocabularies, merges) are decoded on first use
+
+
+class _LazyStrings(Sequence):
+    """A GGUF string array decoded when first read: a tokenizer built from the file's vocabulary
+    is cached, so most loads never look at the 50k-260k token strings."""
+
+    def __init__(self, buf: memoryview, start: int, count: int):
+        self._buf, self._start, self._count = buf, start, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            cur = _Cursor(self._buf)
+            cur.pos = self._start
+            self._items = [cur.string() for _ in range(self._count)]
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):
+        return self._decoded()[i]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
 
 
 class GGUFFile:
