@@ -4,7 +4,7 @@ On a model of 135M parameters the torch path spends as long dispatching ~170 sma
 layer as it does multiplying, so for the common block shapes this runs each layer as:
   qkv  = [norm ->] x @ Wqkv (+ bias)                       qmm_parts, RMSNorm fused before
   q, k : per-head norm, rotary                             rope_rows
-  attn = softmax(q k^T) v over the KV cache                attn_rows (a prompt chunk: torch SDPA)
+  attn = softmax(q k^T) v over the KV cache                attn_rows
   x   += [post-norm] attn @ Wo                             qmm_parts, norm + residual fused after
   gu   = [norm ->] x @ W[gate|up]                          qmm_parts
   x   += [post-norm] act(gate) * up @ Wdown                qmm_parts, activation fused before
@@ -26,8 +26,6 @@ import torch
 from ..models.layers import Attention, Batch, GatedMLP, RMSNorm, softcap
 from ..quant.qweight import FusedQLinear, QLinear, QWeightGroup
 from . import native
-
-SMALL_T = 16  # query rows per sequence up to which attention runs in C (more: torch's flash SDPA)
 
 
 def _norm_weight(norm: RMSNorm) -> torch.Tensor:
@@ -190,16 +188,14 @@ class NativeDecoder:
                            ctypes.c_float(L.attn.q_norm.eps if L.q_norm is not None else 0.0))
 
     def _attend(self, i: int, L: _Layer, slots: list[tuple], att: torch.Tensor, batch: Batch) -> None:
+        """Each query row attends in C on its own, so a row's result does not depend on how the
+        prompt was chunked (prefix-cache hits and recomputation give the same tokens)."""
         nq, nkv, hd, a = self.nq, self.nkv, self.hd, L.attn
         window, scale, cap = a.window or 0, a.scale, a.softcap or 0.0
-        for j, s, q, k, v, _, (q_ptr, n, ldq, att_ptr, ldo, pos_ptr, threads) in slots:
+        for _, s, _, k, v, _, (q_ptr, n, ldq, att_ptr, ldo, pos_ptr, threads) in slots:
             ks, vs = s.cache.update(i, k, v)  # (Hkv, S, D)
-            if n <= SMALL_T:
-                if ks.stride(-1) != 1 or vs.stride() != ks.stride():
-                    ks, vs = ks.contiguous(), vs.contiguous()
-                sh, ss = ks.stride()[:2]
-                self.lib.attn_rows(q_ptr, n, ldq, ks.data_ptr(), vs.data_ptr(), ks.shape[1], sh, ss, att_ptr, ldo,
-                                   nq, nkv, hd, pos_ptr, window, scale, cap, threads)
-            else:
-                o = a.attend(q, ks.to(q.dtype), vs.to(q.dtype), a._mask(batch, j, s, ks.shape[1]))
-                att[s.start:s.end] = o.reshape(n, nq * hd)
+            if ks.stride(-1) != 1 or vs.stride() != ks.stride():
+                ks, vs = ks.contiguous(), vs.contiguous()
+            sh, ss = ks.stride()[:2]
+            self.lib.attn_rows(q_ptr, n, ldq, ks.data_ptr(), vs.data_ptr(), ks.shape[1], sh, ss, att_ptr, ldo,
+                               nq, nkv, hd, pos_ptr, window, scale, cap, threads)

@@ -52,17 +52,6 @@ def pool_blocks(cfg: EngineConfig, shape: PoolShape, max_context: int) -> int:
     return max(1, min(want, int(0.5 * _available_ram()) // per_block))
 
 
-def _uniform_rows(model) -> int:
-    """Rows from which a chunk's attention runs the same kernel as a whole prompt's: the native
-    decoder attends up to SMALL_T rows in C and longer chunks with SDPA (their last bits differ,
-    and llama.cpp's 8-bit activation rounding makes that visible)."""
-    if getattr(model, "native", None) is None:
-        return 1
-    from ..backends.native_decoder import SMALL_T
-
-    return SMALL_T + 1
-
-
 class Engine:
     def __init__(self, loaded, config: EngineConfig | None = None):
         self.loaded = loaded
@@ -76,7 +65,6 @@ class Engine:
             round_to = m.kv_dtype if m.kv_dtype != m.dtype and m.dtype == torch.float32 else None
             self.kv = PagedKV(shape, pool_blocks(cfg, shape, self.max_context), cfg.block_size,
                               cfg.prefix_cache_n, round_to)
-            self.kv.min_tail = _uniform_rows(self.model)
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
                                    chunked=not cfg.no_kv_cache)
         self.finished: dict[str, int] = {}  # finish reason -> requests, since start

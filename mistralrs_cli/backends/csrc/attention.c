@@ -36,10 +36,15 @@ void rope_rows(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int 
 }
 
 static inline float dot(const float *a, const float *b, int n) {
-    float acc[8] = {0};  // 8 independent sums: the compiler vectorizes this without -ffast-math
+    // 32 independent sums (four vectors' worth): vectorized without -ffast-math, and four
+    // FMA chains in flight instead of one
+    float acc[32] = {0};
     int e = 0;
+    for (; e + 32 <= n; e += 32)
+        for (int l = 0; l < 32; l++) acc[l] += a[e + l] * b[e + l];
     for (; e + 8 <= n; e += 8)
         for (int l = 0; l < 8; l++) acc[l] += a[e + l] * b[e + l];
+    for (int l = 0; l < 8; l++) acc[l] += (acc[l + 8] + acc[l + 16]) + acc[l + 24];
     float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     for (; e < n; e++) s += a[e] * b[e];
     return s;
@@ -86,6 +91,30 @@ static float exp_sum(float *p, int64_t n, float mx) {
     return sum;
 }
 
+// o = inv * sum_j p[j - lo] v_j over keys lo..hi; 64 output dims at a time stay in registers
+static void weighted_sum(const float *p, int64_t lo, int64_t hi, float inv, const float *vh, int64_t ss,
+                         int hd, float *o) {
+    int e0 = 0;
+#if defined(__AVX2__)
+    for (; e0 + 64 <= hd; e0 += 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (int64_t j = lo; j <= hi; j++) {
+            const __m256 w = _mm256_set1_ps(p[j - lo]);
+            const float *vj = vh + j * ss + e0;
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        }
+        const __m256 s = _mm256_set1_ps(inv);
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], s));
+    }
+#endif
+    for (int e = e0; e < hd; e++) {
+        float a = 0.0f;
+        for (int64_t j = lo; j <= hi; j++) a += p[j - lo] * vh[j * ss + e];
+        o[e] = a * inv;
+    }
+}
+
 // Attention for T query rows of one sequence: q (T, ldq) heads of hd; keys/values (nkv, S, hd)
 // with strides (sh, ss) in floats; out (T, ldo). Query t at position pos[t] sees keys
 // j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window.
@@ -114,11 +143,7 @@ void attn_rows(const float *q, int64_t T, int64_t ldq, const float *k, const flo
                 if (d > mx) mx = d;
             }
             const float inv = 1.0f / exp_sum(p, hi - lo + 1, mx);
-            for (int e = 0; e < hd; e++) o[e] = 0.0f;
-            for (int64_t j = lo; j <= hi; j++) {
-                const float w = p[j - lo] * inv, *vj = vh + j * ss;
-                for (int e = 0; e < hd; e++) o[e] += w * vj[e];
-            }
+            weighted_sum(p, lo, hi, inv, vh, ss, hd, o);
         }
         free(p);
     }
