@@ -73,14 +73,21 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.repack8_k.restype = so.packed_k_block_bytes.restype = i32
     so.packed_k_block_bytes.argtypes = [i32]
     so.packed_supported.argtypes = so.packed_block_bytes.argtypes = [i32]
-    so.rope_rows.restype = so.attn_rows.restype = None
+    so.rope_rows.restype = so.attn_batch.restype = None
     so.rope_rows.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, f32]
-    so.attn_rows.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i32, i32, i32, ptr, i64, f32, f32, i32]
+    so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32]
     return so
 
 
 class QPart(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("rows", ctypes.c_int64), ("w", ctypes.c_void_p)]
+
+
+class AttnSeq(ctypes.Structure):
+    """One sequence of an attn_batch call (csrc/attention.c); pointers are data_ptr()s."""
+    _fields_ = [("q", ctypes.c_void_p), ("n", ctypes.c_int64), ("out", ctypes.c_void_p), ("pos", ctypes.c_void_p),
+                ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("S", ctypes.c_int64), ("sh", ctypes.c_int64),
+                ("ss", ctypes.c_int64)]
 
 
 class QmmOpts(ctypes.Structure):

@@ -4,7 +4,7 @@ On a model of 135M parameters the torch path spends as long dispatching ~170 sma
 layer as it does multiplying, so for the common block shapes this runs each layer as:
   qkv  = [norm ->] x @ Wqkv (+ bias)                       qmm_parts, RMSNorm fused before
   q, k : per-head norm, rotary                             rope_rows
-  attn = softmax(q k^T) v over the KV cache                attn_rows
+  attn = softmax(q k^T) v over the KV cache                attn_batch (all sequences)
   x   += [post-norm] attn @ Wo                             qmm_parts, norm + residual fused after
   gu   = [norm ->] x @ W[gate|up]                          qmm_parts
   x   += [post-norm] act(gate) * up @ Wdown                qmm_parts, activation fused before
@@ -143,6 +143,7 @@ class NativeDecoder:
         gu = torch.empty(T, self.layers[0].gate_up.rows)
         y = torch.empty(T, h.shape[1])
         slots = self._slots(qkv, att, batch)
+        self.ldq, self.threads = qkv.stride(0), torch.get_num_threads()
         for i, L in enumerate(self.layers):
             native.qmatmul(h, L.qkv, self.lib, L.qkv_opts, out=qkv)
             self._rope(L, qkv, batch)
@@ -155,20 +156,19 @@ class NativeDecoder:
         logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
         return softcap(logits, cfg.final_logit_softcapping)
 
-    def _slots(self, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> list[tuple]:
-        """Per sequence, what every layer's attention needs (views into the shared buffers)."""
+    def _slots(self, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> tuple:
+        """Per sequence, what every layer's attention needs: its k/v rows (views into the shared
+        buffer) and an attn_batch entry whose query, output and position pointers stay put."""
         nq, nkv, hd, T = self.nq, self.nkv, self.hd, qkv.shape[0]
-        q = qkv[:, : nq * hd].view(T, nq, hd)
         k = qkv[:, nq * hd:(nq + nkv) * hd].view(T, nkv, hd)
         v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
-        threads = torch.get_num_threads()
-        out = []
-        for j, s in enumerate(batch.seqs):
-            pos = batch.positions[s.start:s.end]
-            c_args = (qkv[s.start:].data_ptr(), s.end - s.start, qkv.stride(0), att[s.start:].data_ptr(),
-                      att.stride(0), pos.data_ptr(), threads)
-            out.append((j, s, q[s.start:s.end], k[s.start:s.end], v[s.start:s.end], pos, c_args))
-        return out
+        seqs = (native.AttnSeq * len(batch.seqs))()
+        kv = []
+        for e, s in zip(seqs, batch.seqs):
+            e.q, e.n, e.out = qkv[s.start].data_ptr(), s.end - s.start, att[s.start].data_ptr()
+            e.pos = batch.positions[s.start:s.end].data_ptr()
+            kv.append((s.cache, k[s.start:s.end], v[s.start:s.end]))
+        return seqs, kv, batch.positions
 
     def _residual(self, plan, opts, x, h, y) -> None:
         opts.residual, opts.ld_res = h.data_ptr(), h.stride(0)
@@ -187,15 +187,19 @@ class NativeDecoder:
                            None if L.k_norm is None else L.k_norm.data_ptr(),
                            ctypes.c_float(L.attn.q_norm.eps if L.q_norm is not None else 0.0))
 
-    def _attend(self, i: int, L: _Layer, slots: list[tuple], att: torch.Tensor, batch: Batch) -> None:
-        """Each query row attends in C on its own, so a row's result does not depend on how the
-        prompt was chunked (prefix-cache hits and recomputation give the same tokens)."""
-        nq, nkv, hd, a = self.nq, self.nkv, self.hd, L.attn
-        window, scale, cap = a.window or 0, a.scale, a.softcap or 0.0
-        for _, s, _, k, v, _, (q_ptr, n, ldq, att_ptr, ldo, pos_ptr, threads) in slots:
-            ks, vs = s.cache.update(i, k, v)  # (Hkv, S, D)
+    def _attend(self, i: int, L: _Layer, slots: tuple, att: torch.Tensor, batch: Batch) -> None:
+        """All sequences' query rows in one C call; each row attends on its own, so its result
+        does not depend on how the prompt was chunked (prefix-cache hits and recomputation give
+        the same tokens) or on what else is in the batch."""
+        seqs, kv, _ = slots
+        a = L.attn
+        keep = []
+        for e, (cache, k, v) in zip(seqs, kv):
+            ks, vs = cache.update(i, k, v)  # (Hkv, S, D)
             if ks.stride(-1) != 1 or vs.stride() != ks.stride():
                 ks, vs = ks.contiguous(), vs.contiguous()
-            sh, ss = ks.stride()[:2]
-            self.lib.attn_rows(q_ptr, n, ldq, ks.data_ptr(), vs.data_ptr(), ks.shape[1], sh, ss, att_ptr, ldo,
-                               nq, nkv, hd, pos_ptr, window, scale, cap, threads)
+            keep.append((ks, vs))
+            e.k, e.v, e.S = ks.data_ptr(), vs.data_ptr(), ks.shape[1]
+            e.sh, e.ss = ks.stride(0), ks.stride(1)
+        self.lib.attn_batch(seqs, len(seqs), self.ldq, att.stride(0), self.nq, self.nkv, self.hd,
+                            a.window or 0, a.scale, a.softcap or 0.0, self.threads)

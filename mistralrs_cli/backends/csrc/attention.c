@@ -115,35 +115,55 @@ static void weighted_sum(const float *p, int64_t lo, int64_t hi, float inv, cons
     }
 }
 
-// Attention for T query rows of one sequence: q (T, ldq) heads of hd; keys/values (nkv, S, hd)
-// with strides (sh, ss) in floats; out (T, ldo). Query t at position pos[t] sees keys
-// j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window.
-void attn_rows(const float *q, int64_t T, int64_t ldq, const float *k, const float *v, int64_t S,
-               int64_t sh, int64_t ss, float *out, int64_t ldo, int nq, int nkv, int hd,
-               const int64_t *pos, int64_t window, float scale, float softcap, int n_threads) {
+// One (query row, head) of attention: q (hd), keys/values of one kv head with key stride ss,
+// keys lo..hi visible; p: scratch for hi - lo + 1 scores; o: hd outputs.
+static void attend_row(const float *qh, const float *kh, const float *vh, int64_t ss, int hd, int64_t lo,
+                       int64_t hi, float scale, float softcap, float *p, float *o) {
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= hi; j++) {
+        float d = dot(qh, kh + j * ss, hd) * scale;
+        if (softcap > 0.0f) d = tanhf(d / softcap) * softcap;
+        p[j - lo] = d;
+        if (d > mx) mx = d;
+    }
+    weighted_sum(p, lo, hi, 1.0f / exp_sum(p, hi - lo + 1, mx), vh, ss, hd, o);
+}
+
+typedef struct {
+    const float *q;      // this sequence's first query row (row stride ldq)
+    int64_t n;           // its query rows
+    float *out;          // its first output row (row stride ldo)
+    const int64_t *pos;  // their positions
+    const float *k, *v;  // its keys / values (nkv, S, hd) with strides (sh, ss)
+    int64_t S, sh, ss;
+} attn_seq;
+
+// Attention for every query row of several sequences in one parallel loop over (row, head).
+// Query t at position pos[t] sees keys j <= pos[t] (key j is position j) and, with a window,
+// pos[t] - j < window.
+void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq, int nkv, int hd,
+                int64_t window, float scale, float softcap, int n_threads) {
     const int rep = nq / nkv;
-    const int64_t tasks = T * nq;
+    int64_t tasks = 0, max_s = 1;
+    for (int i = 0; i < nseq; i++) {
+        tasks += seqs[i].n * nq;
+        if (seqs[i].S > max_s) max_s = seqs[i].S;
+    }
 #pragma omp parallel num_threads(tasks > 1 ? n_threads : 1)
     {
-        float *p = malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+        float *p = malloc(sizeof(float) * (size_t)max_s);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t t = task / nq;
+            int64_t rest = task / nq;
+            int i = 0;
+            while (rest >= seqs[i].n) rest -= seqs[i++].n;  // which sequence, which row
+            const attn_seq *sq = &seqs[i];
             const int h = (int)(task % nq);
-            const int64_t hi = pos[t] < S - 1 ? pos[t] : S - 1;
+            const int64_t t = rest, hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
             const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
-            const float *qh = q + t * ldq + (int64_t)h * hd;
-            const float *kh = k + (int64_t)(h / rep) * sh, *vh = v + (int64_t)(h / rep) * sh;
-            float *o = out + t * ldo + (int64_t)h * hd;
-            float mx = -INFINITY;
-            for (int64_t j = lo; j <= hi; j++) {
-                float d = dot(qh, kh + j * ss, hd) * scale;
-                if (softcap > 0.0f) d = tanhf(d / softcap) * softcap;
-                p[j - lo] = d;
-                if (d > mx) mx = d;
-            }
-            const float inv = 1.0f / exp_sum(p, hi - lo + 1, mx);
-            weighted_sum(p, lo, hi, inv, vh, ss, hd, o);
+            attend_row(sq->q + t * ldq + (int64_t)h * hd, sq->k + (int64_t)(h / rep) * sq->sh,
+                       sq->v + (int64_t)(h / rep) * sq->sh, sq->ss, hd, lo, hi, scale, softcap, p,
+                       sq->out + t * ldo + (int64_t)h * hd);
         }
         free(p);
     }
