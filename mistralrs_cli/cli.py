@@ -42,7 +42,8 @@ def global_options(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (reproducible output).", rich_help_panel=_SAMPLING),
     chat_template: Optional[str] = typer.Option(None, "-c", "--chat-template", help="Chat template: a .json with a chat_template key, a .jinja file, or a literal template."),
     token_source: str = typer.Option("cache", "--token-source", help="Hugging Face token: literal:TOKEN, env:VAR, env, path:FILE, cache, none."),
-    device: str = typer.Option("auto", "--device", help="auto or cpu (a CUDA backend is not part of this build)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when CuPy finds a GPU, else the CPU), cpu, or cuda."),
+    num_device_layers: Optional[int] = typer.Option(None, "-n", "--num-device-layers", help="With a GPU: the first N decoder layers on it, the rest on the CPU [default: all]."),
     dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto (f32 on the CPU), f32, bf16, f16."),
     isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain model's linear layers at load: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2K Q3K Q4K Q5K Q6K Q8K HQQ4 HQQ8."),
     truncate_sequence: bool = typer.Option(False, "--truncate-sequence", help="Keep the end of a prompt longer than the context instead of refusing it."),
@@ -64,7 +65,8 @@ def global_options(
 ) -> None:
     ctx.obj = RunOptions(
         prompt=prompt, interactive=interactive, raw=raw,
-        load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype, isq=isq),
+        load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype, isq=isq,
+                         num_device_layers=num_device_layers),
         sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, repetition_penalty=repetition_penalty,
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

@@ -96,12 +96,10 @@ def _setup_logging(opts: RunOptions) -> None:
 
 
 def _check_device(device: str) -> None:
-    if device in ("auto", "cpu"):
+    """--device auto|cpu|cuda[:N] must name one of those (which one serves is settled at load)."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
         return
-    if device == "cuda" or device.startswith("cuda:"):
-        raise UserError(f"--device {device}: this build has no CUDA backend yet; use --device cpu "
-                        "(or auto).")
-    raise UserError(f"--device {device!r} is not one of auto, cpu.")
+    raise UserError(f"--device {device!r} is not one of auto, cpu, cuda (or cuda:N).")
 
 
 def run(opts: RunOptions, spec: Any) -> None:

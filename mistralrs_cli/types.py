@@ -45,7 +45,8 @@ class LoadOptions:
     device: str = "auto"
     dtype: str = "auto"
     numerics: str = "llama.cpp"  # GGUF: "llama.cpp" rounding (token parity) or "exact"
-    isq: str | None = None  # --isq TYPE: quantize a plain model's linear layers at load
+    isq: str | None = None
+    num_device_layers: int | None = None  # -n: the first N decoder layers on the GPU, the rest on the CPU  # --isq TYPE: quantize a plain model's linear layers at load
 
 
 @dataclass

@@ -97,3 +97,25 @@ def test_first_layer_on_the_device_backend(files):
     assert model.lm_head.backend is not device
     got, _ = _greedy(model, cfg)
     assert got == want
+
+
+def test_load_places_layers_as_the_flags_say(files, monkeypatch):
+    """The user's path: load() with --device cuda -n 1 (GPU faked: resolve_device says cuda, the
+    backend runs on the emulator) puts layer 0 on the CuPy backend, uses exact numerics and no
+    CPU executor, and generates what the CPU path with exact numerics generates."""
+    from mistralrs_cli.loaders.load import load
+    from mistralrs_cli.types import GGUFSpec, LoadOptions
+
+    hf = gb.tiny_llama(seed=0, hidden_size=256, intermediate_size=256)
+    path = gb.write_gguf(files[Q.Q4_0].with_name("q4_0-vocab.gguf"), hf, gb.gguf_vocab(gb.train_tokenizer()), Q.Q4_0)
+    cpu = load(GGUFSpec(str(path)), LoadOptions(token_source="none", device="cpu", numerics="exact"))
+    want, _ = _greedy(cpu.model, cpu.config)
+    real = cb.CupyBackend
+    monkeypatch.setattr(cb, "resolve_device", lambda requested: ("cuda", None))
+    monkeypatch.setattr(cb, "CupyBackend", lambda: real(emu_launcher(("forward",))))
+    gpu = load(GGUFSpec(str(path)), LoadOptions(token_source="none", device="cuda", num_device_layers=1))
+    layer0, layer1 = gpu.model.model.layers
+    assert isinstance(layer0.self_attn.o_proj.backend, real) and not isinstance(layer1.self_attn.o_proj.backend, real)
+    assert gpu.model.native is None and layer1.self_attn.o_proj.backend.numerics == "exact"
+    got, _ = _greedy(gpu.model, gpu.config)
+    assert got == want

@@ -62,6 +62,11 @@ class _NoGPU:
 
 
 def test_device_choice_without_gpu(monkeypatch):
+    import torch
+
+    ok, reason = cb.cuda_status()  # this machine: torch answers, CuPy is never imported
+    assert not ok and "torch sees no CUDA GPU" in reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a driver, but CuPy disagrees
     monkeypatch.setattr(cb, "_cupy", lambda: _NoGPU)
     ok, reason = cb.cuda_status()
     assert not ok and "no usable CUDA GPU" in reason

@@ -73,7 +73,11 @@ def _cupy():
 
 
 def cuda_status() -> tuple[bool, str]:
-    """(usable, reason): whether --device cuda can work here, and why not in one sentence."""
+    """(usable, reason): whether --device cuda can work here, and why not in one sentence.
+    torch is asked first: on a machine without a GPU that answers without importing CuPy
+    (~0.3 s at every start)."""
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA GPU (no GPU, no driver, or a CPU-only torch build)"
     try:
         cupy = _cupy()
     except ImportError:

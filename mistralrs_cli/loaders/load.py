@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ from .gguf_file import GGUFFile
 from .plain import load_plain
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
 from .weights import prepare_weights, set_dtype
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,8 +129,35 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
 LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain}
 
 
+def _resolve_device(opts: LoadOptions) -> LoadOptions:
+    """auto -> cuda when CuPy finds a GPU, else cpu (a one-line notice at info level); cuda with
+    no usable GPU is an error. The CUDA kernels multiply exactly
+    dequantized weights, so a GPU load uses numerics="exact"."""
+    from ..backends.cupy_backend import resolve_device
+
+    device, notice = resolve_device("cuda" if opts.device.startswith("cuda") else opts.device)
+    if notice:  # auto on a machine without a GPU: expected, so only with --log info / -v
+        log.info(notice)
+    if device == "cpu":
+        if opts.num_device_layers:
+            log.warning("-n/--num-device-layers %d: there is no GPU; every layer runs on the CPU",
+                        opts.num_device_layers)
+        return dataclasses.replace(opts, device="cpu")
+    return dataclasses.replace(opts, device="cuda", numerics="exact")
+
+
+def _place_on_gpu(model, opts: LoadOptions) -> None:
+    from ..backends import cupy_backend, placement
+
+    p = placement.place_layers(model.config.num_hidden_layers, opts.num_device_layers)
+    if p.warning:
+        log.warning(p.warning)
+    placement.assign_backends(model, p, cupy_backend.CupyBackend())
+    model.native = None  # the CPU executor would bypass the GPU backend
+
+
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
-    opts = opts or LoadOptions()
+    opts = _resolve_device(opts or LoadOptions())
     if opts.isq and parse_isq(opts.isq) and isinstance(spec, (GGUFSpec, GGMLSpec)):  # as mistral.rs
         kind = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
         raise UserError(f"--isq applies to plain (safetensors) models; this {kind} file is already "
@@ -133,6 +165,8 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     loaded = LOADERS[type(spec)](spec, opts)
     if opts.isq:
         isq_model(loaded.model, opts.isq, opts.numerics)
-    if loaded.model.native is None:  # GGML files and ISQ'd checkpoints qualify as GGUF ones do
+    if opts.device == "cuda":
+        _place_on_gpu(loaded.model, opts)
+    elif loaded.model.native is None:  # GGML files and ISQ'd checkpoints qualify as GGUF ones do
         loaded.model.native = NativeDecoder.build(loaded.model)
     return loaded
