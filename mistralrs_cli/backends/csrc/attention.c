@@ -152,7 +152,9 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
 #pragma omp parallel num_threads(tasks > 1 ? n_threads : 1)
     {
         float *p = malloc(sizeof(float) * (size_t)max_s);
-#pragma omp for schedule(static)
+        // round-robin: a causal prompt's later rows see more keys, so contiguous halves would
+        // leave one thread with three quarters of the work
+#pragma omp for schedule(static, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t rest = task / nq;
             int i = 0;

@@ -10,6 +10,7 @@
 // add after it), so one call does what took the torch path a dozen ops.
 // Built at first use by native.py (cc -O3 -march=native -fopenmp); AVX2 where the CPU has it.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -429,10 +430,18 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(m * nbk * 16 + 1));
     int rc = 0;
     if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !kbs) { rc = -1; goto done; }
-    for (int64_t r = 0; r < m; r++) {
-        const float *row = input_row(x + r * ldx, k, o, tmp);
-        if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
-        if (need_k) quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
+    // the prologue (norm / activation, then rounding to 8 bits) row by row; a prompt chunk's
+    // rows in parallel (its GELUs and SiLUs are a noticeable share of a prefill)
+#pragma omp parallel num_threads(m >= 4 ? n_threads : 1)
+    {
+        float *row_tmp = omp_get_thread_num() == 0 ? tmp : malloc(sizeof(float) * (size_t)k);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; r++) {
+            const float *row = input_row(x + r * ldx, k, o, row_tmp);
+            if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
+            if (need_k) quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
+        }
+        if (row_tmp != tmp) free(row_tmp);
     }
 #pragma omp parallel num_threads(n_threads)
     {
