@@ -267,6 +267,18 @@ def test_api_key(tiny):
         assert httpx.get(s.url + "/health").status_code == 200
 
 
+def _clients_then_idle(srv, client, n: int) -> None:
+    """Run n client threads to their end, then wait (up to 30 s) until the engine has no requests."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    deadline = time.time() + 30
+    while srv.worker.pending and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_clients_hanging_up_mid_stream_free_every_block(srv):
     def hang_up(i: int) -> None:
         req = {"prompt": f"the quick brown fox {i}", "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -276,14 +288,7 @@ def test_clients_hanging_up_mid_stream_free_every_block(srv):
                     break  # leave with the stream still running
 
     cancelled = srv.worker.call(lambda e: e.finished.get("cancelled", 0))
-    threads = [threading.Thread(target=hang_up, args=(i,)) for i in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    deadline = time.time() + 30
-    while srv.worker.pending and time.time() < deadline:
-        time.sleep(0.1)
+    _clients_then_idle(srv, hang_up, 50)
     assert srv.worker.pending == 0
     assert srv.worker.call(lambda e: (e.has_unfinished(), e.kv.alloc.held_by_sequences())) == (False, 0)
     assert srv.worker.call(lambda e: e.finished.get("cancelled", 0)) - cancelled == 50
@@ -328,13 +333,6 @@ def test_non_streaming_clients_that_time_out_are_cancelled(srv):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(srv.url + "/v1/completions", json=req, timeout=0.3)
 
-    threads = [threading.Thread(target=give_up, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    deadline = time.time() + 30
-    while srv.worker.pending and time.time() < deadline:
-        time.sleep(0.1)
+    _clients_then_idle(srv, give_up, 10)
     assert srv.worker.call(lambda e: e.finished.get("cancelled", 0)) > cancelled  # noticed, not run to the end
     assert srv.worker.call(lambda e: e.kv.alloc.held_by_sequences()) == 0
