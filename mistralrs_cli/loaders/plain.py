@@ -22,7 +22,7 @@ from ..models.config import ModelConfig
 from ..models.gemma3 import gemma3_layer_types
 from ..models.layers import ROPE_INV_FREQ
 from ..types import LoadOptions, PlainSpec
-from .weights import DTYPES, build_model, set_dtype
+from .weights import DTYPES, build_model, fuse_float_projections, set_dtype
 
 # config.json architectures[0] -> HF model_type (the ARCHITECTURES key)
 MODEL_TYPES: dict[str, str] = {
@@ -236,6 +236,7 @@ def load_plain_model(spec: PlainSpec, opts: LoadOptions, model_dir: Path) -> tup
     dtype = DTYPES.get(opts.dtype, torch.float32)
     model = build_model(ARCHITECTURES[mtype], cfg, weights, source=str(model_dir), dtype=dtype)
     set_dtype(model, opts.dtype)
+    fuse_float_projections(model)
     return model, cfg
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -115,6 +116,49 @@ def fuse_projections(model: nn.Module, can_fuse) -> None:
             parts = [getattr(module, n, None) for n in names]
             if all(isinstance(p, QLinear) for p in parts) and can_fuse(parts):
                 setattr(module, target, FusedQLinear(parts))
+
+
+class FusedLinear(nn.Module):
+    """q/k/v or gate/up of a float checkpoint as one multiply (one GEMM of N = the parts' sum is
+    faster than two or three): the weights become rows of one tensor and each part keeps a view
+    of its rows, so nothing is stored twice and the HF names still address them."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.sizes = [lin.out_features for lin in linears]
+        self.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+        biased = any(lin.bias is not None for lin in linears)
+        self.bias = None if not biased else nn.Parameter(torch.cat(
+            [lin.bias if lin.bias is not None else lin.weight.new_zeros(n) for lin, n in zip(linears, self.sizes)]),
+            requires_grad=False)
+        for i, (lin, w) in enumerate(zip(linears, self.weight.split(self.sizes))):
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias.split(self.sizes)[i], requires_grad=False)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(self.full(x), self.sizes, dim=-1))
+
+
+def fuse_float_projections(model: nn.Module) -> None:
+    """FusedLinear over float projections that share an input (a plain checkpoint's)."""
+    for module in model.modules():
+        for target, names in FUSIONS.items():
+            parts = [getattr(module, n, None) for n in names]
+            if hasattr(module, target) and all(type(p) is nn.Linear for p in parts) \
+                    and len({p.weight.dtype for p in parts}) == 1:
+                setattr(module, target, FusedLinear(parts))
+
+
+def unfuse_float_projections(model: nn.Module) -> None:
+    """Drop FusedLinears (before the parts are swapped for quantized ones by ISQ)."""
+    for module in model.modules():
+        for target in FUSIONS:
+            if isinstance(getattr(module, target, None), FusedLinear):
+                setattr(module, target, None)
 
 
 def active_linears(model: nn.Module):

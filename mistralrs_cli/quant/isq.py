@@ -137,9 +137,10 @@ def isq_model(model: nn.Module, isq_type: str, numerics: str = "llama.cpp", prog
     """The loader's one call: quantize, fuse q/k/v and gate/up where the backend can, and build
     the compute forms now so the first token does not pay for them."""
     from ..backends.torch_backend import TorchBackend
-    from ..loaders.weights import fuse_projections, prepare_weights
+    from ..loaders.weights import fuse_projections, prepare_weights, unfuse_float_projections
 
     backend = TorchBackend(numerics)
+    unfuse_float_projections(model)  # the float q/k/v, gate/up fusions would bypass the quantized parts
     apply_isq(model, isq_type, progress, backend)
     # what stays float (embeddings, norms) may be views of the checkpoint's memory map: copies let
     # the map go, and with it every page the quantizer read (a 135M model: 930 -> 520 MB RSS)
