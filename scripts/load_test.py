@@ -119,7 +119,7 @@ def servers(args):
         yield "mistralrs-cli", started(ours, port, env)
         if args.llama_cpp:
             port = free_port()
-            llama = [sys.executable, "-m", "llama_cpp.server", "--model", args.gguf, "--port", str(port),
+            llama = [args.llama_python, "-m", "llama_cpp.server", "--model", args.gguf, "--port", str(port),
                      "--n_threads", str(args.threads), "--n_ctx", "4096"]
             yield "llama.cpp", started(llama, port, env)
 
@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--base-url", help="a running server's /v1 URL")
     ap.add_argument("--gguf", help="start our server (and with --llama-cpp, llama.cpp's) on this file")
     ap.add_argument("--llama-cpp", action="store_true", help="also measure python -m llama_cpp.server")
+    peers = Path(os.environ.get("MISTRALRS_CLI_CACHE", Path.home() / ".cache" / "mistralrs-cli")) / "peers" / "bin" / "python"
+    ap.add_argument("--llama-python", default=str(peers) if peers.exists() else sys.executable,
+                    help="the python with llama-cpp-python[server] [default: scripts/peers_setup.sh's venv]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client")

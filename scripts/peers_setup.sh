@@ -24,6 +24,10 @@ if ! "$PEERS/bin/python" -c "import llama_cpp" 2>/dev/null; then
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 fi
 
+# llama.cpp's OpenAI server (python -m llama_cpp.server), for scripts/load_test.py --llama-cpp
+"$PEERS/bin/python" -c "import llama_cpp.server.app" 2>/dev/null || \
+  "$PIP" install fastapi uvicorn sse-starlette starlette-context pydantic-settings
+
 # mistral.rs: the plain `mistralrs` wheel is the CPU build (the -cuda/-mkl/-metal ones are not)
 "$PEERS/bin/python" -c "import mistralrs" 2>/dev/null || "$PIP" install "mistralrs==$MISTRALRS_VERSION"
 
