@@ -89,3 +89,22 @@ def check_cli_and_api_text(dirs: dict, prompt: str, steps: int, min_margin: floa
         stdout, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 0 and "Traceback" not in stderr, (name, stderr)
         assert stdout[:-1] == want, (name, stdout, want)
+
+
+def check_gguf_f32(hf: torch.nn.Module, path, arch: str, model_type: str, ids: list[int], steps: int,
+                   tol: float) -> None:
+    """An F32 GGUF written from `hf` loads as `arch` -> `model_type`, and its logits (prefill, then
+    greedy cached steps) equal transformers' within tol; the continuation is not one token."""
+    from mistralrs_cli.loaders.gguf import load_gguf_model
+    from mistralrs_cli.loaders.gguf_file import GGUFFile
+
+    gf = GGUFFile(path)
+    assert gf.architecture == arch
+    model, cfg = load_gguf_model(gf, numerics="exact")
+    assert cfg.model_type == model_type
+    want, greedy, _ = hf_steps(hf, ids, steps)
+    got = our_steps(model, cfg, ids, greedy)
+    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
+    print(f"{model_type} f32 max |logit diff| prefill {diffs[0]:.2e}, decode {max(diffs[1:]):.2e}")
+    assert max(diffs) < tol, diffs
+    assert len(set(greedy)) > 1

@@ -48,16 +48,7 @@ def _ours(model: torch.nn.Module, cfg, greedy: list[int]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_f32_logits_match_transformers(models, name):
     hf, path = models[name]
-    gf = GGUFFile(path)
-    assert gf.architecture == BUILDERS[name][2]
-    model, cfg = load_gguf_model(gf, numerics="exact")
-    assert cfg.model_type == BUILDERS[name][3]
-    want, greedy = _reference(hf)
-    got = _ours(model, cfg, greedy)
-    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
-    print(f"{name} f32 max |logit diff| prefill {diffs[0]:.2e}, decode {max(diffs[1:]):.2e}")
-    assert max(diffs) < F32_TOL, diffs
-    assert len(set(greedy)) > 1  # the seed gives a non-degenerate continuation
+    parity.check_gguf_f32(hf, path, BUILDERS[name][2], BUILDERS[name][3], PROMPT, STEPS, F32_TOL)
 
 
 def test_mistral_window_slides(models):

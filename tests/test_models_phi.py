@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import gguf_builder as gb
+import parity
 from mistralrs_cli.loaders.gguf import load_gguf_model
 from mistralrs_cli.loaders.gguf_file import GGUFFile
 from mistralrs_cli.models.layers import Batch, SeqSlice
-from test_models_more import F32_TOL, PROMPT, _ours, _reference
+from test_models_more import F32_TOL, PROMPT, STEPS, _ours, _reference
 
 # name -> (builder, llama.cpp architecture, our model_type once loaded)
 BUILDERS = {
@@ -34,16 +35,7 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_f32_logits_match_transformers(models, name):
     hf, path = models[name]
-    gf = GGUFFile(path)
-    assert gf.architecture == BUILDERS[name][1]
-    model, cfg = load_gguf_model(gf, numerics="exact")
-    assert cfg.model_type == BUILDERS[name][2]
-    want, greedy = _reference(hf)
-    got = _ours(model, cfg, greedy)
-    diffs = [float((g - w).abs().max()) for g, w in zip(got, want)]
-    print(f"{name} f32 max |logit diff| prefill {diffs[0]:.2e}, decode {max(diffs[1:]):.2e}")
-    assert max(diffs) < F32_TOL, diffs
-    assert len(set(greedy)) > 1
+    parity.check_gguf_f32(hf, path, BUILDERS[name][1], BUILDERS[name][2], PROMPT, STEPS, F32_TOL)
 
 
 def test_phi3_fused_tensors_keep_hf_names(models):

@@ -5,13 +5,12 @@ Mistral, Mixtral, Qwen2, Qwen3, Gemma 2, StarCoder2 and Phi-3. Half of the check
 rewritten in the hub spelling (rope_theta, torch_dtype, no generation_config.json)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
 import gguf_builder as gb
 import parity
+from test_plain_archs2 import _save as save_checkpoint
 
 PROMPT = "The quick brown fox jumps over the lazy dog!"  # 12 tokens with BOS
 STEPS = 8
@@ -29,30 +28,14 @@ MODELS = {
 }
 
 
-def _hub_spelling(path: Path) -> None:
-    cfg = json.loads((path / "config.json").read_text())
-    rope = cfg.pop("rope_parameters")
-    cfg["rope_theta"] = rope["rope_theta"]
-    cfg["torch_dtype"] = cfg.pop("dtype")
-    cfg.pop("layer_types", None)
-    (path / "config.json").write_text(json.dumps(cfg))
-    (path / "generation_config.json").unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """name -> (checkpoint dir with tokenizer, transformers model)."""
     root = tmp_path_factory.mktemp("plain_text")
     out = {}
     for name, (make, hub) in MODELS.items():
-        hf, path = make(), root / name
-        hf.save_pretrained(path)
-        gb.train_tokenizer().save(str(path / "tokenizer.json"))
-        tok_cfg = {"bos_token": gb.BOS, "eos_token": gb.EOS, "add_bos_token": True, "add_eos_token": False}
-        (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-        if hub:
-            _hub_spelling(path)
-        out[name] = (path, hf)
+        hf = make()
+        out[name] = (save_checkpoint(hf, root / name, hub), hf)
     return out
 
 
