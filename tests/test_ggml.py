@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import gguf_builder as gb
+import parity
 from mistralrs_cli.engine.kv_cache import SeqKVCache
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.loaders.ggml import GGMLFile, ggml_config, load_ggml_model, n_ff_from_mult
@@ -131,13 +132,7 @@ def env(tmp_path_factory):
 
 def _ours(path: Path, gqa: int) -> list[torch.Tensor]:
     model, cfg = load_ggml_model(GGMLFile(path), gqa=gqa, rope_theta=ROPE_THETA, numerics="exact")
-    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    n = len(IDS)
-    with torch.inference_mode():
-        out = [model(torch.tensor(IDS), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))]
-        for i, tok in enumerate(STEPS):
-            out.append(model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0])
-    return out
+    return parity.our_steps(model, cfg, IDS, STEPS)
 
 
 def _theirs(hf: torch.nn.Module) -> list[torch.Tensor]:
