@@ -128,11 +128,13 @@ _ARENA = _Arena()
 
 
 class Plan:
-    """A weight's parts as the kernel takes them: (raw rows, qtype, rows) each. Q4_0, Q4_1 and
-    Q8_0 are repacked into 8-row groups (packed.c); other types are read in place from the file
-    mapping. Keeps the tensors it points into alive."""
+    """A weight's parts as the kernel takes them: (raw rows, qtype, rows) each. Q4_0, Q4_1,
+    Q5_0, Q8_0, Q4_K and Q6_K are repacked into 8-row groups (packed.c); other types are read
+    in place from the file mapping. Keeps the tensors it points into alive."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, Q, int]], lib: ctypes.CDLL | None = None):
+        if not parts:  # Plan.join fills it in
+            return
         lib = lib or library()
         self.tensors, entries = [], []
         for raw, qtype, rows in parts:
@@ -154,6 +156,16 @@ class Plan:
         self.array = (QPart * len(entries))(*entries)
         self.count = len(entries)
         self.rows = sum(rows for _, _, rows in parts)
+
+    @classmethod
+    def join(cls, plans: list["Plan"]) -> "Plan":
+        """Several prepared plans stacked by rows, sharing their (already repacked) tensors."""
+        out = cls([])
+        out.tensors = [t for p in plans for t in p.tensors]
+        entries = [e for p in plans for e in p.array]
+        out.array = (QPart * len(entries))(*(QPart(e.type, e.rows, e.w) for e in entries))
+        out.count, out.rows = len(entries), sum(p.rows for p in plans)
+        return out
 
 
 def library() -> ctypes.CDLL | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.layers import Attention, Batch, GatedMLP, RMSNorm, softcap
-from ..quant.qweight import FusedQLinear, QLinear, QWeightGroup
+from ..quant.qweight import FusedQLinear, QLinear
 from . import native
 
 
@@ -36,17 +36,17 @@ def _plan(backend, modules: list) -> tuple[native.Plan, torch.Tensor | None] | N
     """One kernel plan over the modules' weights (stacked by rows) and their joint bias."""
     if not all(isinstance(m, (QLinear, FusedQLinear)) for m in modules):
         return None
-    weights = [m.qweight for m in modules]
-    w = weights[0] if len(weights) == 1 else QWeightGroup(weights)
-    if not backend.native_ok(w):
+    if not all(backend.native_ok(m.qweight) for m in modules):
         return None
+    # the modules' own plans (prepared at load), joined: nothing is repacked twice
+    plan = native.Plan.join([backend.native_parts(m.qweight) for m in modules])
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
         bias = None
     else:
         bias = torch.cat([b.float() if b is not None else torch.zeros(m.qweight.shape[0])
                           for b, m in zip(biases, modules)]).contiguous()
-    return backend.native_parts(w), bias
+    return plan, bias
 
 
 def _opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> native.QmmOpts:
@@ -89,10 +89,9 @@ def _layer(layer, backend, act: int) -> _Layer | None:
     down = _plan(backend, [mlp.down_proj])
     if None in (qkv, o, gu, down):
         return None
-    w = {name: _norm_weight(n) if n is not None else None
-         for name, n in (("pre_attn", pre_attn), ("pre_ffn", pre_ffn), ("post_attn", post_attn), ("post_ffn", post_ffn))}
-    eps = {name: n.eps if n is not None else 0.0
-           for name, n in (("pre_attn", pre_attn), ("pre_ffn", pre_ffn), ("post_attn", post_attn), ("post_ffn", post_ffn))}
+    named = {"pre_attn": pre_attn, "pre_ffn": pre_ffn, "post_attn": post_attn, "post_ffn": post_ffn}
+    w = {name: _norm_weight(n) if n is not None else None for name, n in named.items()}
+    eps = {name: n.eps if n is not None else 0.0 for name, n in named.items()}
     qn = _norm_weight(attn.q_norm) if attn.qk_norm else None
     kn = _norm_weight(attn.k_norm) if attn.qk_norm else None
     return _Layer(
