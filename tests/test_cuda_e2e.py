@@ -119,3 +119,162 @@ def test_load_places_layers_as_the_flags_say(files, monkeypatch):
     assert gpu.model.native is None and layer1.self_attn.o_proj.backend.numerics == "exact"
     got, _ = _greedy(gpu.model, gpu.config)
     assert got == want
+
+
+# ---- -n/--num-device-layers: the first N layers wholly on the device ----
+
+def _greedy_with(model, cache) -> tuple[list[int], list[torch.Tensor]]:
+    n, tokens, logits = len(PROMPT), [], []
+    with torch.inference_mode():
+        last = model(torch.tensor(PROMPT), Batch(torch.arange(n), [SeqSlice(0, n, cache)]))[-1]
+        for i in range(STEPS):
+            logits.append(last)
+            tokens.append(int(last.argmax()))
+            last = model(torch.tensor([tokens[-1]]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[-1]
+    return tokens, logits
+
+
+def _paged_cache(cfg, fragmented: bool):
+    """A paged cache over 4-token blocks; fragmented: the sequence's blocks out of order, so every
+    update goes through the slot-index gather instead of a slice of the pool."""
+    from mistralrs_cli.engine.paged import PagedKV, PoolShape
+
+    kv = PagedKV(PoolShape(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32), 8, 4)
+    cache = kv.new_sequence([])
+    assert cache.reserve(len(PROMPT) + STEPS)
+    if fragmented:
+        cache.blocks = [6, 1, 4, 0, 3]
+        assert not cache.contiguous
+    return cache
+
+
+CACHES = {
+    "seq": lambda cfg: SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity=8),
+    "paged": lambda cfg: _paged_cache(cfg, False),
+    "paged-fragmented": lambda cfg: _paged_cache(cfg, True),
+}
+
+
+def _expected_transfers(n_device: int, n_layers: int) -> list[tuple[str, int, str]]:
+    """Per forward: the hidden state in before layer 0 (then the positions, once) and out after layer
+    N-1 (or the logits out when every layer, and so the head, is on the device); nothing at N=0."""
+    if n_device == 0:
+        return []
+    out = ("logits", n_layers, "out") if n_device == n_layers else ("hidden", n_device, "out")
+    return [("hidden", 0, "in"), ("positions", 0, "in"), out]
+
+
+@pytest.mark.parametrize("n_device", [0, 1, 2])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K], ids=lambda q: q.name)
+def test_device_layers_give_the_torch_backends_tokens(files, qtype, n_device):
+    """-n 0, 1 and all (2): the same greedy tokens as the torch backend, with the CPU standing in
+    for the device and the emulator launching the kernels; the hidden state crosses only at the
+    boundary (counted), and the device layers' linears, norms and KV buffers are the device's."""
+    model, cfg = load_gguf_model(GGUFFile(files[qtype]), numerics="exact")
+    want, want_logits = _greedy(model, cfg)
+    launcher = _Recording(emu_launcher(("forward",)))
+    device = cb.CupyBackend(launcher)
+    p = place_layers(cfg.num_hidden_layers, n_device)
+    moved = assign_backends(model, p, device)
+    on_device = [layer.self_attn.o_proj.backend is device for layer in model.model.layers]
+    assert on_device == [i < n_device for i in range(cfg.num_hidden_layers)]
+    assert (model.lm_head.backend is device) == (n_device == cfg.num_hidden_layers)
+    assert moved >= 7 * n_device + (n_device == cfg.num_hidden_layers)
+    got, got_logits = _greedy(model, cfg)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert bool(launcher.names) == (n_device > 0)
+    per_forward = _expected_transfers(n_device, cfg.num_hidden_layers)
+    assert model.device_run.transfers == per_forward * (1 + STEPS)
+
+
+@pytest.mark.parametrize("kind", ["paged", "paged-fragmented"])
+def test_device_layers_with_the_paged_cache(files, kind):
+    """The engine's paged cache under -n 1: layer 0's pool moves to the device, and a fragmented
+    sequence's slot gather runs with device indices; tokens as the torch backend's."""
+    model, cfg = load_gguf_model(GGUFFile(files[Q.Q4_0]), numerics="exact")
+    want, _ = _greedy_with(model, CACHES[kind](cfg))
+    assign_backends(model, place_layers(cfg.num_hidden_layers, 1), cb.CupyBackend(emu_launcher(("forward",))))
+    got, _ = _greedy_with(model, CACHES[kind](cfg))
+    assert got == want
+
+
+class _MetaLauncher:
+    """A launcher on torch's meta device: kernels do nothing, arrays are the tensors themselves.
+    Meta tensors refuse to mix with CPU tensors in an op and cannot be copied to the CPU, so a
+    forward that finishes proves every op of a device layer ran on device tensors, and that no
+    matmul copied its activations off the device and back."""
+
+    device = "meta"
+
+    def get_function(self, name):
+        return lambda grid, block, args, shared_mem=0: None
+
+    @staticmethod
+    def array(t):
+        return t
+
+    @staticmethod
+    def stream():
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def _meta_run(model, cfg, n_device, cache):
+    backend = cb.CupyBackend(_MetaLauncher())
+    assign_backends(model, place_layers(cfg.num_hidden_layers, n_device, device="meta"), backend)
+    run = model.device_run
+    # meta data cannot come back: the CPU side of the boundary gets zeros of the right shape
+    run.move = lambda t, d: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta and d.type == "cpu" else t.to(d)
+    tokens, logits = _greedy_with(model, cache)
+    assert all(not t.is_meta for t in logits)
+    return run
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+@pytest.mark.parametrize("n_device", [1, 2])
+def test_device_layers_touch_only_device_tensors(files, n_device, kind):
+    """The same placement with torch's meta device as the device: prefill and decode finish, the
+    device layers' KV buffers are meta and the CPU layers' are not, and the transfers are the
+    boundary's."""
+    model, cfg = load_gguf_model(GGUFFile(files[Q.Q4_0]), numerics="exact")
+    cache = CACHES[kind](cfg)
+    run = _meta_run(model, cfg, n_device, cache)
+    keys = cache.k if kind == "seq" else cache.kv.kv
+    assert [t.is_meta for t in keys] == [i < n_device for i in range(cfg.num_hidden_layers)]
+    assert run.transfers == _expected_transfers(n_device, cfg.num_hidden_layers) * (1 + STEPS)
+
+
+def test_meta_check_catches_a_cpu_weight_in_a_device_layer(files, monkeypatch):
+    """The meta check can fail: with a layer's norms left on the CPU the forward raises."""
+    from mistralrs_cli.backends import placement
+
+    model, cfg = load_gguf_model(GGUFFile(files[Q.Q4_0]), numerics="exact")
+    monkeypatch.setattr(placement, "move_module", lambda module, device: None)
+    with pytest.raises(RuntimeError, match="meta"):
+        _meta_run(model, cfg, 1, CACHES["seq"](cfg))
+
+
+def test_clamped_num_device_layers_warns_once(files, monkeypatch, caplog):
+    """load() with -n 10 on a 2-layer model (GPU faked as in the test above): one warning line,
+    every layer and the head on the device, and generation warns no more."""
+    import logging
+
+    from mistralrs_cli.loaders.load import load
+    from mistralrs_cli.types import GGUFSpec, LoadOptions
+
+    hf = gb.tiny_llama(seed=0, hidden_size=256, intermediate_size=256)
+    path = gb.write_gguf(files[Q.Q4_0].with_name("q4_0-vocab-clamp.gguf"), hf, gb.gguf_vocab(gb.train_tokenizer()), Q.Q4_0)
+    real = cb.CupyBackend
+    monkeypatch.setattr(cb, "resolve_device", lambda requested: ("cuda", None))
+    monkeypatch.setattr(cb, "CupyBackend", lambda: real(emu_launcher(("forward",))))
+    with caplog.at_level(logging.WARNING):
+        gpu = load(GGUFSpec(str(path)), LoadOptions(token_source="none", device="cuda", num_device_layers=10))
+        _greedy(gpu.model, gpu.config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "--num-device-layers 10" in warnings[0] and "2 layers" in warnings[0]
+    assert all(isinstance(layer.self_attn.o_proj.backend, real) for layer in gpu.model.model.layers)
+    assert isinstance(gpu.model.lm_head.backend, real)
+    assert gpu.model.device_run.placement.head == "cuda"
