@@ -1,4 +1,4 @@
-"""The CUDA backend: cuda/*.cu kernels launched through CuPy (the only module that imports cupy).
+"""The CUDA backend: mistralrs_cli/cuda/*.cu kernels launched through CuPy (the only module that imports cupy).
 
 Kernels are fetched by name from one table keyed by quant type, and launched through a launcher
 with CuPy's call shape, `launcher.get_function(name)(grid, block, args, shared_mem=)`. On a GPU
@@ -20,7 +20,8 @@ from gguf import GGMLQuantizationType as Q
 from ..errors import UserError
 from ..quant.qweight import QWeight
 
-CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+# mistralrs_cli/cuda/: package data (pyproject.toml), so an installed wheel has it too
+CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 GEMV_MAX_M = 8  # cuda/gemv.cu: activation rows one warp carries; more rows go to the tiled GEMM
 GEMV_WARPS = 4
 TILE = 32
