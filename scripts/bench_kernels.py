@@ -46,21 +46,23 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def random_weight(qtype, n: int, k: int) -> QWeight:
+def random_weight(qtype, n: int, k: int, device: str = "cuda") -> QWeight:
     """Random block bytes: values do not change a kernel's speed, only its shape does."""
-    raw = torch.randint(0, 256, (n, row_bytes(qtype, k)), dtype=torch.uint8, device="cuda")
+    raw = torch.randint(0, 256, (n, row_bytes(qtype, k)), dtype=torch.uint8, device=device)
     return QWeight(raw, qtype, (n, k))
 
 
-def bench(backend, qtype, args, bandwidth: float) -> str:
-    w = random_weight(qtype, args.n, args.k)
-    x1 = torch.randn(1, args.k, device="cuda")
-    t_gemv = timed(lambda: backend.qmatmul(x1, w), args.iters)
+def bench(backend, qtype, args, bandwidth: float, device: str = "cuda", timer=timed) -> str:
+    """One table row. `device` and `timer` are parameters so the tests run this on the CPU
+    (the emulator as the backend's launcher, any timer)."""
+    w = random_weight(qtype, args.n, args.k, device)
+    x1 = torch.randn(1, args.k, device=device)
+    t_gemv = timer(lambda: backend.qmatmul(x1, w), args.iters)
     gbs = (w.raw.numel() + 4 * (args.k + args.n)) / t_gemv / 1e9
-    xm = torch.randn(args.m, args.k, device="cuda")
+    xm = torch.randn(args.m, args.k, device=device)
     flops = 2 * args.m * args.n * args.k
-    t_gemm = timed(lambda: backend.qmatmul(xm, w), args.iters)
-    t_torch = timed(lambda: F.linear(xm, dequantize(w.raw, qtype)), args.iters)
+    t_gemm = timer(lambda: backend.qmatmul(xm, w), args.iters)
+    t_torch = timer(lambda: F.linear(xm, dequantize(w.raw, qtype)), args.iters)
     return (f"{qtype.name:>7} | {gbs:7.1f} GB/s ({100 * gbs / bandwidth:5.1f}% of peak) | "
             f"{flops / t_gemm / 1e12:6.2f} TFLOP/s | torch dequantize+matmul {flops / t_torch / 1e12:6.2f} TFLOP/s")
 

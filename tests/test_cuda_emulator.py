@@ -113,6 +113,7 @@ def test_wrong_argument_count_and_scalar_size():
     assert "argument 1 (float a) needs float32" in msg
     msg = _fails(code, "scale", (1,), (8,), (y.astype(np.float64), np.float32(2), np.int32(8)))
     assert "argument 0 (float* y) points to 4-byte values" in msg
+    assert msg.endswith("[every block, every thread: the launch itself is wrong]")
 
 
 def test_barrier_after_early_return_deadlocks():

@@ -49,6 +49,19 @@ def test_compiles_with_cupy_nvrtc(nvrtc, path: Path, arch: str):
     assert isinstance(cubin, tuple) and len(cubin[0]) > 1000  # (binary, mangled names)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_module_cupy_loads_compiles(nvrtc, arch: str):
+    """CupyLauncher hands RawModule every file as one source (kernel_source): that compiles too,
+    and its binary has every kernel the launch table names."""
+    import torch
+
+    binary = nvrtc(cb.kernel_source(), arch)[0]
+    names = {cb.kernel_name(op, q, dt) for q in cb.KERNEL_TAGS for op, dts in
+             (("dequantize", cb.DTYPE_TAGS), ("gemv", [torch.float32]), ("gemm", [torch.float32])) for dt in dts}
+    missing = [n for n in sorted(names) if n.encode() + b"\0" not in binary]
+    assert not missing, missing
+
+
 def test_nvrtc_rejects_host_headers(nvrtc):
     """The check is real: a host header that nvcc would accept fails here."""
     with pytest.raises(Exception, match="cstdio|cannot open"):
@@ -80,6 +93,29 @@ def test_device_choice_without_gpu(monkeypatch):
 def test_status_follows_cupy_here():
     cupy = pytest.importorskip("cupy")
     assert cb.cuda_status()[0] == bool(cupy.is_available())
+
+
+def test_bench_rows_run_on_the_emulator():
+    """The benchmark's per-type code (weights, GEMV, GEMM, torch's dequantize+matmul) runs for
+    every type of the table, on the CPU with the emulator as the launcher and a stand-in timer."""
+    from argparse import Namespace
+
+    from cuda_emu.fixtures import emu_launcher
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"),
+                            run_name="bench_kernels")
+    backend, calls = cb.CupyBackend(emu_launcher(("forward",))), []
+
+    def timer(fn, iters):
+        fn()
+        calls.append(iters)
+        return 1e-3
+
+    args = Namespace(n=5, k=256, m=9, iters=3)
+    for qtype in cb.KERNEL_TAGS:
+        row = script["bench"](backend, qtype, args, 100.0, device="cpu", timer=timer)
+        assert row.lstrip().startswith(qtype.name) and "GB/s" in row and row.count("TFLOP/s") == 2
+    assert calls == [3] * 3 * len(cb.KERNEL_TAGS)
 
 
 def test_bench_script_without_gpu(monkeypatch, capsys):

@@ -56,21 +56,22 @@ def _check_args(kernel: str, params: list[Param], args: tuple) -> None:
     if len(args) != len(params):
         raise EmuError(f"kernel {kernel}: launched with {len(args)} arguments, its signature has "
                        f"{len(params)} ({', '.join(p.name for p in params)}) [every block, every thread]")
+    every = " [every block, every thread: the launch itself is wrong]"
     for i, (p, a) in enumerate(zip(params, args)):
         what = f"kernel {kernel}: argument {i} ({p.ctype} {p.name})"
         if p.is_pointer:
             if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
-                raise EmuError(f"{what} needs a contiguous array, got {type(a).__name__}")
+                raise EmuError(f"{what} needs a contiguous array, got {type(a).__name__}{every}")
             size = _POINTEE.get(p.base)
             if size is not None and a.itemsize != size:
-                raise EmuError(f"{what} points to {size}-byte values, got an array of {a.dtype}")
+                raise EmuError(f"{what} points to {size}-byte values, got an array of {a.dtype}{every}")
             continue
         want = _SCALARS.get(p.base)
         if want is None:
-            raise EmuError(f"{what}: the emulator does not know this scalar type")
+            raise EmuError(f"{what}: the emulator does not know this scalar type{every}")
         if not isinstance(a, np.generic) or a.dtype != np.dtype(want):
             got = a.dtype if isinstance(a, np.generic) else type(a).__name__
-            raise EmuError(f"{what} needs {np.dtype(want).name} ({np.dtype(want).itemsize} bytes), got {got}")
+            raise EmuError(f"{what} needs {np.dtype(want).name} ({np.dtype(want).itemsize} bytes), got {got}{every}")
 
 
 class EmuFunction:
