@@ -90,6 +90,44 @@ def test_device_choice_without_gpu(monkeypatch):
         cb.resolve_device("cuda")
 
 
+def test_cupy_launcher_hands_cupy_the_module_views_and_torchs_stream(monkeypatch):
+    """CupyLauncher against a stand-in cupy (no GPU here): RawModule gets the packaged source and
+    options, arrays are DLPack views of the torch tensors' own memory (bf16 as int16: CuPy has no
+    bfloat16), and launches go on torch's current stream."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    seen = {}
+
+    class RawModule:
+        def __init__(self, code, options):
+            seen["code"], seen["options"] = code, options
+
+        def get_function(self, name):
+            return name
+
+    def external_stream(ptr):
+        seen["stream"] = ptr
+        return nullcontext()
+
+    fake = SimpleNamespace(RawModule=RawModule, from_dlpack=lambda t: t,
+                           cuda=SimpleNamespace(ExternalStream=external_stream))
+    monkeypatch.setattr(cb, "_cupy", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=0xC0FFEE))
+    launcher = cb.CupyLauncher()
+    assert seen["code"] == cb.kernel_source() and seen["options"] == (f"-I{cb.CUDA_DIR}",)
+    assert launcher.get_function("gemv_q4_0_f32") == "gemv_q4_0_f32"
+    for dtype, want in ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.int16)):
+        t = torch.ones(3, 4, dtype=dtype)
+        a = launcher.array(t)
+        assert a.dtype == want and a.data_ptr() == t.data_ptr() and a.shape == t.shape
+    with launcher.stream():
+        pass
+    assert seen["stream"] == 0xC0FFEE
+
+
 def test_status_follows_cupy_here():
     cupy = pytest.importorskip("cupy")
     assert cb.cuda_status()[0] == bool(cupy.is_available())
