@@ -278,3 +278,51 @@ def test_clamped_num_device_layers_warns_once(files, monkeypatch, caplog):
     assert all(isinstance(layer.self_attn.o_proj.backend, real) for layer in gpu.model.model.layers)
     assert isinstance(gpu.model.lm_head.backend, real)
     assert gpu.model.device_run.placement.head == "cuda"
+
+
+# ---- every architecture under -n 1 ----
+
+ARCH_NAMES = ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "starcoder2",
+              "phi2", "phi3"]
+
+
+@pytest.fixture(scope="module")
+def arch_files(tmp_path_factory):
+    import tiny_models as tm
+
+    d = tmp_path_factory.mktemp("cuda_archs")
+    out = {name: gb.write_gguf(d / f"{name}.gguf", getattr(tm, f"tiny_{name}")(seed=0), None, Q.Q8_0)
+           for name in ARCH_NAMES}
+    out["phi3-longrope"] = gb.write_gguf(d / "phi3-longrope.gguf", tm.tiny_phi3(seed=0, longrope=True), None, Q.Q8_0)
+    return out
+
+
+def _steps(model, cfg, ids=(1, 5, 9, 2, 7), extra=(3, 8)):
+    """Logits of a prompt and two decode steps, teacher-forced."""
+    cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, capacity=4)
+    out, n = [], len(ids)
+    with torch.inference_mode():
+        out.append(model(torch.tensor(ids), Batch(torch.arange(n), [SeqSlice(0, n, cache)])))
+        for i, t in enumerate(extra):
+            out.append(model(torch.tensor([t]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)])))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES + ["phi3-longrope"])
+def test_every_architecture_with_its_first_layer_on_the_device(arch_files, arch):
+    """-n 1 on each architecture's tiny Q8_0 GGUF: with the emulator launching, the logits are
+    the torch backend's; on the meta device the forward finishes (no CPU tensor in the device
+    layer). Emulator only: Mixtral (its expert dispatch, torch.unique, has no meta kernel) and
+    Phi-3 LongRope (it reads the largest position with .item(), which meta tensors cannot)."""
+    model, cfg = load_gguf_model(GGUFFile(arch_files[arch]), numerics="exact")
+    want = _steps(model, cfg)
+    assign_backends(model, place_layers(cfg.num_hidden_layers, 1), cb.CupyBackend(emu_launcher(("forward",))))
+    for a, b in zip(_steps(model, cfg), want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    if arch in ("mixtral", "phi3-longrope"):
+        return
+    model, cfg = load_gguf_model(GGUFFile(arch_files[arch]), numerics="exact")
+    assign_backends(model, place_layers(cfg.num_hidden_layers, 1, device="meta"), cb.CupyBackend(_MetaLauncher()))
+    model.device_run.move = lambda t, d: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta and d.type == "cpu" else t.to(d)
+    assert all(not t.is_meta for t in _steps(model, cfg))
+    assert model.device_run.transfers == _expected_transfers(1, cfg.num_hidden_layers) * 3

@@ -306,7 +306,7 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv
             kh, vh = kh.repeat_interleave(rep, dim=0), vh.repeat_interleave(rep, dim=0)
             if mask is None or mask is CAUSAL:
-                q_pos = torch.arange(k.shape[1] - q.shape[0], k.shape[1])
+                q_pos = torch.arange(k.shape[1] - q.shape[0], k.shape[1], device=q.device)
                 mask = causal_mask(q_pos, k.shape[1], None)
             scores = (qh @ kh.transpose(1, 2)) * self.scale
             scores = torch.tanh(scores / self.softcap) * self.softcap
