@@ -158,6 +158,8 @@ class CupyBackend:
         lead = x.shape[:-1]
         if not self.supports(w):  # IQ1/IQ2/IQ3 have no kernels yet: the reference dequantization
             return F.linear(x, self.dequantize(w, x.dtype).to(x.device))
+        # under -n the placed layers hand us device tensors (backends/placement.py), so these
+        # .to() calls move nothing; only a caller on another device pays a copy each way
         x2 = x.reshape(-1, k).to(self.device, torch.float32).contiguous()  # (M, K)
         m = x2.shape[0]
         y = torch.empty(m, n_out, dtype=torch.float32, device=self.device)  # (M, N)
