@@ -1,8 +1,8 @@
-// Weights repacked for the CPU's integer dot products: Q4_0, Q4_1 and Q8_0 rows in groups of 8,
-// so one 256-bit register holds 4 bytes of each of 8 rows and one dpbusd (or maddubs + madd)
-// adds 4 products into each row's lane. 8 outputs come out side by side: no horizontal sums,
-// one scale conversion per 8 rows, several bytes per instruction, so a decode step is bound by
-// memory reads rather than by instructions. Same integer sums and f32 scaling as qmatmul.c.
+// Weights repacked for the CPU's integer dot products: Q4_0, Q4_1, Q5_0 and Q8_0 (and Q4_K /
+// Q6_K below) in groups of 8 rows, so one 256-bit register holds 4 bytes of each of 8 rows and
+// one dpbusd (or maddubs + madd) adds 4 products into each row's lane. Outputs come out side by
+// side: no horizontal sums, one scale conversion per 8 rows, several bytes per instruction.
+// Same integer sums and f32 scaling as qmatmul.c.
 //
 // Group layout, per block of 32 (of k / 32): d[8] fp16, (Q4_1: m[8] fp16), then the quants in
 // 4-byte chunks, chunk-major: Q4_x chunk c (0..3) = bytes 4c..4c+3 of each row's 16 nibble
@@ -10,10 +10,25 @@
 // of each row with 128 added (unsigned), Q5_0 like Q8_0 with its 5-bit codes 0..31 as bytes (50%
 // more bytes than its 22-byte blocks, but no bit-plane unpacking on every token). Missing rows
 // of the last group are zero.
+//
+// Pairs: groups 2p and 2p+1 are stored interleaved, block by block, so that one 512-bit register
+// holds one chunk of 16 rows: a pair's block is d[16] (the two groups' d[8] in turn), (m[16]),
+// then each chunk as 32 bytes of group 2p and 32 of group 2p+1; the K types likewise (every
+// scale row and every chunk 16 rows wide). A pair takes the bytes of its two groups (2 * nb *
+// group-block bytes) and the last group of an odd count stays alone in the 8-row layout. With
+// AVX-512 VNNI one dpbusd then does 64 products and the kernels below keep a tile of 16 weight
+// rows x up to 8 activation rows in zmm registers (half the instructions of the 256-bit tile
+// for the same products); the 256-bit and scalar paths read either half of a pair with the chunk
+// stride doubled. The work unit of packed_rows / packed_k_rows is a pair (or the lone group).
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#define ZMM 1
+#else
+#define ZMM 0
 #endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8 };
@@ -37,6 +52,20 @@ int packed_supported(int type) {
     return packed_block_bytes(type) != 0;
 }
 
+// Where group g's block b lives: the start of its (pair's or own) block, with *h its half of
+// the pair (0 alone) and *s 2 for a pair, 1 alone: every offset inside a block scales by s.
+static inline const uint8_t *gblock(const uint8_t *w, int64_t groups, int64_t nb, int gb, int64_t g, int64_t b,
+                                    int *h, int *s) {
+    if ((g | 1) < groups) {
+        *h = (int)(g & 1);
+        *s = 2;
+        return w + ((g & ~(int64_t)1) * nb + 2 * b) * gb;
+    }
+    *h = 0;
+    *s = 1;
+    return w + (g * nb + b) * gb;
+}
+
 // w: n rows of GGUF blocks (k / 32 per row) -> out: ceil(n / 8) groups. Returns 0 or -1.
 int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     const int gb = packed_block_bytes(type);
@@ -44,20 +73,25 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     const int bb = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 34;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const int head = type == T_Q4_1 ? 32 : 16;
-    if (n % 8) memset(out + (groups - 1) * nb * gb, 0, (size_t)(nb * gb));  // the last group's missing rows
+    if (n % 8) {  // the last group's missing rows (and, if it is half of a pair, the pair's)
+        const int64_t g0 = (groups - 1) & ~(int64_t)1;
+        memset(out + g0 * nb * gb, 0, (size_t)((groups - g0) * nb * gb));
+    }
     for (int64_t g = 0; g < groups; g++) {
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *o = out + (g * nb + b) * gb;
+            int h, s;
+            uint8_t *o = (uint8_t *)gblock(out, groups, nb, gb, g, b, &h, &s);
             for (int r = 0; r < 8 && g * 8 + r < n; r++) {
                 const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
-                memcpy(o + 2 * r, src, 2);                                   // d
-                if (type == T_Q4_1) memcpy(o + 16 + 2 * r, src + 2, 2);      // m
+                memcpy(o + 16 * h + 2 * r, src, 2);                                    // d
+                if (type == T_Q4_1) memcpy(o + 16 * s + 16 * h + 2 * r, src + 2, 2);  // m
+                uint8_t *q = o + head * s + 32 * h + 4 * r;  // chunk c at q + 32 * s * c
                 const uint8_t *qs = src + (type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 2);
                 if (type == T_Q5_0) {
                     uint32_t qh;
                     memcpy(&qh, src + 2, 4);
                     for (int e = 0; e < 32; e++)  // weight e: its nibble and its fifth bit
-                        o[head + ((e / 4) * 8 + r) * 4 + e % 4] =
+                        q[(e / 4) * 32 * s + e % 4] =
                             (uint8_t)((e < 16 ? qs[e] & 15 : qs[e - 16] >> 4) | (((qh >> e) & 1) << 4));
                 } else {
                     const int chunks = type == T_Q8_0 ? 8 : 4;
@@ -65,7 +99,7 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                         uint32_t v;
                         memcpy(&v, qs + 4 * c, 4);
                         if (type == T_Q8_0) v ^= 0x80808080u;  // signed -> unsigned codes
-                        memcpy(o + head + (c * 8 + r) * 4, &v, 4);
+                        memcpy(q + c * 32 * s, &v, 4);
                     }
                 }
             }
@@ -88,7 +122,13 @@ static inline __m256i bcast4(const int8_t *p) {
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
-
+#endif
+#if ZMM
+static inline __m512i zbcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
 #endif
 
 
@@ -108,36 +148,41 @@ static float h2f_(uint16_t h) {  // fp16 -> f32 (portable)
     return f;
 }
 
-__attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
-        int64_t g1, int64_t m, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y,
+static inline int64_t first_group(int64_t u) { return 2 * u; }
+static inline int64_t end_group(int64_t u, int64_t groups) { return 2 * u + 2 < groups ? 2 * u + 2 : groups; }
+
+__attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
+        int64_t u1, int64_t m, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y,
         int64_t ldy) {
     const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
-    const int64_t nb = k / 32;
-    for (int64_t g = g0; g < g1; g++)
+    const int64_t nb = k / 32, groups = (n + 7) / 8;
+    for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++)
         for (int64_t r = 0; r < m; r++)
             for (int lane = 0; lane < 8 && g * 8 + lane < n; lane++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
-                    const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + head;
+                    int h, s;
+                    const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s);
+                    const uint8_t *q = blk + head * s + 32 * h + 4 * lane;  // chunk c at q + 32 * s * c
                     const int8_t *xr = xq + r * k + b * 32;
-                    int32_t s = 0;
+                    int32_t sum = 0;
                     if (bytewise(type)) {
                         for (int c = 0; c < 8; c++)
-                            for (int j = 0; j < 4; j++) s += q[(c * 8 + lane) * 4 + j] * xr[4 * c + j];
-                        s -= (type == T_Q8_0 ? 128 : 16) * xi[r * nb + b];
+                            for (int j = 0; j < 4; j++) sum += q[c * 32 * s + j] * xr[4 * c + j];
+                        sum -= (type == T_Q8_0 ? 128 : 16) * xi[r * nb + b];
                     } else {
                         for (int c = 0; c < 4; c++)
                             for (int j = 0; j < 4; j++) {
-                                const uint8_t v = q[(c * 8 + lane) * 4 + j];
-                                s += (v & 15) * xr[4 * c + j] + (v >> 4) * xr[16 + 4 * c + j];
+                                const uint8_t v = q[c * 32 * s + j];
+                                sum += (v & 15) * xr[4 * c + j] + (v >> 4) * xr[16 + 4 * c + j];
                             }
-                        if (type == T_Q4_0) s -= 8 * xi[r * nb + b];
+                        if (type == T_Q4_0) sum -= 8 * xi[r * nb + b];
                     }
                     uint16_t dh, mh;
-                    memcpy(&dh, blk + 2 * lane, 2);
-                    acc += h2f_(dh) * xd[r * nb + b] * (float)s;
+                    memcpy(&dh, blk + 16 * h + 2 * lane, 2);
+                    acc += h2f_(dh) * xd[r * nb + b] * (float)sum;
                     if (type == T_Q4_1) {
-                        memcpy(&mh, blk + 16 + 2 * lane, 2);
+                        memcpy(&mh, blk + 16 * s + 16 * h + 2 * lane, 2);
                         acc += h2f_(mh) * xs[r * nb + b];
                     }
                 }
@@ -145,14 +190,13 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
             }
 }
 
-// groups [g0, g1) of a packed weight against m activation rows (int8 codes xq (m, k), per-block
-// scale xd, d * sum xs (fp16-rounded, as q8_1 keeps it), integer sums xi); y[r * ldy + row].
 #if defined(__AVX2__)
 // RN rows of 8 outputs (one group's) into y, the last group cut to the rows that exist
 static inline __attribute__((always_inline)) void store_tile(const __m256 *acc, const int RN, int64_t n, int64_t g,
                                                              int64_t r0, float *y, int64_t ldy) {
     const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
     for (int r = 0; r < RN; r++) {
+        if (rows == 8) { _mm256_storeu_ps(y + (r0 + r) * ldy + g * 8, acc[r]); continue; }
         float out[8];
         _mm256_storeu_ps(out, acc[r]);
         memcpy(y + (r0 + r) * ldy + g * 8, out, sizeof(float) * (size_t)rows);
@@ -166,23 +210,25 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         float *y, int64_t ldy) {
     const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
     const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
-    const int64_t nb = k / 32;
+    const int64_t nb = k / 32, groups = (n + 7) / 8;
     const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[8];
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + head;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        int h, s;
+        const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + head * s + 32 * h;
+        const int cs = 32 * s;  // chunk stride
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
         __m256i isum[8];
         for (int r = 0; r < RN; r++) isum[r] = _mm256_setzero_si256();
         if (bytewise(type)) {
             for (int c = 0; c < 8; c++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
                 for (int r = 0; r < RN; r++) isum[r] = dp(isum[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
             }
         } else {
             for (int c = 0; c < 4; c++) {
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * 32));
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
                 const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                 for (int r = 0; r < RN; r++) {
                     const int8_t *xr = xq + (r0 + r) * k + b * 32;
@@ -190,40 +236,123 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
                 }
             }
         }
-        const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : d;
+        const __m256 mm =
+            type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * s + 16 * h))) : d;
         for (int r = 0; r < RN; r++) {
             const int64_t xb = (r0 + r) * nb + b;
-            __m256i s = isum[r];
-            if (off) s = _mm256_sub_epi32(s, _mm256_set1_epi32(off * xi[xb]));  // unsigned codes' offset
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(s), acc[r]);
+            __m256i sm = isum[r];
+            if (off) sm = _mm256_sub_epi32(sm, _mm256_set1_epi32(off * xi[xb]));  // unsigned codes' offset
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
             if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xs[xb]), acc[r]);
         }
     }
     store_tile(acc, RN, n, g, r0, y, ldy);
 }
 
-#define TILES(T)                                                                                \
-    for (int64_t g = g0; g < g1; g++) {                                                         \
+#define TILES8(T, G)                                                                            \
+    {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 8 <= m; r0 += 8) tile(T, 8, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);         \
-        for (; r0 + 4 <= m; r0 += 4) tile(T, 4, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);         \
-        for (; r0 < m; r0++) tile(T, 1, w, n, k, g, r0, xq, xd, xs, xi, y, ldy);                 \
+        for (; r0 + 8 <= m; r0 += 8) tile(T, 8, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);         \
+        for (; r0 + 4 <= m; r0 += 4) tile(T, 4, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);         \
+        for (; r0 < m; r0++) tile(T, 1, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);                 \
     }
 #endif
 
-// groups [g0, g1) of a packed weight against m activation rows (int8 codes xq (m, k), per-block
-// scale xd, d * sum xs (fp16-rounded, as q8_1 keeps it), integer sums xi); y[r * ldy + row].
-void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
-                 const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy) {
+#if ZMM
+// 16 outputs (a pair's) of RN activation rows into y, cut to the rows that exist
+static inline __attribute__((always_inline)) void zstore(const __m512 *acc, const int RN, int64_t n, int64_t g,
+                                                         int64_t r0, float *y, int64_t ldy) {
+    const int64_t rows = n - g * 8 < 16 ? n - g * 8 : 16;
+    const __mmask16 mask = (__mmask16)((1u << rows) - 1);
+    for (int r = 0; r < RN; r++) _mm512_mask_storeu_ps(y + (r0 + r) * ldy + g * 8, mask, acc[r]);
+}
+
+// One pair (16 weight rows, groups g and g + 1) against RN activation rows from r0: each chunk
+// is one 512-bit load and one dpbusd per activation row. The sums start at minus the unsigned
+// codes' offset (the same integer as subtracting it after) and every lane takes the 256-bit
+// tile's f32 steps in the same order, so the outputs are bit for bit the same.
+static inline __attribute__((always_inline)) void ztile(const int type, const int RN, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi,
+        float *y, int64_t ldy) {
+    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
+    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
+    const int64_t nb = k / 32;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const uint8_t *pw = w + g * nb * gb;  // the pair's blocks, 2 * gb each
+    const int8_t *xr[8];
+    for (int r = 0; r < RN; r++) xr[r] = xq + (r0 + r) * k;
+    __m512 acc[8];
+    for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = pw + b * 2 * gb, *q = blk + 2 * head;
+        __m512i isum[8];
+        for (int r = 0; r < RN; r++)
+            isum[r] = off ? _mm512_set1_epi32(-off * xi[(r0 + r) * nb + b]) : _mm512_setzero_si512();
+        if (bytewise(type)) {
+            for (int c = 0; c < 8; c++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
+                for (int r = 0; r < RN; r++) isum[r] = _mm512_dpbusd_epi32(isum[r], wv, zbcast4(xr[r] + b * 32 + 4 * c));
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
+                const __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                for (int r = 0; r < RN; r++) {
+                    isum[r] = _mm512_dpbusd_epi32(isum[r], lo, zbcast4(xr[r] + b * 32 + 4 * c));
+                    isum[r] = _mm512_dpbusd_epi32(isum[r], hi, zbcast4(xr[r] + b * 32 + 16 + 4 * c));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 mm = type == T_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))) : d;
+        for (int r = 0; r < RN; r++) {
+            const int64_t xb = (r0 + r) * nb + b;
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xd[xb])), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+            if (type == T_Q4_1) acc[r] = _mm512_fmadd_ps(mm, _mm512_set1_ps(xs[xb]), acc[r]);
+        }
+    }
+    zstore(acc, RN, n, g, r0, y, ldy);
+}
+
+#define ZTILES(T, G)                                                                            \
+    {                                                                                           \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 8 <= m; r0 += 8) ztile(T, 8, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);        \
+        for (; r0 + 4 <= m; r0 += 4) ztile(T, 4, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);        \
+        for (; r0 + 2 <= m; r0 += 2) ztile(T, 2, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);        \
+        for (; r0 < m; r0++) ztile(T, 1, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);                \
+    }
+#endif
+
 #if defined(__AVX2__)
-    switch (type) {
-    case T_Q4_0: TILES(T_Q4_0) break;
-    case T_Q4_1: TILES(T_Q4_1) break;
-    case T_Q5_0: TILES(T_Q5_0) break;
-    case T_Q8_0: TILES(T_Q8_0) break;
+#if ZMM
+#define UNIT(T)                                                                                 \
+    for (int64_t u = u0; u < u1; u++) {                                                         \
+        const int64_t g = 2 * u;                                                                \
+        if (g + 1 < groups) ZTILES(T, g) else TILES8(T, g)                                      \
     }
 #else
-    packed_rows_scalar(type, w, n, k, g0, g1, m, xq, xd, xs, xi, y, ldy);
+#define UNIT(T)                                                                                 \
+    for (int64_t u = u0; u < u1; u++)                                                           \
+        for (int64_t g = 2 * u; g < end_group(u, groups); g++) TILES8(T, g)
+#endif
+#endif
+
+// units [u0, u1) (unit u: groups 2u and 2u + 1, or the lone last group) of a packed weight
+// against m activation rows (int8 codes xq (m, k), per-block scale xd, d * sum xs (fp16-rounded,
+// as q8_1 keeps it), integer sums xi); y[r * ldy + row].
+void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
+                 const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy) {
+#if defined(__AVX2__)
+    const int64_t groups = (n + 7) / 8;
+    switch (type) {
+    case T_Q4_0: UNIT(T_Q4_0) break;
+    case T_Q4_1: UNIT(T_Q4_1) break;
+    case T_Q5_0: UNIT(T_Q5_0) break;
+    case T_Q8_0: UNIT(T_Q8_0) break;
+    }
+#else
+    packed_rows_scalar(type, w, n, k, u0, u1, m, xq, xd, xs, xi, y, ldy);
 #endif
 }
 
@@ -231,7 +360,8 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
 // Q4_K per block of 256: scale[8 sub-blocks][8 rows] f32 (d * sc), min[8][8] f32 (dmin * m), then
 // nibble chunks: for each 64-group j, chunk c (0..7) = bytes 32j+4c..+3 of each row (low
 // nibbles: sub-block 2j, high: 2j+1). Q6_K: scale[16][8] f32 (d * sc), then byte chunks c
-// (0..63) = codes 4c..4c+3 (0..63, 32 above the value) of each row.
+// (0..63) = codes 4c..4c+3 (0..63, 32 above the value) of each row. In a pair every row of
+// scales and every chunk is 16 rows wide (the groups' 8 in turn): offsets scale by s.
 enum { T_Q4_K = 12, T_Q6_K = 14 };
 
 int packed_k_block_bytes(int type) {
@@ -254,8 +384,10 @@ int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     memset(out, 0, (size_t)(groups * nb * gb));
     for (int64_t g = 0; g < groups; g++)
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *o = out + (g * nb + b) * gb;
-            float *sc = (float *)o;
+            int h, s;
+            uint8_t *o = (uint8_t *)gblock(out, groups, nb, gb, g, b, &h, &s);
+            float *sc = (float *)o + 8 * h;          // sub-block j, row r: sc[j * 8 * s + r]
+            uint8_t *qo = o + 512 * s + 32 * h;      // chunk c, row r: qo[c * 32 * s + 4 * r]
             for (int r = 0; r < 8 && g * 8 + r < n; r++) {
                 const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
                 uint16_t dh;
@@ -265,29 +397,29 @@ int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                     memcpy(&mh, src + 2, 2);
                     const float d = h2f_(dh), dmin = h2f_(mh);
                     for (int j = 0; j < 8; j++) {
-                        int s, m;
-                        k_scale_min_(j, src + 4, &s, &m);
-                        sc[j * 8 + r] = d * (float)s;
-                        sc[64 + j * 8 + r] = dmin * (float)m;
+                        int sv, mv;
+                        k_scale_min_(j, src + 4, &sv, &mv);
+                        sc[j * 8 * s + r] = d * (float)sv;
+                        sc[64 * s + j * 8 * s + r] = dmin * (float)mv;
                     }
                     for (int j = 0; j < 4; j++)
                         for (int c = 0; c < 8; c++)
-                            memcpy(o + 512 + ((j * 8 + c) * 8 + r) * 4, src + 16 + 32 * j + 4 * c, 4);
+                            memcpy(qo + (j * 8 + c) * 32 * s + 4 * r, src + 16 + 32 * j + 4 * c, 4);
                 } else {
                     const uint8_t *ql = src, *qh = src + 128;
                     const int8_t *s8 = (const int8_t *)(src + 192);
                     memcpy(&dh, src + 208, 2);
-                    for (int j = 0; j < 16; j++) sc[j * 8 + r] = h2f_(dh) * (float)s8[j];
+                    for (int j = 0; j < 16; j++) sc[j * 8 * s + r] = h2f_(dh) * (float)s8[j];
                     uint8_t v[256];
-                    for (int h = 0; h < 2; h++)
+                    for (int hh = 0; hh < 2; hh++)
                         for (int l = 0; l < 32; l++) {
-                            const uint8_t a = ql[64 * h + l], c2 = ql[64 * h + l + 32], q = qh[32 * h + l];
-                            v[128 * h + l] = (uint8_t)((a & 15) | ((q & 3) << 4));
-                            v[128 * h + l + 32] = (uint8_t)((c2 & 15) | (((q >> 2) & 3) << 4));
-                            v[128 * h + l + 64] = (uint8_t)((a >> 4) | (((q >> 4) & 3) << 4));
-                            v[128 * h + l + 96] = (uint8_t)((c2 >> 4) | (((q >> 6) & 3) << 4));
+                            const uint8_t a = ql[64 * hh + l], c2 = ql[64 * hh + l + 32], q = qh[32 * hh + l];
+                            v[128 * hh + l] = (uint8_t)((a & 15) | ((q & 3) << 4));
+                            v[128 * hh + l + 32] = (uint8_t)((c2 & 15) | (((q >> 2) & 3) << 4));
+                            v[128 * hh + l + 64] = (uint8_t)((a >> 4) | (((q >> 4) & 3) << 4));
+                            v[128 * hh + l + 96] = (uint8_t)((c2 >> 4) | (((q >> 6) & 3) << 4));
                         }
-                    for (int c = 0; c < 64; c++) memcpy(o + 512 + (c * 8 + r) * 4, v + 4 * c, 4);
+                    for (int c = 0; c < 64; c++) memcpy(qo + c * 32 * s + 4 * r, v + 4 * c, 4);
                 }
             }
         }
@@ -299,19 +431,21 @@ int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
 static inline __attribute__((always_inline)) void ktile(const int type, const int RN, const uint8_t *w, int64_t n,
         int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
     const int gb = packed_k_block_bytes(type);
-    const int64_t nb = k / 256;
+    const int64_t nb = k / 256, groups = (n + 7) / 8;
     __m256 a[8];
     for (int r = 0; r < RN; r++) a[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + 512;
-        const float *sc = (const float *)blk;
+        int h, s;
+        const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + 512 * s + 32 * h;
+        const float *sc = (const float *)blk + 8 * h;
+        const int cs = 32 * s, ss = 8 * s;  // chunk stride (bytes), scale row stride (floats)
         if (type == T_Q4_K) {
             const __m256i low = _mm256_set1_epi8(0x0f);
             for (int j = 0; j < 4; j++) {
                 __m256i lo_s[8], hi_s[8];
                 for (int r = 0; r < RN; r++) lo_s[r] = hi_s[r] = _mm256_setzero_si256();
                 for (int c = 0; c < 8; c++) {
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (j * 8 + c) * 32));
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (j * 8 + c) * cs));
                     const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                     for (int r = 0; r < RN; r++) {
                         const int8_t *x = kq + (r0 + r) * k + b * 256 + 64 * j + 4 * c;
@@ -319,8 +453,9 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
                         hi_s[r] = dp(hi_s[r], hi, bcast4(x + 32));
                     }
                 }
-                const __m256 s0 = _mm256_loadu_ps(sc + (2 * j) * 8), s1 = _mm256_loadu_ps(sc + (2 * j + 1) * 8);
-                const __m256 m0 = _mm256_loadu_ps(sc + 64 + (2 * j) * 8), m1 = _mm256_loadu_ps(sc + 64 + (2 * j + 1) * 8);
+                const __m256 s0 = _mm256_loadu_ps(sc + (2 * j) * ss), s1 = _mm256_loadu_ps(sc + (2 * j + 1) * ss);
+                const __m256 m0 = _mm256_loadu_ps(sc + 8 * ss + (2 * j) * ss),
+                             m1 = _mm256_loadu_ps(sc + 8 * ss + (2 * j + 1) * ss);
                 for (int r = 0; r < RN; r++) {
                     const float xd = kd[(r0 + r) * nb + b];
                     const int16_t *bs = kbs + ((r0 + r) * nb + b) * 16;
@@ -336,10 +471,10 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
                 __m256i is[8];
                 for (int r = 0; r < RN; r++) is[r] = _mm256_setzero_si256();
                 for (int c = 0; c < 4; c++) {
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c) * 32));
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c) * cs));
                     for (int r = 0; r < RN; r++) is[r] = dp(is[r], wv, bcast4(kq + (r0 + r) * k + b * 256 + 16 * s_ + 4 * c));
                 }
-                const __m256 sv = _mm256_loadu_ps(sc + s_ * 8);
+                const __m256 sv = _mm256_loadu_ps(sc + s_ * ss);
                 for (int r = 0; r < RN; r++) {
                     const int16_t *bs = kbs + ((r0 + r) * nb + b) * 16;
                     const __m256i t = _mm256_sub_epi32(is[r], _mm256_set1_epi32(32 * bs[s_]));
@@ -351,28 +486,111 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
     store_tile(a, RN, n, g, r0, y, ldy);
 }
 
-#define KTILES(T)                                                                               \
-    for (int64_t g = g0; g < g1; g++) {                                                         \
+#define KTILES8(T, G)                                                                           \
+    {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, g, r0, kq, kd, kbs, y, ldy);           \
-        for (; r0 < m; r0++) ktile(T, 1, w, n, k, g, r0, kq, kd, kbs, y, ldy);                   \
+        for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, G, r0, kq, kd, kbs, y, ldy);           \
+        for (; r0 < m; r0++) ktile(T, 1, w, n, k, G, r0, kq, kd, kbs, y, ldy);                   \
     }
 #endif
 
-// groups [g0, g1) of a packed K weight against m rows of q8_K activations; y[r * ldy + row].
-void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
+#if ZMM
+// One pair of K groups (16 weight rows) against RN activation rows, in zmm registers; the same
+// integers and, lane by lane, the same f32 steps as ktile.
+static inline __attribute__((always_inline)) void kztile(const int type, const int RN, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+    const int gb = packed_k_block_bytes(type);
+    const int64_t nb = k / 256;
+    const uint8_t *pw = w + g * nb * gb;
+    __m512 a[8];
+    for (int r = 0; r < RN; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = pw + b * 2 * gb, *q = blk + 1024;
+        const float *sc = (const float *)blk;  // rows of 16
+        const int8_t *xr[8];
+        const int16_t *bs[8];
+        for (int r = 0; r < RN; r++) {
+            xr[r] = kq + (r0 + r) * k + b * 256;
+            bs[r] = kbs + ((r0 + r) * nb + b) * 16;
+        }
+        if (type == T_Q4_K) {
+            const __m512i low = _mm512_set1_epi8(0x0f);
+            for (int j = 0; j < 4; j++) {
+                __m512i lo_s[8], hi_s[8];
+                for (int r = 0; r < RN; r++) lo_s[r] = hi_s[r] = _mm512_setzero_si512();
+                for (int c = 0; c < 8; c++) {
+                    const __m512i wv = _mm512_loadu_si512((const void *)(q + (j * 8 + c) * 64));
+                    const __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                    for (int r = 0; r < RN; r++) {
+                        lo_s[r] = _mm512_dpbusd_epi32(lo_s[r], lo, zbcast4(xr[r] + 64 * j + 4 * c));
+                        hi_s[r] = _mm512_dpbusd_epi32(hi_s[r], hi, zbcast4(xr[r] + 64 * j + 32 + 4 * c));
+                    }
+                }
+                const __m512 s0 = _mm512_loadu_ps(sc + (2 * j) * 16), s1 = _mm512_loadu_ps(sc + (2 * j + 1) * 16);
+                const __m512 m0 = _mm512_loadu_ps(sc + 128 + (2 * j) * 16), m1 = _mm512_loadu_ps(sc + 128 + (2 * j + 1) * 16);
+                for (int r = 0; r < RN; r++) {
+                    const float xd = kd[(r0 + r) * nb + b];
+                    const __m512 xv = _mm512_set1_ps(xd);
+                    a[r] = _mm512_fmadd_ps(_mm512_mul_ps(s0, xv), _mm512_cvtepi32_ps(lo_s[r]), a[r]);
+                    a[r] = _mm512_fmadd_ps(_mm512_mul_ps(s1, xv), _mm512_cvtepi32_ps(hi_s[r]), a[r]);
+                    a[r] = _mm512_fnmadd_ps(m0, _mm512_set1_ps(xd * (float)(bs[r][4 * j] + bs[r][4 * j + 1])), a[r]);
+                    a[r] = _mm512_fnmadd_ps(m1, _mm512_set1_ps(xd * (float)(bs[r][4 * j + 2] + bs[r][4 * j + 3])), a[r]);
+                }
+            }
+        } else {
+            for (int s_ = 0; s_ < 16; s_++) {
+                __m512i is[8];
+                for (int r = 0; r < RN; r++) is[r] = _mm512_set1_epi32(-32 * bs[r][s_]);
+                for (int c = 0; c < 4; c++) {
+                    const __m512i wv = _mm512_loadu_si512((const void *)(q + (s_ * 4 + c) * 64));
+                    for (int r = 0; r < RN; r++) is[r] = _mm512_dpbusd_epi32(is[r], wv, zbcast4(xr[r] + 16 * s_ + 4 * c));
+                }
+                const __m512 sv = _mm512_loadu_ps(sc + s_ * 16);
+                for (int r = 0; r < RN; r++)
+                    a[r] = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_set1_ps(kd[(r0 + r) * nb + b])), _mm512_cvtepi32_ps(is[r]), a[r]);
+            }
+        }
+    }
+    zstore(a, RN, n, g, r0, y, ldy);
+}
+
+#define KZTILES(T, G)                                                                           \
+    {                                                                                           \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 8 <= m; r0 += 8) kztile(T, 8, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
+        for (; r0 + 4 <= m; r0 += 4) kztile(T, 4, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
+        for (; r0 + 2 <= m; r0 += 2) kztile(T, 2, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
+        for (; r0 < m; r0++) kztile(T, 1, w, n, k, G, r0, kq, kd, kbs, y, ldy);                  \
+    }
+#define KUNIT(T)                                                                                \
+    for (int64_t u = u0; u < u1; u++) {                                                         \
+        const int64_t g = 2 * u;                                                                \
+        if (g + 1 < groups) KZTILES(T, g) else KTILES8(T, g)                                    \
+    }
+#elif defined(__AVX2__)
+#define KUNIT(T)                                                                                \
+    for (int64_t u = u0; u < u1; u++)                                                           \
+        for (int64_t g = 2 * u; g < end_group(u, groups); g++) KTILES8(T, g)
+#endif
+
+// units [u0, u1) (pairs of groups, see packed_rows) of a packed K weight against m rows of
+// q8_K activations; y[r * ldy + row].
+void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
                    const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+    const int64_t groups = (n + 7) / 8;
 #if defined(__AVX2__)
-    if (type == T_Q4_K) { KTILES(T_Q4_K) } else { KTILES(T_Q6_K) }
+    if (type == T_Q4_K) { KUNIT(T_Q4_K) } else { KUNIT(T_Q6_K) }
 #else
     const int gb = packed_k_block_bytes(type);
     const int64_t nb = k / 256;
-    for (int64_t g = g0; g < g1; g++)
+    for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++)
         for (int64_t r = 0; r < m; r++) {
             float acc[8] = {0};
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = w + (g * nb + b) * gb, *q = blk + 512;
-                const float *sc = (const float *)blk;
+                int h, s;
+                const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + 512 * s + 32 * h;
+                const float *sc = (const float *)blk + 8 * h;
+                const int cs = 32 * s, ss = 8 * s;
                 const int8_t *x = kq + r * k + b * 256;
                 const int16_t *bs = kbs + (r * nb + b) * 16;
                 const float xd = kd[r * nb + b];
@@ -382,20 +600,20 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
                             int lo = 0, hi = 0;
                             for (int c = 0; c < 8; c++)
                                 for (int e = 0; e < 4; e++) {
-                                    const uint8_t v = q[((j * 8 + c) * 8 + lane) * 4 + e];
+                                    const uint8_t v = q[(j * 8 + c) * cs + lane * 4 + e];
                                     lo += (v & 15) * x[64 * j + 4 * c + e];
                                     hi += (v >> 4) * x[64 * j + 32 + 4 * c + e];
                                 }
-                            acc[lane] += sc[(2 * j) * 8 + lane] * xd * (float)lo + sc[(2 * j + 1) * 8 + lane] * xd * (float)hi;
-                            acc[lane] -= sc[64 + (2 * j) * 8 + lane] * (xd * (float)(bs[4 * j] + bs[4 * j + 1]));
-                            acc[lane] -= sc[64 + (2 * j + 1) * 8 + lane] * (xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]));
+                            acc[lane] += sc[(2 * j) * ss + lane] * xd * (float)lo + sc[(2 * j + 1) * ss + lane] * xd * (float)hi;
+                            acc[lane] -= sc[8 * ss + (2 * j) * ss + lane] * (xd * (float)(bs[4 * j] + bs[4 * j + 1]));
+                            acc[lane] -= sc[8 * ss + (2 * j + 1) * ss + lane] * (xd * (float)(bs[4 * j + 2] + bs[4 * j + 3]));
                         }
                     } else {
                         for (int s_ = 0; s_ < 16; s_++) {
                             int is = 0;
                             for (int c = 0; c < 4; c++)
-                                for (int e = 0; e < 4; e++) is += q[((s_ * 4 + c) * 8 + lane) * 4 + e] * x[16 * s_ + 4 * c + e];
-                            acc[lane] += sc[s_ * 8 + lane] * xd * (float)(is - 32 * bs[s_]);
+                                for (int e = 0; e < 4; e++) is += q[(s_ * 4 + c) * cs + lane * 4 + e] * x[16 * s_ + 4 * c + e];
+                            acc[lane] += sc[s_ * ss + lane] * xd * (float)(is - 32 * bs[s_]);
                         }
                     }
                 }

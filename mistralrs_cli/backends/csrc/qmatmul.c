@@ -214,7 +214,8 @@ static int block_bytes(int type) {
 
 static int is_k(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
 
-static int64_t units(const qpart_t *p) { return p->type & PACKED ? (p->rows + 7) / 8 : p->rows; }
+// work units: weight rows, or (packed) pairs of 8-row groups, see packed.c
+static int64_t units(const qpart_t *p) { return p->type & PACKED ? ((p->rows + 7) / 8 + 1) / 2 : p->rows; }
 
 int qmm_supported(int type) { return block_bytes(type) != 0; }
 
@@ -351,7 +352,7 @@ static const float *input_row(const float *x, int64_t k, const qmm_opts *o, floa
 static void part_rows(const qpart_t *p, int64_t i0, int64_t i1, int64_t k, int64_t m, const int8_t *xq,
                       const float *xd, const float *xs, const int32_t *xi, const int8_t *kq, const float *kd,
                       const int16_t *kbs, float *y, int64_t ldy) {
-    if (p->type & PACKED) {  // units are groups of 8 rows
+    if (p->type & PACKED) {  // units are pairs of groups of 8 rows
         const int t = p->type & ~PACKED;
         if (is_k(t)) packed_k_rows(t, p->w, p->rows, k, i0, i1, m, kq, kd, kbs, y, ldy);
         else packed_rows(t, p->w, p->rows, k, i0, i1, m, xq, xd, xs, xi, y, ldy);

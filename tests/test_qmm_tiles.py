@@ -1,0 +1,91 @@
+"""The packed GEMM tiles (backends/csrc/packed.c) at awkward shapes: activation rows M that
+leave every tile size's remainder (8 / 4 / 2 / 1 rows) and weight rows that leave a lone
+8-row group, a half-filled pair or a cut last group. Three builds: the default one (-march=native:
+16-row zmm tiles where the CPU has AVX-512 VNNI), a 256-bit one (-mno-avx512f: 8-row tiles)
+and the portable scalar one. Each against a float64 reference from the dequantized weights and
+llama.cpp's activation rounding; the 256-bit and the native build must agree bit for bit
+(same integer sums, the same f32 steps in every lane)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+import gguf_builder as gb
+from mistralrs_cli.backends import native
+
+MS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 27]
+ROWS = [5, 8, 16, 21, 24, 40]
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    fast = native.library()
+    if fast is None:
+        pytest.skip("no C compiler: the native kernels are optional")
+    d = tmp_path_factory.mktemp("tiles")
+    return {"native": fast, "avx2": native.build(("-mno-avx512f",), d),
+            "scalar": native.build(("-mno-avx2", "-mno-avx512f"), d)}
+
+
+def _weights(qtype: Q, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw blocks, the weights they decode to, float64)."""
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        raw = gb.random_blocks((n, k), qtype, seed=seed)
+    else:
+        w = (np.random.default_rng(seed).standard_normal((n, k)) * 0.1).astype(np.float32)
+        raw = quants.quantize(w, qtype).copy()
+    return raw, quants.dequantize(raw, qtype).astype(np.float64)
+
+
+def _q8_k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's q8_K rounding (see test_native)."""
+    xb = x.reshape(-1, 256).astype(np.float32)
+    mx = xb[np.arange(len(xb)), np.abs(xb).argmax(1)][:, None]
+    iscale = np.float32(-127.0) / np.where(mx == 0, np.float32(1), mx)
+    q = np.minimum(np.rint(xb * iscale), 127)
+    return np.where(mx == 0, 0, q / iscale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("n", ROWS)
+def test_tiles_match_reference(libs, qtype, n):
+    k = 512
+    raw, w = _weights(qtype, n, k, seed=n)
+    rng = np.random.default_rng(100 + n)
+    for m in MS:
+        x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            xr = _q8_k(x)
+        else:
+            xr = quants.dequantize(quants.quantize(x, Q.Q8_0), Q.Q8_0)
+        ref = xr.astype(np.float64) @ w.T
+        outs = {}
+        for name, lib in libs.items():
+            got = native.qmatmul(torch.from_numpy(x), [(torch.from_numpy(raw), qtype, n)], lib)
+            outs[name] = got
+            err = np.abs(got.double().numpy() - ref).max()
+            # codes may differ by one on rare rounding ties (gguf-py rounds half away from zero)
+            assert err <= 2e-3 * np.abs(ref).max(), (name, m, err)
+        if qtype != Q.Q8_0:  # Q8_0 is not packed without VNNI (maddubs would saturate)
+            assert torch.equal(outs["native"], outs["avx2"]), (m, (outs["native"] - outs["avx2"]).abs().max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_parts_and_rows_are_independent(libs, qtype):
+    """A row of the output does not depend on which other rows (activation or weight) share its
+    call: M rows at once equal each row alone, stacked parts equal each part alone."""
+    k = 256
+    parts, ws = [], []
+    for i, n in enumerate((24, 13, 40)):
+        raw, w = _weights(qtype, n, k, seed=7 + i)
+        parts.append((torch.from_numpy(raw), qtype, n))
+    x = torch.randn(19, k, generator=torch.Generator().manual_seed(3)) * 2
+    lib = libs["native"]
+    whole = native.qmatmul(x, parts, lib)
+    singles = torch.cat([native.qmatmul(x, [p], lib) for p in parts], dim=1)
+    assert torch.equal(whole, singles)
+    rows = torch.cat([native.qmatmul(x[i:i + 1], parts, lib) for i in range(x.shape[0])])
+    assert torch.equal(whole, rows)
