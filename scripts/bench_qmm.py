@@ -11,7 +11,8 @@ GFLOP/s (2 * M * N * K / time) per shape and M, plus whether the outputs are bit
 
 --cpu-time reports process CPU time instead of wall time (steadier on a shared machine; only
 meaningful with --threads 1). Shapes: SmolLM2-135M Q4_1 (layer 0: qkv, o, gate+up, down, the
-Q8_0 lm_head) and Gemma-3-270M Q4_K_M (q/k/v, o, gate+up, down of a Q6_K and a Q4_K layer).
+Q8_0 lm_head) and Gemma-3-270M Q4_K_M (q/k/v, o, gate+up, down of a Q6_K and a Q4_K layer); the
+"silu+down" / "gelu+down" rows include the fused gated activation of the down projection's input.
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ PACKED = 0x100
 
 class QPart(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("rows", ctypes.c_int64), ("w", ctypes.c_void_p)]
+
+
+class QmmOpts(ctypes.Structure):  # csrc/qmatmul.c's qmm_opts
+    _fields_ = [("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("act", ctypes.c_int),
+                ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("ld_res", ctypes.c_int64),
+                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float)]
 
 
 def compile_lib(src_dir: Path, out_dir: Path) -> ctypes.CDLL:
@@ -88,10 +95,12 @@ class Plan:
         self.count, self.rows = len(entries), sum(p[2] for p in parts)
 
 
-def qmatmul(x: np.ndarray, plan: Plan, lib, threads: int, out: np.ndarray | None = None) -> np.ndarray:
-    m, k = x.shape
+def qmatmul(x: np.ndarray, plan: Plan, lib, threads: int, out: np.ndarray | None = None, act: int = 0) -> np.ndarray:
+    """act: 0 none, 1 silu(gate) * up, 2 gelu_tanh(gate) * up (x is then [gate | up], 2k wide)"""
+    m, k = x.shape[0], x.shape[1] // (2 if act else 1)
     y = np.empty((m, plan.rows), np.float32) if out is None else out
-    rc = lib.qmm_parts(plan.array, plan.count, k, _ptr(x), k, m, _ptr(y), plan.rows, threads, None)
+    opts = ctypes.byref(QmmOpts(act=act)) if act else None
+    rc = lib.qmm_parts(plan.array, plan.count, k, _ptr(x), x.shape[1], m, _ptr(y), plan.rows, threads, opts)
     assert rc == 0, rc
     return y
 
@@ -120,6 +129,7 @@ def shapes(which: str):
                 ("smol o", [t[b + "attn_output.weight"]]),
                 ("smol gate+up", [t[b + "ffn_gate.weight"], t[b + "ffn_up.weight"]]),
                 ("smol down", [t[b + "ffn_down.weight"]]),
+                ("smol silu+down", [t[b + "ffn_down.weight"]], 1),
                 ("smol lm_head", [t["token_embd.weight"]])]
     if which in ("gemma", "all"):
         t = tensors(MODELS / "gemma-3-270m-q4_k_m.gguf")
@@ -132,7 +142,8 @@ def shapes(which: str):
                 ("gemma o (Q4_K)", [t[f"blk.{lv}.attn_output.weight"]]),
                 ("gemma gate+up (Q5_0)", [t[f"blk.{lv}.{n}"] for n in ("ffn_gate.weight", "ffn_up.weight")]),
                 ("gemma down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]]),
-                ("gemma down (Q4_K)", [t[f"blk.{l4}.ffn_down.weight"]])]
+                ("gemma down (Q4_K)", [t[f"blk.{l4}.ffn_down.weight"]]),
+                ("gemma gelu+down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]], 2)]
     return out
 
 
@@ -163,19 +174,20 @@ def main() -> int:
     ms = [int(v) for v in args.m.split(",")]
     totals = {(name, m): 0.0 for name in libs for m in ms}
     print(f"threads={args.threads} iters={args.iters} clock={'cpu' if args.cpu_time else 'wall'} base={args.base}")
-    for label, parts in shapes(args.model):
+    for label, parts, *act in shapes(args.model):
+        act = act[0] if act else 0
         k = parts[0][3]
         n = sum(p[2] for p in parts)
         plans = {name: Plan([(raw, q, rows) for raw, q, rows, _ in parts], lib) for name, lib in libs.items()}
         for m in ms:
-            x = (np.random.default_rng(m).standard_normal((m, k)) * 2).astype(np.float32)
-            outs = {name: qmatmul(x, plans[name], lib, args.threads) for name, lib in libs.items()}
+            x = (np.random.default_rng(m).standard_normal((m, k * (2 if act else 1))) * 2).astype(np.float32)
+            outs = {name: qmatmul(x, plans[name], lib, args.threads, act=act) for name, lib in libs.items()}
             iters = max(3, args.iters if m > 1 else args.iters * 4)
             times = {name: [] for name in libs}
             for _ in range(iters):
                 for name, lib in libs.items():
                     t0 = clock()
-                    qmatmul(x, plans[name], lib, args.threads, out=outs[name])
+                    qmatmul(x, plans[name], lib, args.threads, out=outs[name], act=act)
                     times[name].append(clock() - t0)
             flops = 2.0 * m * n * k
             cells = []

@@ -82,7 +82,32 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define Z512 1
+#else
+#define Z512 0
+#endif
+
 static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s, int32_t *isum) {
+#if Z512
+    // the scalar loop below, 16 lanes at a time: max, one product and round-to-nearest-even per
+    // value are exact operations, so the codes and scales come out the same
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < k / QK; b++) {
+        const __m512 a0 = _mm512_loadu_ps(x + b * QK), a1 = _mm512_loadu_ps(x + b * QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a0, absmask), _mm512_and_ps(a1, absmask)));
+        const float db = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const __m512 iv = _mm512_set1_ps(id);
+        const __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, iv)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, iv));
+        _mm_storeu_si128((__m128i *)(q + b * QK), _mm512_cvtepi32_epi8(v0));
+        _mm_storeu_si128((__m128i *)(q + b * QK + 16), _mm512_cvtepi32_epi8(v1));
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));
+        d[b] = round_h(db);
+        s[b] = round_h(db * (float)sum);
+        isum[b] = sum;
+    }
+    return;
+#endif
     for (int64_t b = 0; b < k / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -222,6 +247,40 @@ int qmm_supported(int type) { return block_bytes(type) != 0; }
 // ---- K types: llama.cpp's q8_K activations (codes, f32 scale, sums of 16) ----
 
 static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16_t *bsums) {
+#if Z512
+    // as the scalar loop below: the first value of the largest magnitude sets the scale; the
+    // same products and rounding per value
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < k / QKK; b++) {
+        const float *xb = x + b * QKK;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i++) m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(xb + 16 * i), absmask));
+        const float amax = _mm512_reduce_max_ps(m);
+        int8_t *qb = q + b * QKK;
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, QKK);
+            memset(bsums + b * 16, 0, 32);
+            continue;
+        }
+        float mx = 0.0f;
+        const __m512 av = _mm512_set1_ps(amax);
+        for (int i = 0; i < 16; i++) {
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(xb + 16 * i), absmask), av, _CMP_EQ_OQ);
+            if (hit) { mx = xb[16 * i + __builtin_ctz((unsigned)hit)]; break; }
+        }
+        const float iscale = -127.0f / mx;
+        const __m512 iv = _mm512_set1_ps(iscale);
+        const __m512i cap = _mm512_set1_epi32(127);
+        for (int i = 0; i < 16; i++) {
+            const __m512i v = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(iv, _mm512_loadu_ps(xb + 16 * i))), cap);
+            _mm_storeu_si128((__m128i *)(qb + 16 * i), _mm512_cvtepi32_epi8(v));
+            bsums[b * 16 + i] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+        d[b] = 1.0f / iscale;
+    }
+    return;
+#endif
     for (int64_t b = 0; b < k / QKK; b++) {
         const float *xb = x + b * QKK;
         float amax = 0.0f, mx = 0.0f;
@@ -336,9 +395,82 @@ static float act_fn(int act, float g) {
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
 }
 
+#if Z512
+// tanh of 8 doubles to ~1e-15 relative: (e - 1) / (e + 1) with e = exp(2|u|) (argument reduction
+// by ln 2, degree-13 Taylor polynomial, exponent by scalef), an odd polynomial below 1e-3, the
+// sign copied back. Rounded to float this is tanhf correctly rounded but for ~1e-8 of inputs
+// (glibc's tanhf is within an ulp of it).
+// exp of 8 doubles (|x| <= 700) to ~1e-16 relative: x = k ln2 + r, |r| <= ln2 / 2, a degree-13
+// Taylor polynomial of r, times 2^k by scalef
+static inline __m512d exp_pd(__m512d x) {
+    const __m512d kf = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(1.4426950408889634)), 0);
+    __m512d r = _mm512_fnmadd_pd(kf, _mm512_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm512_fnmadd_pd(kf, _mm512_set1_pd(1.90821492927058770002e-10), r);
+    static const double inv_fact[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                      1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+                                      1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    __m512d p = _mm512_set1_pd(inv_fact[0]);
+    for (int i = 1; i < 14; i++) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(inv_fact[i]));
+    return _mm512_scalef_pd(p, kf);
+}
+
+static inline __m512d tanh_pd(__m512d u) {
+    const __m512d sign = _mm512_castsi512_pd(_mm512_set1_epi64((long long)0x8000000000000000ull));
+    const __m512d a = _mm512_min_pd(_mm512_andnot_pd(sign, u), _mm512_set1_pd(20.0));
+    const __m512d e = exp_pd(_mm512_add_pd(a, a)), one = _mm512_set1_pd(1.0);
+    __m512d t = _mm512_div_pd(_mm512_sub_pd(e, one), _mm512_add_pd(e, one));
+    const __m512d a2 = _mm512_mul_pd(a, a);
+    __m512d sp = _mm512_set1_pd(62.0 / 2835.0);
+    sp = _mm512_fmadd_pd(sp, a2, _mm512_set1_pd(-17.0 / 315.0));
+    sp = _mm512_fmadd_pd(sp, a2, _mm512_set1_pd(2.0 / 15.0));
+    sp = _mm512_fmadd_pd(sp, a2, _mm512_set1_pd(-1.0 / 3.0));
+    sp = _mm512_fmadd_pd(_mm512_mul_pd(sp, a2), a, a);
+    t = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, _mm512_set1_pd(1e-3), _CMP_LT_OQ), t, sp);
+    return _mm512_or_pd(t, _mm512_and_pd(u, sign));
+}
+
+// gelu_tanh(g) * up for 16 lanes (mask: the lanes that exist): the scalar act_fn's f32 steps
+// (as compiled: the cube's last product fused into the add) around the tanh above
+static inline void gelu_mul16(const float *g_, const float *up_, float *out, __mmask16 mask) {
+    const __m512 g = _mm512_maskz_loadu_ps(mask, g_), up = _mm512_maskz_loadu_ps(mask, up_);
+    const __m512 inner = _mm512_fmadd_ps(g, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), g), g);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), inner);
+    const __m256 t0 = _mm512_cvtpd_ps(tanh_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(u))));
+    const __m256 t1 = _mm512_cvtpd_ps(tanh_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)))));
+    const __m512 t = _mm512_insertf32x8(_mm512_castps256_ps512(t0), t1, 1);
+    const __m512 a = _mm512_mul_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), t), _mm512_mul_ps(_mm512_set1_ps(0.5f), g));
+    _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(a, up));
+}
+
+// silu(g) * up for 16 lanes: g / (1 + e^-g) in f32 as act_fn, e^-g (expf) from exp_pd rounded
+// to float (correctly rounded but for ~1e-8 of inputs, as glibc's expf is within its 0.5 ulp)
+static inline __m256 expf_neg8(__m256 g) {
+    const __m512d x = _mm512_max_pd(_mm512_min_pd(_mm512_cvtps_pd(g), _mm512_set1_pd(200.0)), _mm512_set1_pd(-200.0));
+    return _mm512_cvtpd_ps(exp_pd(_mm512_sub_pd(_mm512_setzero_pd(), x)));
+}
+
+static inline void silu_mul16(const float *g_, const float *up_, float *out, __mmask16 mask) {
+    const __m512 g = _mm512_maskz_loadu_ps(mask, g_), up = _mm512_maskz_loadu_ps(mask, up_);
+    const __m256 e0 = expf_neg8(_mm512_castps512_ps256(g));
+    const __m256 e1 = expf_neg8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(g), 1)));
+    const __m512 e = _mm512_insertf32x8(_mm512_castps256_ps512(e0), e1, 1);
+    const __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(a, up));
+}
+#endif
+
 // the input row as the projection sees it: normed and/or gated, into tmp (k floats)
 static const float *input_row(const float *x, int64_t k, const qmm_opts *o, float *tmp) {
     if (o && o->act) {
+#if Z512 && defined(__AVX512DQ__)
+        if (o->act == 1 || o->act == 2) {
+            for (int64_t j = 0; j < k; j += 16) {
+                const __mmask16 mask = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
+                if (o->act == 2) gelu_mul16(x + j, x + k + j, tmp + j, mask);
+                else silu_mul16(x + j, x + k + j, tmp + j, mask);
+            }
+        } else
+#endif
         for (int64_t j = 0; j < k; j++) tmp[j] = act_fn(o->act, x[j]) * x[k + j];
         x = tmp;
     }
