@@ -429,7 +429,8 @@ int repack8_k(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
 #if defined(__AVX2__)
 // One group of 8 K-weight rows against RN activation rows from r0 (RN, type constant per call site).
 static inline __attribute__((always_inline)) void ktile(const int type, const int RN, const uint8_t *w, int64_t n,
-        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, const float *kms,
+        float *y, int64_t ldy) {
     const int gb = packed_k_block_bytes(type);
     const int64_t nb = k / 256, groups = (n + 7) / 8;
     __m256 a[8];
@@ -457,13 +458,12 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
                 const __m256 m0 = _mm256_loadu_ps(sc + 8 * ss + (2 * j) * ss),
                              m1 = _mm256_loadu_ps(sc + 8 * ss + (2 * j + 1) * ss);
                 for (int r = 0; r < RN; r++) {
-                    const float xd = kd[(r0 + r) * nb + b];
-                    const int16_t *bs = kbs + ((r0 + r) * nb + b) * 16;
-                    const __m256 xv = _mm256_set1_ps(xd);
+                    const float *ms = kms + ((r0 + r) * nb + b) * 8;  // xd * (bsums of each 32)
+                    const __m256 xv = _mm256_set1_ps(kd[(r0 + r) * nb + b]);
                     a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xv), _mm256_cvtepi32_ps(lo_s[r]), a[r]);
                     a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xv), _mm256_cvtepi32_ps(hi_s[r]), a[r]);
-                    a[r] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(xd * (float)(bs[4 * j] + bs[4 * j + 1])), a[r]);
-                    a[r] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(xd * (float)(bs[4 * j + 2] + bs[4 * j + 3])), a[r]);
+                    a[r] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(ms[2 * j]), a[r]);
+                    a[r] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(ms[2 * j + 1]), a[r]);
                 }
             }
         } else {
@@ -489,8 +489,8 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
 #define KTILES8(T, G)                                                                           \
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, G, r0, kq, kd, kbs, y, ldy);           \
-        for (; r0 < m; r0++) ktile(T, 1, w, n, k, G, r0, kq, kd, kbs, y, ldy);                   \
+        for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);           \
+        for (; r0 < m; r0++) ktile(T, 1, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);                   \
     }
 #endif
 
@@ -498,7 +498,8 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
 // One pair of K groups (16 weight rows) against RN activation rows, in zmm registers; the same
 // integers and, lane by lane, the same f32 steps as ktile.
 static inline __attribute__((always_inline)) void kztile(const int type, const int RN, const uint8_t *w, int64_t n,
-        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+        int64_t k, int64_t g, int64_t r0, const int8_t *kq, const float *kd, const int16_t *kbs, const float *kms,
+        float *y, int64_t ldy) {
     const int gb = packed_k_block_bytes(type);
     const int64_t nb = k / 256;
     const uint8_t *pw = w + g * nb * gb;
@@ -529,12 +530,12 @@ static inline __attribute__((always_inline)) void kztile(const int type, const i
                 const __m512 s0 = _mm512_loadu_ps(sc + (2 * j) * 16), s1 = _mm512_loadu_ps(sc + (2 * j + 1) * 16);
                 const __m512 m0 = _mm512_loadu_ps(sc + 128 + (2 * j) * 16), m1 = _mm512_loadu_ps(sc + 128 + (2 * j + 1) * 16);
                 for (int r = 0; r < RN; r++) {
-                    const float xd = kd[(r0 + r) * nb + b];
-                    const __m512 xv = _mm512_set1_ps(xd);
+                    const float *ms = kms + ((r0 + r) * nb + b) * 8;  // xd * (bsums of each 32)
+                    const __m512 xv = _mm512_set1_ps(kd[(r0 + r) * nb + b]);
                     a[r] = _mm512_fmadd_ps(_mm512_mul_ps(s0, xv), _mm512_cvtepi32_ps(lo_s[r]), a[r]);
                     a[r] = _mm512_fmadd_ps(_mm512_mul_ps(s1, xv), _mm512_cvtepi32_ps(hi_s[r]), a[r]);
-                    a[r] = _mm512_fnmadd_ps(m0, _mm512_set1_ps(xd * (float)(bs[r][4 * j] + bs[r][4 * j + 1])), a[r]);
-                    a[r] = _mm512_fnmadd_ps(m1, _mm512_set1_ps(xd * (float)(bs[r][4 * j + 2] + bs[r][4 * j + 3])), a[r]);
+                    a[r] = _mm512_fnmadd_ps(m0, _mm512_set1_ps(ms[2 * j]), a[r]);
+                    a[r] = _mm512_fnmadd_ps(m1, _mm512_set1_ps(ms[2 * j + 1]), a[r]);
                 }
             }
         } else {
@@ -557,10 +558,10 @@ static inline __attribute__((always_inline)) void kztile(const int type, const i
 #define KZTILES(T, G)                                                                           \
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 8 <= m; r0 += 8) kztile(T, 8, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
-        for (; r0 + 4 <= m; r0 += 4) kztile(T, 4, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
-        for (; r0 + 2 <= m; r0 += 2) kztile(T, 2, w, n, k, G, r0, kq, kd, kbs, y, ldy);          \
-        for (; r0 < m; r0++) kztile(T, 1, w, n, k, G, r0, kq, kd, kbs, y, ldy);                  \
+        for (; r0 + 8 <= m; r0 += 8) kztile(T, 8, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);          \
+        for (; r0 + 4 <= m; r0 += 4) kztile(T, 4, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);          \
+        for (; r0 + 2 <= m; r0 += 2) kztile(T, 2, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);          \
+        for (; r0 < m; r0++) kztile(T, 1, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);                  \
     }
 #define KUNIT(T)                                                                                \
     for (int64_t u = u0; u < u1; u++) {                                                         \
@@ -574,9 +575,9 @@ static inline __attribute__((always_inline)) void kztile(const int type, const i
 #endif
 
 // units [u0, u1) (pairs of groups, see packed_rows) of a packed K weight against m rows of
-// q8_K activations; y[r * ldy + row].
+// q8_K activations (kms: d * the sums of each 32 codes, qmatmul.c's q8k_mins); y[r * ldy + row].
 void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
-                   const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy) {
+                   const int8_t *kq, const float *kd, const int16_t *kbs, const float *kms, float *y, int64_t ldy) {
     const int64_t groups = (n + 7) / 8;
 #if defined(__AVX2__)
     if (type == T_Q4_K) { KUNIT(T_Q4_K) } else { KUNIT(T_Q6_K) }

@@ -77,7 +77,7 @@ static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); 
 int packed_block_bytes(int type);
 int packed_k_block_bytes(int type);
 void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
-                   const int8_t *kq, const float *kd, const int16_t *kbs, float *y, int64_t ldy);
+                   const int8_t *kq, const float *kd, const int16_t *kbs, const float *kms, float *y, int64_t ldy);
 void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
@@ -308,6 +308,14 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
     }
 }
 
+// per q8_K block and sub-block of 32: d * (sum of its 32 codes), the factor of Q4_K's mins
+// (computed once per call, not once per weight group as the tiles did)
+static void q8k_mins(const float *d, const int16_t *bsums, int64_t nbk, float *out) {
+    for (int64_t b = 0; b < nbk; b++)
+        for (int i = 0; i < 8; i++)
+            out[b * 8 + i] = d[b] * (float)(bsums[b * 16 + 2 * i] + bsums[b * 16 + 2 * i + 1]);
+}
+
 static inline void k_scale_min(int j, const uint8_t *q, int *sc, int *m) {  // Q4_K / Q5_K 6-bit fields
     if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
     else {
@@ -483,10 +491,10 @@ static const float *input_row(const float *x, int64_t k, const qmm_opts *o, floa
 
 static void part_rows(const qpart_t *p, int64_t i0, int64_t i1, int64_t k, int64_t m, const int8_t *xq,
                       const float *xd, const float *xs, const int32_t *xi, const int8_t *kq, const float *kd,
-                      const int16_t *kbs, float *y, int64_t ldy) {
+                      const int16_t *kbs, const float *kms, float *y, int64_t ldy) {
     if (p->type & PACKED) {  // units are pairs of groups of 8 rows
         const int t = p->type & ~PACKED;
-        if (is_k(t)) packed_k_rows(t, p->w, p->rows, k, i0, i1, m, kq, kd, kbs, y, ldy);
+        if (is_k(t)) packed_k_rows(t, p->w, p->rows, k, i0, i1, m, kq, kd, kbs, kms, y, ldy);
         else packed_rows(t, p->w, p->rows, k, i0, i1, m, xq, xd, xs, xi, y, ldy);
         return;
     }
@@ -561,34 +569,49 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     float *kd = malloc(sizeof(float) * (size_t)(m * nbk + 1)), *tmp = malloc(sizeof(float) * (size_t)k);
     int32_t *xi = malloc(sizeof(int32_t) * (size_t)(m * nb + 1));
     int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(m * nbk * 16 + 1));
+    float *kms = malloc(sizeof(float) * (size_t)(m * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
     int rc = 0;
-    if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !kbs) { rc = -1; goto done; }
-    // the prologue (norm / activation, then rounding to 8 bits) row by row; a prompt chunk's
-    // rows in parallel (its GELUs and SiLUs are a noticeable share of a prefill)
-#pragma omp parallel num_threads(m >= 4 ? n_threads : 1)
-    {
-        float *row_tmp = omp_get_thread_num() == 0 ? tmp : malloc(sizeof(float) * (size_t)k);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++) {
-            const float *row = input_row(x + r * ldx, k, o, row_tmp);
-            if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
-            if (need_k) quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
-        }
-        if (row_tmp != tmp) free(row_tmp);
-    }
+    if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !kbs || !kms) { rc = -1; goto done; }
+    // one parallel region (a fork and a join per call, which a decode step makes ~100 of): the
+    // prologue (norm / activation, then rounding to 8 bits) row by row, a prompt chunk's rows in
+    // parallel (its GELUs and SiLUs are a noticeable share of a prefill), a few rows on one
+    // thread; then, after the barrier, the weight units
 #pragma omp parallel num_threads(n_threads)
     {
+        if (m >= 4) {
+            float *row_tmp = omp_get_thread_num() == 0 ? tmp : malloc(sizeof(float) * (size_t)k);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < m; r++) {
+                const float *row = input_row(x + r * ldx, k, o, row_tmp);
+                if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
+                if (need_k) {
+                    quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
+                    q8k_mins(kd + r * nbk, kbs + r * nbk * 16, nbk, kms + r * nbk * 8);
+                }
+            }
+            if (row_tmp != tmp) free(row_tmp);
+        } else {
+#pragma omp single
+            for (int64_t r = 0; r < m; r++) {
+                const float *row = input_row(x + r * ldx, k, o, tmp);
+                if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
+                if (need_k) {
+                    quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
+                    q8k_mins(kd + r * nbk, kbs + r * nbk * 16, nbk, kms + r * nbk * 8);
+                }
+            }
+        }
         int64_t col = 0;
         for (int p = 0; p < nparts; p++) {
 #pragma omp for schedule(static) nowait
             for (int64_t i = 0; i < units(&parts[p]); i++)
-                part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, y + col, ldy);
+                part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, kms, y + col, ldy);
             col += parts[p].rows;
         }
     }
     epilogue(y, m, n_total, ldy, o);
 done:
-    free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(kbs);
+    free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(kbs); free(kms);
     return rc;
 }
 
