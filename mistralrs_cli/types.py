@@ -46,7 +46,10 @@ class LoadOptions:
     dtype: str = "auto"
     numerics: str = "llama.cpp"  # GGUF: "llama.cpp" rounding (token parity) or "exact"
     isq: str | None = None
-    num_device_layers: int | None = None  # -n: the first N decoder layers on the GPU, the rest on the CPU  # --isq TYPE: quantize a plain model's linear layers at load
+    num_device_layers: int | None = None  # -n: the first N decoder layers on the GPU, the rest on the CPU
+    # GGUF on the CPU: "auto" runs a file the native runtime serves without torch
+    # (backends/native_model.py); "torch" always builds the torch model (tests compare the two)
+    runtime: str = "auto"
 
 
 @dataclass

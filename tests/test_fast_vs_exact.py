@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mistralrs_cli.backends.native_model import NativeModel
 from mistralrs_cli.engine.kv_cache import cache_for
 from mistralrs_cli.loaders.load import load
 from mistralrs_cli.models.layers import Batch, SeqSlice
@@ -38,7 +39,7 @@ def _logprobs(path: Path, numerics: str, ids: list[int]) -> tuple[torch.Tensor, 
             chunk = ids[start:start + CHUNK]
             batch = Batch(torch.arange(start, start + len(chunk)), [SeqSlice(0, len(chunk), cache)])
             out.append(torch.log_softmax(model(torch.tensor(chunk), batch).float(), dim=-1))
-    return torch.cat(out), model.native is not None
+    return torch.cat(out), isinstance(model, NativeModel) or model.native is not None
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])

@@ -140,10 +140,11 @@ def test_tiny_llama_with_rope_scaling_matches_transformers(name):
 def test_attention_bias_covers_o_proj(name):
     """config.json's attention_bias biases q, k, v and o in transformers' Llama and Qwen3."""
     hf = {"llama": gb.tiny_llama, "qwen3": gb.tiny_qwen3}[name](11, attention_bias=True)
+    gen = torch.Generator().manual_seed(5)  # not the global RNG: other tests move its state
     with torch.no_grad():  # transformers zero-initialises biases: make them count
         for layer in hf.model.layers:
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(layer.self_attn, proj).bias.normal_(0.0, 0.5)
+                getattr(layer.self_attn, proj).bias.normal_(0.0, 0.5, generator=gen)
     cfg = plain_config(hf.config.to_dict(), name, Path("config.json"))
     weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     assert "model.layers.0.self_attn.o_proj.bias" in weights

@@ -2,6 +2,9 @@
 
 `cc -O3 -march=native -fopenmp` into the cache directory, keyed by the source and the machine,
 then loaded with ctypes. No compiler, or a failed build, means None: the torch path serves.
+
+Arrays may be numpy arrays (the torch-free runtime, native_model.py) or torch tensors (the torch
+models' NativeDecoder); this module never imports torch itself.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,56 @@ TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 K_TYPES = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})  # rows must be whole 256-blocks
 ACTS = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # hidden_act -> qmm_opts.act
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
+_THREADS: int | None = None
+
+
+def ptr(t) -> int:
+    """The address of a numpy array's or a torch tensor's first element."""
+    return t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr()
+
+
+def _contiguous(t):
+    return np.ascontiguousarray(t) if isinstance(t, np.ndarray) else t.contiguous()
+
+
+def _row_stride(t) -> int:
+    """Elements between rows."""
+    return t.strides[0] // t.itemsize if isinstance(t, np.ndarray) else t.stride(0)
+
+
+def set_threads(n: int) -> None:
+    global _THREADS
+    _THREADS = max(1, int(n))
+
+
+def threads() -> int:
+    """The kernels' thread count: set_threads(), else torch's when torch is loaded (tests and the
+    torch models set it there), else OMP_NUM_THREADS, else the CPUs this process may run on."""
+    if _THREADS is not None:
+        return _THREADS
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return physical_cores()
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) this process may run on, as torch and llama.cpp default to:
+    a second thread per core only contends for the same vector units."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
 
 
 def _cache_dir() -> Path:
@@ -76,6 +130,8 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.rope_rows.restype = so.attn_batch.restype = None
     so.rope_rows.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, f32]
     so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32]
+    so.kv_store.restype = None
+    so.kv_store.argtypes = [ptr, i32, i64, i32, i32, i32, i32]
     return so
 
 
@@ -108,17 +164,17 @@ class _Arena:
     CHUNK = 64 << 20
 
     def __init__(self):
-        self.buf: torch.Tensor | None = None
+        self.buf: np.ndarray | None = None
         self.used = 0
 
-    def alloc(self, nbytes: int) -> torch.Tensor:
+    def alloc(self, nbytes: int) -> np.ndarray:
         nbytes = (nbytes + 63) & ~63
-        if self.buf is None or self.used + nbytes > self.buf.numel():
+        if self.buf is None or self.used + nbytes > self.buf.size:
             size = max(self.CHUNK, nbytes)
             mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 mm.madvise(mmap.MADV_HUGEPAGE)
-            self.buf, self.used = torch.frombuffer(mm, dtype=torch.uint8), 0
+            self.buf, self.used = np.frombuffer(mm, dtype=np.uint8), 0
         out = self.buf[self.used:self.used + nbytes]
         self.used += nbytes
         return out
@@ -132,13 +188,13 @@ class Plan:
     Q5_0, Q8_0, Q4_K and Q6_K are repacked into 8-row groups (packed.c); other types are read
     in place from the file mapping. Keeps the tensors it points into alive."""
 
-    def __init__(self, parts: list[tuple[torch.Tensor, Q, int]], lib: ctypes.CDLL | None = None):
+    def __init__(self, parts: list[tuple], lib: ctypes.CDLL | None = None):
         if not parts:  # Plan.join fills it in
             return
         lib = lib or library()
         self.tensors, entries = [], []
         for raw, qtype, rows in parts:
-            t, code = raw.contiguous(), int(qtype)
+            t, code = _contiguous(raw), int(qtype)
             block, size = GGML_QUANT_SIZES[qtype]
             k = t.shape[1] // size * block
             if lib.packed_supported(code):
@@ -149,10 +205,10 @@ class Plan:
                 repack = None
             if repack is not None:
                 packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * per_block)
-                if repack(code, t.data_ptr(), rows, k, packed.data_ptr()) == 0:
+                if repack(code, ptr(t), rows, k, ptr(packed)) == 0:
                     t, code = packed, code | PACKED
             self.tensors.append(t)
-            entries.append(QPart(code, rows, t.data_ptr()))
+            entries.append(QPart(code, rows, ptr(t)))
         self.array = (QPart * len(entries))(*entries)
         self.count = len(entries)
         self.rows = sum(rows for _, _, rows in parts)
@@ -179,19 +235,25 @@ def library() -> ctypes.CDLL | None:
     return _LIB
 
 
-def qmatmul(x: torch.Tensor, parts, lib: ctypes.CDLL | None = None, opts: QmmOpts | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def qmatmul(x, parts, lib: ctypes.CDLL | None = None, opts: QmmOpts | None = None, out=None):
     """x (M, K) f32 times the stacked weights (a Plan, or [(raw rows, qtype, rows)]) -> (M, sum
-    rows) f32; `opts` fuses a norm / activation before and bias / norm + residual add after."""
+    rows) f32, a numpy array or a torch tensor as x is; `opts` fuses a norm / activation before
+    and bias / norm + residual add after."""
     lib = lib or library()
     plan = parts if isinstance(parts, Plan) else Plan(parts, lib)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    is_np = isinstance(x, np.ndarray)
+    if (x.strides[-1] != x.itemsize) if is_np else (x.stride(-1) != 1):
+        x = _contiguous(x)
     m = x.shape[0]
     k = x.shape[1] // 2 if opts is not None and opts.act else x.shape[1]
-    y = torch.empty(m, plan.rows, dtype=torch.float32) if out is None else out
-    rc = lib.qmm_parts(plan.array, plan.count, k, x.data_ptr(), x.stride(0), m, y.data_ptr(), y.stride(0),
-                       torch.get_num_threads(), None if opts is None else ctypes.byref(opts))
+    if out is not None:
+        y = out
+    elif is_np:
+        y = np.empty((m, plan.rows), dtype=np.float32)
+    else:
+        y = x.new_empty(m, plan.rows)
+    rc = lib.qmm_parts(plan.array, plan.count, k, ptr(x), _row_stride(x), m, ptr(y), _row_stride(y),
+                       threads(), None if opts is None else ctypes.byref(opts))
     if rc != 0:
         raise RuntimeError(f"native qmm refused the call (types {[p.type for p in plan.array]}, K={k})")
     return y

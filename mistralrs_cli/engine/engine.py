@@ -12,15 +12,13 @@ import itertools
 import time
 from typing import Iterator
 
-import torch
-
 from ..errors import UserError
-from ..models.layers import Batch, SeqSlice
+from ..models.batch import SeqSlice
 from ..types import EngineConfig, SamplingParams
 from .kv_cache import cache_for
 from .paged import PagedKV, PagedSeqCache, PoolShape
 from .request import Request, RequestOutput
-from .sampler import sample
+from .sampler import new_generator, sample
 from .scheduler import Scheduled, Scheduler
 
 _ids = itertools.count()
@@ -62,9 +60,8 @@ class Engine:
         if cfg.paged_attn and not cfg.no_kv_cache:
             c, m = self.model.config, self.model
             shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, m.dtype)
-            round_to = m.kv_dtype if m.kv_dtype != m.dtype and m.dtype == torch.float32 else None
             self.kv = PagedKV(shape, pool_blocks(cfg, shape, self.max_context), cfg.block_size,
-                              cfg.prefix_cache_n, round_to)
+                              cfg.prefix_cache_n, m.kv_round_to)
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
                                    chunked=not cfg.no_kv_cache)
         self.finished: dict[str, int] = {}  # finish reason -> requests, since start
@@ -75,8 +72,7 @@ class Engine:
         rid = request_id or f"req-{next(_ids)}"
         prompt_ids = self._fit_prompt(list(prompt_ids))
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
-        if params.seed is not None:
-            req.generator = torch.Generator().manual_seed(params.seed)
+        req.generator = new_generator(params.seed)
         if params.max_tokens == 0:  # nothing to generate: finish without computing
             req.finish_reason = "length"
         self.scheduler.add(req)
@@ -146,9 +142,7 @@ class Engine:
             if req.n_computed + w.n == req.n_known:
                 sampled.append(req)
                 rows.append(start + w.n - 1)
-        batch = Batch(torch.tensor(positions), seqs, torch.tensor(rows))
-        with torch.inference_mode():
-            logits = self.model(torch.tensor(ids), batch)
+        logits = self.model.step(ids, positions, seqs, rows)
         self._computed(work)
         for req, row in zip(sampled, logits):
             outputs.append(self._advance(req, row))
@@ -161,7 +155,7 @@ class Engine:
             if isinstance(req.cache, PagedSeqCache):
                 req.cache.commit(req.tokens(0, req.n_computed))
 
-    def _advance(self, req: Request, logits: torch.Tensor) -> RequestOutput:
+    def _advance(self, req: Request, logits) -> RequestOutput:
         p = req.params
         start = max(0, req.n_known - p.repeat_last_n) if p.repeat_last_n > 0 else 0
         s = sample(logits, req.tokens(start, req.n_known), p, req.generator)

@@ -10,13 +10,35 @@ Prefix cache: a full block is named by hash(parent block's hash, its token ids).
 sequences leave their full blocks behind as cache entries (the `prefix_cache_n` newest ones);
 a later prompt that starts with the same blocks reuses them (reference counts). Under memory
 pressure the oldest entry is dropped first (LRU).
+
+The pools are torch tensors for the torch models and numpy arrays for the native runtime
+(PoolShape.dtype says which); only the copies below differ, the block bookkeeping is shared.
 """
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
+
+
+def empty(shape: tuple[int, ...], dtype: Any):
+    """An uninitialized buffer: numpy for a numpy dtype, else torch (imported only then).
+
+    numpy buffers come from an anonymous mapping with huge pages refused: numpy's own allocator
+    asks for 2 MB pages, and a pool written a few rows per head would then hold a whole huge page
+    per head per layer (hundreds of MB resident for a short chat)."""
+    if isinstance(dtype, np.dtype):
+        nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            mm.madvise(mmap.MADV_NOHUGEPAGE)
+        return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    import torch
+
+    return torch.empty(shape, dtype=dtype)
 
 
 @dataclass
@@ -24,10 +46,10 @@ class PoolShape:
     n_layers: int
     n_kv: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: Any  # torch.dtype, or np.dtype for numpy pools
 
     def bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv * self.head_dim * self.dtype.itemsize
 
 
 class BlockAllocator:
@@ -156,13 +178,14 @@ class PagedKV:
     """The block pool (per layer, head-major) and its allocator: one per engine."""
 
     def __init__(self, shape: PoolShape, n_blocks: int, block_size: int, prefix_cache_n: int = 0,
-                 round_to: torch.dtype | None = None):
+                 round_to: Any = None):
         self.shape, self.block_size, self.round_to = shape, block_size, round_to
         slots = n_blocks * block_size
         # one tensor per layer, keys' heads then values' heads: when k and v arrive as adjacent
         # columns of one qkv row (the native decoder), one op rounds and stores both
-        self.kv = [torch.empty(2 * shape.n_kv, slots, shape.head_dim, dtype=shape.dtype)
-                   for _ in range(shape.n_layers)]
+        self.kv = [empty((2 * shape.n_kv, slots, shape.head_dim), shape.dtype) for _ in range(shape.n_layers)]
+        self.addresses = [t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr() for t in self.kv]
+        self.itemsize = shape.dtype.itemsize
         self.k = [t[: shape.n_kv] for t in self.kv]
         self.v = [t[shape.n_kv:] for t in self.kv]
         self.alloc = BlockAllocator(n_blocks, prefix_cache_n)
@@ -203,16 +226,16 @@ class PagedKV:
                 return found
             fresh.append(b)
         bs = self.block_size
-        src = (torch.tensor(found)[:, None] * bs + torch.arange(bs)).reshape(-1)
+        src = [b * bs + j for b in found for j in range(bs)]
         s0, n = fresh[0] * bs, len(found) * bs
         for pool in self.kv:
-            pool[:, s0:s0 + n] = pool.index_select(1, src)
+            pool[:, s0:s0 + n] = pool[:, src]
         for b in found:
             alloc.decref(b)
         return fresh
 
 
-def _adjacent(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def _adjacent(k, v):
     """k and v as one (T, 2 Hkv, D) view when v's heads directly follow k's in memory."""
     if k.stride() != v.stride() or k.dtype != v.dtype or k.stride(2) != 1 or k.stride(1) != k.shape[2]:
         return None
@@ -229,7 +252,7 @@ class PagedSeqCache:
         self.blocks: list[int] = []
         self.hashes: list[int] = []  # hashes of the leading full blocks, registered
         self.lengths = [0] * kv.shape.n_layers
-        self._slots = torch.empty(0, dtype=torch.long)
+        self._slots = None  # the slot index of each position, built when a gather needs it
         self._contig, self._contig_checked = True, 0
 
     def __len__(self) -> int:
@@ -256,18 +279,28 @@ class PagedSeqCache:
             if block is None:
                 return False
             self.blocks.append(block)
-            self._slots = torch.empty(0, dtype=torch.long)
+            self._slots = None
         return True
 
-    def slots(self, n: int) -> torch.Tensor:
-        if self._slots.numel() < len(self.blocks) * self.kv.block_size:
-            bs = self.kv.block_size
-            base = torch.tensor(self.blocks, dtype=torch.long)[:, None] * bs
-            self._slots = (base + torch.arange(bs)[None, :]).reshape(-1)
+    def slots(self, n: int):
+        """Pool slots of positions [0, n): a torch LongTensor or a numpy int64 array, as the pool."""
+        bs = self.kv.block_size
+        if self._slots is None or len(self._slots) < len(self.blocks) * bs:
+            base = np.asarray(self.blocks, dtype=np.int64)[:, None] * bs
+            slots = (base + np.arange(bs, dtype=np.int64)[None, :]).reshape(-1)
+            if not isinstance(self.kv.kv[0], np.ndarray):
+                import torch
+
+                slots = torch.from_numpy(slots)
+            self._slots = slots
         return self._slots[:n]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k, v):
         """Append k, v (T, Hkv, D); return all keys and values so far, (Hkv, S, D)."""
+        if isinstance(k, np.ndarray):
+            return self._update_np(layer, k, v)
+        import torch
+
         n, t = self.lengths[layer], k.shape[0]
         pool, h, rnd = self.kv.kv[layer], k.shape[1], self.kv.round_to
         self.lengths[layer] = n + t
@@ -282,6 +315,36 @@ class PagedSeqCache:
         idx = self.slots(n + t)
         pool.index_copy_(1, idx[n:], new.to(pool.dtype))
         out = pool.index_select(1, idx)
+        return out[:h], out[h:]
+
+    def native_slots(self, layer: int, t: int) -> tuple[int, int, int, int, int] | None:
+        """For the native runtime: make room for t more positions of `layer` and return where the
+        whole (Hkv, S, D) keys and values are, (k address, v address, S, head stride, slot
+        stride) in elements, for its kernels to write the new rows and read them all; None when
+        the blocks are not one slice of the pool (then update() gathers them)."""
+        if not self.contiguous:
+            return None
+        kv = self.kv
+        n = self.lengths[layer]
+        self.lengths[layer] = n + t
+        base, slots, d = kv.addresses[layer], kv.kv[layer].shape[1], kv.shape.head_dim
+        k = base + self.blocks[0] * kv.block_size * d * kv.itemsize
+        return k, k + kv.shape.n_kv * slots * d * kv.itemsize, n + t, slots * d, d
+
+    def _update_np(self, layer: int, k: np.ndarray, v: np.ndarray):
+        n, t = self.lengths[layer], k.shape[0]
+        pool, h, rnd = self.kv.kv[layer], k.shape[1], self.kv.round_to
+        self.lengths[layer] = n + t
+        new = np.concatenate([k, v], axis=1).transpose(1, 0, 2)  # (2 Hkv, T, D)
+        if rnd is not None:
+            new = new.astype(rnd)  # stored back as the pool's dtype: rounded through rnd
+        if self.contiguous:
+            s0 = self.blocks[0] * self.kv.block_size
+            pool[:, s0 + n:s0 + n + t] = new
+            return pool[:h, s0:s0 + n + t], pool[h:, s0:s0 + n + t]
+        idx = self.slots(n + t)
+        pool[:, idx[n:]] = new
+        out = pool[:, idx]
         return out[:h], out[h:]
 
     def commit(self, tokens: list[int]) -> None:
@@ -304,4 +367,4 @@ class PagedSeqCache:
         self.blocks, self.hashes = [], []
         self._contig_checked = -1
         self.set_length(0)
-        self._slots = torch.empty(0, dtype=torch.long)
+        self._slots = None

@@ -5,8 +5,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..types import SamplingParams
 
 
@@ -38,7 +36,7 @@ class Request:
     text: str = ""  # all generated text so far
     emitted: int = 0  # characters of `text` already sent
     hold: int = 0  # trailing characters held back: they may begin a stop string
-    generator: torch.Generator | None = None
+    generator: Any = None  # the request's numpy Generator when it has a seed
     finish_reason: str | None = None
     final_sent: bool = False  # the output carrying finish_reason went out
     t_scheduled: float | None = None

@@ -1,5 +1,9 @@
-"""Sampling as small pure functions, in mistral.rs's order:
+"""Sampling as small pure functions over numpy vectors, in mistral.rs's order:
 penalties -> logit_bias -> temperature -> top-k -> top-p -> min-p -> draw.
+
+numpy, not torch: the engine serves the torch-free native runtime too, and one vocabulary-sized
+vector per request per step is cheaper to handle without torch's per-op dispatch. Inputs may be
+anything numpy can view as float32 (torch CPU tensors included).
 """
 from __future__ import annotations
 
@@ -7,14 +11,26 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+import numpy as np
 
 from ..types import SamplingParams
 
+_RNG = np.random.default_rng()  # requests without a seed
 
-def apply_penalties(logits: torch.Tensor, history: Sequence[int], p: SamplingParams) -> torch.Tensor:
+
+def new_generator(seed: int | None) -> np.random.Generator | None:
+    """A request's own random stream: the same seed draws the same tokens."""
+    return None if seed is None else np.random.default_rng(seed)
+
+
+def _vec(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def apply_penalties(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
     """Repetition (HF: divide positive logits, multiply negative), presence and frequency
     penalties over the last `repeat_last_n` tokens of the context."""
+    logits = _vec(logits)
     rep = p.repetition_penalty
     if (rep is None or rep == 1.0) and not p.presence_penalty and not p.frequency_penalty:
         return logits
@@ -22,42 +38,63 @@ def apply_penalties(logits: torch.Tensor, history: Sequence[int], p: SamplingPar
     if not window:
         return logits
     counts = Counter(window)
-    ids = torch.tensor(list(counts), dtype=torch.long)
-    n = torch.tensor(list(counts.values()), dtype=logits.dtype)
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
     sel = logits[ids]
     if rep is not None and rep != 1.0:
-        sel = torch.where(sel > 0, sel / rep, sel * rep)
-    sel = sel - p.presence_penalty - p.frequency_penalty * n
-    out = logits.clone()
+        sel = np.where(sel > 0, sel / np.float32(rep), sel * np.float32(rep))
+    sel = sel - np.float32(p.presence_penalty) - np.float32(p.frequency_penalty) * n
+    out = logits.copy()
     out[ids] = sel
     return out
 
 
-def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+def apply_logit_bias(logits, bias: dict[int, float]) -> np.ndarray:
+    logits = _vec(logits)
     if not bias:
         return logits
-    out = logits.clone()
+    out = logits.copy()
     for tok, b in bias.items():
-        out[tok] += b
+        out[tok] += np.float32(b)
     return out
 
 
-def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filter_probs(probs, p: SamplingParams) -> np.ndarray:
     """top-k, then top-p (nucleus), then min-p over a probability vector; renormalized."""
-    if p.top_k is not None and 0 < p.top_k < probs.numel():
-        kth = torch.topk(probs, p.top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    probs = _vec(probs)
+    if p.top_k is not None and 0 < p.top_k < probs.size:
+        kth = np.partition(probs, probs.size - p.top_k)[probs.size - p.top_k]  # the k-th largest
+        probs = np.where(probs >= kth, probs, np.float32(0))
     if p.top_p is not None and p.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, 0)
+        cand = np.flatnonzero(probs)  # after top-k only k of them: sort those, not the vocabulary
+        order = cand[np.argsort(-probs[cand], kind="stable")]
+        sorted_p = probs[order]
+        cum = np.cumsum(sorted_p)
         keep = (cum - sorted_p) < p.top_p  # keep tokens until the mass before them reaches top_p
         keep[0] = True
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[idx[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
+        mask = np.zeros(probs.shape, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, np.float32(0))
     if p.min_p is not None and p.min_p > 0:
-        probs = torch.where(probs >= p.min_p * probs.max(), probs, torch.zeros_like(probs))
+        probs = np.where(probs >= np.float32(p.min_p) * probs.max(), probs, np.float32(0))
     return probs / probs.sum()
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def draw(probs: np.ndarray, generator: np.random.Generator | None = None) -> int:
+    """One index with probability probs[i] (zeros are never drawn)."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    u = (generator or _RNG).random() * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
 
 
 @dataclass
@@ -67,22 +104,24 @@ class Sampled:
     top: list[tuple[int, float]]  # top_logprobs (id, logprob)
 
 
-def sample(logits: torch.Tensor, history: Sequence[int], p: SamplingParams,
-           generator: torch.Generator | None = None) -> Sampled:
+def sample(logits, history: Sequence[int], p: SamplingParams,
+           generator: np.random.Generator | None = None) -> Sampled:
     """logits (vocab,) float32 -> one token. Log-probabilities are the model's own (natural
     log-softmax of the raw logits, before penalties, bias and temperature), as OpenAI reports."""
-    raw = logits
-    logits = apply_logit_bias(apply_penalties(logits, history, p), p.logit_bias)
+    raw = _vec(logits)
+    logits = apply_logit_bias(apply_penalties(raw, history, p), p.logit_bias)
     if p.greedy:
-        token = int(torch.argmax(logits))
+        token = int(np.argmax(logits))
     else:
-        probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+        probs = filter_probs(softmax(logits / np.float32(p.temperature)), p)
+        token = draw(probs, generator)
     logprob, top = 0.0, []
     if p.logprobs:
-        lp = torch.log_softmax(raw, dim=-1)
+        lp = log_softmax(raw)
         logprob = float(lp[token])
         if p.top_logprobs:
-            vals, ids = torch.topk(lp, p.top_logprobs)
-            top = list(zip(ids.tolist(), vals.tolist()))
+            k = min(p.top_logprobs, lp.size)
+            ids = np.argpartition(-lp, k - 1)[:k]
+            ids = ids[np.argsort(-lp[ids], kind="stable")]
+            top = [(int(i), float(lp[i])) for i in ids]
     return Sampled(token, logprob, top)

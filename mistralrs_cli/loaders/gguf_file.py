@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import UserError
@@ -207,9 +206,14 @@ class GGUFFile:
         if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
 
-    def raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as uint8 (rows, row_bytes), zero-copy from the file mapping."""
+    def raw_np(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a uint8 numpy array (rows, row_bytes), zero-copy from the mapping."""
         info = self.tensors[name]
-        data = self._map[info.offset:info.offset + info.nbytes]
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        return torch.from_numpy(data).view(rows, info.nbytes // rows)
+        return np.asarray(self._map[info.offset:info.offset + info.nbytes]).reshape(rows, info.nbytes // rows)
+
+    def raw(self, name: str):
+        """The same bytes as a torch uint8 tensor (the torch loaders' form)."""
+        import torch
+
+        return torch.from_numpy(self.raw_np(name))

@@ -1,4 +1,7 @@
-"""load(spec) -> Loaded: every source format ends as the same bundle the engine consumes."""
+"""load(spec) -> Loaded: every source format ends as the same bundle the engine consumes.
+
+A GGUF file the native runtime serves loads without importing torch (backends/native_model.py);
+every torch-backed loader is imported only when used."""
 from __future__ import annotations
 
 import ctypes
@@ -11,21 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import hub
-from ..backends.native_decoder import NativeDecoder
 from ..errors import UserError
 from ..models.config import ModelConfig
-from ..quant.isq import isq_model, parse_isq
 from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
 from .chat_template import ChatTemplate, resolve_chat_template
-from .ggml import load_ggml
-from .gguf import load_gguf_model
 from .gguf_file import GGUFFile
-from .plain import load_plain
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
-from .weights import prepare_weights, set_dtype
 
 
 log = logging.getLogger(__name__)
@@ -33,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Loaded:
-    model: torch.nn.Module
+    model: Any  # a torch CausalLM, or the native runtime's NativeModel
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
     config: ModelConfig
@@ -116,9 +111,16 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     # trim_heap hands back before the weights are repacked (peak memory, not just final)
     tok, tok_cfg = _tokenizer(spec, gf, opts)
     trim_heap()
-    model, cfg = load_gguf_model(gf, opts.numerics)
-    set_dtype(model, opts.dtype)
-    prepare_weights(model, release=gf.release)
+    model = _native_model(gf, opts)
+    if model is not None:
+        cfg = model.config
+    else:
+        from .gguf import load_gguf_model
+        from .weights import prepare_weights, set_dtype
+
+        model, cfg = load_gguf_model(gf, opts.numerics)
+        set_dtype(model, opts.dtype)
+        prepare_weights(model, release=gf.release)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
     name = spec.quantized_model_id or path.name
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
@@ -126,13 +128,52 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
 
 
+def _native_model(gf: GGUFFile, opts: LoadOptions):
+    """The torch-free model when this file and these options allow it, else None."""
+    if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics != "llama.cpp"
+            or opts.dtype not in ("auto", "f32") or opts.isq):
+        return None
+    from ..backends.native_model import ARCHS, NativeModel
+    from .gguf_config import gguf_config
+
+    if gf.architecture not in ARCHS:
+        return None
+    return NativeModel.build(gf, gguf_config(gf), release=gf.release)
+
+
+def load_ggml(spec: GGMLSpec, opts: LoadOptions) -> Loaded:
+    from .ggml import load_ggml as load
+
+    return load(spec, opts)
+
+
+def load_plain(spec: PlainSpec, opts: LoadOptions) -> Loaded:
+    from .plain import load_plain as load
+
+    return load(spec, opts)
+
+
 LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain}
+
+
+def _no_nvidia_device() -> bool:
+    """True when this machine certainly has no NVIDIA GPU (no driver): --device auto then needs
+    neither CuPy nor torch to decide."""
+    return not (Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()
+                or Path("/dev/dxg").exists())  # WSL's GPU node
 
 
 def _resolve_device(opts: LoadOptions) -> LoadOptions:
     """auto -> cuda when CuPy finds a GPU, else cpu (a one-line notice at info level); cuda with
     no usable GPU is an error. The CUDA kernels multiply exactly
     dequantized weights, so a GPU load uses numerics="exact"."""
+    if opts.device == "cpu" or (opts.device == "auto" and _no_nvidia_device()):
+        if opts.device == "auto":
+            log.info("--device auto: no NVIDIA GPU on this machine; running on the CPU")
+        if opts.num_device_layers:
+            log.warning("-n/--num-device-layers %d: there is no GPU; every layer runs on the CPU",
+                        opts.num_device_layers)
+        return dataclasses.replace(opts, device="cpu")
     from ..backends.cupy_backend import resolve_device
 
     device, notice = resolve_device("cuda" if opts.device.startswith("cuda") else opts.device)
@@ -158,6 +199,8 @@ def _place_on_gpu(model, opts: LoadOptions) -> None:
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     opts = _resolve_device(opts or LoadOptions())
+    if opts.isq:
+        from ..quant.isq import isq_model, parse_isq
     if opts.isq and parse_isq(opts.isq) and isinstance(spec, (GGUFSpec, GGMLSpec)):  # as mistral.rs
         kind = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
         raise UserError(f"--isq applies to plain (safetensors) models; this {kind} file is already "
@@ -167,6 +210,8 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
         isq_model(loaded.model, opts.isq, opts.numerics)
     if opts.device == "cuda":
         _place_on_gpu(loaded.model, opts)
-    elif loaded.model.native is None:  # GGML files and ISQ'd checkpoints qualify as GGUF ones do
+    elif getattr(loaded.model, "native", False) is None:  # a torch model: GGML files and ISQ'd checkpoints qualify as GGUF ones do
+        from ..backends.native_decoder import NativeDecoder
+
         loaded.model.native = NativeDecoder.build(loaded.model)
     return loaded

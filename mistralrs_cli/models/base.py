@@ -42,6 +42,17 @@ class CausalLM(nn.Module):
     def embed_multiplier(self) -> float | None:
         return None
 
+    @property
+    def kv_round_to(self) -> torch.dtype | None:
+        """The dtype cached keys/values are rounded through (kept in the compute dtype)."""
+        return self.kv_dtype if self.kv_dtype != self.dtype and self.dtype == torch.float32 else None
+
+    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int]):
+        """The engine's call: one flattened batch -> logits of `rows` as a float32 numpy array."""
+        with torch.inference_mode():
+            logits = self(torch.tensor(ids), Batch(torch.tensor(positions), seqs, torch.tensor(rows)))
+        return logits.float().cpu().numpy()
+
     def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids (T,) -> logits (len(batch.logits_rows) or T, vocab) in float32."""
         if self.native is not None and self.native.handles(batch):

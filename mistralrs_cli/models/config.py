@@ -6,6 +6,7 @@ Field names are transformers' names so config.json maps by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,3 +62,12 @@ class ModelConfig:
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.is_sliding(layer) else None
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def gemma3_layer_types(n_layers: int, pattern: int = 6) -> list[str]:
+    """Every `pattern`-th layer is global, the rest slide (Gemma 3's 5:1 interleave)."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]

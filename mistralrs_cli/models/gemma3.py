@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import CausalLM
-from .config import ModelConfig
+from .config import ModelConfig, gemma3_layer_types  # noqa: F401 (re-exported)
 from .layers import Attention, Batch, GatedMLP, RMSNorm
 
 
@@ -35,8 +35,3 @@ class Gemma3ForCausalLM(CausalLM):
 
     def embed_multiplier(self) -> float:
         return math.sqrt(self.config.hidden_size)
-
-
-def gemma3_layer_types(n_layers: int, pattern: int = 6) -> list[str]:
-    """Every `pattern`-th layer is global, the rest slide (Gemma 3's 5:1 interleave)."""
-    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]

@@ -14,28 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .batch import Batch, SeqSlice  # noqa: F401 (re-exported)
+from .config import ModelConfig, yarn_mscale  # noqa: F401 (re-exported)
 
 
 class KVCache(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (T, Hkv, D) for `layer`; return all keys and values so far (Hkv, S, D)."""
-
-
-@dataclass
-class SeqSlice:
-    start: int  # rows of this sequence in the flattened batch
-    end: int
-    cache: KVCache | None  # None: no cache (the whole sequence is in this batch)
-
-
-@dataclass
-class Batch:
-    positions: torch.Tensor  # (T,) int64
-    seqs: list[SeqSlice]
-    logits_rows: torch.Tensor | None = None  # rows whose logits are wanted (None: all)
-    # per-forward memo shared by all layers: rotary tables by frequency vector, masks by window
-    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -104,10 +89,6 @@ def _llama3_inv_freq(dim, base, scaling, max_pos, seq_len):
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old / hi) & (wavelen <= old / lo)
     return torch.where(medium, blended, scaled), 1.0
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _yarn_inv_freq(dim, base, scaling, max_pos, seq_len):

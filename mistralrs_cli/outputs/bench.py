@@ -79,11 +79,8 @@ def _round(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[li
 
 
 def _prompts(vocab: int, special: set[int], n: int, count: int, gen) -> list[list[int]]:
-    import torch
-
     ids = [i for i in range(vocab) if i not in special][: max(vocab // 2, 1)]
-    pool = torch.tensor(ids)
-    return [pool[torch.randint(len(ids), (n,), generator=gen)].tolist() for _ in range(count)]
+    return [[ids[j] for j in gen.integers(len(ids), size=n)] for _ in range(count)]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -91,7 +88,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def run_tests(loaded, opts: BenchOptions, backend: str = "cpu") -> list[BenchRow]:
-    import torch
+    import numpy as np
 
     from ..engine.engine import Engine
 
@@ -99,7 +96,7 @@ def run_tests(loaded, opts: BenchOptions, backend: str = "cpu") -> list[BenchRow
     engine = Engine(loaded, EngineConfig(max_seqs=max(opts.concurrency), prefix_cache_n=0))
     vocab = loaded.config.vocab_size
     special = set(loaded.eos_ids) | {loaded.tokenizer.bos_id}
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.default_rng(0)
     rows = []
     tests = ([("pp", opts.n_prompt)] if opts.n_prompt else []) + ([("tg", opts.n_gen)] if opts.n_gen else [])
     _round(engine, _prompts(vocab, special, 8, 1, gen), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -138,8 +135,7 @@ def render(rows: list[BenchRow]) -> str:
 
 
 def run_bench(run: BenchRun, spec) -> None:
-    import torch
-
+    from ..backends.native import threads
     from ..loaders.load import load
 
     opts, load_opts = run.bench, run.load
@@ -150,9 +146,9 @@ def run_bench(run: BenchRun, spec) -> None:
     rows = run_tests(loaded, opts, load_opts.device if load_opts.device != "auto" else "cpu")
     print(render(rows))
     rss = peak_rss_mb()
-    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MB, {torch.get_num_threads()} threads", file=sys.stderr)
+    print(f"load {load_s:.2f} s, peak RSS {rss:.0f} MB, {threads()} threads", file=sys.stderr)
     if opts.json_path:
         doc = {"rows": [asdict(r) for r in rows], "load_s": load_s, "peak_rss_mb": rss,
-               "threads": torch.get_num_threads(), "options": asdict(opts)}
+               "threads": threads(), "options": asdict(opts)}
         with open(opts.json_path, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)

@@ -5,7 +5,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__AVX2__)
+#include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -168,5 +169,63 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
                        sq->out + t * ldo + (int64_t)h * hd);
         }
         free(p);
+    }
+}
+
+// x rounded to the nearest IEEE half (ties to even, subnormals and overflow to inf included) and
+// back: what storing it in an f16 cache and reading it again gives.
+static inline float round_f16(float f) {
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+    uint32_t x, r;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = x & 0x80000000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return f;  // inf, nan
+    if (ax >= 0x477ff000u) {          // 65520 and up round to inf
+        r = sign | 0x7f800000u;
+        memcpy(&f, &r, 4);
+        return f;
+    }
+    if (ax < 0x38800000u) {  // below 2^-14: a subnormal half, multiples of 2^-24
+        const float q = 5.9604644775390625e-08f, a = nearbyintf(fabsf(f) / q) * q;
+        return sign ? -a : a;
+    }
+    r = sign | ((ax + 0xfffu + ((ax >> 13) & 1u)) & 0xffffe000u);  // 23 -> 10 mantissa bits
+    memcpy(&f, &r, 4);
+    return f;
+#endif
+}
+
+// Each sequence's new keys and values (its n rows of qkv: the nkv k heads after the nq q heads,
+// then the v heads) written at slots [S - n, S) of its caches, which attn_batch then reads;
+// rounded through f16 when f16 is set (llama.cpp's f16 cache, kept as f32 here).
+void kv_store(const attn_seq *seqs, int nseq, int64_t ldq, int nq, int nkv, int hd, int f16) {
+    for (int i = 0; i < nseq; i++) {
+        const attn_seq *s = &seqs[i];
+        for (int64_t t = 0; t < s->n; t++) {
+            const float *row = s->q + t * ldq;
+            const int64_t slot = (s->S - s->n + t) * s->ss;
+            for (int h = 0; h < nkv; h++) {
+                float *kd = (float *)s->k + h * s->sh + slot, *vd = (float *)s->v + h * s->sh + slot;
+                const float *ks = row + (int64_t)(nq + h) * hd, *vs = row + (int64_t)(nq + nkv + h) * hd;
+                if (!f16) {
+                    memcpy(kd, ks, sizeof(float) * (size_t)hd);
+                    memcpy(vd, vs, sizeof(float) * (size_t)hd);
+                    continue;
+                }
+                int j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+                for (; j + 8 <= hd; j += 8) {
+                    _mm256_storeu_ps(kd + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(ks + j), _MM_FROUND_TO_NEAREST_INT)));
+                    _mm256_storeu_ps(vd + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(vs + j), _MM_FROUND_TO_NEAREST_INT)));
+                }
+#endif
+                for (; j < hd; j++) {
+                    kd[j] = round_f16(ks[j]);
+                    vd[j] = round_f16(vs[j]);
+                }
+            }
+        }
     }
 }

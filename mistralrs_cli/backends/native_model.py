@@ -1,0 +1,365 @@
+"""The native CPU runtime: a GGUF model of the llama family run by csrc's kernels on numpy arrays,
+without importing torch.
+
+torch costs ~220 MB of resident memory and ~1.5 s to import, more than a 135M-parameter model's
+weights and its whole load. For the common case (a GGUF file of the llama family whose
+projections the native kernels multiply, on the CPU, llama.cpp's numerics, f32 activations) the
+loader builds this model straight from the file instead of a torch module tree:
+
+  h    = embed(ids) [* sqrt(hidden)]                        gguf.quants.dequantize of the rows
+  per layer, as backends/native_decoder.py does for the torch models (the same C calls):
+  qkv  = [norm ->] h @ Wqkv (+ bias)                        qmm_parts, RMSNorm fused before
+  q, k : per-head norm, rotary                              rope_rows
+  att  = softmax(q k^T) v over the KV cache                 attn_batch (all sequences)
+  h   += [post-norm] att @ Wo                               qmm_parts, norm + residual fused after
+  gu   = [norm ->] h @ W[gate|up]                           qmm_parts
+  h   += [post-norm] act(gate) * up @ Wdown                 qmm_parts, activation fused before
+  logits = norm(h[rows]) @ Wout [softcapped]                qmm_parts
+
+Everything else falls back to the torch models (the loader asks `NativeModel.build`, which says
+None): other architectures, weight types without a native kernel, --numerics exact, --dtype
+other than f32, a GPU, no C compiler. Its reference is that torch path: tests compare the two,
+and greedy parity with llama.cpp is checked on this one.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..models.batch import Batch
+from ..models.config import ModelConfig
+from . import native
+
+ARCHS = {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
+_GEMMA = {"gemma", "gemma2", "gemma3"}
+_F32 = np.dtype(np.float32)
+_CHUNK = 16 << 20  # bytes of the file repacked between releases of its pages
+
+
+def _inv_freq(kind: str, dim: int, base: float, scaling: dict[str, Any], max_pos: int) -> tuple[np.ndarray, float]:
+    """Rotary inverse frequencies (dim/2,) and the cos/sin multiplier, as models/layers.py's
+    ROPE_INV_FREQ computes them (the kinds a GGUF file can carry)."""
+    idx = np.arange(0, dim, 2, dtype=np.float32)
+    inv = (np.float32(1.0) / (np.float32(base) ** (idx / np.float32(dim)))).astype(np.float32)
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "freq_factors":
+        return (inv / np.asarray(scaling["factors"], dtype=np.float32)).astype(np.float32), 1.0
+    if kind == "yarn":
+        from ..models.config import yarn_mscale
+
+        orig = int(scaling.get("original_max_position_embeddings") or max_pos)
+        factor = float(scaling.get("factor") or max_pos / orig)
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+
+        def corr_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = corr_dim(scaling.get("beta_fast") or 32), corr_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+        pos_freqs = np.float32(base) ** (idx / np.float32(dim))
+        extrapolate = np.float32(1) - ramp
+        out = (np.float32(1.0) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - extrapolate) \
+            + (np.float32(1.0) / pos_freqs) * extrapolate
+        return out.astype(np.float32), float(attn)
+    raise ValueError(f"rope scaling type {kind!r} has no native table")
+
+
+@dataclass
+class _Rope:
+    dim: int
+    inv_freq: np.ndarray
+    factor: float
+
+    def tables(self, positions: np.ndarray, memo: dict) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (T, dim) for the positions, once per forward per frequency vector."""
+        key = ("rope", id(self))
+        if key not in memo:
+            freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+            emb = np.concatenate([freqs, freqs], axis=1)
+            cos, sin = np.cos(emb), np.sin(emb)
+            if self.factor != 1.0:
+                cos, sin = cos * np.float32(self.factor), sin * np.float32(self.factor)
+            memo[key] = (np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32))
+        return memo[key]
+
+
+@dataclass
+class _Layer:
+    qkv: native.Plan
+    qkv_opts: native.QmmOpts
+    o: native.Plan
+    o_opts: native.QmmOpts  # .residual set per call
+    gate_up: native.Plan
+    gate_up_opts: native.QmmOpts
+    down: native.Plan
+    down_opts: native.QmmOpts
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    rope: _Rope
+    window: int | None
+    scale: float
+    softcap: float | None
+
+
+def _opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> native.QmmOpts:
+    p = lambda t: None if t is None else native.ptr(t)  # noqa: E731
+    return native.QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None,
+                          ld_res=0, post_w=p(post), post_eps=post_eps)
+
+
+class _Unfit(Exception):
+    """This file is not one the native runtime serves (the torch models will)."""
+
+
+class NativeModel:
+    """A loaded model as the engine uses it: `config`, `dtype`, `kv_round_to`, `step()`; and
+    `model(ids, batch)` as the torch models are called (tests)."""
+
+    dtype = _F32
+    kv_round_to = np.dtype(np.float16)  # llama.cpp keeps its KV cache in f16
+
+    @classmethod
+    def build(cls, gf, cfg: ModelConfig, release=None) -> "NativeModel | None":
+        """The model, or None when some part of this file needs the torch path."""
+        lib = native.library()
+        if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
+            return None
+        try:
+            return cls(gf, cfg, lib, release)
+        except _Unfit:
+            return None
+
+    def __init__(self, gf, cfg: ModelConfig, lib, release=None):
+        self.config, self.lib, self.gf = cfg, lib, gf
+        arch, t = gf.architecture, gf.tensors
+        self.arch = arch
+        act = native.ACTS.get(cfg.hidden_act)
+        if act is None:
+            raise _Unfit(cfg.hidden_act)
+        self.nq, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.gemma = arch in _GEMMA
+        self._keep: list[Any] = []
+        sandwich = "blk.0.post_attention_norm.weight" in t
+        layer_types = cfg.layer_types
+        if arch == "gemma2" and layer_types is None:  # even layers slide (Gemma2ForCausalLM's default)
+            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                           for i in range(cfg.num_hidden_layers)]
+        sliding = cfg.sliding_window
+        if arch in ("qwen2", "qwen3") and layer_types is None and not cfg.extra.get("use_sliding_window", False):
+            sliding = None  # as models/qwen2.py's qwen_window_config
+
+        # every weight this model multiplies, checked before any is repacked
+        names = []
+        for i in range(cfg.num_hidden_layers):
+            names += [f"blk.{i}.attn_{x}.weight" for x in ("q", "k", "v", "output")]
+            names += [f"blk.{i}.ffn_{x}.weight" for x in ("gate", "up", "down")]
+        head = "output.weight" if "output.weight" in t else "token_embd.weight"
+        for name in names + [head]:
+            info = t.get(name)
+            if info is None or info.qtype not in native.TYPES or len(info.shape) != 2:
+                raise _Unfit(name)
+            if info.shape[1] % (256 if info.qtype in native.K_TYPES else 32):
+                raise _Unfit(name)
+        if "token_embd.weight" not in t:
+            raise _Unfit("token_embd.weight")
+
+        plans: dict[str, native.Plan] = {}
+        order = sorted(set(names + [head]), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
+        pending = 0
+        for name in order:
+            raw = self._rows(name, cfg)
+            # repacked in slices of ~16 MB of the file, its pages released between them, so a big
+            # tensor (Gemma's 262k-row output) never has all of its file pages and all of its
+            # repacked copy resident at once
+            step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
+            parts = []
+            for r0 in range(0, raw.shape[0], step):
+                part = raw[r0:r0 + step]
+                parts.append(native.Plan([(part, t[name].qtype, part.shape[0])], lib))
+                pending += part.nbytes
+                if release is not None and pending >= _CHUNK:
+                    release()  # repacked copies made: the file's pages can go
+                    pending = 0
+            plans[name] = parts[0] if len(parts) == 1 else native.Plan.join(parts)
+        if release is not None:
+            release()
+
+        self.layers: list[_Layer] = []
+        eps = cfg.rms_norm_eps
+        for i in range(cfg.num_hidden_layers):
+            b = f"blk.{i}."
+            window = sliding if (layer_types[i] == "sliding_attention" if layer_types else sliding is not None) else None
+            base, scaling = cfg.rope_theta, cfg.rope_scaling or {}
+            if window is not None and cfg.rope_local_base_freq is not None:
+                base, scaling = cfg.rope_local_base_freq, {}
+            rot = int(self.hd * cfg.partial_rotary_factor)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            try:
+                inv, factor = _inv_freq(kind, rot, base, scaling, cfg.max_position_embeddings)
+            except ValueError:
+                raise _Unfit(kind) from None
+            pre_attn = self._norm(b + "attn_norm.weight")
+            pre_ffn = self._norm(b + "ffn_norm.weight")
+            post_attn = self._norm(b + "post_attention_norm.weight") if sandwich else None
+            post_ffn = self._norm(b + "post_ffw_norm.weight") if sandwich else None
+            qkv_bias = self._biases([b + f"attn_{x}" for x in "qkv"])
+            scalar = cfg.query_pre_attn_scalar
+            self.layers.append(_Layer(
+                native.Plan.join([plans[b + f"attn_{x}.weight"] for x in "qkv"]),
+                _opts(pre_attn, eps, bias=qkv_bias),
+                plans[b + "attn_output.weight"],
+                _opts(bias=self._biases([b + "attn_output"]), post=post_attn, post_eps=eps),
+                native.Plan.join([plans[b + "ffn_gate.weight"], plans[b + "ffn_up.weight"]]),
+                _opts(pre_ffn, eps, bias=self._biases([b + "ffn_gate", b + "ffn_up"])),
+                plans[b + "ffn_down.weight"],
+                _opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps),
+                self._norm(b + "attn_q_norm.weight", required=False),
+                self._norm(b + "attn_k_norm.weight", required=False),
+                _Rope(rot, inv, factor), window, (scalar if scalar else self.hd) ** -0.5,
+                cfg.attn_logit_softcapping))
+        self.norm = self._norm("output_norm.weight")
+        self.head, self.head_opts = plans[head], _opts(self.norm, eps, bias=self._biases(["output"]))
+        self.embd, self.embd_type = gf.raw_np("token_embd.weight"), t["token_embd.weight"].qtype
+        self.embed_multiplier = math.sqrt(cfg.hidden_size) if self.gemma else None
+        self.gate_up_rows = self.layers[0].gate_up.rows
+
+    # ---- weights from the file ----
+    def _rows(self, name: str, cfg: ModelConfig) -> np.ndarray:
+        """A weight's block rows, with llama.cpp's q/k row interleave undone for llama files."""
+        raw = self.gf.raw_np(name)
+        if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            half = raw.shape[0] // heads // 2
+            order = np.arange(raw.shape[0]).reshape(heads, half, 2).transpose(0, 2, 1).reshape(-1)
+            raw = raw[order]
+        return raw
+
+    def _vector(self, name: str) -> np.ndarray | None:
+        info = self.gf.tensors.get(name)
+        if info is None:
+            return None
+        from gguf.quants import dequantize
+
+        return np.ascontiguousarray(dequantize(self.gf.raw_np(name), info.qtype).reshape(-1), dtype=np.float32)
+
+    def _norm(self, name: str, required: bool = True) -> np.ndarray | None:
+        w = self._vector(name)
+        if w is None:
+            if required:
+                raise _Unfit(name)
+            return None
+        if self.gemma:  # stored as (1 + w); computed as the torch path does: (w - 1) + 1
+            w = (w - np.float32(1.0)) + np.float32(1.0)
+        self._keep.append(w)
+        return w
+
+    def _biases(self, prefixes: list[str]) -> np.ndarray | None:
+        """The joint bias of stacked projections (zeros where one has none), or None."""
+        parts = [self._vector(p + ".bias") for p in prefixes]
+        if all(x is None for x in parts):
+            return None
+        rows = [self.gf.tensors[p + ".weight"].shape[0] for p in prefixes]
+        out = np.concatenate([x if x is not None else np.zeros(r, np.float32) for x, r in zip(parts, rows)])
+        self._keep.append(out)
+        return out
+
+    # ---- the engine's interface ----
+    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int]) -> np.ndarray:
+        return self.forward(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), seqs,
+                            np.asarray(rows, dtype=np.int64))
+
+    def __call__(self, input_ids, batch: Batch):
+        """The torch models' calling convention; a torch tensor in gives a torch tensor out."""
+        rows = None if batch.logits_rows is None else np.asarray(batch.logits_rows, dtype=np.int64)
+        out = self.forward(np.asarray(input_ids, dtype=np.int64).reshape(-1),
+                           np.asarray(batch.positions, dtype=np.int64).reshape(-1), batch.seqs, rows)
+        if type(input_ids).__module__.startswith("torch"):
+            import torch
+
+            return torch.from_numpy(out)
+        return out
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        h = dequantize(self.embd[ids], self.embd_type).reshape(len(ids), -1)
+        h = np.array(h, dtype=np.float32, order="C")  # owned, writable: the residual stream
+        if self.embed_multiplier is not None:
+            h *= np.float32(self.embed_multiplier)
+        return h
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray, seqs: list, rows: np.ndarray | None) -> np.ndarray:
+        from ..engine.kv_cache import SeqKVCache
+
+        lib, nq, nkv, hd = self.lib, self.nq, self.nkv, self.hd
+        T = len(ids)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        h = self.embed(ids)
+        qkv = np.empty((T, (nq + 2 * nkv) * hd), dtype=np.float32)
+        att = np.empty((T, nq * hd), dtype=np.float32)
+        gu = np.empty((T, self.gate_up_rows), dtype=np.float32)
+        y = np.empty_like(h)
+        caches = [s.cache if s.cache is not None else
+                  SeqKVCache(len(self.layers), nkv, hd, _F32, capacity=s.end - s.start, round_to=self.kv_round_to)
+                  for s in seqs]
+        entries = (native.AttnSeq * len(seqs))()
+        ldq, ldo = qkv.shape[1], att.shape[1]
+        for e, s in zip(entries, seqs):
+            e.q, e.n = qkv.ctypes.data + 4 * s.start * ldq, s.end - s.start
+            e.out, e.pos = att.ctypes.data + 4 * s.start * ldo, positions.ctypes.data + 8 * s.start
+        k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
+        v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
+        memo: dict = {}
+        threads = native.threads()
+        keep = []
+        for i, L in enumerate(self.layers):
+            native.qmatmul(h, L.qkv, lib, L.qkv_opts, out=qkv)
+            cos, sin = L.rope.tables(positions, memo)
+            lib.rope_rows(qkv.ctypes.data, T, ldq, nq, nkv, hd, L.rope.dim, cos.ctypes.data, sin.ctypes.data,
+                          None if L.q_norm is None else L.q_norm.ctypes.data,
+                          None if L.k_norm is None else L.k_norm.ctypes.data,
+                          ctypes.c_float(self.config.rms_norm_eps if L.q_norm is not None else 0.0))
+            keep.clear()
+            for e, s, cache in zip(entries, seqs, caches):
+                where = cache.native_slots(i, s.end - s.start)
+                if where is None:  # a fragmented paged cache: stored and gathered by numpy
+                    ks, vs = cache.update(i, k[s.start:s.end], v[s.start:s.end])  # (Hkv, S, D)
+                    if ks.strides[-1] != 4 or vs.strides != ks.strides:
+                        ks, vs = np.ascontiguousarray(ks), np.ascontiguousarray(vs)
+                    keep.append((ks, vs))  # kv_store below rewrites the new rows: same values
+                    where = (ks.ctypes.data, vs.ctypes.data, ks.shape[1], ks.strides[0] // 4, ks.strides[1] // 4)
+                e.k, e.v, e.S, e.sh, e.ss = where
+            lib.kv_store(entries, len(seqs), ldq, nq, nkv, hd, 1)
+            lib.attn_batch(entries, len(seqs), ldq, ldo, nq, nkv, hd, L.window or 0, L.scale, L.softcap or 0.0,
+                           threads)
+            self._residual(L.o, L.o_opts, att, h, y)
+            native.qmatmul(h, L.gate_up, lib, L.gate_up_opts, out=gu)
+            self._residual(L.down, L.down_opts, gu, h, y)
+        if rows is not None:
+            h = np.ascontiguousarray(h[rows])
+        logits = native.qmatmul(h, self.head, lib, self.head_opts)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)
+        return logits
+
+    def _residual(self, plan, opts, x, h, y) -> None:
+        opts.residual, opts.ld_res = h.ctypes.data, h.shape[1]
+        try:
+            native.qmatmul(x, plan, self.lib, opts, out=y)
+        finally:
+            opts.residual = None
