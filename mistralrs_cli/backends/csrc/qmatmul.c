@@ -536,17 +536,15 @@ static void part_rows(const qpart_t *p, int64_t i0, int64_t i1, int64_t k, int64
     }
 }
 
-static void epilogue(float *y, int64_t m, int64_t n, int64_t ldy, const qmm_opts *o) {
-    if (!o) return;
-    for (int64_t r = 0; r < m; r++) {
-        float *yr = y + r * ldy;
-        if (o->bias)
-            for (int64_t i = 0; i < n; i++) yr[i] += o->bias[i];
-        if (o->residual) {
-            float *res = o->residual + r * o->ld_res;
-            if (o->post_w) rms_norm_row(yr, n, o->post_w, o->post_eps, yr);
-            for (int64_t i = 0; i < n; i++) res[i] += yr[i];
-        }
+// output row r: + bias, then (post-norm and) the residual add
+static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_opts *o) {
+    float *yr = y + r * ldy;
+    if (o->bias)
+        for (int64_t i = 0; i < n; i++) yr[i] += o->bias[i];
+    if (o->residual) {
+        float *res = o->residual + r * o->ld_res;
+        if (o->post_w) rms_norm_row(yr, n, o->post_w, o->post_eps, yr);
+        for (int64_t i = 0; i < n; i++) res[i] += yr[i];
     }
 }
 
@@ -575,7 +573,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     // one parallel region (a fork and a join per call, which a decode step makes ~100 of): the
     // prologue (norm / activation, then rounding to 8 bits) row by row, a prompt chunk's rows in
     // parallel (its GELUs and SiLUs are a noticeable share of a prefill), a few rows on one
-    // thread; then, after the barrier, the weight units
+    // thread; then, after the barrier, the weight units, and the epilogue row by row
 #pragma omp parallel num_threads(n_threads)
     {
         if (m >= 4) {
@@ -608,8 +606,12 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, kms, y + col, ldy);
             col += parts[p].rows;
         }
+        if (o && (o->bias || o->residual)) {  // rows are independent: in parallel once all columns are done
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < m; r++) epilogue_row(y, r, n_total, ldy, o);
+        }
     }
-    epilogue(y, m, n_total, ldy, o);
 done:
     free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(kbs); free(kms);
     return rc;
