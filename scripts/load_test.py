@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -89,22 +90,27 @@ def free_port() -> int:
 
 @contextmanager
 def started(cmd: list[str], port: int, env: dict):
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=2)
-    deadline = time.time() + 600
-    while True:
+    # the server's log goes to a file: a pipe nobody reads fills up (llama.cpp's server logs every
+    # request's timings) and blocks the server mid-stream
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=2)
+        deadline = time.time() + 600
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIError:
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    log.seek(0)
+                    raise SystemExit(f"{cmd[0]} did not start: {log.read().decode(errors='replace')[-2000:]}")
+                time.sleep(0.5)
         try:
-            client.models.list()
-            break
-        except openai.APIError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"{cmd[0]} did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(60)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 def servers(args):
@@ -120,7 +126,8 @@ def servers(args):
         if args.llama_cpp:
             port = free_port()
             llama = [args.llama_python, "-m", "llama_cpp.server", "--model", args.gguf, "--port", str(port),
-                     "--n_threads", str(args.threads), "--n_ctx", "4096"]
+                     "--n_threads", str(args.threads), "--n_ctx", "4096",
+                     "--interrupt_requests", "False"]  # its default: a new request cuts the streaming one off
             yield "llama.cpp", started(llama, port, env)
 
 
