@@ -211,3 +211,15 @@ def test_kv_store_rounds_through_f16_as_numpy_does(flags, tmp_path):
     assert np.array_equal(k[0, 1:4], want_k) and np.array_equal(v[0, 1:4], want_v)
     assert np.array_equal(np.signbit(k[0, 1:4]), np.signbit(want_k))
     assert (k[0, [0, 4]] == 7.0).all()  # nothing outside the slots
+
+
+def test_a_tensor_shape_the_metadata_disagrees_with_is_one_clear_error(tmp_path, vocab):
+    """The native runtime checks every shape against the metadata before trusting a pointer; a
+    disagreeing file goes to the torch loader, whose error names the tensor."""
+    from mistralrs_cli.errors import UserError
+
+    hf = gb.tiny_llama(1)
+    hf.model.layers[0].mlp.down_proj = torch.nn.Linear(96, hf.config.hidden_size, bias=False)
+    path = gb.write_gguf(tmp_path / "bad.gguf", hf, vocab=vocab, qtype=Q.Q8_0)
+    with pytest.raises(UserError, match=r"down_proj.*has shape \[64, 96\]"):
+        _load(path)

@@ -168,13 +168,21 @@ class NativeModel:
             names += [f"blk.{i}.attn_{x}.weight" for x in ("q", "k", "v", "output")]
             names += [f"blk.{i}.ffn_{x}.weight" for x in ("gate", "up", "down")]
         head = "output.weight" if "output.weight" in t else "token_embd.weight"
+        d, inter, q_rows, kv_rows = cfg.hidden_size, cfg.intermediate_size, self.nq * self.hd, self.nkv * self.hd
+        want = {"attn_q": (q_rows, d), "attn_k": (kv_rows, d), "attn_v": (kv_rows, d), "attn_output": (d, q_rows),
+                "ffn_gate": (inter, d), "ffn_up": (inter, d), "ffn_down": (d, inter)}
         for name in names + [head]:
             info = t.get(name)
             if info is None or info.qtype not in native.TYPES or len(info.shape) != 2:
                 raise _Unfit(name)
             if info.shape[1] % (256 if info.qtype in native.K_TYPES else 32):
                 raise _Unfit(name)
-        if "token_embd.weight" not in t:
+            # a shape that disagrees with the metadata: the torch loader names it in its error
+            expect = want.get(name.split(".")[-2], (cfg.vocab_size, d))
+            if tuple(info.shape) != expect:
+                raise _Unfit(name)
+        embd = t.get("token_embd.weight")
+        if embd is None or tuple(embd.shape) != (cfg.vocab_size, d):
             raise _Unfit("token_embd.weight")
 
         plans: dict[str, native.Plan] = {}
@@ -248,16 +256,18 @@ class NativeModel:
             raw = raw[order]
         return raw
 
-    def _vector(self, name: str) -> np.ndarray | None:
+    def _vector(self, name: str, size: int) -> np.ndarray | None:
         info = self.gf.tensors.get(name)
         if info is None:
             return None
+        if int(np.prod(info.shape)) != size:
+            raise _Unfit(name)  # the torch loader names the mismatch in its error
         from gguf.quants import dequantize
 
         return np.ascontiguousarray(dequantize(self.gf.raw_np(name), info.qtype).reshape(-1), dtype=np.float32)
 
     def _norm(self, name: str, required: bool = True) -> np.ndarray | None:
-        w = self._vector(name)
+        w = self._vector(name, self.hd if "attn_q_norm" in name or "attn_k_norm" in name else self.config.hidden_size)
         if w is None:
             if required:
                 raise _Unfit(name)
@@ -269,10 +279,10 @@ class NativeModel:
 
     def _biases(self, prefixes: list[str]) -> np.ndarray | None:
         """The joint bias of stacked projections (zeros where one has none), or None."""
-        parts = [self._vector(p + ".bias") for p in prefixes]
+        rows = [self.gf.tensors[p + ".weight"].shape[0] if p + ".weight" in self.gf.tensors else 0 for p in prefixes]
+        parts = [self._vector(p + ".bias", r) for p, r in zip(prefixes, rows)]
         if all(x is None for x in parts):
             return None
-        rows = [self.gf.tensors[p + ".weight"].shape[0] for p in prefixes]
         out = np.concatenate([x if x is not None else np.zeros(r, np.float32) for x, r in zip(parts, rows)])
         self._keep.append(out)
         return out
