@@ -117,6 +117,13 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
                 log.info("native CPU kernels not built (%s); using torch", proc.stderr.strip()[:200])
                 return None
             out.replace(lib)  # atomic: concurrent builds never load a half-written file
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # libgomp reads this when it loads (here, unless torch loaded it first). Its default lets
+        # an idle thread spin ~300k pauses (several ms) before sleeping: when the CPUs are shared
+        # (the server's HTTP thread, its clients, other processes) the spinning thread takes the
+        # core its partner needs to reach the barrier, and a decode step took 20x longer here.
+        # ~10k pauses (~0.5 ms) still outlast the gaps between a token's kernel calls.
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     so = ctypes.CDLL(str(lib))
     i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     so.qmm.restype = so.qmm_parts.restype = i32
