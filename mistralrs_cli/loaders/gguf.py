@@ -5,7 +5,7 @@ HF names, and per-architecture weight fix-ups (llama.cpp's q/k row permutation, 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -14,7 +14,6 @@ from ..errors import UserError
 from ..models import ARCHITECTURES
 from ..models.config import ModelConfig
 from ..quant.dequant import SUPPORTED as DEQUANT_SUPPORTED
-from ..quant.dequant import dequantize
 from ..quant.qweight import QWeight
 from .gguf_config import (_gemma2_config, _gemma3_config, _gemma_config, _llama_config, _phi2_config,  # noqa: F401
                           _phi3_config, _qwen2_config, _qwen3_config, _starcoder2_config, gguf_config)

@@ -42,14 +42,6 @@ class Loaded:
         return self.config.max_position_embeddings
 
 
-def trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def cache_root() -> Path:
     root = os.environ.get("MISTRALRS_CLI_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "mistralrs-cli"
@@ -60,6 +52,14 @@ def _file_key(path: Path) -> str:
     st = path.stat()
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _read_json(path: Path | None) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ sequence against that sequence's KV cache (`Batch.seqs`), so sequences of any le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
