@@ -92,10 +92,9 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
 #if Z512
     // the scalar loop below, 16 lanes at a time: max, one product and round-to-nearest-even per
     // value are exact operations, so the codes and scales come out the same
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < k / QK; b++) {
         const __m512 a0 = _mm512_loadu_ps(x + b * QK), a1 = _mm512_loadu_ps(x + b * QK + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a0, absmask), _mm512_and_ps(a1, absmask)));
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
         const float db = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         const __m512 iv = _mm512_set1_ps(id);
         const __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, iv)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, iv));
@@ -250,11 +249,10 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
 #if Z512
     // as the scalar loop below: the first value of the largest magnitude sets the scale; the
     // same products and rounding per value
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < k / QKK; b++) {
         const float *xb = x + b * QKK;
         __m512 m = _mm512_setzero_ps();
-        for (int i = 0; i < 16; i++) m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(xb + 16 * i), absmask));
+        for (int i = 0; i < 16; i++) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)));
         const float amax = _mm512_reduce_max_ps(m);
         int8_t *qb = q + b * QKK;
         if (amax == 0.0f) {
@@ -266,7 +264,7 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
         float mx = 0.0f;
         const __m512 av = _mm512_set1_ps(amax);
         for (int i = 0; i < 16; i++) {
-            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(xb + 16 * i), absmask), av, _CMP_EQ_OQ);
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)), av, _CMP_EQ_OQ);
             if (hit) { mx = xb[16 * i + __builtin_ctz((unsigned)hit)]; break; }
         }
         const float iscale = -127.0f / mx;
@@ -403,7 +401,7 @@ static float act_fn(int act, float g) {
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
 }
 
-#if Z512
+#if Z512 && defined(__AVX512DQ__)
 // tanh of 8 doubles to ~1e-15 relative: (e - 1) / (e + 1) with e = exp(2|u|) (argument reduction
 // by ln 2, degree-13 Taylor polynomial, exponent by scalef), an odd polynomial below 1e-3, the
 // sign copied back. Rounded to float this is tanhf correctly rounded but for ~1e-8 of inputs
