@@ -222,6 +222,7 @@ class NativeModel:
             release()
 
         self.layers: list[_Layer] = []
+        ropes: dict[tuple, _Rope] = {}
         eps = cfg.rms_norm_eps
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
@@ -231,10 +232,12 @@ class NativeModel:
                 base, scaling = cfg.rope_local_base_freq, {}
             rot = int(self.hd * cfg.partial_rotary_factor)
             kind = scaling.get("rope_type", scaling.get("type", "default"))
-            try:
-                inv, factor = _inv_freq(kind, rot, base, scaling, cfg.max_position_embeddings)
-            except ValueError:
-                raise _Unfit(kind) from None
+            key = (kind, rot, base, repr(sorted(scaling.items())))
+            if key not in ropes:  # one table per distinct rotary: layers share it within a forward
+                try:
+                    ropes[key] = _Rope(rot, *_inv_freq(kind, rot, base, scaling, cfg.max_position_embeddings))
+                except ValueError:
+                    raise _Unfit(kind) from None
             pre_attn = self._norm(b + "attn_norm.weight")
             pre_ffn = self._norm(b + "ffn_norm.weight")
             post_attn = self._norm(b + "post_attention_norm.weight") if sandwich else None
@@ -252,7 +255,7 @@ class NativeModel:
                 _opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps),
                 self._norm(b + "attn_q_norm.weight", required=False),
                 self._norm(b + "attn_k_norm.weight", required=False),
-                _Rope(rot, inv, factor), window, (scalar if scalar else self.hd) ** -0.5,
+                ropes[key], window, (scalar if scalar else self.hd) ** -0.5,
                 cfg.attn_logit_softcapping))
         for L in self.layers:
             L.calls = _Calls(L, eps)
