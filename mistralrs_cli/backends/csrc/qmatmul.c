@@ -18,6 +18,10 @@
 #include <immintrin.h>
 #endif
 
+#ifndef QMM_SCHED
+#define QMM_SCHED guided
+#endif
+
 enum { QK = 32 };
 enum { QKK = 256 };
 
@@ -597,9 +601,13 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 }
             }
         }
+        // units handed out in chunks as threads free up (guided: big chunks first, then smaller):
+        // on a shared machine a thread the OS sets aside for a time slice then holds the others
+        // up only for its current chunk, not for its whole static share. Same results: every
+        // unit is computed the same way whichever thread takes it.
         int64_t col = 0;
         for (int p = 0; p < nparts; p++) {
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(QMM_SCHED) nowait
             for (int64_t i = 0; i < units(&parts[p]); i++)
                 part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, kms, y + col, ldy);
             col += parts[p].rows;
