@@ -24,7 +24,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qmatmul.c", "packed.c", "attention.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c")]
+HEADERS = [Path(__file__).with_name("csrc") / "attention.h"]  # part of the build's identity
 TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 K_TYPES = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})  # rows must be whole 256-blocks
 ACTS = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # hidden_act -> qmm_opts.act
@@ -103,7 +104,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None or os.environ.get("MISTRALRS_CLI_NO_NATIVE"):
         return None
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     ident = src + platform.machine().encode() + _cpu_flags() + " ".join(extra_flags).encode()
     lib = (cache or _cache_dir()) / f"qmatmul-{hashlib.sha256(ident).hexdigest()[:16]}.so"
     if not lib.exists():
@@ -139,6 +140,9 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32]
     so.kv_store.restype = None
     so.kv_store.argtypes = [ptr, i32, i64, i32, i32, i32, i32]
+    so.decoder_layers.restype = i32
+    so.decoder_layers.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, i64,
+                                  i32, i32]
     return so
 
 
@@ -151,6 +155,16 @@ class AttnSeq(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("n", ctypes.c_int64), ("out", ctypes.c_void_p), ("pos", ctypes.c_void_p),
                 ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("S", ctypes.c_int64), ("sh", ctypes.c_int64),
                 ("ss", ctypes.c_int64)]
+
+
+class DecLayer(ctypes.Structure):
+    """One layer of a decoder_layers call (csrc/decoder.c); pointers are addresses."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("qkv", "qkv_opts", "o", "o_opts", "gu", "gu_opts", "down",
+                                                     "down_opts")] + \
+               [(name, ctypes.c_int) for name in ("qkv_n", "o_n", "gu_n", "down_n")] + \
+               [("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p), ("rot", ctypes.c_int),
+                ("qn", ctypes.c_void_p), ("kn", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("window", ctypes.c_int64)]
 
 
 class QmmOpts(ctypes.Structure):

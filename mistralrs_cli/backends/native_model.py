@@ -259,6 +259,16 @@ class NativeModel:
                 cfg.attn_logit_softcapping))
         for L in self.layers:
             L.calls = _Calls(L, eps)
+        self.dec = (native.DecLayer * len(self.layers))()
+        for d, L in zip(self.dec, self.layers):
+            c = L.calls
+            for name in ("qkv", "o", "gu", "down"):
+                setattr(d, name, ctypes.addressof(getattr(c, name)))
+                setattr(d, name + "_n", getattr(c, name + "_n"))
+            for name, opts in (("qkv", L.qkv_opts), ("o", L.o_opts), ("gu", L.gate_up_opts), ("down", L.down_opts)):
+                setattr(d, name + "_opts", ctypes.addressof(opts))
+            d.rot, d.qn, d.kn, d.eps = L.rope.dim, c.qn, c.kn, c.eps
+            d.scale, d.softcap, d.window = c.scale, c.softcap, c.window
         self.norm = self._norm("output_norm.weight")
         self.head, self.head_opts = plans[head], _opts(self.norm, eps, bias=self._biases(["output"]))
         self.embd, self.embd_type = gf.raw_np("token_embd.weight"), t["token_embd.weight"].qtype
@@ -367,6 +377,9 @@ class NativeModel:
             L.o_opts.residual = L.down_opts.residual = hp
             L.o_opts.ld_res = L.down_opts.ld_res = d
         try:
+            if all(c.native_layers_ok() for c in caches):
+                self._layers_in_c(caches, spans, entries, positions, memo, h, qkv, att, gu, y, th)
+                return self._head(h, rows)
             for i, L in enumerate(self.layers):
                 c = L.calls
                 if qmm(c.qkv, c.qkv_n, d, hp, d, T, qkvp, ldq, th, c.qkv_opts):
@@ -395,9 +408,33 @@ class NativeModel:
         finally:
             for L in self.layers:
                 L.o_opts.residual = L.down_opts.residual = None
+        return self._head(h, rows)
+
+    def _layers_in_c(self, caches, spans, entries, positions, memo, h, qkv, att, gu, y, th) -> None:
+        """Every layer in one decoder_layers call (csrc/decoder.c), when every sequence's cache is
+        one slice per layer."""
+        nl, nseq = len(self.layers), len(caches)
+        kv = np.empty((nl, nseq, 2), dtype=np.int64)
+        for j, (e, n, _, _, cache) in enumerate(spans):
+            k, v, e.S, e.sh, e.ss = cache.native_layers(n)
+            kv[:, j, 0], kv[:, j, 1] = k, v
+        for d, L in zip(self.dec, self.layers):
+            tab = memo.get(id(L.rope))
+            if tab is None:
+                cos, sin = L.rope.tables(positions, memo)
+                tab = memo[id(L.rope)] = (cos.ctypes.data, sin.ctypes.data)
+            d.cos_t, d.sin_t = tab
+        T, nq, nkv, hd = h.shape[0], self.nq, self.nkv, self.hd
+        failed = self.lib.decoder_layers(self.dec, nl, entries, nseq, kv.ctypes.data, h.ctypes.data,
+                                         qkv.ctypes.data, att.ctypes.data, gu.ctypes.data, y.ctypes.data, T,
+                                         h.shape[1], nq, nkv, hd, gu.shape[1], 1, th)
+        if failed:
+            raise RuntimeError(f"native qmm refused a projection of layer {failed - 1}")
+
+    def _head(self, h: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
         if rows is not None:
             h = np.ascontiguousarray(h[rows])
-        logits = native.qmatmul(h, self.head, lib, self.head_opts)
+        logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)

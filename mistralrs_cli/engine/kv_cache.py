@@ -67,6 +67,18 @@ class SeqKVCache:
         k, v = self.k[layer], self.v[layer]
         return k.ctypes.data, v.ctypes.data, n + t, k.shape[1] * k.shape[2], k.shape[2]
 
+    def native_layers_ok(self) -> bool:
+        return True
+
+    def native_layers(self, t: int):
+        """As PagedSeqCache.native_layers: room for t more positions in every layer, and the
+        addresses (int64 arrays over the layers), S, head stride and slot stride."""
+        for layer in range(len(self.k)):
+            where = self.native_slots(layer, t)
+        k = np.fromiter((a.ctypes.data for a in self.k), dtype=np.int64, count=len(self.k))
+        v = np.fromiter((a.ctypes.data for a in self.v), dtype=np.int64, count=len(self.v))
+        return k, v, where[2], where[3], where[4]
+
     def truncate(self, n: int) -> None:
         self.lengths = [min(x, n) for x in self.lengths]
 

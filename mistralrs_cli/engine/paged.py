@@ -186,6 +186,7 @@ class PagedKV:
         self.kv = [empty((2 * shape.n_kv, slots, shape.head_dim), shape.dtype) for _ in range(shape.n_layers)]
         self.addresses = [t.ctypes.data if isinstance(t, np.ndarray) else t.data_ptr() for t in self.kv]
         self.itemsize = shape.dtype.itemsize
+        self.address_array = np.asarray(self.addresses, dtype=np.int64)
         self.k = [t[: shape.n_kv] for t in self.kv]
         self.v = [t[shape.n_kv:] for t in self.kv]
         self.alloc = BlockAllocator(n_blocks, prefix_cache_n)
@@ -329,6 +330,21 @@ class PagedSeqCache:
         self.lengths[layer] = n + t
         base, slots, d = kv.addresses[layer], kv.kv[layer].shape[1], kv.shape.head_dim
         k = base + self.blocks[0] * kv.block_size * d * kv.itemsize
+        return k, k + kv.shape.n_kv * slots * d * kv.itemsize, n + t, slots * d, d
+
+    def native_layers_ok(self) -> bool:
+        return self.contiguous
+
+    def native_layers(self, t: int):
+        """native_slots for every layer at once: (k addresses, v addresses) as int64 arrays over
+        the layers, then S, head stride, slot stride; None when the blocks are not one slice."""
+        if not self.contiguous:
+            return None
+        kv = self.kv
+        n = self.lengths[0]
+        self.set_length(n + t)
+        slots, d = kv.kv[0].shape[1], kv.shape.head_dim
+        k = kv.address_array + self.blocks[0] * kv.block_size * d * kv.itemsize
         return k, k + kv.shape.n_kv * slots * d * kv.itemsize, n + t, slots * d, d
 
     def _update_np(self, layer: int, k: np.ndarray, v: np.ndarray):

@@ -130,14 +130,7 @@ static void attend_row(const float *qh, const float *kh, const float *vh, int64_
     weighted_sum(p, lo, hi, 1.0f / exp_sum(p, hi - lo + 1, mx), vh, ss, hd, o);
 }
 
-typedef struct {
-    const float *q;      // this sequence's first query row (row stride ldq)
-    int64_t n;           // its query rows
-    float *out;          // its first output row (row stride ldo)
-    const int64_t *pos;  // their positions
-    const float *k, *v;  // its keys / values (nkv, S, hd) with strides (sh, ss)
-    int64_t S, sh, ss;
-} attn_seq;
+#include "attention.h"
 
 // Attention for every query row of several sequences in one parallel loop over (row, head).
 // Query t at position pos[t] sees keys j <= pos[t] (key j is position j) and, with a window,
