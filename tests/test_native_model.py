@@ -223,3 +223,31 @@ def test_a_tensor_shape_the_metadata_disagrees_with_is_one_clear_error(tmp_path,
     path = gb.write_gguf(tmp_path / "bad.gguf", hf, vocab=vocab, qtype=Q.Q8_0)
     with pytest.raises(UserError, match=r"down_proj.*has shape \[64, 96\]"):
         _load(path)
+
+
+def test_a_fragmented_paged_cache_gives_the_same_logits(files):
+    """Blocks out of order (the per-layer path that stores and gathers with numpy) against one
+    contiguous slice (every layer in one C call) and the plain per-sequence cache."""
+    from mistralrs_cli.engine.paged import PagedKV, PoolShape
+
+    model = _load(files["gemma3-q8_0"])
+    c = model.config
+    shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, np.dtype(np.float32))
+    prompt = list(range(3, 40, 2))  # 19 tokens: five blocks of 4 with the decode steps
+
+    def run(cache):
+        out = [model(np.array(prompt), Batch(np.arange(len(prompt)), [SeqSlice(0, len(prompt), cache)]))[-1]]
+        for i in range(3):
+            tok = int(out[-1].argmax())
+            out.append(model(np.array([tok]), Batch(np.array([len(prompt) + i]), [SeqSlice(0, 1, cache)]))[-1])
+        return out
+
+    pool = PagedKV(shape, 8, 4, 0, np.dtype(np.float16))
+    frag = pool.new_sequence([])
+    frag.blocks = [6, 1, 4, 2, 7, 0]  # reserved by hand, out of order
+    assert not frag.contiguous
+    straight = PagedKV(shape, 8, 4, 0, np.dtype(np.float16)).new_sequence([])
+    assert straight.reserve(len(prompt) + 3) and straight.contiguous
+    want = run(cache_for(model))
+    for got in (run(frag), run(straight)):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
