@@ -31,6 +31,7 @@ K_TYPES = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})  # rows must be whole 256-blocks
 ACTS = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # hidden_act -> qmm_opts.act
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
 _THREADS: int | None = None
+_DEFAULT_THREADS: int | None = None  # read once: OMP_NUM_THREADS, else the cores
 
 
 def ptr(t) -> int:
@@ -60,10 +61,11 @@ def threads() -> int:
     torch = sys.modules.get("torch")
     if torch is not None:
         return torch.get_num_threads()
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return physical_cores()
+    global _DEFAULT_THREADS
+    if _DEFAULT_THREADS is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        _DEFAULT_THREADS = int(env) if env.isdigit() and int(env) > 0 else physical_cores()
+    return _DEFAULT_THREADS
 
 
 def physical_cores() -> int:
