@@ -34,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 # self-contained (no import of backends/native.py, which is edited by others): the same build
 # flags and the same ctypes calls
 CSRC = Path(__file__).resolve().parent.parent / "mistralrs_cli" / "backends" / "csrc"
-SOURCES = ("qmatmul.c", "packed.c", "attention.c")
+SOURCES = ("qmatmul.c", "packed.c")  # the GEMM only (attention.c is not needed here)
 PACKED = 0x100
 
 
