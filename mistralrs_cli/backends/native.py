@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -189,9 +190,13 @@ class _Arena:
     def __init__(self):
         self.buf: np.ndarray | None = None
         self.used = 0
+        self.lock = threading.Lock()  # plans may be prepared on several threads
 
     def alloc(self, nbytes: int) -> np.ndarray:
-        nbytes = (nbytes + 63) & ~63
+        with self.lock:
+            return self._alloc((nbytes + 63) & ~63)
+
+    def _alloc(self, nbytes: int) -> np.ndarray:
         if self.buf is None or self.used + nbytes > self.buf.size:
             size = max(self.CHUNK, nbytes)
             mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared would be shmem: no THP

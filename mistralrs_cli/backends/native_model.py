@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,22 +203,27 @@ class NativeModel:
 
         plans: dict[str, native.Plan] = {}
         order = sorted(set(names + [head]), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
-        pending = 0
+        # repacked in slices of ~16 MB of the file, its pages released as they are done, so a big
+        # tensor (Gemma's 262k-row output) never has all of its file pages and all of its repacked
+        # copy resident at once; the slices go to a thread per core (ctypes lets go of the GIL)
+        slices = []
         for name in order:
             raw = self._rows(name, cfg)
-            # repacked in slices of ~16 MB of the file, its pages released between them, so a big
-            # tensor (Gemma's 262k-row output) never has all of its file pages and all of its
-            # repacked copy resident at once
             step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
-            parts = []
-            for r0 in range(0, raw.shape[0], step):
-                part = raw[r0:r0 + step]
-                parts.append(native.Plan([(part, t[name].qtype, part.shape[0])], lib))
+            slices += [(name, raw[r0:r0 + step]) for r0 in range(0, raw.shape[0], step)]
+        parts: dict[str, list] = {name: [] for name in order}
+        pending = 0
+        with ThreadPoolExecutor(max(1, min(native.threads(), 4))) as pool:
+            jobs = [(name, part, pool.submit(native.Plan, [(part, t[name].qtype, part.shape[0])], lib))
+                    for name, part in slices]
+            for name, part, job in jobs:
+                parts[name].append(job.result())
                 pending += part.nbytes
                 if release is not None and pending >= _CHUNK:
                     release()  # repacked copies made: the file's pages can go
                     pending = 0
-            plans[name] = parts[0] if len(parts) == 1 else native.Plan.join(parts)
+        for name, ps in parts.items():
+            plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
         if release is not None:
             release()
 
