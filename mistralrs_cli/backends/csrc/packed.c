@@ -12,9 +12,10 @@
 // of the last group are zero.
 //
 // Pairs: groups 2p and 2p+1 are stored interleaved, block by block, so that one 512-bit register
-// holds one chunk of 16 rows: a pair's block is d[16] (the two groups' d[8] in turn), (m[16]),
-// then each chunk as 32 bytes of group 2p and 32 of group 2p+1; the K types likewise (every
-// scale row and every chunk 16 rows wide). A pair takes the bytes of its two groups (2 * nb *
+// holds one chunk of 16 rows: a pair's block is, for Q4_1, d[16] (the two groups' d[8] in turn),
+// m[16], then each chunk as 32 bytes of group 2p and 32 of group 2p+1; for Q4_0 / Q5_0 / Q8_0
+// group 2p's d[8], the chunks, group 2p+1's d[8] (see view8); the K types likewise (every scale
+// row and every chunk 16 rows wide). A pair takes the bytes of its two groups (2 * nb *
 // group-block bytes) and the last group of an odd count stays alone in the 8-row layout. With
 // AVX-512 VNNI one dpbusd then does 64 products and the kernels below keep a tile of 16 weight
 // rows x up to 8 activation rows in zmm registers (half the instructions of the 256-bit tile
@@ -66,26 +67,53 @@ static inline const uint8_t *gblock(const uint8_t *w, int64_t groups, int64_t nb
     return w + (g * nb + b) * gb;
 }
 
+// One group's view of its block b: d[8] (fp16), (Q4_1) m[8], its quants' chunk 0, the chunk
+// stride. In a pair of Q4_0 / Q5_0 / Q8_0 groups the second group's d[8] sits after the chunks,
+// not next to the first's: the chunks then start 16 bytes into the block (measured here: a
+// stream of 64-byte loads at 0 / 32 bytes past line starts, block by block, read ~30% slower
+// from memory than at 16 / 48). Q4_1's pair block is d[16], m[16], chunks.
+typedef struct {
+    uint8_t *d, *m, *q;
+    int cs;
+} gview;
+
+static inline gview view8(int type, const uint8_t *w, int64_t groups, int64_t nb, int64_t g, int64_t b) {
+    const int gb = packed_block_bytes(type);
+    int h, s;
+    uint8_t *blk = (uint8_t *)gblock(w, groups, nb, gb, g, b, &h, &s);
+    gview v;
+    v.cs = 32 * s;
+    if (type == T_Q4_1) {
+        v.d = blk + 16 * h;
+        v.m = blk + 16 * s + 16 * h;
+        v.q = blk + 32 * s + 32 * h;
+    } else {
+        v.d = blk + (h ? 16 + 2 * (gb - 16) : 0);
+        v.m = v.d;
+        v.q = blk + 16 + 32 * h;
+    }
+    return v;
+}
+
 // w: n rows of GGUF blocks (k / 32 per row) -> out: ceil(n / 8) groups. Returns 0 or -1.
 int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
     const int gb = packed_block_bytes(type);
     if (!packed_supported(type) || k % 32) return -1;
     const int bb = type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : type == T_Q5_0 ? 22 : 34;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
-    const int head = type == T_Q4_1 ? 32 : 16;
     if (n % 8) {  // the last group's missing rows (and, if it is half of a pair, the pair's)
         const int64_t g0 = (groups - 1) & ~(int64_t)1;
         memset(out + g0 * nb * gb, 0, (size_t)((groups - g0) * nb * gb));
     }
     for (int64_t g = 0; g < groups; g++) {
         for (int64_t b = 0; b < nb; b++) {
-            int h, s;
-            uint8_t *o = (uint8_t *)gblock(out, groups, nb, gb, g, b, &h, &s);
+            const gview gv = view8(type, out, groups, nb, g, b);
+            const int s = gv.cs / 32;
             for (int r = 0; r < 8 && g * 8 + r < n; r++) {
                 const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
-                memcpy(o + 16 * h + 2 * r, src, 2);                                    // d
-                if (type == T_Q4_1) memcpy(o + 16 * s + 16 * h + 2 * r, src + 2, 2);  // m
-                uint8_t *q = o + head * s + 32 * h + 4 * r;  // chunk c at q + 32 * s * c
+                memcpy(gv.d + 2 * r, src, 2);                          // d
+                if (type == T_Q4_1) memcpy(gv.m + 2 * r, src + 2, 2);  // m
+                uint8_t *q = gv.q + 4 * r;  // chunk c at q + 32 * s * c
                 const uint8_t *qs = src + (type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 2);
                 if (type == T_Q5_0) {
                     uint32_t qh;
@@ -154,16 +182,15 @@ static inline int64_t end_group(int64_t u, int64_t groups) { return 2 * u + 2 < 
 __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
         int64_t u1, int64_t m, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y,
         int64_t ldy) {
-    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++)
         for (int64_t r = 0; r < m; r++)
             for (int lane = 0; lane < 8 && g * 8 + lane < n; lane++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++) {
-                    int h, s;
-                    const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s);
-                    const uint8_t *q = blk + head * s + 32 * h + 4 * lane;  // chunk c at q + 32 * s * c
+                    const gview gv = view8(type, w, groups, nb, g, b);
+                    const int s = gv.cs / 32;
+                    const uint8_t *q = gv.q + 4 * lane;  // chunk c at q + 32 * s * c
                     const int8_t *xr = xq + r * k + b * 32;
                     int32_t sum = 0;
                     if (bytewise(type)) {
@@ -179,10 +206,10 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
                         if (type == T_Q4_0) sum -= 8 * xi[r * nb + b];
                     }
                     uint16_t dh, mh;
-                    memcpy(&dh, blk + 16 * h + 2 * lane, 2);
+                    memcpy(&dh, gv.d + 2 * lane, 2);
                     acc += h2f_(dh) * xd[r * nb + b] * (float)sum;
                     if (type == T_Q4_1) {
-                        memcpy(&mh, blk + 16 * s + 16 * h + 2 * lane, 2);
+                        memcpy(&mh, gv.m + 2 * lane, 2);
                         acc += h2f_(mh) * xs[r * nb + b];
                     }
                 }
@@ -208,17 +235,16 @@ static inline __attribute__((always_inline)) void store_tile(const __m256 *acc, 
 static inline __attribute__((always_inline)) void tile(const int type, const int RN, const uint8_t *w, int64_t n,
         int64_t k, int64_t g, int64_t r0, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi,
         float *y, int64_t ldy) {
-    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
     const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[8];
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        int h, s;
-        const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + head * s + 32 * h;
-        const int cs = 32 * s;  // chunk stride
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * h)));
+        const gview gv = view8(type, w, groups, nb, g, b);
+        const uint8_t *q = gv.q;
+        const int cs = gv.cs;  // chunk stride
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d));
         __m256i isum[8];
         for (int r = 0; r < RN; r++) isum[r] = _mm256_setzero_si256();
         if (bytewise(type)) {
@@ -237,7 +263,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
             }
         }
         const __m256 mm =
-            type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * s + 16 * h))) : d;
+            type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.m)) : d;
         for (int r = 0; r < RN; r++) {
             const int64_t xb = (r0 + r) * nb + b;
             __m256i sm = isum[r];
@@ -274,7 +300,7 @@ static inline __attribute__((always_inline)) void zstore(const __m512 *acc, cons
 static inline __attribute__((always_inline)) void ztile(const int type, const int RN, const uint8_t *w, int64_t n,
         int64_t k, int64_t g, int64_t r0, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi,
         float *y, int64_t ldy) {
-    const int gb = packed_block_bytes(type), head = type == T_Q4_1 ? 32 : 16;
+    const int gb = packed_block_bytes(type);
     const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
     const int64_t nb = k / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -284,7 +310,7 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
     __m512 acc[8];
     for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = pw + b * 2 * gb, *q = blk + 2 * head;
+        const uint8_t *blk = pw + b * 2 * gb, *q = blk + (type == T_Q4_1 ? 64 : 16);
         __m512i isum[8];
         for (int r = 0; r < RN; r++)
             isum[r] = off ? _mm512_set1_epi32(-off * xi[(r0 + r) * nb + b]) : _mm512_setzero_si512();
@@ -303,7 +329,9 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
                 }
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 d = _mm512_cvtph_ps(type == T_Q4_1 ? _mm256_loadu_si256((const __m256i *)blk)
+                                                         : _mm256_loadu2_m128i((const __m128i *)(blk + 2 * gb - 16),
+                                                                               (const __m128i *)blk));
         const __m512 mm = type == T_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32))) : d;
         for (int r = 0; r < RN; r++) {
             const int64_t xb = (r0 + r) * nb + b;
