@@ -140,7 +140,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.packed_supported.argtypes = so.packed_block_bytes.argtypes = [i32]
     so.rope_rows.restype = so.attn_batch.restype = None
     so.rope_rows.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, f32]
-    so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32]
+    so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32, i32]
     so.kv_store.restype = None
     so.kv_store.argtypes = [ptr, i32, i64, i32, i32, i32, i32]
     so.decoder_layers.restype = i32

@@ -201,4 +201,4 @@ class NativeDecoder:
             e.k, e.v, e.S = ks.data_ptr(), vs.data_ptr(), ks.shape[1]
             e.sh, e.ss = ks.stride(0), ks.stride(1)
         self.lib.attn_batch(seqs, len(seqs), self.ldq, att.stride(0), self.nq, self.nkv, self.hd,
-                            a.window or 0, a.scale, a.softcap or 0.0, self.threads)
+                            a.window or 0, a.scale, a.softcap or 0.0, self.threads, 0)  # f32 caches

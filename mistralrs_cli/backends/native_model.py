@@ -145,8 +145,9 @@ class NativeModel:
     """A loaded model as the engine uses it: `config`, `dtype`, `kv_round_to`, `step()`; and
     `model(ids, batch)` as the torch models are called (tests)."""
 
-    dtype = _F32
-    kv_round_to = np.dtype(np.float16)  # llama.cpp keeps its KV cache in f16
+    dtype = _F32  # activations
+    cache_dtype = np.dtype(np.float16)  # the KV cache holds f16, as llama.cpp's does
+    kv_round_to = None  # (stored as f16 already)
 
     @classmethod
     def build(cls, gf, cfg: ModelConfig, release=None) -> "NativeModel | None":
@@ -360,8 +361,10 @@ class NativeModel:
         gu = np.empty((T, self.gate_up_rows), dtype=np.float32)
         y = np.empty_like(h)
         caches = [s.cache if s.cache is not None else
-                  SeqKVCache(len(self.layers), nkv, hd, _F32, capacity=s.end - s.start, round_to=self.kv_round_to)
+                  SeqKVCache(len(self.layers), nkv, hd, self.cache_dtype, capacity=s.end - s.start)
                   for s in seqs]
+        if any(c.dtype != self.cache_dtype for c in caches):
+            raise ValueError(f"the native runtime's KV caches hold {self.cache_dtype}: make them with cache_for(model)")
         entries = (native.AttnSeq * len(seqs))()
         ldq, ldo = qkv.shape[1], att.shape[1]
         for e, s in zip(entries, seqs):
@@ -400,13 +403,14 @@ class NativeModel:
                     where = cache.native_slots(i, n)
                     if where is None:  # a fragmented paged cache: stored and gathered by numpy
                         ks, vs = cache.update(i, k[start:end], v[start:end])  # (Hkv, S, D)
-                        if ks.strides[-1] != 4 or vs.strides != ks.strides:
+                        if ks.strides[-1] != ks.itemsize or vs.strides != ks.strides:
                             ks, vs = np.ascontiguousarray(ks), np.ascontiguousarray(vs)
                         keep.append((ks, vs))  # kv_store below rewrites the new rows: same values
-                        where = (ks.ctypes.data, vs.ctypes.data, ks.shape[1], ks.strides[0] // 4, ks.strides[1] // 4)
+                        sz = ks.itemsize
+                        where = (ks.ctypes.data, vs.ctypes.data, ks.shape[1], ks.strides[0] // sz, ks.strides[1] // sz)
                     e.k, e.v, e.S, e.sh, e.ss = where
                 kv_store(entries, nseq, ldq, nq, nkv, hd, 1)
-                attn(entries, nseq, ldq, ldo, nq, nkv, hd, c.window, c.scale, c.softcap, th)
+                attn(entries, nseq, ldq, ldo, nq, nkv, hd, c.window, c.scale, c.softcap, th, 1)
                 if (qmm(c.o, c.o_n, q_width, attp, ldo, T, yp, d, th, c.o_opts)
                         or qmm(c.gu, c.gu_n, d, hp, d, T, gup, gu_rows, th, c.gu_opts)
                         or qmm(c.down, c.down_n, inter, gup, gu_rows, T, yp, d, th, c.down_opts)):

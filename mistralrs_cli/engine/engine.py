@@ -59,7 +59,7 @@ class Engine:
         self.kv: PagedKV | None = None
         if cfg.paged_attn and not cfg.no_kv_cache:
             c, m = self.model.config, self.model
-            shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, m.dtype)
+            shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, m.cache_dtype)
             self.kv = PagedKV(shape, pool_blocks(cfg, shape, self.max_context), cfg.block_size,
                               cfg.prefix_cache_n, m.kv_round_to)
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,

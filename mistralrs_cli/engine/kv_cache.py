@@ -67,6 +67,10 @@ class SeqKVCache:
         k, v = self.k[layer], self.v[layer]
         return k.ctypes.data, v.ctypes.data, n + t, k.shape[1] * k.shape[2], k.shape[2]
 
+    @property
+    def dtype(self):
+        return self.k[0].dtype
+
     def native_layers_ok(self) -> bool:
         return True
 
@@ -84,6 +88,7 @@ class SeqKVCache:
 
 
 def cache_for(model) -> SeqKVCache:
-    """An empty cache shaped for `model`, in its activation dtype, rounded as its kv_round_to says."""
+    """An empty cache shaped for `model`, in its cache dtype, rounded as its kv_round_to says."""
     c = model.config
-    return SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.dtype, round_to=model.kv_round_to)
+    return SeqKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.cache_dtype,
+                      round_to=model.kv_round_to)

@@ -332,6 +332,10 @@ class PagedSeqCache:
         k = base + self.blocks[0] * kv.block_size * d * kv.itemsize
         return k, k + kv.shape.n_kv * slots * d * kv.itemsize, n + t, slots * d, d
 
+    @property
+    def dtype(self):
+        return self.kv.shape.dtype
+
     def native_layers_ok(self) -> bool:
         return self.contiguous
 

@@ -43,6 +43,11 @@ class CausalLM(nn.Module):
         return None
 
     @property
+    def cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores: the activation dtype (values rounded as kv_round_to says)."""
+        return self.dtype
+
+    @property
     def kv_round_to(self) -> torch.dtype | None:
         """The dtype cached keys/values are rounded through (kept in the compute dtype)."""
         return self.kv_dtype if self.kv_dtype != self.dtype and self.dtype == torch.float32 else None

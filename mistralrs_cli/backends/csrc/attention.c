@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__F16C__)
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -36,18 +36,78 @@ void rope_rows(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int 
     }
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    // 32 independent sums (four vectors' worth): vectorized without -ffast-math, and four
-    // FMA chains in flight instead of one
-    float acc[32] = {0};
+// Keys and values are f32, or f16 (kv16: the native runtime's cache, half the bytes to stream;
+// llama.cpp's cache type). Every function below takes the element type as a constant the
+// compiler specializes on, and does the same float arithmetic for both: the f16 values are
+// exactly the f32 values an f32 cache of f16-rounded numbers holds, so results are identical.
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalize
+            exp = 113;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float ld1(const void *x, int64_t i, const int kv16) {
+    return kv16 ? h2f(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+#define VEC8 1
+static inline __m256 ld8(const void *x, int64_t i, const int kv16) {
+    return kv16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)))
+                : _mm256_loadu_ps((const float *)x + i);
+}
+#endif
+
+#if defined(__AVX512F__) && defined(VEC8)
+#define VEC16 1
+static inline __m512 ld16(const void *x, int64_t i, const int kv16) {
+    return kv16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)))
+                : _mm512_loadu_ps((const float *)x + i);
+}
+#endif
+
+// q . k over n dims: 32 running sums (lane l takes dims l, l + 32, ...; then 8 lanes), folded
+// as ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)); the tail one by one.
+static inline __attribute__((always_inline)) float dot_t(const float *a, const void *b, int n, const int kv16) {
     int e = 0;
+    float s;
+#if defined(VEC8)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (; e + 32 <= n; e += 32)
-        for (int l = 0; l < 32; l++) acc[l] += a[e + l] * b[e + l];
+        for (int c = 0; c < 4; c++) acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8 * c), ld8(b, e + 8 * c, kv16), acc[c]);
+    for (; e + 8 <= n; e += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), ld8(b, e, kv16), acc[0]);
+    const __m256 f = _mm256_add_ps(acc[0], _mm256_add_ps(_mm256_add_ps(acc[1], acc[2]), acc[3]));
+    float t[8];
+    _mm256_storeu_ps(t, f);
+    s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#else
+    float acc[32] = {0};
+    for (; e + 32 <= n; e += 32)
+        for (int l = 0; l < 32; l++) acc[l] = fmaf(a[e + l], ld1(b, e + l, kv16), acc[l]);
     for (; e + 8 <= n; e += 8)
-        for (int l = 0; l < 8; l++) acc[l] += a[e + l] * b[e + l];
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(a[e + l], ld1(b, e + l, kv16), acc[l]);
     for (int l = 0; l < 8; l++) acc[l] += (acc[l + 8] + acc[l + 16]) + acc[l + 24];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; e < n; e++) s += a[e] * b[e];
+    s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+#endif
+    for (; e < n; e++) s = fmaf(a[e], ld1(b, e, kv16), s);
     return s;
 }
 
@@ -93,41 +153,98 @@ static float exp_sum(float *p, int64_t n, float mx) {
 }
 
 // o = inv * sum_j p[j - lo] v_j over keys lo..hi; 64 output dims at a time stay in registers
-static void weighted_sum(const float *p, int64_t lo, int64_t hi, float inv, const float *vh, int64_t ss,
-                         int hd, float *o) {
+static inline __attribute__((always_inline)) void weighted_sum_t(const float *p, int64_t lo, int64_t hi, float inv,
+                                                                 const void *vh, int64_t ss, int hd, float *o,
+                                                                 const int kv16) {
     int e0 = 0;
-#if defined(__AVX2__)
+#if defined(VEC8)
     for (; e0 + 64 <= hd; e0 += 64) {
         __m256 acc[8];
         for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
         for (int64_t j = lo; j <= hi; j++) {
             const __m256 w = _mm256_set1_ps(p[j - lo]);
-            const float *vj = vh + j * ss + e0;
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, ld8(vh, j * ss + e0 + 8 * c, kv16), acc[c]);
         }
-        const __m256 s = _mm256_set1_ps(inv);
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], s));
+        const __m256 sc = _mm256_set1_ps(inv);
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], sc));
     }
 #endif
     for (int e = e0; e < hd; e++) {
         float a = 0.0f;
-        for (int64_t j = lo; j <= hi; j++) a += p[j - lo] * vh[j * ss + e];
+        for (int64_t j = lo; j <= hi; j++) a = fmaf(p[j - lo], ld1(vh, j * ss + e, kv16), a);
         o[e] = a * inv;
     }
 }
 
-// One (query row, head) of attention: q (hd), keys/values of one kv head with key stride ss,
-// keys lo..hi visible; p: scratch for hi - lo + 1 scores; o: hd outputs.
-static void attend_row(const float *qh, const float *kh, const float *vh, int64_t ss, int hd, int64_t lo,
-                       int64_t hi, float scale, float softcap, float *p, float *o) {
-    float mx = -INFINITY;
-    for (int64_t j = lo; j <= hi; j++) {
-        float d = dot(qh, kh + j * ss, hd) * scale;
-        if (softcap > 0.0f) d = tanhf(d / softcap) * softcap;
-        p[j - lo] = d;
-        if (d > mx) mx = d;
+#if defined(VEC16)
+// lane r of the result = the sum of v[r]'s 16 lanes: a transpose-and-add tree (31 adds/shuffles
+// for 16 dot products instead of a horizontal reduction of each)
+static inline __m512 sum16x16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  // per 128-bit lane: keys 4i..4i+3, that lane's share of each
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+// p[j - lo] = (q . k_j) * scale for keys lo..hi. With AVX-512 and hd a multiple of 16, keys go
+// 16 at a time (lo, lo + 16, ...: the grouping depends only on lo and hi, so a row's scores do
+// not depend on how its prompt was chunked or batched); the rest one by one.
+static inline __attribute__((always_inline)) void scores_t(const float *qh, const void *kh, int64_t ss, int hd,
+                                                           int64_t lo, int64_t hi, float scale, float *p,
+                                                           const int kv16) {
+    int64_t j = lo;
+#if defined(VEC16)
+    if (hd % 16 == 0) {
+        const __m512 sc = _mm512_set1_ps(scale);
+        for (; j + 15 <= hi; j += 16) {
+            __m512 acc[16];
+            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+            for (int e = 0; e < hd; e += 16) {
+                const __m512 q = _mm512_loadu_ps(qh + e);
+                for (int r = 0; r < 16; r++) acc[r] = _mm512_fmadd_ps(q, ld16(kh, (j + r) * ss + e, kv16), acc[r]);
+            }
+            _mm512_storeu_ps(p + (j - lo), _mm512_mul_ps(sum16x16(acc), sc));
+        }
     }
-    weighted_sum(p, lo, hi, 1.0f / exp_sum(p, hi - lo + 1, mx), vh, ss, hd, o);
+#endif
+    for (; j <= hi; j++) {
+        const void *kj = kv16 ? (const void *)((const uint16_t *)kh + j * ss) : (const void *)((const float *)kh + j * ss);
+        p[j - lo] = dot_t(qh, kj, hd, kv16) * scale;
+    }
+}
+
+// One (query row, head) of attention: q (hd), keys/values of one kv head with key stride ss (in
+// elements), keys lo..hi visible; p: scratch for hi - lo + 1 scores; o: hd outputs.
+static inline __attribute__((always_inline)) void attend_row_t(const float *qh, const void *kh, const void *vh,
+                                                               int64_t ss, int hd, int64_t lo, int64_t hi,
+                                                               float scale, float softcap, float *p, float *o,
+                                                               const int kv16) {
+    scores_t(qh, kh, ss, hd, lo, hi, scale, p, kv16);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j <= hi - lo; j++) {
+        if (softcap > 0.0f) p[j] = tanhf(p[j] / softcap) * softcap;
+        if (p[j] > mx) mx = p[j];
+    }
+    weighted_sum_t(p, lo, hi, 1.0f / exp_sum(p, hi - lo + 1, mx), vh, ss, hd, o, kv16);
+}
+
+static void attend_row32(const float *qh, const void *kh, const void *vh, int64_t ss, int hd, int64_t lo, int64_t hi,
+                         float scale, float softcap, float *p, float *o) {
+    attend_row_t(qh, kh, vh, ss, hd, lo, hi, scale, softcap, p, o, 0);
+}
+
+static void attend_row16(const float *qh, const void *kh, const void *vh, int64_t ss, int hd, int64_t lo, int64_t hi,
+                         float scale, float softcap, float *p, float *o) {
+    attend_row_t(qh, kh, vh, ss, hd, lo, hi, scale, softcap, p, o, 1);
 }
 
 #include "attention.h"
@@ -136,8 +253,9 @@ static void attend_row(const float *qh, const float *kh, const float *vh, int64_
 // Query t at position pos[t] sees keys j <= pos[t] (key j is position j) and, with a window,
 // pos[t] - j < window.
 void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq, int nkv, int hd,
-                int64_t window, float scale, float softcap, int n_threads) {
+                int64_t window, float scale, float softcap, int n_threads, int kv16) {
     const int rep = nq / nkv;
+    const size_t esz = kv16 ? 2 : 4;
     int64_t tasks = 0, max_s = 1;
     for (int i = 0; i < nseq; i++) {
         tasks += seqs[i].n * nq;
@@ -157,66 +275,62 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
             const int h = (int)(task % nq);
             const int64_t t = rest, hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
             const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
-            attend_row(sq->q + t * ldq + (int64_t)h * hd, sq->k + (int64_t)(h / rep) * sq->sh,
-                       sq->v + (int64_t)(h / rep) * sq->sh, sq->ss, hd, lo, hi, scale, softcap, p,
-                       sq->out + t * ldo + (int64_t)h * hd);
+            const char *kh = (const char *)sq->k + (size_t)(h / rep) * (size_t)sq->sh * esz;
+            const char *vh = (const char *)sq->v + (size_t)(h / rep) * (size_t)sq->sh * esz;
+            (kv16 ? attend_row16 : attend_row32)(sq->q + t * ldq + (int64_t)h * hd, kh, vh, sq->ss, hd, lo, hi,
+                                                 scale, softcap, p, sq->out + t * ldo + (int64_t)h * hd);
         }
         free(p);
     }
 }
 
-// x rounded to the nearest IEEE half (ties to even, subnormals and overflow to inf included) and
-// back: what storing it in an f16 cache and reading it again gives.
-static inline float round_f16(float f) {
+// x as the nearest IEEE half (ties to even; subnormals, overflow to inf, nan kept).
+static inline uint16_t f2h(float f) {
 #if defined(__F16C__)
-    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
 #else
-    uint32_t x, r;
+    uint32_t x;
     memcpy(&x, &f, 4);
-    const uint32_t sign = x & 0x80000000u, ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return f;  // inf, nan
-    if (ax >= 0x477ff000u) {          // 65520 and up round to inf
-        r = sign | 0x7f800000u;
-        memcpy(&f, &r, 4);
-        return f;
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;     // nan
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;    // 65520 and up (and inf): inf
+    if (ax < 0x38800000u) {                          // a subnormal half: multiples of 2^-24
+        const float a = nearbyintf(fabsf(f) / 5.9604644775390625e-08f);
+        return sign | (uint16_t)a;                   // 1024 (the smallest normal) carries into the exponent
     }
-    if (ax < 0x38800000u) {  // below 2^-14: a subnormal half, multiples of 2^-24
-        const float q = 5.9604644775390625e-08f, a = nearbyintf(fabsf(f) / q) * q;
-        return sign ? -a : a;
-    }
-    r = sign | ((ax + 0xfffu + ((ax >> 13) & 1u)) & 0xffffe000u);  // 23 -> 10 mantissa bits
-    memcpy(&f, &r, 4);
-    return f;
+    const uint32_t r = (ax + 0xfffu + ((ax >> 13) & 1u)) >> 13;  // 23 -> 10 mantissa bits, ties to even
+    return sign | (uint16_t)(r - (112u << 10));
 #endif
 }
 
 // Each sequence's new keys and values (its n rows of qkv: the nkv k heads after the nq q heads,
-// then the v heads) written at slots [S - n, S) of its caches, which attn_batch then reads;
-// rounded through f16 when f16 is set (llama.cpp's f16 cache, kept as f32 here).
-void kv_store(const attn_seq *seqs, int nseq, int64_t ldq, int nq, int nkv, int hd, int f16) {
+// then the v heads) written at slots [S - n, S) of its caches, which attn_batch then reads: as
+// f16 (llama.cpp's cache type: rounded to nearest even) when kv16 is set, else as f32.
+void kv_store(const attn_seq *seqs, int nseq, int64_t ldq, int nq, int nkv, int hd, int kv16) {
     for (int i = 0; i < nseq; i++) {
         const attn_seq *s = &seqs[i];
         for (int64_t t = 0; t < s->n; t++) {
             const float *row = s->q + t * ldq;
             const int64_t slot = (s->S - s->n + t) * s->ss;
             for (int h = 0; h < nkv; h++) {
-                float *kd = (float *)s->k + h * s->sh + slot, *vd = (float *)s->v + h * s->sh + slot;
                 const float *ks = row + (int64_t)(nq + h) * hd, *vs = row + (int64_t)(nq + nkv + h) * hd;
-                if (!f16) {
-                    memcpy(kd, ks, sizeof(float) * (size_t)hd);
-                    memcpy(vd, vs, sizeof(float) * (size_t)hd);
+                if (!kv16) {
+                    memcpy((float *)s->k + h * s->sh + slot, ks, sizeof(float) * (size_t)hd);
+                    memcpy((float *)s->v + h * s->sh + slot, vs, sizeof(float) * (size_t)hd);
                     continue;
                 }
+                uint16_t *kd = (uint16_t *)s->k + h * s->sh + slot, *vd = (uint16_t *)s->v + h * s->sh + slot;
                 int j = 0;
 #if defined(__F16C__) && defined(__AVX__)
                 for (; j + 8 <= hd; j += 8) {
-                    _mm256_storeu_ps(kd + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(ks + j), _MM_FROUND_TO_NEAREST_INT)));
-                    _mm256_storeu_ps(vd + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(vs + j), _MM_FROUND_TO_NEAREST_INT)));
+                    _mm_storeu_si128((__m128i *)(kd + j), _mm256_cvtps_ph(_mm256_loadu_ps(ks + j), _MM_FROUND_TO_NEAREST_INT));
+                    _mm_storeu_si128((__m128i *)(vd + j), _mm256_cvtps_ph(_mm256_loadu_ps(vs + j), _MM_FROUND_TO_NEAREST_INT));
                 }
 #endif
                 for (; j < hd; j++) {
-                    kd[j] = round_f16(ks[j]);
-                    vd[j] = round_f16(vs[j]);
+                    kd[j] = f2h(ks[j]);
+                    vd[j] = f2h(vs[j]);
                 }
             }
         }

@@ -30,7 +30,7 @@ typedef struct {
 // S, sh, ss (the same in every layer) are set in seqs. Returns 0, or the failing layer + 1.
 int decoder_layers(const dec_layer *L, int nl, attn_seq *seqs, int nseq, const float *const *kv, float *h,
                    float *qkv, float *att, float *gu, float *y, int64_t T, int64_t d, int nq, int nkv, int hd,
-                   int64_t gu_rows, int f16, int n_threads) {
+                   int64_t gu_rows, int f16, int n_threads) {  // f16: the caches hold f16
     const int64_t ldq = (int64_t)(nq + 2 * nkv) * hd, ldo = (int64_t)nq * hd;
     for (int i = 0; i < nl; i++) {
         const dec_layer *l = &L[i];
@@ -41,7 +41,7 @@ int decoder_layers(const dec_layer *L, int nl, attn_seq *seqs, int nseq, const f
             seqs[s].v = kv[((int64_t)i * nseq + s) * 2 + 1];
         }
         kv_store(seqs, nseq, ldq, nq, nkv, hd, f16);
-        attn_batch(seqs, nseq, ldq, ldo, nq, nkv, hd, l->window, l->scale, l->softcap, n_threads);
+        attn_batch(seqs, nseq, ldq, ldo, nq, nkv, hd, l->window, l->scale, l->softcap, n_threads, f16);
         if (qmm_parts(l->o, l->o_n, ldo, att, ldo, T, y, d, n_threads, l->o_opts) ||
             qmm_parts(l->gu, l->gu_n, d, h, d, T, gu, gu_rows, n_threads, l->gu_opts) ||
             qmm_parts(l->down, l->down_n, gu_rows / 2, gu, gu_rows, T, y, d, n_threads, l->down_opts))
