@@ -265,8 +265,9 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
     {
         float *p = malloc(sizeof(float) * (size_t)max_s);
         // round-robin: a causal prompt's later rows see more keys, so contiguous halves would
-        // leave one thread with three quarters of the work
-#pragma omp for schedule(static, 1)
+        // leave one thread with three quarters of the work; in chunks of the query heads that
+        // share a kv head, so one core reads each row's keys and values, not every core
+#pragma omp for schedule(static, rep)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t rest = task / nq;
             int i = 0;
