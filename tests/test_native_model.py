@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import gguf_builder as gb
-from mistralrs_cli.backends.native_model import NativeModel, _inv_freq
+from mistralrs_cli.backends.native_model import NativeModel
 from mistralrs_cli.engine.kv_cache import cache_for
 from mistralrs_cli.loaders.load import load
 from mistralrs_cli.models.batch import Batch, SeqSlice
@@ -165,7 +165,9 @@ def test_rotary_frequencies_match_transformers(name):
                 "rope_theta": THETA, "rope_type": "linear", "factor": 1.0}), "cpu")
     else:
         want, want_factor = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", seq_len=MAX_POS)
-    got, factor = _inv_freq(kind, 16, THETA, scaling, MAX_POS)
+    from mistralrs_cli.models.rope import ROPE_INV_FREQ
+
+    got, factor = ROPE_INV_FREQ[kind](16, THETA, scaling, MAX_POS, MAX_POS)
     assert float(np.abs(got - want.numpy()).max()) < 1e-6
     assert abs(factor - (want_factor or 1.0)) < 1e-6
 

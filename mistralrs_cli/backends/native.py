@@ -177,6 +177,13 @@ class QmmOpts(ctypes.Structure):
                 ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float)]
 
 
+def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> QmmOpts:
+    """QmmOpts over arrays or tensors (None: that step is skipped); the residual is set per call."""
+    p = lambda t: None if t is None else ptr(t)  # noqa: E731
+    return QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None, ld_res=0, post_w=p(post),
+                   post_eps=post_eps)
+
+
 PACKED = 0x100  # QPart.type flag: the weight is in packed.c's 8-row groups
 
 

@@ -49,12 +49,6 @@ def _plan(backend, modules: list) -> tuple[native.Plan, torch.Tensor | None] | N
     return plan, bias
 
 
-def _opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> native.QmmOpts:
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    return native.QmmOpts(norm_w=ptr(norm), norm_eps=eps, act=act, bias=ptr(bias), residual=None,
-                          ld_res=0, post_w=ptr(post), post_eps=post_eps)
-
-
 @dataclass
 class _Layer:
     attn: Attention
@@ -95,10 +89,10 @@ def _layer(layer, backend, act: int) -> _Layer | None:
     qn = _norm_weight(attn.q_norm) if attn.qk_norm else None
     kn = _norm_weight(attn.k_norm) if attn.qk_norm else None
     return _Layer(
-        attn, qkv[0], _opts(w["pre_attn"], eps["pre_attn"], bias=qkv[1]),
-        o[0], _opts(bias=o[1], post=w["post_attn"], post_eps=eps["post_attn"]),
-        gu[0], _opts(w["pre_ffn"], eps["pre_ffn"], bias=gu[1]),
-        down[0], _opts(act=act, bias=down[1], post=w["post_ffn"], post_eps=eps["post_ffn"]),
+        attn, qkv[0], native.qmm_opts(w["pre_attn"], eps["pre_attn"], bias=qkv[1]),
+        o[0], native.qmm_opts(bias=o[1], post=w["post_attn"], post_eps=eps["post_attn"]),
+        gu[0], native.qmm_opts(w["pre_ffn"], eps["pre_ffn"], bias=gu[1]),
+        down[0], native.qmm_opts(act=act, bias=down[1], post=w["post_ffn"], post_eps=eps["post_ffn"]),
         qn, kn, keep=(w, qkv[1], o[1], gu[1], down[1]))
 
 
@@ -125,7 +119,7 @@ class NativeDecoder:
         if head is None or any(x is None for x in layers) or type(model.model.norm) is not RMSNorm:
             return None
         norm = _norm_weight(model.model.norm)
-        return cls(model, layers, head[0], _opts(norm, model.model.norm.eps, bias=head[1]), (norm, head[1]))
+        return cls(model, layers, head[0], native.qmm_opts(norm, model.model.norm.eps, bias=head[1]), (norm, head[1]))
 
     def handles(self, batch: Batch) -> bool:
         return all(s.cache is not None for s in batch.seqs)

@@ -33,69 +33,13 @@ import numpy as np
 
 from ..models.batch import Batch
 from ..models.config import ModelConfig
+from ..models.rope import ROPE_INV_FREQ, RopeTable
 from . import native
 
 ARCHS = {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
 _GEMMA = {"gemma", "gemma2", "gemma3"}
 _F32 = np.dtype(np.float32)
 _CHUNK = 16 << 20  # bytes of the file repacked between releases of its pages
-
-
-def _inv_freq(kind: str, dim: int, base: float, scaling: dict[str, Any], max_pos: int) -> tuple[np.ndarray, float]:
-    """Rotary inverse frequencies (dim/2,) and the cos/sin multiplier, as models/layers.py's
-    ROPE_INV_FREQ computes them (the kinds a GGUF file can carry)."""
-    idx = np.arange(0, dim, 2, dtype=np.float32)
-    inv = (np.float32(1.0) / (np.float32(base) ** (idx / np.float32(dim)))).astype(np.float32)
-    if kind == "default":
-        return inv, 1.0
-    if kind == "linear":
-        return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
-    if kind == "freq_factors":
-        return (inv / np.asarray(scaling["factors"], dtype=np.float32)).astype(np.float32), 1.0
-    if kind == "yarn":
-        from ..models.config import yarn_mscale
-
-        orig = int(scaling.get("original_max_position_embeddings") or max_pos)
-        factor = float(scaling.get("factor") or max_pos / orig)
-        attn = scaling.get("attention_factor")
-        if attn is None:
-            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            attn = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
-
-        def corr_dim(rotations: float) -> float:
-            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = corr_dim(scaling.get("beta_fast") or 32), corr_dim(scaling.get("beta_slow") or 1)
-        if scaling.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        high = high + 0.001 if low == high else high
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-        pos_freqs = np.float32(base) ** (idx / np.float32(dim))
-        extrapolate = np.float32(1) - ramp
-        out = (np.float32(1.0) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - extrapolate) \
-            + (np.float32(1.0) / pos_freqs) * extrapolate
-        return out.astype(np.float32), float(attn)
-    raise ValueError(f"rope scaling type {kind!r} has no native table")
-
-
-@dataclass
-class _Rope:
-    dim: int
-    inv_freq: np.ndarray
-    factor: float
-
-    def tables(self, positions: np.ndarray, memo: dict) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin (T, dim) for the positions, once per forward per frequency vector."""
-        key = ("rope", id(self))
-        if key not in memo:
-            freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
-            emb = np.concatenate([freqs, freqs], axis=1)
-            cos, sin = np.cos(emb), np.sin(emb)
-            if self.factor != 1.0:
-                cos, sin = cos * np.float32(self.factor), sin * np.float32(self.factor)
-            memo[key] = (np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32))
-        return memo[key]
 
 
 @dataclass
@@ -110,7 +54,7 @@ class _Layer:
     down_opts: native.QmmOpts
     q_norm: np.ndarray | None
     k_norm: np.ndarray | None
-    rope: _Rope
+    rope: RopeTable
     window: int | None
     scale: float
     softcap: float | None
@@ -129,12 +73,6 @@ class _Calls:
         self.kn = None if L.k_norm is None else L.k_norm.ctypes.data
         self.eps = eps if L.q_norm is not None else 0.0
         self.window, self.scale, self.softcap = L.window or 0, L.scale, L.softcap or 0.0
-
-
-def _opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> native.QmmOpts:
-    p = lambda t: None if t is None else native.ptr(t)  # noqa: E731
-    return native.QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None,
-                          ld_res=0, post_w=p(post), post_eps=post_eps)
 
 
 class _Unfit(Exception):
@@ -229,7 +167,7 @@ class NativeModel:
             release()
 
         self.layers: list[_Layer] = []
-        ropes: dict[tuple, _Rope] = {}
+        ropes: dict[tuple, RopeTable] = {}
         eps = cfg.rms_norm_eps
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
@@ -241,10 +179,10 @@ class NativeModel:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
             key = (kind, rot, base, repr(sorted(scaling.items())))
             if key not in ropes:  # one table per distinct rotary: layers share it within a forward
-                try:
-                    ropes[key] = _Rope(rot, *_inv_freq(kind, rot, base, scaling, cfg.max_position_embeddings))
-                except ValueError:
-                    raise _Unfit(kind) from None
+                if kind not in ROPE_INV_FREQ:
+                    raise _Unfit(kind)
+                ropes[key] = RopeTable(rot, *ROPE_INV_FREQ[kind](rot, base, scaling, cfg.max_position_embeddings,
+                                                                 cfg.max_position_embeddings))
             pre_attn = self._norm(b + "attn_norm.weight")
             pre_ffn = self._norm(b + "ffn_norm.weight")
             post_attn = self._norm(b + "post_attention_norm.weight") if sandwich else None
@@ -253,13 +191,13 @@ class NativeModel:
             scalar = cfg.query_pre_attn_scalar
             self.layers.append(_Layer(
                 native.Plan.join([plans[b + f"attn_{x}.weight"] for x in "qkv"]),
-                _opts(pre_attn, eps, bias=qkv_bias),
+                native.qmm_opts(pre_attn, eps, bias=qkv_bias),
                 plans[b + "attn_output.weight"],
-                _opts(bias=self._biases([b + "attn_output"]), post=post_attn, post_eps=eps),
+                native.qmm_opts(bias=self._biases([b + "attn_output"]), post=post_attn, post_eps=eps),
                 native.Plan.join([plans[b + "ffn_gate.weight"], plans[b + "ffn_up.weight"]]),
-                _opts(pre_ffn, eps, bias=self._biases([b + "ffn_gate", b + "ffn_up"])),
+                native.qmm_opts(pre_ffn, eps, bias=self._biases([b + "ffn_gate", b + "ffn_up"])),
                 plans[b + "ffn_down.weight"],
-                _opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps),
+                native.qmm_opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps),
                 self._norm(b + "attn_q_norm.weight", required=False),
                 self._norm(b + "attn_k_norm.weight", required=False),
                 ropes[key], window, (scalar if scalar else self.hd) ** -0.5,
@@ -277,7 +215,7 @@ class NativeModel:
             d.rot, d.qn, d.kn, d.eps = L.rope.dim, c.qn, c.kn, c.eps
             d.scale, d.softcap, d.window = c.scale, c.softcap, c.window
         self.norm = self._norm("output_norm.weight")
-        self.head, self.head_opts = plans[head], _opts(self.norm, eps, bias=self._biases(["output"]))
+        self.head, self.head_opts = plans[head], native.qmm_opts(self.norm, eps, bias=self._biases(["output"]))
         self.embd, self.embd_type = gf.raw_np("token_embd.weight"), t["token_embd.weight"].qtype
         self.embed_multiplier = math.sqrt(cfg.hidden_size) if self.gemma else None
         self.gate_up_rows = self.layers[0].gate_up.rows
