@@ -102,6 +102,14 @@ def _check_device(device: str) -> None:
     raise UserError(f"--device {device!r} is not one of auto, cpu, cuda (or cuda:N).")
 
 
+NUMERICS = ("llama.cpp", "precise", "exact")
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in NUMERICS:
+        raise UserError(f"--numerics {numerics!r} is not one of {', '.join(NUMERICS)}.")
+
+
 def run(opts: RunOptions, spec: Any) -> None:
     _setup_logging(opts)
     modes = [name for name, on in (("--prompt", opts.prompt is not None), ("-i/--interactive", opts.interactive),
@@ -110,6 +118,7 @@ def run(opts: RunOptions, spec: Any) -> None:
         raise UserError(f"{' and '.join(modes)} are different output modes; choose one.")
     if opts.load.dtype not in ("auto", "f32", "bf16", "f16"):
         raise UserError(f"--dtype {opts.load.dtype!r} is not one of auto, f32, bf16, f16.")
+    check_numerics(opts.load.numerics)
     _check_device(opts.load.device)
     config = engine_config(opts)
     params = sampling_params(opts, opts.interactive)

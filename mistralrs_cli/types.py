@@ -44,7 +44,9 @@ class LoadOptions:
     chat_template: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    numerics: str = "llama.cpp"  # GGUF: "llama.cpp" rounding (token parity) or "exact"
+    # GGUF: "llama.cpp" (its activation rounding and f16 KV cache: token parity), "precise" (the
+    # native kernels with ~16-bit activations and an f32 cache) or "exact" (dequantized, torch)
+    numerics: str = "llama.cpp"
     isq: str | None = None
     num_device_layers: int | None = None  # -n: the first N decoder layers on the GPU, the rest on the CPU
     # GGUF on the CPU: "auto" runs a file the native runtime serves without torch

@@ -37,7 +37,7 @@ MODELS = {
     "smollm2": {"label": "SmolLM2-135M Q4_1", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
     "gemma3": {"label": "Gemma-3-270M Q4_K_M", "file": "gemma-3-270m-q4_k_m.gguf"},
 }
-ENGINES = ["ours", "llama.cpp", "mistral.rs"]
+ENGINES = ["ours", "ours-precise", "llama.cpp", "mistral.rs"]  # ours-precise: --numerics precise
 # Known problems that make a row not comparable; printed beside the row.
 KNOWN_BROKEN = {("mistral.rs", "gemma3"): "tokenizer converted wrongly by mistral.rs (prompt token "
                                           "count differs, output is garbage)"}
@@ -197,7 +197,7 @@ def find_cli(arg: str | None) -> str | None:
 
 def probe(engine: str, args) -> tuple[bool, str]:
     """(available, version or reason)."""
-    if engine == "ours":
+    if engine.startswith("ours"):
         cli = find_cli(args.cli)
         if not cli:
             return False, "not installed (no mistralrs CLI; run `make venv` or pass --cli)"
@@ -238,8 +238,9 @@ def one_run(engine: str, model_key: str, model_path: Path, args) -> dict:
            "threads": args.threads, "n_ctx": 1024,
            # BOS per the model's tokenizer (add_bos metadata): only used by the mistral.rs template
            "add_bos": model_key == "gemma3"}
-    if engine == "ours":
-        cmd = [find_cli(args.cli), "--raw", "--ignore-eos", "--max-tokens", str(args.max_tokens),
+    if engine.startswith("ours"):
+        numerics = ["--numerics", "precise"] if engine == "ours-precise" else []
+        cmd = [find_cli(args.cli), *numerics, "--raw", "--ignore-eos", "--max-tokens", str(args.max_tokens),
                "--temperature", "0", "--prompt", PROMPT, "gguf", "-f", str(model_path)]
     else:
         code = LLAMA_RUNNER if engine == "llama.cpp" else MISTRALRS_RUNNER
@@ -250,7 +251,7 @@ def one_run(engine: str, model_key: str, model_path: Path, args) -> dict:
     if p["rc"] != 0 or p["timed_out"]:
         res["error"] = ("timed out; " if p["timed_out"] else f"exit {p['rc']}; ") + p["stderr"].strip()[-400:]
         return res
-    if engine == "ours":
+    if engine.startswith("ours"):
         m = STATS_RE.search(p["stderr"])
         if not m:
             res["error"] = "no stats line on stderr: " + p["stderr"].strip()[-400:]
@@ -379,10 +380,10 @@ def main(argv=None) -> int:
         print(f"\n[{i}] {n}")
 
     rows = []
-    for m in paths:
-        if ("ours", m) not in summary or summary[("ours", m)]["n_ok"] == 0:
+    for m, ours in ((m, e) for m in paths for e in ("ours", "ours-precise")):
+        if (ours, m) not in summary or summary[(ours, m)]["n_ok"] == 0:
             continue
-        o = summary[("ours", m)]
+        o = summary[(ours, m)]
         for peer in ("llama.cpp", "mistral.rs"):
             p = summary.get((peer, m))
             if not p or p["n_ok"] == 0:
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
 
             def ratio(k):
                 return o[k] / p[k] if o.get(k) and p.get(k) else None
-            rows.append(f"| {MODELS[m]['label']} | ours/{peer} | {fmt(ratio('prefill_tps'), 2)} | "
+            rows.append(f"| {MODELS[m]['label']} | {ours}/{peer} | {fmt(ratio('prefill_tps'), 2)} | "
                         f"{fmt(ratio('decode_tps'), 2)} | {fmt(ratio('ttft_in'), 2)} | "
                         f"{fmt(ratio('ttft_start'), 2)} | {fmt(ratio('peak_rss_mb'), 2)} |")
     if rows:

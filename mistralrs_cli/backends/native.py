@@ -174,14 +174,15 @@ class QmmOpts(ctypes.Structure):
     """What qmm_parts fuses around the multiply (see csrc/qmatmul.c); pointers are data_ptr()s."""
     _fields_ = [("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("act", ctypes.c_int),
                 ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("ld_res", ctypes.c_int64),
-                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float)]
+                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int)]
 
 
-def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0) -> QmmOpts:
-    """QmmOpts over arrays or tensors (None: that step is skipped); the residual is set per call."""
+def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0, precise=False) -> QmmOpts:
+    """QmmOpts over arrays or tensors (None: that step is skipped); the residual is set per call.
+    precise: activations rounded in two 8-bit parts (~16 bits) instead of llama.cpp's one."""
     p = lambda t: None if t is None else ptr(t)  # noqa: E731
     return QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None, ld_res=0, post_w=p(post),
-                   post_eps=post_eps)
+                   post_eps=post_eps, precise=int(precise))
 
 
 PACKED = 0x100  # QPart.type flag: the weight is in packed.c's 8-row groups

@@ -88,18 +88,28 @@ class NativeModel:
     kv_round_to = None  # (stored as f16 already)
 
     @classmethod
-    def build(cls, gf, cfg: ModelConfig, release=None) -> "NativeModel | None":
-        """The model, or None when some part of this file needs the torch path."""
+    def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "llama.cpp") -> "NativeModel | None":
+        """The model, or None when some part of this file needs the torch path. numerics:
+        "llama.cpp" (its activation rounding and f16 KV cache: its tokens) or "precise"
+        (activations rounded in two 8-bit parts, ~16 bits, and an f32 KV cache: within float
+        noise of the exact path's logits, for twice the integer products)."""
         lib = native.library()
         if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
             return None
         try:
-            return cls(gf, cfg, lib, release)
+            return cls(gf, cfg, lib, release, numerics)
         except _Unfit:
             return None
 
-    def __init__(self, gf, cfg: ModelConfig, lib, release=None):
+    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "llama.cpp"):
+        if numerics not in ("llama.cpp", "precise"):
+            raise ValueError(f"numerics {numerics!r}: the native runtime does 'llama.cpp' or 'precise'")
         self.config, self.lib, self.gf = cfg, lib, gf
+        self.numerics = numerics
+        pr = numerics == "precise"
+        if pr:
+            self.cache_dtype = _F32
+        self.kv16 = int(self.cache_dtype == np.float16)
         arch, t = gf.architecture, gf.tensors
         self.arch = arch
         act = native.ACTS.get(cfg.hidden_act)
@@ -191,13 +201,14 @@ class NativeModel:
             scalar = cfg.query_pre_attn_scalar
             self.layers.append(_Layer(
                 native.Plan.join([plans[b + f"attn_{x}.weight"] for x in "qkv"]),
-                native.qmm_opts(pre_attn, eps, bias=qkv_bias),
+                native.qmm_opts(pre_attn, eps, bias=qkv_bias, precise=pr),
                 plans[b + "attn_output.weight"],
-                native.qmm_opts(bias=self._biases([b + "attn_output"]), post=post_attn, post_eps=eps),
+                native.qmm_opts(bias=self._biases([b + "attn_output"]), post=post_attn, post_eps=eps, precise=pr),
                 native.Plan.join([plans[b + "ffn_gate.weight"], plans[b + "ffn_up.weight"]]),
-                native.qmm_opts(pre_ffn, eps, bias=self._biases([b + "ffn_gate", b + "ffn_up"])),
+                native.qmm_opts(pre_ffn, eps, bias=self._biases([b + "ffn_gate", b + "ffn_up"]), precise=pr),
                 plans[b + "ffn_down.weight"],
-                native.qmm_opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps),
+                native.qmm_opts(act=act, bias=self._biases([b + "ffn_down"]), post=post_ffn, post_eps=eps,
+                                precise=pr),
                 self._norm(b + "attn_q_norm.weight", required=False),
                 self._norm(b + "attn_k_norm.weight", required=False),
                 ropes[key], window, (scalar if scalar else self.hd) ** -0.5,
@@ -215,7 +226,8 @@ class NativeModel:
             d.rot, d.qn, d.kn, d.eps = L.rope.dim, c.qn, c.kn, c.eps
             d.scale, d.softcap, d.window = c.scale, c.softcap, c.window
         self.norm = self._norm("output_norm.weight")
-        self.head, self.head_opts = plans[head], native.qmm_opts(self.norm, eps, bias=self._biases(["output"]))
+        self.head, self.head_opts = plans[head], native.qmm_opts(self.norm, eps, bias=self._biases(["output"]),
+                                                                          precise=pr)
         self.embd, self.embd_type = gf.raw_np("token_embd.weight"), t["token_embd.weight"].qtype
         self.embed_multiplier = math.sqrt(cfg.hidden_size) if self.gemma else None
         self.gate_up_rows = self.layers[0].gate_up.rows
@@ -347,8 +359,8 @@ class NativeModel:
                         sz = ks.itemsize
                         where = (ks.ctypes.data, vs.ctypes.data, ks.shape[1], ks.strides[0] // sz, ks.strides[1] // sz)
                     e.k, e.v, e.S, e.sh, e.ss = where
-                kv_store(entries, nseq, ldq, nq, nkv, hd, 1)
-                attn(entries, nseq, ldq, ldo, nq, nkv, hd, c.window, c.scale, c.softcap, th, 1)
+                kv_store(entries, nseq, ldq, nq, nkv, hd, self.kv16)
+                attn(entries, nseq, ldq, ldo, nq, nkv, hd, c.window, c.scale, c.softcap, th, self.kv16)
                 if (qmm(c.o, c.o_n, q_width, attp, ldo, T, yp, d, th, c.o_opts)
                         or qmm(c.gu, c.gu_n, d, hp, d, T, gup, gu_rows, th, c.gu_opts)
                         or qmm(c.down, c.down_n, inter, gup, gu_rows, T, yp, d, th, c.down_opts)):
@@ -375,7 +387,7 @@ class NativeModel:
         T, nq, nkv, hd = h.shape[0], self.nq, self.nkv, self.hd
         failed = self.lib.decoder_layers(self.dec, nl, entries, nseq, kv.ctypes.data, h.ctypes.data,
                                          qkv.ctypes.data, att.ctypes.data, gu.ctypes.data, y.ctypes.data, T,
-                                         h.shape[1], nq, nkv, hd, gu.shape[1], 1, th)
+                                         h.shape[1], nq, nkv, hd, gu.shape[1], self.kv16, th)
         if failed:
             raise RuntimeError(f"native qmm refused a projection of layer {failed - 1}")
 

@@ -67,7 +67,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, numerics: str = "llama.cpp"):
-        self.numerics = numerics
+        # the torch models have no two-part activation rounding: "precise" is the exact path here
+        self.numerics = "exact" if numerics == "precise" else numerics
         self._last: tuple | None = None  # (x, rounding, rounded x): q/k/v and gate/up share inputs
 
     def dequantize(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -118,7 +118,8 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
         from .gguf import load_gguf_model
         from .weights import prepare_weights, set_dtype
 
-        model, cfg = load_gguf_model(gf, opts.numerics)
+        # the torch models have no two-part rounding: "precise" there is the exact path
+        model, cfg = load_gguf_model(gf, "exact" if opts.numerics == "precise" else opts.numerics)
         set_dtype(model, opts.dtype)
         prepare_weights(model, release=gf.release)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
@@ -130,7 +131,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
 
 def _native_model(gf: GGUFFile, opts: LoadOptions):
     """The torch-free model when this file and these options allow it, else None."""
-    if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics != "llama.cpp"
+    if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics not in ("llama.cpp", "precise")
             or opts.dtype not in ("auto", "f32") or opts.isq):
         return None
     from ..backends.native_model import ARCHS, NativeModel
@@ -138,7 +139,7 @@ def _native_model(gf: GGUFFile, opts: LoadOptions):
 
     if gf.architecture not in ARCHS:
         return None
-    return NativeModel.build(gf, gguf_config(gf), release=gf.release)
+    return NativeModel.build(gf, gguf_config(gf), release=gf.release, numerics=opts.numerics)
 
 
 def load_ggml(spec: GGMLSpec, opts: LoadOptions) -> Loaded:

@@ -92,7 +92,9 @@ enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
 #define Z512 0
 #endif
 
-static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s, int32_t *isum) {
+// precise: s is d * sum(codes) with the fp16 d actually used, unrounded (the two-part activations
+// of qmm_opts.precise, below)
+static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s, int32_t *isum, int precise) {
 #if Z512
     // the scalar loop below, 16 lanes at a time: max, one product and round-to-nearest-even per
     // value are exact operations, so the codes and scales come out the same
@@ -106,7 +108,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
         _mm_storeu_si128((__m128i *)(q + b * QK + 16), _mm512_cvtepi32_epi8(v1));
         const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));
         d[b] = round_h(db);
-        s[b] = round_h(db * (float)sum);
+        s[b] = precise ? d[b] * (float)sum : round_h(db * (float)sum);
         isum[b] = sum;
     }
     return;
@@ -123,7 +125,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
             sum += v;
         }
         d[b] = round_h(db);
-        s[b] = round_h(db * (float)sum);
+        s[b] = precise ? d[b] * (float)sum : round_h(db * (float)sum);
         isum[b] = sum;
     }
 }
@@ -390,6 +392,7 @@ typedef struct {
     int64_t ld_res;
     const float *post_w;   // RMSNorm of the outputs before the residual add, or NULL
     float post_eps;
+    int precise;           // two-part activations (see qmm_parts): ~16-bit instead of 8-bit rounding
 } qmm_opts;
 
 static void rms_norm_row(const float *x, int64_t k, const float *w, float eps, float *out) {
@@ -550,6 +553,56 @@ static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_
     }
 }
 
+// Two-part activations (qmm_opts.precise): each input row x is rounded as usual (hi), then what
+// that rounding lost, r = x - dequant(hi), scaled by LO_SCALE (a power of two: exact, and it keeps
+// the second part's scales in the first's range), is rounded the same way (lo). The kernels see
+// 2m rows, hi and lo side by side, so each weight block is still read once; y = y_hi + y_lo /
+// LO_SCALE. The activation error drops from 1/254 of a block's largest value to ~1/64500 of it
+// (about 16 bits), for twice the integer products and the same weight bytes.
+#define LO_SCALE 256.0f
+
+typedef struct {  // where slot s (an activation row as the kernels see it) is rounded to
+    int8_t *xq, *kq;
+    float *xd, *xs, *kd, *kms;
+    int32_t *xi;
+    int16_t *kbs;
+    int64_t k, nb, nbk;
+    int need_a, need_k, precise;
+} prep_t;
+
+static void prep_a(const prep_t *c, const float *row, int64_t s) {
+    quantize_row(row, c->k, c->xq + s * c->k, c->xd + s * c->nb, c->xs + s * c->nb, c->xi + s * c->nb, c->precise);
+}
+
+static void prep_k(const prep_t *c, const float *row, int64_t s) {
+    quantize_row_k(row, c->k, c->kq + s * c->k, c->kd + s * c->nbk, c->kbs + s * c->nbk * 16);
+    q8k_mins(c->kd + s * c->nbk, c->kbs + s * c->nbk * 16, c->nbk, c->kms + s * c->nbk * 8);
+}
+
+// input row r (after the prologue) into its slot(s); res: k floats of scratch
+static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
+    const int64_t k = c->k;
+    if (!c->precise) {
+        if (c->need_a) prep_a(c, row, r);
+        if (c->need_k) prep_k(c, row, r);
+        return;
+    }
+    if (c->need_a) {
+        prep_a(c, row, 2 * r);
+        const int8_t *q = c->xq + 2 * r * k;
+        const float *d = c->xd + 2 * r * c->nb;
+        for (int64_t j = 0; j < k; j++) res[j] = (row[j] - (float)q[j] * d[j / QK]) * LO_SCALE;
+        prep_a(c, res, 2 * r + 1);
+    }
+    if (c->need_k) {
+        prep_k(c, row, 2 * r);
+        const int8_t *q = c->kq + 2 * r * k;
+        const float *d = c->kd + 2 * r * c->nbk;
+        for (int64_t j = 0; j < k; j++) res[j] = (row[j] - (float)q[j] * d[j / QKK]) * LO_SCALE;
+        prep_k(c, res, 2 * r + 1);
+    }
+}
+
 // y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
 // parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
 // Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
@@ -563,15 +616,22 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         n_total += parts[p].rows;
     }
     if ((need_a && k % QK) || (need_k && k % QKK)) return -1;
-    const int64_t nb = k / QK, nbk = k / QKK;
-    int8_t *xq = need_a ? malloc((size_t)(m * k)) : NULL, *kq = need_k ? malloc((size_t)(m * k)) : NULL;
-    float *xd = malloc(sizeof(float) * (size_t)(m * nb + 1)), *xs = malloc(sizeof(float) * (size_t)(m * nb + 1));
-    float *kd = malloc(sizeof(float) * (size_t)(m * nbk + 1)), *tmp = malloc(sizeof(float) * (size_t)k);
-    int32_t *xi = malloc(sizeof(int32_t) * (size_t)(m * nb + 1));
-    int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(m * nbk * 16 + 1));
-    float *kms = malloc(sizeof(float) * (size_t)(m * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
+    const int precise = o && o->precise;
+    const int64_t nb = k / QK, nbk = k / QKK, ms = precise ? 2 * m : m;  // ms: slots, the kernels' rows
+    int8_t *xq = need_a ? malloc((size_t)(ms * k)) : NULL, *kq = need_k ? malloc((size_t)(ms * k)) : NULL;
+    float *xd = malloc(sizeof(float) * (size_t)(ms * nb + 1)), *xs = malloc(sizeof(float) * (size_t)(ms * nb + 1));
+    float *kd = malloc(sizeof(float) * (size_t)(ms * nbk + 1)), *tmp = malloc(sizeof(float) * (size_t)k);
+    float *res = malloc(sizeof(float) * (size_t)k);
+    int32_t *xi = malloc(sizeof(int32_t) * (size_t)(ms * nb + 1));
+    int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(ms * nbk * 16 + 1));
+    float *kms = malloc(sizeof(float) * (size_t)(ms * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
+    float *yt = precise ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
     int rc = 0;
-    if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !kbs || !kms) { rc = -1; goto done; }
+    if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !res || !kbs || !kms ||
+        (precise && !yt)) { rc = -1; goto done; }
+    const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise};
+    float *yk = precise ? yt : y;  // where the kernels write, with row stride ldk
+    const int64_t ldk = precise ? n_total : ldy;
     // one parallel region (a fork and a join per call, which a decode step makes ~100 of): the
     // prologue (norm / activation, then rounding to 8 bits) row by row, a prompt chunk's rows in
     // parallel (its GELUs and SiLUs are a noticeable share of a prefill), a few rows on one
@@ -579,27 +639,16 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
 #pragma omp parallel num_threads(n_threads)
     {
         if (m >= 4) {
-            float *row_tmp = omp_get_thread_num() == 0 ? tmp : malloc(sizeof(float) * (size_t)k);
+            const int main_thread = omp_get_thread_num() == 0;
+            float *row_tmp = main_thread ? tmp : malloc(sizeof(float) * (size_t)k);
+            float *row_res = main_thread || !precise ? res : malloc(sizeof(float) * (size_t)k);
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < m; r++) {
-                const float *row = input_row(x + r * ldx, k, o, row_tmp);
-                if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
-                if (need_k) {
-                    quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
-                    q8k_mins(kd + r * nbk, kbs + r * nbk * 16, nbk, kms + r * nbk * 8);
-                }
-            }
+            for (int64_t r = 0; r < m; r++) prep_row(&pc, input_row(x + r * ldx, k, o, row_tmp), r, row_res);
             if (row_tmp != tmp) free(row_tmp);
+            if (row_res != res) free(row_res);
         } else {
 #pragma omp single
-            for (int64_t r = 0; r < m; r++) {
-                const float *row = input_row(x + r * ldx, k, o, tmp);
-                if (need_a) quantize_row(row, k, xq + r * k, xd + r * nb, xs + r * nb, xi + r * nb);
-                if (need_k) {
-                    quantize_row_k(row, k, kq + r * k, kd + r * nbk, kbs + r * nbk * 16);
-                    q8k_mins(kd + r * nbk, kbs + r * nbk * 16, nbk, kms + r * nbk * 8);
-                }
-            }
+            for (int64_t r = 0; r < m; r++) prep_row(&pc, input_row(x + r * ldx, k, o, tmp), r, res);
         }
         // units handed out in chunks as threads free up (guided: big chunks first, then smaller):
         // on a shared machine a thread the OS sets aside for a time slice then holds the others
@@ -609,8 +658,19 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         for (int p = 0; p < nparts; p++) {
 #pragma omp for schedule(QMM_SCHED) nowait
             for (int64_t i = 0; i < units(&parts[p]); i++)
-                part_rows(&parts[p], i, i + 1, k, m, xq, xd, xs, xi, kq, kd, kbs, kms, y + col, ldy);
+                part_rows(&parts[p], i, i + 1, k, ms, xq, xd, xs, xi, kq, kd, kbs, kms, yk + col, ldk);
             col += parts[p].rows;
+        }
+        if (precise) {  // y = y_hi + y_lo / LO_SCALE, in column spans of 1024 (a decode step has one row)
+#pragma omp barrier
+            const int64_t spans = (n_total + 1023) / 1024;
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < m * spans; u++) {
+                const int64_t r = u / spans, c0 = (u % spans) * 1024, c1 = c0 + 1024 < n_total ? c0 + 1024 : n_total;
+                const float *hi = yt + 2 * r * n_total, *lo = hi + n_total;
+                float *out = y + r * ldy;
+                for (int64_t c = c0; c < c1; c++) out[c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
+            }
         }
         if (o && (o->bias || o->residual)) {  // rows are independent: in parallel once all columns are done
 #pragma omp barrier
@@ -619,7 +679,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         }
     }
 done:
-    free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(kbs); free(kms);
+    free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(res); free(kbs); free(kms); free(yt);
     return rc;
 }
 
