@@ -143,6 +143,8 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32, i32]
     so.kv_store.restype = None
     so.kv_store.argtypes = [ptr, i32, i64, i32, i32, i32, i32]
+    so.repack_jobs.restype = i32
+    so.repack_jobs.argtypes = [ptr, i32, i32]
     so.decoder_layers.restype = i32
     so.decoder_layers.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, i64,
                                   i32, i32]
@@ -219,6 +221,22 @@ class _Arena:
 _ARENA = _Arena()
 
 
+def _repacker(lib: ctypes.CDLL, code: int) -> tuple[int, int] | None:
+    """(1 for repack8_k else 0, bytes per 8-row group per block) when packed.c repacks this type."""
+    if lib.packed_supported(code):
+        return 0, lib.packed_block_bytes(code)
+    if lib.packed_k_block_bytes(code):
+        return 1, lib.packed_k_block_bytes(code)
+    return None
+
+
+class RepackJob(ctypes.Structure):
+    """One slice of a repack_jobs call (csrc/packed.c)."""
+    _fields_ = [("k_kind", ctypes.c_int), ("type", ctypes.c_int), ("w", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("out", ctypes.c_void_p), ("wbytes", ctypes.c_int64),
+                ("release", ctypes.c_int), ("rc", ctypes.c_int)]
+
+
 class Plan:
     """A weight's parts as the kernel takes them: (raw rows, qtype, rows) each. Q4_0, Q4_1,
     Q5_0, Q8_0, Q4_K and Q6_K are repacked into 8-row groups (packed.c); other types are read
@@ -228,26 +246,25 @@ class Plan:
         if not parts:  # Plan.join fills it in
             return
         lib = lib or library()
-        self.tensors, entries = [], []
+        prepared = []
         for raw, qtype, rows in parts:
             t, code = _contiguous(raw), int(qtype)
             block, size = GGML_QUANT_SIZES[qtype]
             k = t.shape[1] // size * block
-            if lib.packed_supported(code):
-                repack, per_block = lib.repack8, lib.packed_block_bytes(code)
-            elif lib.packed_k_block_bytes(code):
-                repack, per_block = lib.repack8_k, lib.packed_k_block_bytes(code)
-            else:
-                repack = None
-            if repack is not None:
-                packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * per_block)
-                if repack(code, ptr(t), rows, k, ptr(packed)) == 0:
+            how = _repacker(lib, code)
+            if how is not None:
+                packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * how[1])
+                if (lib.repack8_k if how[0] else lib.repack8)(code, ptr(t), rows, k, ptr(packed)) == 0:
                     t, code = packed, code | PACKED
-            self.tensors.append(t)
-            entries.append(QPart(code, rows, ptr(t)))
-        self.array = (QPart * len(entries))(*entries)
-        self.count = len(entries)
-        self.rows = sum(rows for _, _, rows in parts)
+            prepared.append((t, code, rows))
+        self._fill(prepared)
+
+    def _fill(self, prepared: list[tuple]) -> None:
+        """(array, kernel type code, rows) per part."""
+        self.tensors = [t for t, _, _ in prepared]
+        self.array = (QPart * len(prepared))(*(QPart(code, rows, ptr(t)) for t, code, rows in prepared))
+        self.count = len(prepared)
+        self.rows = sum(rows for _, _, rows in prepared)
 
     @classmethod
     def join(cls, plans: list["Plan"]) -> "Plan":
@@ -258,6 +275,37 @@ class Plan:
         out.array = (QPart * len(entries))(*(QPart(e.type, e.rows, e.w) for e in entries))
         out.count, out.rows = len(entries), sum(p.rows for p in plans)
         return out
+
+
+def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None) -> list[Plan]:
+    """One single-part Plan per (raw rows, qtype, rows, from_file), every repack in one C call
+    (repack_jobs) that never holds Python's lock: `started()` is called just before it, so another
+    thread may do Python work (the loader's tokenizer) meanwhile. A from_file slice's pages of
+    the file mapping are dropped once it is repacked (never pass a heap array as from_file)."""
+    slots, jobs = [], []
+    for raw, qtype, rows, from_file in parts:
+        t, code = _contiguous(raw), int(qtype)
+        block, size = GGML_QUANT_SIZES[qtype]
+        k = t.shape[1] // size * block
+        how = _repacker(lib, code)
+        if how is None:
+            slots.append((t, code, rows, None))
+            continue
+        packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * how[1])
+        slots.append((t, code, rows, (packed, len(jobs))))
+        jobs.append(RepackJob(how[0], code, ptr(t), rows, k, ptr(packed), t.nbytes, int(from_file), 0))
+    arr = (RepackJob * len(jobs))(*jobs)
+    if started is not None:
+        started()
+    lib.repack_jobs(arr, len(jobs), threads())
+    plans = []
+    for t, code, rows, job in slots:
+        if job is not None and arr[job[1]].rc == 0:
+            t, code = job[0], code | PACKED
+        plan = Plan([])
+        plan._fill([(t, code, rows)])
+        plans.append(plan)
+    return plans
 
 
 def library() -> ctypes.CDLL | None:

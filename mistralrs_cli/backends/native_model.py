@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +87,8 @@ class NativeModel:
     kv_round_to = None  # (stored as f16 already)
 
     @classmethod
-    def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "llama.cpp") -> "NativeModel | None":
+    def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "llama.cpp",
+              started=None) -> "NativeModel | None":
         """The model, or None when some part of this file needs the torch path. numerics:
         "llama.cpp" (its activation rounding and f16 KV cache: its tokens) or "precise"
         (activations rounded in two 8-bit parts, ~16 bits, and an f32 KV cache: within float
@@ -97,11 +97,11 @@ class NativeModel:
         if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
             return None
         try:
-            return cls(gf, cfg, lib, release, numerics)
+            return cls(gf, cfg, lib, release, numerics, started)
         except _Unfit:
             return None
 
-    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "llama.cpp"):
+    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "llama.cpp", started=None):
         if numerics not in ("llama.cpp", "precise"):
             raise ValueError(f"numerics {numerics!r}: the native runtime does 'llama.cpp' or 'precise'")
         self.config, self.lib, self.gf = cfg, lib, gf
@@ -152,25 +152,20 @@ class NativeModel:
 
         plans: dict[str, native.Plan] = {}
         order = sorted(set(names + [head]), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
-        # repacked in slices of ~16 MB of the file, its pages released as they are done, so a big
-        # tensor (Gemma's 262k-row output) never has all of its file pages and all of its repacked
-        # copy resident at once; the slices go to a thread per core (ctypes lets go of the GIL)
+        # repacked in slices of ~16 MB of the file, each slice's file pages dropped once it is
+        # done, so a big tensor (Gemma's 262k-row output) never has all of its file pages and all
+        # of its repacked copy resident at once; all in one C call that does not hold Python's
+        # lock (`started` tells the loader, which reads the tokenizer meanwhile)
         slices = []
         for name in order:
-            raw = self._rows(name, cfg)
+            raw, from_file = self._rows(name, cfg)
             step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
-            slices += [(name, raw[r0:r0 + step]) for r0 in range(0, raw.shape[0], step)]
+            slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
+                       for r0 in range(0, raw.shape[0], step)]
+        done = native.plans_at_once([part for _, part in slices], lib, started)
         parts: dict[str, list] = {name: [] for name in order}
-        pending = 0
-        with ThreadPoolExecutor(max(1, min(native.threads(), 4))) as pool:
-            jobs = [(name, part, pool.submit(native.Plan, [(part, t[name].qtype, part.shape[0])], lib))
-                    for name, part in slices]
-            for name, part, job in jobs:
-                parts[name].append(job.result())
-                pending += part.nbytes
-                if release is not None and pending >= _CHUNK:
-                    release()  # repacked copies made: the file's pages can go
-                    pending = 0
+        for (name, _), plan in zip(slices, done):
+            parts[name].append(plan)
         for name, ps in parts.items():
             plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
         if release is not None:
@@ -233,15 +228,16 @@ class NativeModel:
         self.gate_up_rows = self.layers[0].gate_up.rows
 
     # ---- weights from the file ----
-    def _rows(self, name: str, cfg: ModelConfig) -> np.ndarray:
-        """A weight's block rows, with llama.cpp's q/k row interleave undone for llama files."""
+    def _rows(self, name: str, cfg: ModelConfig) -> tuple[np.ndarray, bool]:
+        """A weight's block rows, with llama.cpp's q/k row interleave undone for llama files, and
+        whether they are the file mapping's bytes (not a reordered copy)."""
         raw = self.gf.raw_np(name)
         if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             half = raw.shape[0] // heads // 2
             order = np.arange(raw.shape[0]).reshape(heads, half, 2).transpose(0, 2, 1).reshape(-1)
-            raw = raw[order]
-        return raw
+            return raw[order], False
+        return raw, True
 
     def _vector(self, name: str, size: int) -> np.ndarray | None:
         info = self.gf.tensors.get(name)

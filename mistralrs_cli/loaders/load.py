@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,18 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
                                   "GGUF", ".gguf")
     gf = GGUFFile(path)
-    # the tokenizer first: building Gemma's 262k-token BPE passes through ~290 MB of heap that
-    # trim_heap hands back before the weights are repacked (peak memory, not just final)
-    tok, tok_cfg = _tokenizer(spec, gf, opts)
-    trim_heap()
-    model = _native_model(gf, opts)
+    if _tokenizer_cached(spec, gf):
+        # the weights repack on the other cores (one C call that lets go of Python's lock) while
+        # this thread reads the tokenizer (a call that holds it: Gemma's 262k tokens take ~1 s)
+        native = _native_model_meanwhile(gf, opts)
+        tok, tok_cfg = _tokenizer(spec, gf, opts)
+        model = native()
+    else:
+        # the tokenizer first: building Gemma's 262k-token BPE passes through ~290 MB of heap
+        # that trim_heap hands back before the weights are repacked (peak memory, not just final)
+        tok, tok_cfg = _tokenizer(spec, gf, opts)
+        trim_heap()
+        model = _native_model(gf, opts)
     if model is not None:
         cfg = model.config
     else:
@@ -129,8 +137,41 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
 
 
-def _native_model(gf: GGUFFile, opts: LoadOptions):
-    """The torch-free model when this file and these options allow it, else None."""
+def _tokenizer_cached(spec: GGUFSpec, gf: GGUFFile) -> bool:
+    """Will _tokenizer load a tokenizer built on an earlier run (not build one)?"""
+    if spec.tok_model_id or spec.tokenizer_json:
+        return False
+    return (cache_root() / "tokenizers" / _file_key(gf.path) / "tokenizer.json").is_file()
+
+
+def _native_model_meanwhile(gf: GGUFFile, opts: LoadOptions):
+    """_native_model on another thread; returns once that thread is in its lock-free C call
+    (or done), with a function that waits for the model (None) or raises its error."""
+    started, box = threading.Event(), {}
+
+    def work():
+        try:
+            box["model"] = _native_model(gf, opts, started=started.set)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=work, name="load-weights", daemon=True)
+    thread.start()
+    started.wait()
+
+    def result():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["model"]
+    return result
+
+
+def _native_model(gf: GGUFFile, opts: LoadOptions, started=None):
+    """The torch-free model when this file and these options allow it, else None. started: called
+    when the weights' repacking (one C call that does not hold Python's lock) begins."""
     if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics not in ("llama.cpp", "precise")
             or opts.dtype not in ("auto", "f32") or opts.isq):
         return None
@@ -139,7 +180,7 @@ def _native_model(gf: GGUFFile, opts: LoadOptions):
 
     if gf.architecture not in ARCHS:
         return None
-    return NativeModel.build(gf, gguf_config(gf), release=gf.release, numerics=opts.numerics)
+    return NativeModel.build(gf, gguf_config(gf), release=gf.release, numerics=opts.numerics, started=started)
 
 
 def load_ggml(spec: GGMLSpec, opts: LoadOptions) -> Loaded:

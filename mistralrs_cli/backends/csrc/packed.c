@@ -652,3 +652,40 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
         }
 #endif
 }
+
+// ---- a model's repacks in one call ----
+// One call for every slice a model repacks, so that the whole of it runs without Python's lock
+// (ctypes lets it go for the call): the loader reads the tokenizer on another core meanwhile.
+// Slices are handed out one at a time to the threads; a slice read from the file mapping
+// (release) has its whole pages dropped once repacked (clean file pages: read again on demand),
+// so the file's pages and their repacked copies are not all resident at once.
+#include <sys/mman.h>
+#include <unistd.h>
+
+typedef struct {
+    int k_kind;  // repack8_k (Q4_K / Q6_K) or repack8
+    int type;
+    const uint8_t *w;
+    int64_t n, k;
+    uint8_t *out;
+    int64_t wbytes;
+    int release;
+    int rc;  // out: the repack's result
+} repack_job;
+
+int repack_jobs(repack_job *jobs, int njobs, int n_threads) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    int bad = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) reduction(+ : bad)
+    for (int j = 0; j < njobs; j++) {
+        repack_job *b = &jobs[j];
+        b->rc = b->k_kind ? repack8_k(b->type, b->w, b->n, b->k, b->out) : repack8(b->type, b->w, b->n, b->k, b->out);
+        bad += b->rc != 0;
+        if (b->release) {
+            const uintptr_t lo = ((uintptr_t)b->w + page - 1) & ~(page - 1);
+            const uintptr_t hi = ((uintptr_t)b->w + (uintptr_t)b->wbytes) & ~(page - 1);
+            if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        }
+    }
+    return bad;
+}
