@@ -87,7 +87,7 @@ def test_help_lists_only_what_exists():
     p = _run(["--help"])
     assert p.returncode == 0
     for flag in ("--prompt", "--interactive", "--raw", "--max-tokens", "--top-k", "--min-p", "--repeat-last-n",
-                 "--ignore-eos", "--seed", "--chat-template", "--token-source", "--device", "--dtype", "--log"):
+                 "--ignore-eos", "--seed", "--chat-template", "--token-source", "--device", "--dtype", "--numerics", "--log"):
         assert flag in p.stdout
     commands = p.stdout.split("Commands:")[1].split()
     assert "gguf" in commands
@@ -98,3 +98,15 @@ def test_help_lists_only_what_exists():
     assert "plain" in commands and "ggml" in commands
     for absent in ("lora", "speculative"):
         assert absent not in commands
+
+
+def test_numerics(smollm2_path):
+    """--numerics precise (native kernels, ~16-bit activations) writes the same greedy text as
+    --numerics exact (every weight dequantized, the torch path); a wrong value is one error line."""
+    args = ["--raw", "--max-tokens", "24", "--prompt", "The three primary colors are", "gguf", "-f", str(smollm2_path)]
+    precise, exact = _run(["--numerics", "precise", *args]), _run(["--numerics", "exact", *args])
+    assert precise.returncode == 0 and exact.returncode == 0, precise.stderr + exact.stderr
+    assert precise.stdout.strip() and precise.stdout == exact.stdout
+    bad = _run(["--numerics", "fast", *args])
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "error: --numerics 'fast' is not one of llama.cpp, precise, exact.")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -222,18 +224,55 @@ def make_app(state: ServerState) -> FastAPI:
     return app
 
 
+class Mailbox:
+    """Outputs from the engine thread to one event loop's queues, in one wake-up of the loop per
+    batch: a decode step of 16 streams hands over 16 outputs with one call_soon_threadsafe (a
+    lock and a write to the loop's wake-up socket each) instead of 16."""
+
+    _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Mailbox":
+        box = cls._by_loop.get(loop)
+        if box is None:
+            box = cls._by_loop[loop] = cls(loop)
+        return box
+
+    def post(self, q: asyncio.Queue, item) -> None:  # engine thread
+        with self.lock:
+            self.items.append((q, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody reads these any more
+            with self.lock:
+                self.items, self.scheduled = [], False
+            raise
+
+    def _drain(self) -> None:  # event loop
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for q, item in items:
+            q.put_nowait(item)
+
+
 class Pending:
     """The choices of one HTTP request in the engine: their outputs arrive on an asyncio queue."""
 
     def __init__(self, worker: EngineThread, parsed: Parsed):
-        loop = asyncio.get_running_loop()
+        box = Mailbox.of(asyncio.get_running_loop())
         self.worker, self.q = worker, asyncio.Queue()
         self.rids: list[str] = []
         self.open: set[int] = set()
         try:
             for j, params in enumerate(parsed.params):
                 ids = parsed.prompts[j // parsed.n]
-                sink = (lambda out, j=j: loop.call_soon_threadsafe(self.q.put_nowait, (j, out)))
+                sink = (lambda out, j=j: box.post(self.q, (j, out)))
                 self.rids.append(worker.submit(ids, params, sink))
                 self.open.add(j)
         except (UserError, QueueFull) as e:
