@@ -32,6 +32,7 @@ CASES = {
     "llama-q8_0": (lambda: gb.tiny_llama(1), Q.Q8_0),
     "llama-tied-q4_0": (lambda: gb.tiny_llama(2, tie_word_embeddings=True), Q.Q4_0),
     "llama-q4_1": (lambda: gb.tiny_llama(3), Q.Q4_1),
+    "llama-q5_1": (lambda: gb.tiny_llama(9), Q.Q5_1),
     "mistral-q8_0": (lambda: gb.tiny_mistral(1, sliding_window=5), Q.Q8_0),
     "qwen2-q8_0": (lambda: gb.tiny_qwen2(1), Q.Q8_0),
     "qwen3-q8_0": (lambda: gb.tiny_qwen3(1), Q.Q8_0),
@@ -132,11 +133,11 @@ def test_sequences_in_one_batch_equal_each_alone(files):
 
 
 def test_files_the_native_runtime_does_not_serve_load_as_torch_models(tmp_path, vocab):
-    """Q5_1 projections (no native kernel), phi2 (another block), --numerics exact, --dtype bf16."""
-    q51 = gb.write_gguf(tmp_path / "q51.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.Q5_1)
+    """F16 projections (no native kernel), phi2 (another block), --numerics exact, --dtype bf16."""
+    f16 = gb.write_gguf(tmp_path / "f16.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.F16)
     phi2 = gb.write_gguf(tmp_path / "phi2.gguf", gb.tiny_phi2(1), vocab=vocab, qtype=Q.Q8_0)
     q8 = gb.write_gguf(tmp_path / "q8.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.Q8_0)
-    for path, opts in ((q51, {}), (phi2, {}), (q8, {"numerics": "exact"}), (q8, {"dtype": "bf16"})):
+    for path, opts in ((f16, {}), (phi2, {}), (q8, {"numerics": "exact"}), (q8, {"dtype": "bf16"})):
         assert not isinstance(_load(path, **opts), NativeModel), (path.name, opts)
     assert isinstance(_load(q8), NativeModel)
 

@@ -4,8 +4,9 @@
 // Q4_1 weights also the block sum d*sum(q) as fp16), then every weight block is an integer dot
 // product with its activation block, scaled in f32. Loop order: weight row, block, activation
 // row, so a weight block is read from memory once however many activation rows there are.
-// The K types (Q4_K, Q5_K, Q6_K) multiply against llama.cpp's q8_K rounding instead: 8-bit blocks
-// of 256 with an f32 scale and sums per 16. qmm_parts also fuses what sits around a projection
+// Q5_1 also takes that block sum (llama.cpp's q8_1); IQ4_NL takes plain q8_0. The K types (Q2_K,
+// Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS multiply against llama.cpp's q8_K rounding instead: 8-bit
+// blocks of 256 with an f32 scale and sums per 16. qmm_parts also fuses what sits around a projection
 // in a decoder layer (an RMSNorm or a gated activation before it, a bias, a norm and a residual
 // add after it), so one call does what took the torch path a dozen ops.
 // Built at first use by native.py (cc -O3 -march=native -fopenmp); AVX2 where the CPU has it.
@@ -30,7 +31,11 @@ typedef struct {
     int64_t rows;
     const uint8_t *w;  // rows x (k / block) blocks, or the packed groups
 } qpart_t;
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };  // GGML ids
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
+       T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23 };  // GGML ids
+
+// IQ4_NL's and IQ4_XS's 16 non-linear levels (the nibble picks one)
+static const int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 #ifdef __F16C__
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -184,6 +189,13 @@ static void row_avx2(int type, const uint8_t *wr, int64_t nb, int bb, const int8
         } else if (type == T_Q5_0) {
             // (nibble | bit4 << 4) - 16 == nibble | 0xf0 where bit4 is clear (as int8), else nibble
             q = _mm256_or_si256(nibbles32(w + 6), _mm256_andnot_si256(bits32(w + 2), _mm256_set1_epi8((char)0xf0)));
+        } else if (type == T_Q5_1) {  // nibble | bit4 << 4, unsigned 0..31
+            q = _mm256_or_si256(nibbles32(w + 8), _mm256_and_si256(bits32(w + 4), _mm256_set1_epi8(0x10)));
+            is_unsigned = 1;
+            wm = h2f(rd16(w + 2));
+        } else if (type == T_IQ4_NL) {  // nibble -> level by a byte shuffle of the table
+            const __m256i lv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+            q = _mm256_shuffle_epi8(lv, nibbles32(w + 2));
         } else {
             q = _mm256_loadu_si256((const __m256i *)(w + 2));
         }
@@ -221,8 +233,22 @@ __attribute__((unused)) static int block_dot(int type, const uint8_t *w, const i
         }
         break;
     }
+    case T_Q5_1: {
+        uint32_t qh;
+        *wm = h2f(rd16(w + 2));
+        memcpy(&qh, w + 4, 4);
+        for (int j = 0; j < 16; j++) {
+            const int lo = (w[8 + j] & 15) | (((qh >> j) & 1) << 4);
+            const int hi = (w[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            s += lo * xq[j] + hi * xq[j + 16];
+        }
+        break;
+    }
     case T_Q8_0:
         for (int j = 0; j < QK; j++) s += (int8_t)w[2 + j] * xq[j];
+        break;
+    case T_IQ4_NL:
+        for (int j = 0; j < 16; j++) s += IQ4_LEVELS[w[2 + j] & 15] * xq[j] + IQ4_LEVELS[w[2 + j] >> 4] * xq[j + 16];
         break;
     }
     return s;
@@ -234,7 +260,12 @@ static int block_bytes(int type) {
     case T_Q4_0: return 18;
     case T_Q4_1: return 20;
     case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
     case T_Q8_0: return 34;
+    case T_IQ4_NL: return 18;
+    case T_Q2_K: return 84;
+    case T_Q3_K: return 110;
+    case T_IQ4_XS: return 136;
     case T_Q4_K: return 144;
     case T_Q5_K: return 176;
     case T_Q6_K: return 210;
@@ -242,7 +273,9 @@ static int block_bytes(int type) {
     return 0;
 }
 
-static int is_k(int type) { return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K; }
+static int is_k(int type) {  // rounded as q8_K (llama.cpp's vec_dot_type for the type)
+    return type == T_Q2_K || type == T_Q3_K || type == T_Q4_K || type == T_Q5_K || type == T_Q6_K || type == T_IQ4_XS;
+}
 
 // work units: weight rows, or (packed) pairs of 8-row groups, see packed.c
 static int64_t units(const qpart_t *p) { return p->type & PACKED ? ((p->rows + 7) / 8 + 1) / 2 : p->rows; }
@@ -334,8 +367,65 @@ static inline int dot32(const int8_t *a, const int8_t *b) {
     return s;
 }
 
+static inline int dot16(const int8_t *a, const int8_t *b) {
+    int s = 0;
+    for (int l = 0; l < 16; l++) s += a[l] * b[l];
+    return s;
+}
+
+// Q2_K {scales[16] (low nibble scale, high nibble min), qs[64] (2 bits), d, dmin}: codes 0..3 in
+// 16 sub-blocks of 16; value i of 128-half h is bits 2s..2s+1 of qs[32h + i % 32], s = i / 32 % 4
+static float q2k_dot(const uint8_t *w, const int8_t *xq, float xd, const int16_t *bs) {
+    int isum = 0, msum = 0;
+    for (int j = 0; j < 16; j++) {
+        const uint8_t *q = w + 16 + 32 * (j / 8) + 16 * (j % 2);
+        const int shift = 2 * (j / 2 % 4);
+        int8_t v[16];
+        for (int l = 0; l < 16; l++) v[l] = (int8_t)((q[l] >> shift) & 3);
+        isum += (w[j] & 15) * dot16(v, xq + 16 * j);
+        msum += (w[j] >> 4) * bs[j];
+    }
+    const float dall = xd * h2f(rd16(w + 80)), dmin = xd * h2f(rd16(w + 82));
+    return dall * (float)isum - dmin * (float)msum;
+}
+
+// Q3_K {hmask[32], qs[64] (2 low bits, as Q2_K), scales[12] (16 6-bit, offset 32), d}: code =
+// low bits - 4 where the value's hmask bit (bit i / 32 of hmask[i % 32]) is clear
+static float q3k_dot(const uint8_t *w, const int8_t *xq, float xd) {
+    const uint8_t *hm = w, *qs = w + 32, *sc = w + 96;
+    int isum = 0;
+    for (int j = 0; j < 16; j++) {
+        const int scale = ((sc[j % 8] >> (4 * (j / 8))) & 15) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4);
+        const uint8_t *q = qs + 32 * (j / 8) + 16 * (j % 2), *h = hm + 16 * (j % 2);
+        const int shift = 2 * (j / 2 % 4), bit = j / 2;
+        int8_t v[16];
+        for (int l = 0; l < 16; l++) v[l] = (int8_t)(((q[l] >> shift) & 3) - ((h[l] >> bit) & 1 ? 0 : 4));
+        isum += (scale - 32) * dot16(v, xq + 16 * j);
+    }
+    return h2f(rd16(w + 108)) * xd * (float)isum;
+}
+
+// IQ4_XS {d, scales_h (2 high bits per sub-block), scales_l[4] (4 low bits), qs[128]}: 8
+// sub-blocks of 32 as IQ4_NL's, each with a 6-bit scale offset by 32
+static float iq4xs_dot(const uint8_t *w, const int8_t *xq, float xd) {
+    const int sh = rd16(w + 2);
+    int isum = 0;
+    for (int j = 0; j < 8; j++) {
+        const int scale = ((w[4 + j / 2] >> (4 * (j % 2))) & 15) | (((sh >> (2 * j)) & 3) << 4);
+        const uint8_t *q = w + 8 + 16 * j;
+        const int8_t *x = xq + 32 * j;
+        int s = 0;
+        for (int l = 0; l < 16; l++) s += IQ4_LEVELS[q[l] & 15] * x[l] + IQ4_LEVELS[q[l] >> 4] * x[l + 16];
+        isum += (scale - 32) * s;
+    }
+    return h2f(rd16(w)) * xd * (float)isum;
+}
+
 // one K block against one q8_K block: d_w * d_x * sum(scale * int dot) - dmin * d_x * sum(min * bsum)
 static float kblock_dot(int type, const uint8_t *w, const int8_t *xq, float xd, const int16_t *bs) {
+    if (type == T_Q2_K) return q2k_dot(w, xq, xd, bs);
+    if (type == T_Q3_K) return q3k_dot(w, xq, xd);
+    if (type == T_IQ4_XS) return iq4xs_dot(w, xq, xd);
     int8_t v[QKK];
     if (type == T_Q6_K) {
         const uint8_t *ql = w, *qh = w + 128;
