@@ -373,10 +373,39 @@ static inline int dot16(const int8_t *a, const int8_t *b) {
     return s;
 }
 
+#ifdef __AVX2__
+static inline int hsum_i32(__m256i v) {
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+    return _mm_cvtsi128_si32(r);
+}
+
+// 16-bit pair sums of 32 products times scale a in the low 16 values, b in the high 16: int32s
+static inline __m256i scale_pairs(__m256i p16, int a, int b) {
+    return _mm256_madd_epi16(p16, _mm256_set_m128i(_mm_set1_epi16((short)b), _mm_set1_epi16((short)a)));
+}
+#endif
+
 // Q2_K {scales[16] (low nibble scale, high nibble min), qs[64] (2 bits), d, dmin}: codes 0..3 in
 // 16 sub-blocks of 16; value i of 128-half h is bits 2s..2s+1 of qs[32h + i % 32], s = i / 32 % 4
 static float q2k_dot(const uint8_t *w, const int8_t *xq, float xd, const int16_t *bs) {
     int isum = 0, msum = 0;
+#ifdef __AVX2__
+    // the same integer sums: 32 values (two sub-blocks) per step, exact in int16 / int32
+    __m256i acc = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * h));
+        for (int sh = 0; sh < 4; sh++) {
+            const int j = 8 * h + 2 * sh;
+            const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), _mm256_set1_epi8(3));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 16 * j));
+            acc = _mm256_add_epi32(acc, scale_pairs(_mm256_maddubs_epi16(v, x), w[j] & 15, w[j + 1] & 15));
+        }
+    }
+    isum = hsum_i32(acc);
+    for (int j = 0; j < 16; j++) msum += (w[j] >> 4) * bs[j];
+#else
     for (int j = 0; j < 16; j++) {
         const uint8_t *q = w + 16 + 32 * (j / 8) + 16 * (j % 2);
         const int shift = 2 * (j / 2 % 4);
@@ -385,6 +414,7 @@ static float q2k_dot(const uint8_t *w, const int8_t *xq, float xd, const int16_t
         isum += (w[j] & 15) * dot16(v, xq + 16 * j);
         msum += (w[j] >> 4) * bs[j];
     }
+#endif
     const float dall = xd * h2f(rd16(w + 80)), dmin = xd * h2f(rd16(w + 82));
     return dall * (float)isum - dmin * (float)msum;
 }
@@ -394,6 +424,27 @@ static float q2k_dot(const uint8_t *w, const int8_t *xq, float xd, const int16_t
 static float q3k_dot(const uint8_t *w, const int8_t *xq, float xd) {
     const uint8_t *hm = w, *qs = w + 32, *sc = w + 96;
     int isum = 0;
+#ifdef __AVX2__
+    int scales[16];
+    for (int j = 0; j < 16; j++)
+        scales[j] = (((sc[j % 8] >> (4 * (j / 8))) & 15) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    const __m256i hv = _mm256_loadu_si256((const __m256i *)hm), one = _mm256_set1_epi8(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+        for (int sh = 0; sh < 4; sh++) {
+            const int j = 8 * h + 2 * sh;
+            const __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), _mm256_set1_epi8(3));
+            // code = v - off with off 4 where the hmask bit is clear: dot(v, x) - dot(off, x)
+            const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hv, 4 * h + sh), one);
+            const __m256i off = _mm256_slli_epi16(_mm256_xor_si256(hb, one), 2);
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 16 * j));
+            const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(v, x), _mm256_maddubs_epi16(off, x));
+            acc = _mm256_add_epi32(acc, scale_pairs(p, scales[j], scales[j + 1]));
+        }
+    }
+    isum = hsum_i32(acc);
+#else
     for (int j = 0; j < 16; j++) {
         const int scale = ((sc[j % 8] >> (4 * (j / 8))) & 15) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4);
         const uint8_t *q = qs + 32 * (j / 8) + 16 * (j % 2), *h = hm + 16 * (j % 2);
@@ -402,6 +453,7 @@ static float q3k_dot(const uint8_t *w, const int8_t *xq, float xd) {
         for (int l = 0; l < 16; l++) v[l] = (int8_t)(((q[l] >> shift) & 3) - ((h[l] >> bit) & 1 ? 0 : 4));
         isum += (scale - 32) * dot16(v, xq + 16 * j);
     }
+#endif
     return h2f(rd16(w + 108)) * xd * (float)isum;
 }
 
@@ -410,6 +462,18 @@ static float q3k_dot(const uint8_t *w, const int8_t *xq, float xd) {
 static float iq4xs_dot(const uint8_t *w, const int8_t *xq, float xd) {
     const int sh = rd16(w + 2);
     int isum = 0;
+#ifdef __AVX2__
+    const __m256i lv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_LEVELS));
+    __m256i acc = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        const int scale = (((w[4 + j / 2] >> (4 * (j % 2))) & 15) | (((sh >> (2 * j)) & 3) << 4)) - 32;
+        const __m256i q = _mm256_shuffle_epi8(lv, nibbles32(w + 8 + 16 * j));
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * j));
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q| * ±x
+        acc = _mm256_add_epi32(acc, scale_pairs(p, scale, scale));
+    }
+    isum = hsum_i32(acc);
+#else
     for (int j = 0; j < 8; j++) {
         const int scale = ((w[4 + j / 2] >> (4 * (j % 2))) & 15) | (((sh >> (2 * j)) & 3) << 4);
         const uint8_t *q = w + 8 + 16 * j;
@@ -418,6 +482,7 @@ static float iq4xs_dot(const uint8_t *w, const int8_t *xq, float xd) {
         for (int l = 0; l < 16; l++) s += IQ4_LEVELS[q[l] & 15] * x[l] + IQ4_LEVELS[q[l] >> 4] * x[l + 16];
         isum += (scale - 32) * s;
     }
+#endif
     return h2f(rd16(w)) * xd * (float)isum;
 }
 
