@@ -4,7 +4,8 @@ Each against a float64 reference: gguf-py's dequantized weights times the activa
 llama.cpp's CPU backend rounds them for that weight type (its vec_dot_type: q8_1 for Q5_1, q8_0
 for IQ4_NL, q8_K for the rest), written here in numpy from llama.cpp's formulas. In three builds
 (native, 256-bit, scalar), with llama.cpp's rounding and with qmm_opts.precise; then tiny GGUF
-models of each type through the native runtime against the torch path.
+models of each type through the native runtime against the torch path (which shares these
+kernels) and, with precise numerics, against the torch path's exact numerics (which does not).
 """
 from __future__ import annotations
 
