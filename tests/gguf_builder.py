@@ -277,7 +277,8 @@ def _fuse_qkv(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # fp16 scale fields of the K types (byte offsets in a block): kept small and finite
-_K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+_K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,),
+             Q.IQ4_XS: (0,)}
 
 
 def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,6 @@ from test_native_model import _close, _load, _steps
 
 NEW = [Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS]
 MS = [1, 2, 3, 8, 17]
-D_AT = {Q.IQ4_NL: 0, Q.IQ4_XS: 0}  # fp16 super-scale offsets random_blocks leaves random
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,7 @@ def _raw(qtype: Q, n: int, k: int, seed: int) -> np.ndarray:
     if qtype == Q.Q5_1:
         w = (np.random.default_rng(seed).standard_normal((n, k)) * 0.1).astype(np.float32)
         return quants.quantize(w, qtype).copy()
-    raw = gb.random_blocks((n, k), qtype, seed=seed)
-    if qtype in D_AT:
-        size = GGML_QUANT_SIZES[qtype][1]
-        blocks = raw.reshape(-1, size)
-        d = np.random.default_rng(seed + 1).uniform(0.0005, 0.0015, len(blocks)).astype(np.float16)
-        blocks[:, D_AT[qtype]:D_AT[qtype] + 2] = d.view(np.uint8).reshape(-1, 2)
-    return raw
+    return gb.random_blocks((n, k), qtype, seed=seed)  # finite fp16 scales (gguf_builder._K_SCALES)
 
 
 def _q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,23 +141,11 @@ def vocab():
     return gb.gguf_vocab(gb.train_tokenizer())
 
 
-def _random_blocks_finite(orig):
-    def make(shape, qtype, seed=0):
-        out = orig(shape, qtype, seed)
-        if qtype in D_AT:  # as _raw: a finite super-scale
-            blocks = out.reshape(-1, GGML_QUANT_SIZES[qtype][1])
-            d = np.random.default_rng(seed).uniform(0.0005, 0.0015, len(blocks)).astype(np.float16)
-            blocks[:, D_AT[qtype]:D_AT[qtype] + 2] = d.view(np.uint8).reshape(-1, 2)
-        return out
-    return make
-
-
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
-def test_native_model_runs_the_type(tmp_path, vocab, monkeypatch, qtype):
+def test_native_model_runs_the_type(tmp_path, vocab, qtype):
     """A tiny llama whose every matrix is qtype (gguf-py quantizes Q5_1; the others are random
     codes with finite scales) loads as a NativeModel and agrees with the torch path as
     test_native_model's cases do."""
-    monkeypatch.setattr(gb, "random_blocks", _random_blocks_finite(gb.random_blocks))
     hf = gb.tiny_llama(10 + int(qtype), hidden_size=256, intermediate_size=512)
     types = {n: qtype for n, w in gb.gguf_tensors(hf).items() if w.ndim == 2}
     path = gb.write_gguf(tmp_path / f"{qtype.name}.gguf", hf, vocab=vocab, tensor_types=types)
