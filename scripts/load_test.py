@@ -2,7 +2,7 @@
 
 For each concurrency level (default 1, 4, 16) C clients each send R streaming chat requests;
 reports aggregate decode throughput (completion tokens / wall time), TTFT p50/p99 and the
-per-stream decode rate. Each request starts with its own number so no two prompts share a
+per-stream decode rate, and the client's own CPU time per token (it shares the machine). Each request starts with its own number so no two prompts share a
 prefix (no prefix-cache help), and EOS is suppressed with logit_bias so every request generates
 exactly --max-tokens tokens on any server.
 
@@ -14,6 +14,7 @@ exactly --max-tokens tokens on any server.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -62,10 +63,49 @@ def one_request(client: openai.OpenAI, args, n: int) -> dict:
     return {"ttft": ttft or float("nan"), "tokens": n_tok, "decode_tps": decode}
 
 
-def run_level(base_url: str, args, concurrency: int) -> dict:
+async def one_request_async(client: "openai.AsyncOpenAI", args, n: int) -> dict:
+    t0 = time.perf_counter()
+    ttft, tokens, usage = None, 0, None
+    stream = await client.chat.completions.create(
+        model=args.model, messages=[{"role": "user", "content": f"Request {n}. {WORDS}"}],
+        max_tokens=args.max_tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, logit_bias={str(args.eos_id): -100},
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            tokens += 1
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+    end = time.perf_counter()
+    n_tok = usage if usage is not None else tokens
+    decode = (n_tok - 1) / (end - t0 - ttft) if ttft is not None and n_tok > 1 and end - t0 > ttft else 0.0
+    return {"ttft": ttft or float("nan"), "tokens": n_tok, "decode_tps": decode}
+
+
+def _clients_async(base_url: str, args, concurrency: int) -> tuple[list[dict], float]:
+    """The C clients as asyncio tasks on one thread (AsyncOpenAI). (results, wall seconds)"""
+    async def main() -> tuple[list[dict], float]:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=args.api_key or "none", max_retries=0, timeout=3600)
+        await one_request_async(client, args, -1)  # warm-up
+
+        async def client_loop(c: int) -> list[dict]:
+            return [await one_request_async(client, args, c * args.requests + r) for r in range(args.requests)]
+
+        t0 = time.perf_counter()
+        groups = await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+        await client.close()
+        return [x for xs in groups for x in xs], wall
+
+    return asyncio.run(main())
+
+
+def _clients_threads(base_url: str, args, concurrency: int) -> tuple[list[dict], float]:
+    """The C clients as threads, each with the blocking OpenAI client."""
     client = openai.OpenAI(base_url=base_url, api_key=args.api_key or "none", max_retries=0, timeout=3600)
     one_request(client, args, -1)  # warm-up
-    jobs = [c * args.requests + r for c in range(concurrency) for r in range(args.requests)]
 
     def client_loop(c: int) -> list[dict]:
         return [one_request(client, args, c * args.requests + r) for r in range(args.requests)]
@@ -73,13 +113,21 @@ def run_level(base_url: str, args, concurrency: int) -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = [x for xs in pool.map(client_loop, range(concurrency)) for x in xs]
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def run_level(base_url: str, args, concurrency: int) -> dict:
+    cpu0 = time.process_time()
+    run = _clients_async if args.client == "async" else _clients_threads
+    results, wall = run(base_url, args, concurrency)
+    cpu = time.process_time() - cpu0
     ttfts = [r["ttft"] for r in results]
     total = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(jobs), "completion_tokens": total,
+    return {"concurrency": concurrency, "requests": len(results), "completion_tokens": total,
             "wall_s": wall, "aggregate_tok_s": total / wall,
             "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
-            "stream_decode_tok_s": statistics.mean(r["decode_tps"] for r in results)}
+            "stream_decode_tok_s": statistics.mean(r["decode_tps"] for r in results),
+            "client_cpu_ms_per_token": 1000 * cpu / max(1, total)}
 
 
 def free_port() -> int:
@@ -147,11 +195,14 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--api-key")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--client", choices=["threads", "async"], default="threads",
+                    help="threads: a thread per client with the blocking OpenAI client; async: the clients "
+                         "as asyncio tasks with AsyncOpenAI on one thread")
     args = ap.parse_args()
     if not args.base_url and not args.gguf:
         ap.error("give --base-url or --gguf")
     print(f"{'server':14} {'conc':>4} {'reqs':>5} {'agg tok/s':>10} {'stream tok/s':>12} "
-          f"{'TTFT p50':>9} {'TTFT p99':>9}", file=sys.stderr)
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'client ms/tok':>13}", file=sys.stderr)
     for name, ctx in servers(args):
         with ctx as url:
             for c in args.concurrency:
@@ -160,7 +211,8 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                 else:
                     print(f"{name:14} {c:>4} {r['requests']:>5} {r['aggregate_tok_s']:>10.1f} "
-                          f"{r['stream_decode_tok_s']:>12.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s",
+                          f"{r['stream_decode_tok_s']:>12.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s "
+                          f"{r['client_cpu_ms_per_token']:>13.2f}",
                           flush=True)
 
 
