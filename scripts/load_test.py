@@ -1,10 +1,11 @@
 """Load test of an OpenAI-compatible server with the official `openai` client.
 
 For each concurrency level (default 1, 4, 16) C clients each send R streaming chat requests;
-reports aggregate decode throughput (completion tokens / wall time), TTFT p50/p99 and the
-per-stream decode rate, and the client's own CPU time per token (it shares the machine). Each request starts with its own number so no two prompts share a
-prefix (no prefix-cache help), and EOS is suppressed with logit_bias so every request generates
-exactly --max-tokens tokens on any server.
+reports aggregate decode throughput (completion tokens / wall time), TTFT p50/p99, the
+per-stream decode rate and the client's own CPU time per token (it shares the machine). Each
+request starts with its own number so no two prompts share a prefix (no prefix-cache help), and
+EOS is suppressed with logit_bias so every request generates exactly --max-tokens tokens on any
+server.
 
     # against a running server
     python scripts/load_test.py --base-url http://127.0.0.1:1234/v1
