@@ -88,7 +88,7 @@ class NativeModel:
 
     @classmethod
     def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "llama.cpp",
-              started=None) -> "NativeModel | None":
+              started=None, gate=None) -> "NativeModel | None":
         """The model, or None when some part of this file needs the torch path. numerics:
         "llama.cpp" (its activation rounding and f16 KV cache: its tokens) or "precise"
         (activations rounded in two 8-bit parts, ~16 bits, and an f32 KV cache: within float
@@ -97,11 +97,12 @@ class NativeModel:
         if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
             return None
         try:
-            return cls(gf, cfg, lib, release, numerics, started)
+            return cls(gf, cfg, lib, release, numerics, started, gate)
         except _Unfit:
             return None
 
-    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "llama.cpp", started=None):
+    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "llama.cpp", started=None,
+                 gate=None):
         if numerics not in ("llama.cpp", "precise"):
             raise ValueError(f"numerics {numerics!r}: the native runtime does 'llama.cpp' or 'precise'")
         self.config, self.lib, self.gf = cfg, lib, gf
@@ -150,24 +151,29 @@ class NativeModel:
         if embd is None or tuple(embd.shape) != (cfg.vocab_size, d):
             raise _Unfit("token_embd.weight")
 
-        plans: dict[str, native.Plan] = {}
-        order = sorted(set(names + [head]), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
         # repacked in slices of ~16 MB of the file, each slice's file pages dropped once it is
         # done, so a big tensor (Gemma's 262k-row output) never has all of its file pages and all
-        # of its repacked copy resident at once; all in one C call that does not hold Python's
-        # lock (`started` tells the loader, which reads the tokenizer meanwhile)
-        slices = []
-        for name in order:
-            raw, from_file = self._rows(name, cfg)
-            step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
-            slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
-                       for r0 in range(0, raw.shape[0], step)]
-        done = native.plans_at_once([part for _, part in slices], lib, started)
-        parts: dict[str, list] = {name: [] for name in order}
-        for (name, _), plan in zip(slices, done):
-            parts[name].append(plan)
-        for name, ps in parts.items():
-            plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
+        # of its repacked copy resident at once; each group in one C call that does not hold
+        # Python's lock. The loader reads the tokenizer meanwhile: `started` says the layers'
+        # repack began, `gate` waits until the tokenizer is read (and its transient heap handed
+        # back) before the output matrix, the biggest, is repacked (peak memory)
+        plans: dict[str, native.Plan] = {}
+        layers_first = sorted(set(names), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
+        for group, hook in ((layers_first, started), ([head], None)):
+            if hook is None and gate is not None:
+                gate()
+            slices = []
+            for name in group:
+                raw, from_file = self._rows(name, cfg)
+                step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
+                slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
+                           for r0 in range(0, raw.shape[0], step)]
+            done = native.plans_at_once([part for _, part in slices], lib, hook)
+            parts: dict[str, list] = {name: [] for name in group}
+            for (name, _), plan in zip(slices, done):
+                parts[name].append(plan)
+            for name, ps in parts.items():
+                plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
         if release is not None:
             release()
 

@@ -109,10 +109,17 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
                                   "GGUF", ".gguf")
     gf = GGUFFile(path)
     if _tokenizer_cached(spec, gf):
-        # the weights repack on the other cores (one C call that lets go of Python's lock) while
-        # this thread reads the tokenizer (a call that holds it: Gemma's 262k tokens take ~1 s)
-        native = _native_model_meanwhile(gf, opts)
-        tok, tok_cfg = _tokenizer(spec, gf, opts)
+        # the layers' weights repack on the other cores (one C call that lets go of Python's
+        # lock) while this thread reads the tokenizer (a call that holds it: Gemma's 262k tokens
+        # take ~1 s); the output matrix (Gemma's is 2/3 of its weights) waits for it to be read
+        # and its transient heap handed back, so the two peaks do not add up
+        tokenizer_read = threading.Event()
+        native = _native_model_meanwhile(gf, opts, tokenizer_read.wait)
+        try:
+            tok, tok_cfg = _tokenizer(spec, gf, opts)
+            trim_heap()
+        finally:
+            tokenizer_read.set()
         model = native()
     else:
         # the tokenizer first: building Gemma's 262k-token BPE passes through ~290 MB of heap
@@ -144,14 +151,15 @@ def _tokenizer_cached(spec: GGUFSpec, gf: GGUFFile) -> bool:
     return (cache_root() / "tokenizers" / _file_key(gf.path) / "tokenizer.json").is_file()
 
 
-def _native_model_meanwhile(gf: GGUFFile, opts: LoadOptions):
+def _native_model_meanwhile(gf: GGUFFile, opts: LoadOptions, gate):
     """_native_model on another thread; returns once that thread is in its lock-free C call
-    (or done), with a function that waits for the model (None) or raises its error."""
+    (or done), with a function that waits for the model (None) or raises its error. gate: waited
+    for before the output matrix is repacked."""
     started, box = threading.Event(), {}
 
     def work():
         try:
-            box["model"] = _native_model(gf, opts, started=started.set)
+            box["model"] = _native_model(gf, opts, started=started.set, gate=gate)
         except BaseException as e:  # noqa: BLE001 -- handed to the caller
             box["error"] = e
         finally:
@@ -169,7 +177,7 @@ def _native_model_meanwhile(gf: GGUFFile, opts: LoadOptions):
     return result
 
 
-def _native_model(gf: GGUFFile, opts: LoadOptions, started=None):
+def _native_model(gf: GGUFFile, opts: LoadOptions, started=None, gate=None):
     """The torch-free model when this file and these options allow it, else None. started: called
     when the weights' repacking (one C call that does not hold Python's lock) begins."""
     if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics not in ("llama.cpp", "precise")
@@ -180,7 +188,8 @@ def _native_model(gf: GGUFFile, opts: LoadOptions, started=None):
 
     if gf.architecture not in ARCHS:
         return None
-    return NativeModel.build(gf, gguf_config(gf), release=gf.release, numerics=opts.numerics, started=started)
+    return NativeModel.build(gf, gguf_config(gf), release=gf.release, numerics=opts.numerics, started=started,
+                             gate=gate)
 
 
 def load_ggml(spec: GGMLSpec, opts: LoadOptions) -> Loaded:
