@@ -277,7 +277,7 @@ class Plan:
         return out
 
 
-def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None) -> list[Plan]:
+def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None, n_threads: int | None = None) -> list[Plan]:
     """One single-part Plan per (raw rows, qtype, rows, from_file), every repack in one C call
     (repack_jobs) that never holds Python's lock: `started()` is called just before it, so another
     thread may do Python work (the loader's tokenizer) meanwhile. A from_file slice's pages of
@@ -297,7 +297,7 @@ def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None) -> list[Pl
     arr = (RepackJob * len(jobs))(*jobs)
     if started is not None:
         started()
-    lib.repack_jobs(arr, len(jobs), threads())
+    lib.repack_jobs(arr, len(jobs), n_threads or threads())
     plans = []
     for t, code, rows, job in slots:
         if job is not None and arr[job[1]].rc == 0:

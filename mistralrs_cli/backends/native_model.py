@@ -168,7 +168,9 @@ class NativeModel:
                 step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
                 slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
                            for r0 in range(0, raw.shape[0], step)]
-            done = native.plans_at_once([part for _, part in slices], lib, hook)
+            # beside the tokenizer's thread, one repack thread: the tokenizer is the longer path
+            done = native.plans_at_once([part for _, part in slices], lib, hook,
+                                        1 if hook is not None and gate is not None else None)
             parts: dict[str, list] = {name: [] for name in group}
             for (name, _), plan in zip(slices, done):
                 parts[name].append(plan)
