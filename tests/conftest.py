@@ -27,3 +27,17 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     return _model(GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def kernel_builds(tmp_path_factory):
+    """The native kernels in three builds: as used (-march=native: AVX-512 where the CPU has it),
+    256-bit (-mno-avx512f) and portable scalar (-mno-avx2 -mno-avx512f)."""
+    from mistralrs_cli.backends import native
+
+    fast = native.library()
+    if fast is None:
+        pytest.skip("no C compiler: the native kernels are optional")
+    d = tmp_path_factory.mktemp("builds")
+    return {"native": fast, "avx2": native.build(("-mno-avx512f",), d),
+            "scalar": native.build(("-mno-avx2", "-mno-avx512f"), d)}

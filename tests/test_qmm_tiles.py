@@ -20,14 +20,6 @@ MS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 27]
 ROWS = [5, 8, 16, 21, 24, 40]
 
 
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    fast = native.library()
-    if fast is None:
-        pytest.skip("no C compiler: the native kernels are optional")
-    d = tmp_path_factory.mktemp("tiles")
-    return {"native": fast, "avx2": native.build(("-mno-avx512f",), d),
-            "scalar": native.build(("-mno-avx2", "-mno-avx512f"), d)}
 
 
 def _weights(qtype: Q, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +43,7 @@ def _q8_k(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("n", ROWS)
-def test_tiles_match_reference(libs, qtype, n):
+def test_tiles_match_reference(kernel_builds, qtype, n):
     k = 512
     raw, w = _weights(qtype, n, k, seed=n)
     rng = np.random.default_rng(100 + n)
@@ -63,7 +55,7 @@ def test_tiles_match_reference(libs, qtype, n):
             xr = quants.dequantize(quants.quantize(x, Q.Q8_0), Q.Q8_0)
         ref = xr.astype(np.float64) @ w.T
         outs = {}
-        for name, lib in libs.items():
+        for name, lib in kernel_builds.items():
             got = native.qmatmul(torch.from_numpy(x), [(torch.from_numpy(raw), qtype, n)], lib)
             outs[name] = got
             err = np.abs(got.double().numpy() - ref).max()
@@ -74,16 +66,16 @@ def test_tiles_match_reference(libs, qtype, n):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
-def test_parts_and_rows_are_independent(libs, qtype):
+def test_parts_and_rows_are_independent(kernel_builds, qtype):
     """A row of the output does not depend on which other rows (activation or weight) share its
     call: M rows at once equal each row alone, stacked parts equal each part alone."""
     k = 256
-    parts, ws = [], []
+    parts = []
     for i, n in enumerate((24, 13, 40)):
-        raw, w = _weights(qtype, n, k, seed=7 + i)
+        raw, _ = _weights(qtype, n, k, seed=7 + i)
         parts.append((torch.from_numpy(raw), qtype, n))
     x = torch.randn(19, k, generator=torch.Generator().manual_seed(3)) * 2
-    lib = libs["native"]
+    lib = kernel_builds["native"]
     whole = native.qmatmul(x, parts, lib)
     singles = torch.cat([native.qmatmul(x, [p], lib) for p in parts], dim=1)
     assert torch.equal(whole, singles)
@@ -92,7 +84,7 @@ def test_parts_and_rows_are_independent(libs, qtype):
 
 
 @pytest.mark.parametrize("qtype", sorted(native.TYPES), ids=lambda t: Q(t).name)
-def test_precise_activations(libs, qtype):
+def test_precise_activations(kernel_builds, qtype):
     """qmm_opts.precise (--numerics precise): activations rounded in two 8-bit parts, so the
     result is the unrounded activations times the dequantized weights (gguf-py's dequantize,
     float64) within ~16-bit rounding (~2e-5 of the largest output here), where llama.cpp's one 8-bit
@@ -113,7 +105,7 @@ def test_precise_activations(libs, qtype):
         xn = x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-6) * norm_w
         ref = xn @ w.T + bias
         scale = np.abs(ref).max()
-        for name, lib in libs.items():
+        for name, lib in kernel_builds.items():
             errs = {}
             for precise in (True, False):
                 res = np.zeros((m, n), dtype=np.float32)

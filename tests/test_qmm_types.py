@@ -23,14 +23,6 @@ NEW = [Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS]
 MS = [1, 2, 3, 8, 17]
 
 
-@pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    fast = native.library()
-    if fast is None:
-        pytest.skip("no C compiler: the native kernels are optional")
-    d = tmp_path_factory.mktemp("types")
-    return {"native": fast, "avx2": native.build(("-mno-avx512f",), d),
-            "scalar": native.build(("-mno-avx2", "-mno-avx512f"), d)}
 
 
 def _raw(qtype: Q, n: int, k: int, seed: int) -> np.ndarray:
@@ -78,7 +70,7 @@ def _reference(qtype: Q, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
-def test_kernels_match_reference(libs, qtype):
+def test_kernels_match_reference(kernel_builds, qtype):
     k, n = 512, 21
     raw = _raw(qtype, n, k, seed=int(qtype))
     rng = np.random.default_rng(100 + int(qtype))
@@ -88,7 +80,7 @@ def test_kernels_match_reference(libs, qtype):
         ref = _reference(qtype, raw, x)
         scale = np.abs(ref).max()
         outs = {}
-        for name, lib in libs.items():
+        for name, lib in kernel_builds.items():
             outs[name] = native.qmatmul(x, [(raw, qtype, n)], lib)
             err = np.abs(outs[name] - ref).max() / scale
             worst = max(worst, err)
@@ -103,7 +95,7 @@ def test_kernels_match_reference(libs, qtype):
 
 
 @pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
-def test_precise_activations(libs, qtype):
+def test_precise_activations(kernel_builds, qtype):
     """qmm_opts.precise: the unrounded activations times the dequantized weights within ~16-bit
     rounding, where llama.cpp's one 8-bit rounding is far further off (as test_qmm_tiles')."""
     k, n = 512, 21
@@ -115,7 +107,7 @@ def test_precise_activations(libs, qtype):
         x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
         ref = x.astype(np.float64) @ w.T
         scale = np.abs(ref).max()
-        for name, lib in libs.items():
+        for name, lib in kernel_builds.items():
             errs = {}
             for precise in (True, False):
                 got = native.qmatmul(x, [(raw, qtype, n)], lib, native.qmm_opts(precise=precise))
@@ -126,14 +118,14 @@ def test_precise_activations(libs, qtype):
     print(f"{qtype.name}: precise max |err| / max |ref| = {worst:.1e}")
 
 
-def test_rows_not_whole_blocks_are_refused(libs):
+def test_rows_not_whole_blocks_are_refused(kernel_builds):
     """The 256-block types need K a multiple of 256 (native_model checks K_TYPES first)."""
     assert {Q.Q2_K, Q.Q3_K, Q.IQ4_XS} <= native.K_TYPES and Q.Q5_1 not in native.K_TYPES
     raw = _raw(Q.Q5_1, 4, 288, seed=1)
     x = np.ones((2, 288), dtype=np.float32)
-    assert native.qmatmul(x, [(raw, Q.Q5_1, 4)], libs["native"]).shape == (2, 4)
+    assert native.qmatmul(x, [(raw, Q.Q5_1, 4)], kernel_builds["native"]).shape == (2, 4)
     with pytest.raises(RuntimeError):  # 288 = 9 blocks of 32 but not whole 256-blocks
-        native.qmatmul(x, [(raw, Q.Q2_K, 4)], libs["native"])
+        native.qmatmul(x, [(raw, Q.Q2_K, 4)], kernel_builds["native"])
 
 
 @pytest.fixture(scope="module")
