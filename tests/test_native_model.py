@@ -293,3 +293,40 @@ def test_a_fragmented_paged_cache_gives_the_same_logits(files):
     want = run(cache_for(model))
     for got in (run(frag), run(straight)):
         assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_loading_beside_the_tokenizer(files, monkeypatch):
+    """With a cached tokenizer the layers repack on another thread while it is read
+    (loaders/load.py): the model gives the same logits, bit for bit, as a load that reads the
+    tokenizer first; a tokenizer that fails ends the load with its own error, and the repack
+    thread is released and ends (nothing hangs)."""
+    import threading
+
+    from mistralrs_cli.errors import UserError
+    from mistralrs_cli.loaders import load as L
+
+    path = files["llama-tied-q4_0"]  # the output matrix is the embedding: repacked after the tokenizer
+    _load(path)  # the tokenizer is cached from here on
+    beside = []
+    real = L._native_model_meanwhile
+    monkeypatch.setattr(L, "_native_model_meanwhile", lambda *a: beside.append(1) or real(*a))
+    concurrent = _load(path)
+    assert beside == [1]
+    monkeypatch.setattr(L, "_tokenizer_cached", lambda spec, gf: False)
+    sequential = _load(path)
+    assert beside == [1] and isinstance(concurrent, NativeModel) and isinstance(sequential, NativeModel)
+    prompt = list(range(3, 30, 2))
+    for x, y in zip(_steps(concurrent, prompt, 3), _steps(sequential, prompt, 3)):
+        assert np.array_equal(x, y)
+
+    monkeypatch.setattr(L, "_tokenizer_cached", lambda spec, gf: True)
+
+    def broken(*a):
+        raise UserError("tokenizer broken on purpose")
+    monkeypatch.setattr(L, "_tokenizer", broken)
+    with pytest.raises(UserError, match="on purpose"):
+        _load(path)
+    for t in threading.enumerate():
+        if t.name == "load-weights":
+            t.join(30)
+            assert not t.is_alive()
