@@ -43,46 +43,46 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def one_request(client: openai.OpenAI, args, n: int) -> dict:
-    t0 = time.perf_counter()
-    ttft, tokens, usage = None, 0, None
-    stream = client.chat.completions.create(
-        model=args.model, messages=[{"role": "user", "content": f"Request {n}. {WORDS}"}],
-        max_tokens=args.max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, logit_bias={str(args.eos_id): -100},
-    )
-    for chunk in stream:
+class _Tally:
+    """One streamed request as it arrives: time to first content, tokens (usage when sent)."""
+
+    def __init__(self):
+        self.t0, self.ttft, self.tokens, self.usage = time.perf_counter(), None, 0, None
+
+    def add(self, chunk) -> None:
         if chunk.usage is not None:
-            usage = chunk.usage.completion_tokens
+            self.usage = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].delta.content:
-            tokens += 1  # one chunk per token (a fallback when a server sends no usage)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-    end = time.perf_counter()
-    n_tok = usage if usage is not None else tokens
-    decode = (n_tok - 1) / (end - t0 - ttft) if ttft is not None and n_tok > 1 and end - t0 > ttft else 0.0
-    return {"ttft": ttft or float("nan"), "tokens": n_tok, "decode_tps": decode}
+            self.tokens += 1  # one chunk per token (a fallback when a server sends no usage)
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self.t0
+
+    def result(self) -> dict:
+        end, ttft = time.perf_counter(), self.ttft
+        n_tok = self.usage if self.usage is not None else self.tokens
+        span = end - self.t0 - ttft if ttft is not None else 0.0
+        decode = (n_tok - 1) / span if ttft is not None and n_tok > 1 and span > 0 else 0.0
+        return {"ttft": ttft or float("nan"), "tokens": n_tok, "decode_tps": decode}
+
+
+def _request(args, n: int) -> dict:
+    return dict(model=args.model, messages=[{"role": "user", "content": f"Request {n}. {WORDS}"}],
+                max_tokens=args.max_tokens, temperature=0.0, stream=True,
+                stream_options={"include_usage": True}, logit_bias={str(args.eos_id): -100})
+
+
+def one_request(client: openai.OpenAI, args, n: int) -> dict:
+    tally = _Tally()
+    for chunk in client.chat.completions.create(**_request(args, n)):
+        tally.add(chunk)
+    return tally.result()
 
 
 async def one_request_async(client: "openai.AsyncOpenAI", args, n: int) -> dict:
-    t0 = time.perf_counter()
-    ttft, tokens, usage = None, 0, None
-    stream = await client.chat.completions.create(
-        model=args.model, messages=[{"role": "user", "content": f"Request {n}. {WORDS}"}],
-        max_tokens=args.max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, logit_bias={str(args.eos_id): -100},
-    )
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].delta.content:
-            tokens += 1
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-    end = time.perf_counter()
-    n_tok = usage if usage is not None else tokens
-    decode = (n_tok - 1) / (end - t0 - ttft) if ttft is not None and n_tok > 1 and end - t0 > ttft else 0.0
-    return {"ttft": ttft or float("nan"), "tokens": n_tok, "decode_tps": decode}
+    tally = _Tally()
+    async for chunk in await client.chat.completions.create(**_request(args, n)):
+        tally.add(chunk)
+    return tally.result()
 
 
 def _clients_async(base_url: str, args, concurrency: int) -> tuple[list[dict], float]:

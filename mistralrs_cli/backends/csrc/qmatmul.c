@@ -210,6 +210,19 @@ static void row_avx2(int type, const uint8_t *wr, int64_t nb, int bb, const int8
 }
 #endif
 
+// sum of (code - offset) * x over a Q5_0 / Q5_1 block: code j = its nibble | bit j of qh << 4
+__attribute__((unused)) static int q5_dot(const uint8_t *qh_bytes, const uint8_t *qs, int offset, const int8_t *xq) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    int s = 0;
+    for (int j = 0; j < 16; j++) {
+        const int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+        const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        s += (lo - offset) * xq[j] + (hi - offset) * xq[j + 16];
+    }
+    return s;
+}
+
 // scalar reference: integer dot of one weight block with one activation block
 __attribute__((unused)) static int block_dot(int type, const uint8_t *w, const int8_t *xq, float *wd, float *wm) {
     *wm = 0.0f;
@@ -223,27 +236,13 @@ __attribute__((unused)) static int block_dot(int type, const uint8_t *w, const i
         *wm = h2f(rd16(w + 2));
         for (int j = 0; j < 16; j++) s += (w[4 + j] & 15) * xq[j] + (w[4 + j] >> 4) * xq[j + 16];
         break;
-    case T_Q5_0: {
-        uint32_t qh;
-        memcpy(&qh, w + 2, 4);
-        for (int j = 0; j < 16; j++) {
-            const int lo = (w[6 + j] & 15) | (((qh >> j) & 1) << 4);
-            const int hi = (w[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-            s += (lo - 16) * xq[j] + (hi - 16) * xq[j + 16];
-        }
+    case T_Q5_0:
+        s = q5_dot(w + 2, w + 6, 16, xq);
         break;
-    }
-    case T_Q5_1: {
-        uint32_t qh;
+    case T_Q5_1:
         *wm = h2f(rd16(w + 2));
-        memcpy(&qh, w + 4, 4);
-        for (int j = 0; j < 16; j++) {
-            const int lo = (w[8 + j] & 15) | (((qh >> j) & 1) << 4);
-            const int hi = (w[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-            s += lo * xq[j] + hi * xq[j + 16];
-        }
+        s = q5_dot(w + 4, w + 8, 0, xq);
         break;
-    }
     case T_Q8_0:
         for (int j = 0; j < QK; j++) s += (int8_t)w[2 + j] * xq[j];
         break;
