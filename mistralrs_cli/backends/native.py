@@ -245,19 +245,8 @@ class Plan:
     def __init__(self, parts: list[tuple], lib: ctypes.CDLL | None = None):
         if not parts:  # Plan.join fills it in
             return
-        lib = lib or library()
-        prepared = []
-        for raw, qtype, rows in parts:
-            t, code = _contiguous(raw), int(qtype)
-            block, size = GGML_QUANT_SIZES[qtype]
-            k = t.shape[1] // size * block
-            how = _repacker(lib, code)
-            if how is not None:
-                packed = _ARENA.alloc((rows + 7) // 8 * (k // block) * how[1])
-                if (lib.repack8_k if how[0] else lib.repack8)(code, ptr(t), rows, k, ptr(packed)) == 0:
-                    t, code = packed, code | PACKED
-            prepared.append((t, code, rows))
-        self._fill(prepared)
+        singles = plans_at_once([(raw, qtype, rows, False) for raw, qtype, rows in parts], lib or library())
+        self._fill([(p.tensors[0], p.array[0].type, p.array[0].rows) for p in singles])
 
     def _fill(self, prepared: list[tuple]) -> None:
         """(array, kernel type code, rows) per part."""
