@@ -7,7 +7,7 @@ then times qmm_parts (what native.qmatmul calls) on the same weights and activat
 GFLOP/s (2 * M * N * K / time) per shape and M, plus whether the outputs are bit-identical.
 
     python scripts/bench_qmm.py [--m 1,16,200] [--threads 1] [--iters 15] [--base HEAD]
-                                [--model smol|gemma|all] [--cpu-time]
+                                [--model smol|gemma|all] [--cpu-time] [--precise]
 
 --cpu-time reports process CPU time instead of wall time (steadier on a shared machine; only
 meaningful with --threads 1). Shapes: SmolLM2-135M Q4_1 (layer 0: qkv, o, gate+up, down, the
@@ -45,7 +45,7 @@ class QPart(ctypes.Structure):
 class QmmOpts(ctypes.Structure):  # csrc/qmatmul.c's qmm_opts
     _fields_ = [("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("act", ctypes.c_int),
                 ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("ld_res", ctypes.c_int64),
-                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float)]
+                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int)]
 
 
 def compile_lib(src_dir: Path, out_dir: Path) -> ctypes.CDLL:
@@ -105,11 +105,13 @@ class Plan:
         self.count, self.rows = len(entries), sum(p[2] for p in parts)
 
 
-def qmatmul(x: np.ndarray, plan: Plan, lib, threads: int, out: np.ndarray | None = None, act: int = 0) -> np.ndarray:
-    """act: 0 none, 1 silu(gate) * up, 2 gelu_tanh(gate) * up (x is then [gate | up], 2k wide)"""
+def qmatmul(x: np.ndarray, plan: Plan, lib, threads: int, out: np.ndarray | None = None, act: int = 0,
+            precise: bool = False) -> np.ndarray:
+    """act: 0 none, 1 silu(gate) * up, 2 gelu_tanh(gate) * up (x is then [gate | up], 2k wide);
+    precise: --numerics precise's activations (qmm_opts.precise)"""
     m, k = x.shape[0], x.shape[1] // (2 if act else 1)
     y = np.empty((m, plan.rows), np.float32) if out is None else out
-    opts = ctypes.byref(QmmOpts(act=act)) if act else None
+    opts = ctypes.byref(QmmOpts(act=act, precise=int(precise))) if act or precise else None
     rc = lib.qmm_parts(plan.array, plan.count, k, _ptr(x), x.shape[1], m, _ptr(y), plan.rows, threads, opts)
     assert rc == 0, rc
     return y
@@ -175,6 +177,7 @@ def main() -> int:
     ap.add_argument("--base", default="HEAD", help="git revision of the baseline sources ('' for none)")
     ap.add_argument("--model", default="all", choices=["smol", "gemma", "all"])
     ap.add_argument("--cpu-time", action="store_true")
+    ap.add_argument("--precise", action="store_true", help="time --numerics precise's activations")
     args = ap.parse_args()
     libs = {}
     if args.base:
@@ -191,13 +194,14 @@ def main() -> int:
         plans = {name: Plan([(raw, q, rows) for raw, q, rows, _ in parts], lib) for name, lib in libs.items()}
         for m in ms:
             x = (np.random.default_rng(m).standard_normal((m, k * (2 if act else 1))) * 2).astype(np.float32)
-            outs = {name: qmatmul(x, plans[name], lib, args.threads, act=act) for name, lib in libs.items()}
+            outs = {name: qmatmul(x, plans[name], lib, args.threads, act=act, precise=args.precise) for name, lib in libs.items()}
             iters = max(3, args.iters if m > 1 else args.iters * 4)
             times = {name: [] for name in libs}
             for _ in range(iters):
                 for name, lib in libs.items():
                     t0 = clock()
-                    qmatmul(x, plans[name], lib, args.threads, out=outs[name], act=act)
+                    qmatmul(x, plans[name], lib, args.threads, out=outs[name], act=act,
+                            precise=args.precise)
                     times[name].append(clock() - t0)
             flops = 2.0 * m * n * k
             cells = []
