@@ -15,12 +15,15 @@ MISTRALRS_VERSION="${MISTRALRS_VERSION:-0.9.5}"
 [ -x "$PEERS/bin/python" ] || "$PY" -m venv "$PEERS"
 PIP="$PEERS/bin/pip"
 
+# AVX-512 only where this CPU has it: a build with it dies with "Illegal instruction" elsewhere
+AVX512=OFF
+grep -qw avx512f /proc/cpuinfo 2>/dev/null && AVX512=ON
 if ! "$PEERS/bin/python" -c "import llama_cpp" 2>/dev/null; then
   "$PIP" install numpy diskcache jinja2 typing_extensions scikit-build-core cmake ninja
   CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
--DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
--DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-  CMAKE_BUILD_PARALLEL_LEVEL=2 "$PIP" install --no-deps --no-build-isolation \
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=$AVX512 -DGGML_AVX512_VBMI=$AVX512 \
+-DGGML_AVX512_VNNI=$AVX512 -DGGML_AVX512_BF16=$AVX512 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL=2 "$PIP" install --no-deps --no-build-isolation --no-cache-dir \
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 fi
 
