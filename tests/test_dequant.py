@@ -13,6 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from ggml_reference import ggml_library
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.quant.dequant import SUPPORTED, block_size, dequantize, row_bytes
 
@@ -220,18 +221,14 @@ def test_real_tensors_bit_exact(filename):
     assert expected <= set(seen), sorted(t.name for t in seen)
 
 
-# --- llama.cpp itself, when it is on this machine ---------------------------------------------------
+# --- llama.cpp itself (tests/ggml_reference.py builds its libggml-base) ---------------------------------------------------
 
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED - {Q.F32, Q.F16, Q.BF16, Q.Q8_1}, key=lambda t: t.value),
                          ids=lambda t: t.name)
 def test_random_blocks_match_llama_cpp(qtype):
-    """ggml's own dequantize_row_* (libggml-base from the peers cache), where gguf-py's port is
+    """ggml's own dequantize_row_* (libggml-base, tests/ggml_reference.py), where gguf-py's port is
     the only other reference; Q8_K and the IQ types included. ggml has no dequantize_row_q8_1."""
-    from test_quantize import ggml_library
-
     lib = ggml_library()
-    if lib is None:
-        pytest.skip("llama.cpp's libggml-base.so is not on this machine (set MISTRALRS_CLI_GGML_LIB)")
     fn = getattr(lib, f"dequantize_row_{qtype.name.lower().replace('_k', '_K')}")
     fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     raw = np.ascontiguousarray(random_blocks(qtype, n_rows=16, blocks_per_row=2, seed=5))

@@ -4,14 +4,12 @@
 - every type's bytes read back by gguf-py's dequantizer (or, for Q8_1/Q8_K/HQQ, a numpy decoder
   written here from the block layout) equal our own dequantization, bit for bit;
 - the RMSE of each type on one seeded matrix falls in llama.cpp's order (printed with -s);
-- when llama.cpp's libggml-base is on this machine (the peers cache), our bytes match its
-  quantize_row_*_ref: every block for the simple types, over 99% for the K types."""
+- our bytes match llama.cpp's own quantize_row_*_ref (its libggml-base, built from a pinned
+  source package by tests/ggml_reference.py): every block for the simple types, over 99% for the
+  K types."""
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from ggml_reference import ggml_library
 from mistralrs_cli.quant.dequant import block_size, dequantize, row_bytes
 from mistralrs_cli.quant.hqq import HQQ
 from mistralrs_cli.quant.quantize import QUANTIZERS, quantize
@@ -167,25 +166,11 @@ def test_rmse_order(capsys):
     assert 0.05 < table[Q.Q4_0] < 0.2 and 0.003 < table[Q.Q8_0] < 0.015
 
 
-# --- llama.cpp itself, when it is on this machine -----------------------------------------------------
-
-def ggml_library() -> ctypes.CDLL | None:
-    env = os.environ.get("MISTRALRS_CLI_GGML_LIB")
-    root = Path(os.environ.get("MISTRALRS_CLI_CACHE", Path.home() / ".cache" / "mistralrs-cli"))
-    paths = [env] if env else sorted(glob.glob(str(root / "peers" / "**" / "libggml-base.so"), recursive=True))
-    for path in paths:
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
+# --- llama.cpp itself (tests/ggml_reference.py builds its libggml-base) -----------------------------------------------------
 
 @pytest.mark.parametrize("qtype", K_TYPES + [Q.Q8_1, Q.Q4_0, Q.Q5_1], ids=lambda t: t.name)
 def test_matches_llama_cpp_reference(qtype):
     lib = ggml_library()
-    if lib is None:
-        pytest.skip("llama.cpp's libggml-base.so is not on this machine (set MISTRALRS_CLI_GGML_LIB)")
     fn = getattr(lib, f"quantize_row_{qtype.name.lower().replace('_k', '_K')}_ref")
     fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     w = np.random.default_rng(7).standard_normal((128, 1024)).astype(np.float32)
