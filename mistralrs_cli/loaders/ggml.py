@@ -243,7 +243,7 @@ def load_ggml_model(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: f
 def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
     """The tokenizer from -t (repo, dir or tokenizer.json) or --tokenizer-json: GGML files keep
     scores but no merges, so their vocab cannot tokenize."""
-    from .load import _read_json
+    from .loaded import read_json as _read_json
     from .tokenizer import tokenizer_from_file
 
     tok_json = Path(spec.tokenizer_json).expanduser() if spec.tokenizer_json else None
@@ -281,7 +281,7 @@ def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
 def load_ggml(spec: GGMLSpec, opts: LoadOptions):
     """`mistralrs ggml -f model.bin -t tokenizer.json`: the Loaded bundle."""
     from .chat_template import resolve_chat_template
-    from .load import Loaded
+    from .loaded import Loaded
 
     path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
                                   "GGML", ".bin")

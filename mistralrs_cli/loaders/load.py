@@ -7,40 +7,22 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import hub
 from ..errors import UserError
-from ..models.config import ModelConfig
 from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
-from .chat_template import ChatTemplate, resolve_chat_template
+from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
+from .loaded import Loaded, read_json as _read_json  # noqa: F401 (Loaded: re-exported)
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
 
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Loaded:
-    model: Any  # a torch CausalLM, or the native runtime's NativeModel
-    tokenizer: Tokenizer
-    chat_template: ChatTemplate | None
-    config: ModelConfig
-    model_id: str  # the name /v1/models and the stats show
-    eos_ids: set[int] = field(default_factory=set)
-    bos_token: str = ""
-    eos_token: str = ""
-
-    @property
-    def max_context(self) -> int:
-        return self.config.max_position_embeddings
 
 
 def cache_root() -> Path:
@@ -61,15 +43,6 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _read_json(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as JSON ({e}); fix or remove the file.") from None
 
 
 def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokenizer, dict | None]:

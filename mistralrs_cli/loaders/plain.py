@@ -241,7 +241,7 @@ def load_plain_model(spec: PlainSpec, opts: LoadOptions, model_dir: Path) -> tup
 
 
 def _tokenizer_files(spec: PlainSpec, model_dir: Path) -> tuple[Path, dict, list[int]]:
-    from .load import _read_json
+    from .loaded import read_json as _read_json
 
     tok_json = Path(spec.tokenizer_json).expanduser() if spec.tokenizer_json else model_dir / "tokenizer.json"
     if not tok_json.is_file():
@@ -260,7 +260,7 @@ def _tokenizer_files(spec: PlainSpec, model_dir: Path) -> tuple[Path, dict, list
 def load_plain(spec: PlainSpec, opts: LoadOptions):
     """`mistralrs plain -m DIR_OR_REPO`: the Loaded bundle (imported late: load.py registers us)."""
     from .chat_template import resolve_chat_template
-    from .load import Loaded
+    from .loaded import Loaded
     from .tokenizer import tokenizer_from_file
 
     model_dir = _model_dir(spec, opts)

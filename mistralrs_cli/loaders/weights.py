@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import default_backend
 from ..errors import UserError
 from ..models.config import ModelConfig
 from ..quant.qweight import FusedQLinear, QEmbedding, QLinear, QWeight
@@ -66,6 +67,7 @@ def _place(model: nn.Module, mod_name: str, weights: dict[str, Weight], source: 
 
 def build_model(cls: type[nn.Module], cfg: ModelConfig, weights: dict[str, Weight], source: str,
                 dtype: torch.dtype = torch.float32, backend=None) -> nn.Module:
+    backend = backend or default_backend()
     with torch.device("meta"):
         model = cls(cfg)
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:

@@ -73,14 +73,14 @@ def _show_progress(progress: bool) -> bool:
     return progress and sys.stderr.isatty() and log.isEnabledFor(logging.WARNING)
 
 
-def quantize_linear(lin: nn.Linear, qtype, backend=None) -> QLinear:
+def quantize_linear(lin: nn.Linear, qtype, backend) -> QLinear:
     w = lin.weight.detach()
     raw = quantize(w, qtype)
     bias = None if lin.bias is None else lin.bias.detach().clone()
     return QLinear(QWeight(raw, qtype, tuple(w.shape)), bias, backend)
 
 
-def apply_isq(model: nn.Module, isq_type: str, progress: bool = True, backend=None) -> Counter:
+def apply_isq(model: nn.Module, isq_type: str, backend, progress: bool = True) -> Counter:
     """Swap every nn.Linear of `model` for a QLinear of `isq_type` (mistral.rs's names); returns
     how many layers got each type (None: left unquantized). The float weights are released."""
     qtype = parse_isq(isq_type)
@@ -141,7 +141,7 @@ def isq_model(model: nn.Module, isq_type: str, numerics: str = "llama.cpp", prog
 
     backend = TorchBackend(numerics)
     unfuse_float_projections(model)  # the float q/k/v, gate/up fusions would bypass the quantized parts
-    apply_isq(model, isq_type, progress, backend)
+    apply_isq(model, isq_type, backend, progress)
     # what stays float (embeddings, norms) may be views of the checkpoint's memory map: copies let
     # the map go, and with it every page the quantizer read (a 135M model: 930 -> 520 MB RSS)
     for p in model.parameters():

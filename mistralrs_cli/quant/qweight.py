@@ -46,15 +46,14 @@ def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
 
 
 class QLinear(nn.Module):
-    """y = x W^T (+ b) with W a QWeight; the backend does the multiply."""
+    """y = x W^T (+ b) with W a QWeight; the backend does the multiply. The caller (a loader,
+    ISQ) chooses the backend: backends import this module, so it imports none of them."""
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None = None, backend=None):
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, backend):
         super().__init__()
-        from ..backends import default_backend
-
         self.qweight = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.backend = backend or default_backend()
+        self.backend = backend
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
