@@ -137,12 +137,19 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
 }
 
 #if defined(__AVX2__)
+// dp16 adds the products of unsigned u and signed s into acc; wide() gives acc's sums of 4 per
+// 32-bit lane. With VNNI acc is int32 (dpbusd). Without it acc holds the maddubs pair sums in
+// int16 lanes and wide() does the one madd: a run of dp16 calls between two wide() must stay
+// within int16 (each call site says why it does), and then the integer sums are the same as one madd per
+// maddubs, with about half the multiply-port instructions.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-static inline __m256i dp(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#define VNNI256 1
+static inline __m256i dp16(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+static inline __m256i wide(__m256i acc) { return acc; }
 #else
-static inline __m256i dp(__m256i acc, __m256i u, __m256i s) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
+#define VNNI256 0
+static inline __m256i dp16(__m256i acc, __m256i u, __m256i s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+static inline __m256i wide(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #endif
 
 static inline __m256i bcast4(const int8_t *p) {
@@ -245,22 +252,32 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         const uint8_t *q = gv.q;
         const int cs = gv.cs;  // chunk stride
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d));
-        __m256i isum[8];
-        for (int r = 0; r < RN; r++) isum[r] = _mm256_setzero_si256();
+        __m256i isum[8], s16[8];
+        for (int r = 0; r < RN; r++) isum[r] = s16[r] = _mm256_setzero_si256();
         if (bytewise(type)) {
+            // Q5_0's codes (< 32) give pair sums below 2 * 31 * 127: four chunks fit in int16
+            // (Q8_0's 256-bit path has VNNI, see packed_supported)
             for (int c = 0; c < 8; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
-                for (int r = 0; r < RN; r++) isum[r] = dp(isum[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
+                for (int r = 0; r < RN; r++) s16[r] = dp16(s16[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
+                if (VNNI256 || c % 4 != 3) continue;
+                for (int r = 0; r < RN; r++) {
+                    isum[r] = c == 3 ? wide(s16[r]) : _mm256_add_epi32(isum[r], wide(s16[r]));
+                    s16[r] = _mm256_setzero_si256();
+                }
             }
-        } else {
+            if (VNNI256)
+                for (int r = 0; r < RN; r++) isum[r] = s16[r];
+        } else {  // nibbles: 8 pair sums below 2 * 15 * 127 fit in int16, the whole block
             for (int c = 0; c < 4; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
                 const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                 for (int r = 0; r < RN; r++) {
                     const int8_t *xr = xq + (r0 + r) * k + b * 32;
-                    isum[r] = dp(dp(isum[r], lo, bcast4(xr + 4 * c)), hi, bcast4(xr + 16 + 4 * c));
+                    s16[r] = dp16(dp16(s16[r], lo, bcast4(xr + 4 * c)), hi, bcast4(xr + 16 + 4 * c));
                 }
             }
+            for (int r = 0; r < RN; r++) isum[r] = wide(s16[r]);
         }
         const __m256 mm =
             type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.m)) : d;
@@ -280,6 +297,7 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         int64_t r0 = 0;                                                                         \
         for (; r0 + 8 <= m; r0 += 8) tile(T, 8, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);         \
         for (; r0 + 4 <= m; r0 += 4) tile(T, 4, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);         \
+        for (; r0 + 2 <= m; r0 += 2) tile(T, 2, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);         \
         for (; r0 < m; r0++) tile(T, 1, w, n, k, G, r0, xq, xd, xs, xi, y, ldy);                 \
     }
 #endif
@@ -478,8 +496,8 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
                     const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
                     for (int r = 0; r < RN; r++) {
                         const int8_t *x = kq + (r0 + r) * k + b * 256 + 64 * j + 4 * c;
-                        lo_s[r] = dp(lo_s[r], lo, bcast4(x));
-                        hi_s[r] = dp(hi_s[r], hi, bcast4(x + 32));
+                        lo_s[r] = dp16(lo_s[r], lo, bcast4(x));  // 8 nibble pair sums: within int16
+                        hi_s[r] = dp16(hi_s[r], hi, bcast4(x + 32));
                     }
                 }
                 const __m256 s0 = _mm256_loadu_ps(sc + (2 * j) * ss), s1 = _mm256_loadu_ps(sc + (2 * j + 1) * ss);
@@ -488,8 +506,8 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
                 for (int r = 0; r < RN; r++) {
                     const float *ms = kms + ((r0 + r) * nb + b) * 8;  // xd * (bsums of each 32)
                     const __m256 xv = _mm256_set1_ps(kd[(r0 + r) * nb + b]);
-                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xv), _mm256_cvtepi32_ps(lo_s[r]), a[r]);
-                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xv), _mm256_cvtepi32_ps(hi_s[r]), a[r]);
+                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xv), _mm256_cvtepi32_ps(wide(lo_s[r])), a[r]);
+                    a[r] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xv), _mm256_cvtepi32_ps(wide(hi_s[r])), a[r]);
                     a[r] = _mm256_fnmadd_ps(m0, _mm256_set1_ps(ms[2 * j]), a[r]);
                     a[r] = _mm256_fnmadd_ps(m1, _mm256_set1_ps(ms[2 * j + 1]), a[r]);
                 }
@@ -498,9 +516,14 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
             for (int s_ = 0; s_ < 16; s_++) {
                 __m256i is[8];
                 for (int r = 0; r < RN; r++) is[r] = _mm256_setzero_si256();
-                for (int c = 0; c < 4; c++) {
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c) * cs));
-                    for (int r = 0; r < RN; r++) is[r] = dp(is[r], wv, bcast4(kq + (r0 + r) * k + b * 256 + 16 * s_ + 4 * c));
+                // codes < 64: two pair sums (< 2 * 63 * 127 each) fit in int16
+                for (int c2 = 0; c2 < 4; c2 += 2) {
+                    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c2) * cs));
+                    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + (s_ * 4 + c2 + 1) * cs));
+                    for (int r = 0; r < RN; r++) {
+                        const int8_t *x = kq + (r0 + r) * k + b * 256 + 16 * s_ + 4 * c2;
+                        is[r] = _mm256_add_epi32(is[r], wide(dp16(dp16(_mm256_setzero_si256(), w0, bcast4(x)), w1, bcast4(x + 4))));
+                    }
                 }
                 const __m256 sv = _mm256_loadu_ps(sc + s_ * ss);
                 for (int r = 0; r < RN; r++) {
@@ -518,6 +541,7 @@ static inline __attribute__((always_inline)) void ktile(const int type, const in
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
         for (; r0 + 4 <= m; r0 += 4) ktile(T, 4, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);           \
+        for (; r0 + 2 <= m; r0 += 2) ktile(T, 2, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);           \
         for (; r0 < m; r0++) ktile(T, 1, w, n, k, G, r0, kq, kd, kbs, kms, y, ldy);                   \
     }
 #endif
