@@ -1,4 +1,4 @@
-"""Benchmark the mistralrs_cli/cuda/*.cu kernels on a GPU box.
+"""Benchmark the cuda/*.cu kernels on a GPU box.
 
 GEMV (decode, M=1): effective GB/s (weight bytes + activations read, outputs written, per
 second) against the card's peak memory bandwidth. GEMM (prefill, M=512): TFLOP/s against torch

@@ -1,4 +1,4 @@
-"""The CUDA backend: mistralrs_cli/cuda/*.cu kernels launched through CuPy (the only module that imports cupy).
+"""The CUDA backend: the cuda/*.cu kernels launched through CuPy (the only module that imports cupy).
 
 Kernels are fetched by name from one table keyed by quant type, and launched through a launcher
 with CuPy's call shape, `launcher.get_function(name)(grid, block, args, shared_mem=)`. On a GPU
@@ -20,8 +20,16 @@ from gguf import GGMLQuantizationType as Q
 from ..errors import UserError
 from ..quant.qweight import QWeight
 
-# mistralrs_cli/cuda/: package data (pyproject.toml), so an installed wheel has it too
-CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+
+def _cuda_dir() -> Path:
+    """The kernels' source: mistralrs_cli/cuda/ in an installed wheel (pyproject.toml maps the
+    top-level cuda/ there), the repository's cuda/ when run from a checkout or an editable install."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "cuda"
+    return shipped if shipped.is_dir() else package.parent / "cuda"
+
+
+CUDA_DIR = _cuda_dir()
 GEMV_MAX_M = 8  # cuda/gemv.cu: activation rows one warp carries; more rows go to the tiled GEMM
 GEMV_WARPS = 4
 TILE = 32
