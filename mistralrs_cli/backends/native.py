@@ -181,7 +181,8 @@ class QmmOpts(ctypes.Structure):
 
 def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0, precise=False) -> QmmOpts:
     """QmmOpts over arrays or tensors (None: that step is skipped); the residual is set per call.
-    precise: activations rounded in two 8-bit parts (~16 bits) instead of llama.cpp's one."""
+    precise: activations rounded in two 8-bit parts (~16 bits) instead of one ("fast", the
+    rounding llama.cpp's CPU kernels use)."""
     p = lambda t: None if t is None else ptr(t)  # noqa: E731
     return QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None, ld_res=0, post_w=p(post),
                    post_eps=post_eps, precise=int(precise))
@@ -308,7 +309,7 @@ def library() -> ctypes.CDLL | None:
     return _LIB
 
 
-def qmatmul(x, parts, lib: ctypes.CDLL | None = None, opts: QmmOpts | None = None, out=None):
+def qmatmul(x, parts, lib: ctypes.CDLL | None = None, opts: QmmOpts | None = None, out=None, n_threads=None):
     """x (M, K) f32 times the stacked weights (a Plan, or [(raw rows, qtype, rows)]) -> (M, sum
     rows) f32, a numpy array or a torch tensor as x is; `opts` fuses a norm / activation before
     and bias / norm + residual add after."""
@@ -326,7 +327,7 @@ def qmatmul(x, parts, lib: ctypes.CDLL | None = None, opts: QmmOpts | None = Non
     else:
         y = x.new_empty(m, plan.rows)
     rc = lib.qmm_parts(plan.array, plan.count, k, ptr(x), _row_stride(x), m, ptr(y), _row_stride(y),
-                       threads(), None if opts is None else ctypes.byref(opts))
+                       n_threads or threads(), None if opts is None else ctypes.byref(opts))
     if rc != 0:
         raise RuntimeError(f"native qmm refused the call (types {[p.type for p in plan.array]}, K={k})")
     return y

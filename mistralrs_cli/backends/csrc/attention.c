@@ -152,27 +152,26 @@ static float exp_sum(float *p, int64_t n, float mx) {
     return sum;
 }
 
-// o = inv * sum_j p[j - lo] v_j over keys lo..hi; 64 output dims at a time stay in registers
-static inline __attribute__((always_inline)) void weighted_sum_t(const float *p, int64_t lo, int64_t hi, float inv,
-                                                                 const void *vh, int64_t ss, int hd, float *o,
-                                                                 const int kv16) {
+// o[e] += sum_i p[i] v_i[e] over c rows v (stride ld, f16 or f32), each o[e] summed in key
+// order; 64 output dims at a time stay in registers
+static inline __attribute__((always_inline)) void accumulate_t(const float *p, const void *v, int64_t ld, int c,
+                                                               int hd, float *o, const int kv16) {
     int e0 = 0;
 #if defined(VEC8)
     for (; e0 + 64 <= hd; e0 += 64) {
         __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
-        for (int64_t j = lo; j <= hi; j++) {
-            const __m256 w = _mm256_set1_ps(p[j - lo]);
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(w, ld8(vh, j * ss + e0 + 8 * c, kv16), acc[c]);
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(o + e0 + 8 * q);
+        for (int i = 0; i < c; i++) {
+            const __m256 w = _mm256_set1_ps(p[i]);
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_fmadd_ps(w, ld8(v, i * ld + e0 + 8 * q, kv16), acc[q]);
         }
-        const __m256 sc = _mm256_set1_ps(inv);
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], sc));
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(o + e0 + 8 * q, acc[q]);
     }
 #endif
     for (int e = e0; e < hd; e++) {
-        float a = 0.0f;
-        for (int64_t j = lo; j <= hi; j++) a = fmaf(p[j - lo], ld1(vh, j * ss + e, kv16), a);
-        o[e] = a * inv;
+        float a = o[e];
+        for (int i = 0; i < c; i++) a = fmaf(p[i], ld1(v, i * ld + e, kv16), a);
+        o[e] = a;
     }
 }
 
@@ -222,67 +221,162 @@ static inline __attribute__((always_inline)) void scores_t(const float *qh, cons
     }
 }
 
-// One (query row, head) of attention: q (hd), keys/values of one kv head with key stride ss (in
-// elements), keys lo..hi visible; p: scratch for hi - lo + 1 scores; o: hd outputs.
-static inline __attribute__((always_inline)) void attend_row_t(const float *qh, const void *kh, const void *vh,
-                                                               int64_t ss, int hd, int64_t lo, int64_t hi,
-                                                               float scale, float softcap, float *p, float *o,
-                                                               const int kv16) {
-    scores_t(qh, kh, ss, hd, lo, hi, scale, p, kv16);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j <= hi - lo; j++) {
-        if (softcap > 0.0f) p[j] = tanhf(p[j] / softcap) * softcap;
-        if (p[j] > mx) mx = p[j];
-    }
-    weighted_sum_t(p, lo, hi, 1.0f / exp_sum(p, hi - lo + 1, mx), vh, ss, hd, o, kv16);
-}
-
-static void attend_row32(const float *qh, const void *kh, const void *vh, int64_t ss, int hd, int64_t lo, int64_t hi,
-                         float scale, float softcap, float *p, float *o) {
-    attend_row_t(qh, kh, vh, ss, hd, lo, hi, scale, softcap, p, o, 0);
-}
-
-static void attend_row16(const float *qh, const void *kh, const void *vh, int64_t ss, int hd, int64_t lo, int64_t hi,
-                         float scale, float softcap, float *p, float *o) {
-    attend_row_t(qh, kh, vh, ss, hd, lo, hi, scale, softcap, p, o, 1);
-}
-
 #include "attention.h"
 
-// Attention for every query row of several sequences in one parallel loop over (row, head).
-// Query t at position pos[t] sees keys j <= pos[t] (key j is position j) and, with a window,
-// pos[t] - j < window.
+// Attention reads each kv head's keys and values in blocks of KB keys (counted from the first
+// key a row sees), for all the query heads that share that kv head (GQA) while the block is in
+// cache (so memory sees it once). Per block and query head: the block's max score m,
+// s = sum exp(score - m), o = sum exp(score - m) v; then the blocks are combined in order. The
+// blocks are fixed by the row alone, so a row's result does not depend on how rows, blocks or
+// threads are split; a row of at most KB keys is computed exactly as one softmax pass.
+#define KB 256
+
+// Keys b0 .. b1 (at most KB) of one kv head for the rep query heads of its group (q: rep rows, hd
+// apart). st: per query head {m, s, o[hd]} as above. p: rep * KB scores.
+static inline __attribute__((always_inline)) void attend_block_t(const float *q, int rep, const void *kh,
+                                                                 const void *vh, int64_t ss, int hd, int64_t b0,
+                                                                 int64_t b1, float scale, float softcap, float *p,
+                                                                 float *st, const int kv16) {
+    const int n = (int)(b1 - b0 + 1);
+    for (int r = 0; r < rep; r++) scores_t(q + (int64_t)r * hd, kh, ss, hd, b0, b1, scale, p + r * KB, kv16);
+    const void *v0 = kv16 ? (const void *)((const uint16_t *)vh + b0 * ss) : (const void *)((const float *)vh + b0 * ss);
+    for (int r = 0; r < rep; r++) {
+        float *pr = p + r * KB, *o = st + (int64_t)r * (hd + 2), mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            if (softcap > 0.0f) pr[j] = tanhf(pr[j] / softcap) * softcap;
+            if (pr[j] > mx) mx = pr[j];
+        }
+        o[0] = mx;
+        o[1] = exp_sum(pr, n, mx);
+        memset(o + 2, 0, sizeof(float) * (size_t)hd);
+        accumulate_t(pr, v0, ss, n, hd, o + 2, kv16);
+    }
+}
+
+__attribute__((noinline)) static void attend_block(const float *q, int rep, const void *kh, const void *vh,
+                                                   int64_t ss, int hd, int64_t b0, int64_t b1, float scale,
+                                                   float softcap, int kv16, float *p, float *st) {
+    if (kv16) attend_block_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 1);
+    else attend_block_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 0);
+}
+
+// One query head's output from its nb blocks' {m, s, o} (stride floats apart), in block order.
+__attribute__((noinline)) static void combine(const float *st, int64_t nb, int64_t stride, int hd, float *out) {
+    float M = -INFINITY, sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++)
+        if (st[b * stride] > M) M = st[b * stride];
+    for (int e = 0; e < hd; e++) out[e] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *s = st + b * stride, w = expf(s[0] - M);
+        sum += s[1] * w;
+        for (int e = 0; e < hd; e++) out[e] += w * s[2 + e];
+    }
+    const float inv = 1.0f / sum;
+    for (int e = 0; e < hd; e++) out[e] *= inv;
+}
+
+typedef struct {      // one (sequence, query row, kv head) of an attn_batch call
+    const float *q;   // the group's first query head
+    float *out;       // its first output head
+    const char *k, *v;
+    int64_t ss, lo, hi, nb, first;  // key stride, first and last key, blocks, index of its first
+} attn_unit;                        // block among all units' blocks
+
+static attn_unit *plan_units(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq, int nkv, int hd,
+                             int64_t window, size_t esz, int64_t *n_units, int64_t *n_blocks, int64_t *max_nb) {
+    const int rep = nq / nkv;
+    int64_t n = 0;
+    for (int i = 0; i < nseq; i++) n += seqs[i].n * nkv;
+    attn_unit *u = malloc(sizeof(attn_unit) * (size_t)(n > 0 ? n : 1));
+    if (!u) return NULL;
+    int64_t x = 0, blocks = 0, most = 1;
+    for (int i = 0; i < nseq; i++) {
+        const attn_seq *sq = &seqs[i];
+        for (int64_t t = 0; t < sq->n; t++) {
+            const int64_t hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
+            const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            for (int g = 0; g < nkv; g++, x++) {
+                u[x].q = sq->q + t * ldq + (int64_t)g * rep * hd;
+                u[x].out = sq->out + t * ldo + (int64_t)g * rep * hd;
+                u[x].k = (const char *)sq->k + (size_t)g * (size_t)sq->sh * esz;
+                u[x].v = (const char *)sq->v + (size_t)g * (size_t)sq->sh * esz;
+                u[x].ss = sq->ss, u[x].lo = lo, u[x].hi = hi;
+                u[x].nb = (hi - lo) / KB + 1;
+                u[x].first = blocks;
+                blocks += u[x].nb;
+                if (u[x].nb > most) most = u[x].nb;
+            }
+        }
+    }
+    *n_units = n, *n_blocks = blocks, *max_nb = most;
+    return u;
+}
+
+// block b of unit x: keys lo + b * KB .. up to hi
+static void block_of(const attn_unit *x, int64_t b, int rep, int hd, float scale, float softcap, int kv16, float *p,
+                     float *st) {
+    const int64_t b0 = x->lo + b * KB, b1 = b0 + KB - 1 < x->hi ? b0 + KB - 1 : x->hi;
+    attend_block(x->q, rep, x->k, x->v, x->ss, hd, b0, b1, scale, softcap, kv16, p, st);
+}
+
+// the unit whose blocks hold block index b (units' first blocks ascend)
+static int64_t unit_of(const attn_unit *u, int64_t n, int64_t b) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (u[mid].first <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Attention for every query row of several sequences. Query t at position pos[t] sees keys
+// j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window. Many (row, kv head)
+// units (a prompt, a batch of decodes): one task each. Few units (one sequence's decode step):
+// the tasks are their blocks, then one combine per query head, so both threads share a long
+// context. Tasks are handed out one by one as threads free up (a starved thread holds up the
+// others for one task only).
 void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq, int nkv, int hd,
                 int64_t window, float scale, float softcap, int n_threads, int kv16) {
     const int rep = nq / nkv;
-    const size_t esz = kv16 ? 2 : 4;
-    int64_t tasks = 0, max_s = 1;
-    for (int i = 0; i < nseq; i++) {
-        tasks += seqs[i].n * nq;
-        if (seqs[i].S > max_s) max_s = seqs[i].S;
+    const int64_t sst = (int64_t)rep * (hd + 2);  // one block's stats
+    int64_t nu, nbt, max_nb;
+    attn_unit *u = plan_units(seqs, nseq, ldq, ldo, nq, nkv, hd, window, kv16 ? 2 : 4, &nu, &nbt, &max_nb);
+    if (!u) return;
+    const int split = n_threads > 1 && nu < 4 * n_threads && nbt > nu;
+    float *st = split ? malloc(sizeof(float) * (size_t)(nbt * sst)) : NULL;
+    if (split && !st) {
+        free(u);
+        return;
     }
-#pragma omp parallel num_threads(tasks > 1 ? n_threads : 1)
+#pragma omp parallel num_threads(nbt > 1 ? n_threads : 1)
     {
-        float *p = malloc(sizeof(float) * (size_t)max_s);
-        // round-robin: a causal prompt's later rows see more keys, so contiguous halves would
-        // leave one thread with three quarters of the work; in chunks of the query heads that
-        // share a kv head, so one core reads each row's keys and values, not every core
-#pragma omp for schedule(static, rep)
-        for (int64_t task = 0; task < tasks; task++) {
-            int64_t rest = task / nq;
-            int i = 0;
-            while (rest >= seqs[i].n) rest -= seqs[i++].n;  // which sequence, which row
-            const attn_seq *sq = &seqs[i];
-            const int h = (int)(task % nq);
-            const int64_t t = rest, hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
-            const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
-            const char *kh = (const char *)sq->k + (size_t)(h / rep) * (size_t)sq->sh * esz;
-            const char *vh = (const char *)sq->v + (size_t)(h / rep) * (size_t)sq->sh * esz;
-            (kv16 ? attend_row16 : attend_row32)(sq->q + t * ldq + (int64_t)h * hd, kh, vh, sq->ss, hd, lo, hi,
-                                                 scale, softcap, p, sq->out + t * ldo + (int64_t)h * hd);
+        float *p = malloc(sizeof(float) * (size_t)(rep * KB));
+        float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst));
+        if (split) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < nbt; b++) {
+                const attn_unit *x = &u[unit_of(u, nu, b)];
+                block_of(x, b - x->first, rep, hd, scale, softcap, kv16, p, st + b * sst);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < nu * rep; i++) {
+                const attn_unit *x = &u[i / rep];
+                const int r = (int)(i % rep);
+                combine(st + x->first * sst + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
+            }
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < nu; i++) {
+                const attn_unit *x = &u[i];
+                for (int64_t b = 0; b < x->nb; b++) block_of(x, b, rep, hd, scale, softcap, kv16, p, mine + b * sst);
+                for (int r = 0; r < rep; r++) combine(mine + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
+            }
         }
         free(p);
+        free(mine);
     }
+    free(st);
+    free(u);
 }
 
 // x as the nearest IEEE half (ties to even; subnormals, overflow to inf, nan kept).

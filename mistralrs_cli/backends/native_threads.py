@@ -1,0 +1,80 @@
+"""How many threads a native forward step uses (backends/native_model.py).
+
+All of them (native.threads()) unless one thread has been measured faster for steps of the same
+size. That happens when another process keeps a core busy: every kernel call ends at a barrier
+that waits for the starved thread, ~100 times per decode step, and two threads then decode at a
+fraction of one thread's speed (measured here: SmolLM2 21-24 tok/s with two, ~107 with one).
+
+Each step's wall time and the process's CPU time over it are measured. A step that got much less
+CPU time than its threads could use (they were not running: starved) makes the next step of that
+size a probe on one thread, and the faster of the two becomes the choice. While one thread is
+the choice, the full count is probed now and then, so the pool grows back when the neighbour is
+gone. Probes are at least 4 steps apart after a change, twice as far after each probe that
+changes nothing, up to 512. A quiet machine never sees a probe: its steps get their CPU time. The kernels give the same bits on any
+thread count (each output's sums run in an order fixed by the data, not by the split), so
+switching never changes results.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import native
+
+MIN_EVERY, MAX_EVERY = 4, 512
+STARVED = 0.6  # CPU time / (wall time x threads) below this: the threads were not all running
+FASTER = 0.9   # a probe takes over when it is this much faster than the choice
+
+
+@dataclass
+class _Size:
+    choice: int
+    times: dict = field(default_factory=dict)  # threads -> seconds per step (recent)
+    since: int = 0          # steps since the last probe
+    every: int = MIN_EVERY  # at least this many steps between probes
+    probe: bool = False     # the next step is a probe of the other count
+
+
+def _size(rows: int) -> int:
+    """Steps of similar size share their measurements: decode batches by row count, prompt
+    chunks by power of two."""
+    return rows if rows <= 8 else 1 << (rows - 1).bit_length()
+
+
+class ThreadPolicy:
+    def __init__(self, threads=native.threads):
+        self.threads = threads
+        self.sizes: dict[tuple[int, int], _Size] = {}
+
+    def pick(self, rows: int) -> int:
+        n = self.threads()
+        if n <= 1:
+            return n
+        s = self.sizes.setdefault((n, _size(rows)), _Size(n))
+        s.since += 1
+        if s.choice == 1 and s.since >= s.every:
+            s.probe = True
+        return (n if s.choice == 1 else 1) if s.probe else s.choice
+
+    def start(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def record(self, rows: int, used: int, started: tuple[float, float]) -> None:
+        wall, cpu = time.perf_counter() - started[0], time.process_time() - started[1]
+        n = self.threads()
+        s = self.sizes.get((n, _size(rows)))
+        if s is None or wall <= 0:
+            return
+        if used == s.choice and not s.probe:
+            old = s.times.get(used)
+            s.times[used] = wall if old is None else 0.75 * old + 0.25 * wall
+            if used > 1 and cpu < STARVED * used * wall and s.since >= s.every:
+                s.probe = True  # its threads were starved: try one thread next step
+            return
+        s.probe, s.since = False, 0
+        s.times[used] = wall
+        mine = s.times.get(s.choice)
+        if mine is not None and wall < FASTER * mine:
+            s.choice, s.every = used, MIN_EVERY
+        else:
+            s.every = min(2 * s.every, MAX_EVERY)

@@ -1,0 +1,112 @@
+"""The native runtime's threads per step (backends/native_threads.py) under scripted clocks (no
+timing): a quiet machine never leaves the full count; a starved pool drops to one thread when one
+is faster, stays there while it is, grows back when the neighbour leaves, and backs off probing
+when one thread is no faster. And that the count never changes results: a tiny GGUF model's
+prompt and decode logits are the same bits on 1, 2 and 3 threads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import gguf_builder as gb
+from mistralrs_cli.backends import native, native_threads
+from mistralrs_cli.backends.native_model import NativeModel
+from mistralrs_cli.engine.kv_cache import cache_for
+from mistralrs_cli.loaders.load import load
+from mistralrs_cli.models.batch import Batch, SeqSlice
+from mistralrs_cli.types import GGUFSpec, LoadOptions
+
+
+class _Machine:
+    """Scripted step costs: wall seconds per step and the CPU share a thread gets."""
+
+    def __init__(self, monkeypatch):
+        self.wall = self.cpu = 0.0
+        monkeypatch.setattr(native_threads.time, "perf_counter", lambda: self.wall)
+        monkeypatch.setattr(native_threads.time, "process_time", lambda: self.cpu)
+
+    def run(self, policy, cost: dict, share: dict, steps: int, rows: int = 1) -> list[int]:
+        """cost[threads]: a step's wall time; share[threads]: CPU time per wall second per thread."""
+        used = []
+        for _ in range(steps):
+            n = policy.pick(rows)
+            started = policy.start()
+            self.wall += cost[n]
+            self.cpu += cost[n] * n * share[n]
+            policy.record(rows, n, started)
+            used.append(n)
+        return used
+
+
+QUIET = ({1: 9.3e-3, 2: 6.5e-3}, {1: 1.0, 2: 1.0})      # SmolLM2's decode step here
+BUSY = ({1: 9.3e-3, 2: 45e-3}, {1: 1.0, 2: 0.45})       # a neighbour spinning on one core
+
+
+def test_a_quiet_machine_never_probes(monkeypatch):
+    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    assert set(m.run(p, *QUIET, 2000)) == {2}
+    assert set(m.run(p, *QUIET, 20, rows=300)) == {2}  # prompt chunks too
+
+
+def test_a_busy_neighbour_drops_to_one_thread_and_the_pool_grows_back(monkeypatch):
+    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    m.run(p, *QUIET, 50)
+    busy = m.run(p, *BUSY, 1000)
+    assert busy[:8].count(1) >= 1 and busy[8:].count(2) <= 8  # switched at once, rare probes after
+    quiet = m.run(p, *QUIET, 1100)
+    assert quiet[-500:] == [2] * 500  # back to two within one probe interval
+
+
+def test_probes_back_off_when_one_thread_is_not_faster(monkeypatch):
+    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    starved_but_faster = ({1: 9.3e-3, 2: 7.5e-3}, {1: 1.0, 2: 0.5})
+    used = m.run(p, *starved_but_faster, 3000)
+    assert used.count(1) <= 16  # 4, 8, ... 512 steps apart: ~12 probes, not 750
+
+
+def test_one_thread_configured_is_one_thread(monkeypatch):
+    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 1)
+    assert set(m.run(p, *BUSY, 100)) == {1}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernels are optional")
+    d = tmp_path_factory.mktemp("threads")
+    path = gb.write_gguf(d / "gemma3.gguf", gb.tiny_gemma3(1), vocab=gb.gguf_vocab(gb.train_tokenizer()),
+                         qtype=Q.Q8_0)
+    m = load(GGUFSpec(str(path)), LoadOptions(token_source="none")).model
+    assert isinstance(m, NativeModel)
+    return m
+
+
+def _logits(model, prompt, n):
+    cache, outs = cache_for(model), []
+    out = model(np.asarray(prompt), Batch(torch.arange(len(prompt)), [SeqSlice(0, len(prompt), cache)]))
+    outs.append(np.asarray(out))
+    for i in range(n):
+        tok = int(outs[-1][-1].argmax())
+        outs.append(np.asarray(model(np.asarray([tok]), Batch(torch.tensor([len(prompt) + i]),
+                                                            [SeqSlice(0, 1, cache)]))))
+    return outs
+
+
+@pytest.mark.parametrize("numerics", ["fast", "precise"])
+def test_logits_are_the_same_bits_on_any_thread_count(model, numerics, monkeypatch):
+    from mistralrs_cli.backends import native_model
+
+    prompt = list(range(3, 40))
+    runs = {}
+    for n in (1, 2, 3):
+        monkeypatch.setattr(native_model.native, "threads", lambda n=n: n)
+        model.pool = native_threads.ThreadPolicy(lambda n=n: n)
+        for L in model.layers:
+            for opts in (L.qkv_opts, L.o_opts, L.gate_up_opts, L.down_opts):
+                opts.precise = int(numerics == "precise")
+        model.head_opts.precise = int(numerics == "precise")
+        runs[n] = _logits(model, prompt, 6)
+    for n in (2, 3):
+        assert all(np.array_equal(a, b) for a, b in zip(runs[1], runs[n]))
