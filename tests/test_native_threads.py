@@ -1,7 +1,7 @@
 """The native runtime's threads per step (backends/native_threads.py) under scripted clocks (no
 timing): a quiet machine never leaves the full count; a starved pool drops to one thread when one
 is faster, stays there while it is, grows back when the neighbour leaves, and backs off probing
-when one thread is no faster. And that the count never changes results: a tiny GGUF model's
+when one thread is no faster; a step size first seen beside a busy neighbour starts on one. And that the count never changes results: a tiny GGUF model's
 prompt and decode logits are the same bits on 1, 2 and 3 threads."""
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ class _Machine:
 
     def __init__(self, monkeypatch):
         self.wall = self.cpu = 0.0
+        self.others = 0  # runnable threads of other processes at a size's first step
         monkeypatch.setattr(native_threads.time, "perf_counter", lambda: self.wall)
         monkeypatch.setattr(native_threads.time, "process_time", lambda: self.cpu)
+        monkeypatch.setattr(native_threads.os, "cpu_count", lambda: 2)  # this machine's
 
     def run(self, policy, cost: dict, share: dict, steps: int, rows: int = 1) -> list[int]:
         """cost[threads]: a step's wall time; share[threads]: CPU time per wall second per thread."""
@@ -45,29 +47,44 @@ BUSY = ({1: 9.3e-3, 2: 45e-3}, {1: 1.0, 2: 0.45})       # a neighbour spinning o
 
 
 def test_a_quiet_machine_never_probes(monkeypatch):
-    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    m = _Machine(monkeypatch)
+    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
     assert set(m.run(p, *QUIET, 2000)) == {2}
     assert set(m.run(p, *QUIET, 20, rows=300)) == {2}  # prompt chunks too
 
 
 def test_a_busy_neighbour_drops_to_one_thread_and_the_pool_grows_back(monkeypatch):
-    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    m = _Machine(monkeypatch)
+    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
     m.run(p, *QUIET, 50)
     busy = m.run(p, *BUSY, 1000)
-    assert busy[:8].count(1) >= 1 and busy[8:].count(2) <= 8  # switched at once, rare probes after
-    quiet = m.run(p, *QUIET, 1100)
+    assert busy[1] == 1 and busy[2:].count(2) <= 6  # switched at once, rare probes after
+    quiet = m.run(p, *QUIET, 2600)
     assert quiet[-500:] == [2] * 500  # back to two within one probe interval
 
 
+def test_a_size_first_seen_beside_a_busy_neighbour_starts_on_one_thread(monkeypatch):
+    m = _Machine(monkeypatch)
+    m.others = 1
+    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
+    assert m.run(p, *BUSY, 1, rows=200) == [1]  # a one-shot prompt
+    m.others = 0
+    assert m.run(p, *QUIET, 1, rows=1) == [2]  # decode, first seen on a quiet machine
+    used = m.run(p, *QUIET, 100, rows=200)  # a wrong start is probed away
+    assert used[-90:] == [2] * 90
+
+
 def test_probes_back_off_when_one_thread_is_not_faster(monkeypatch):
-    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 2)
+    m = _Machine(monkeypatch)
+    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
     starved_but_faster = ({1: 9.3e-3, 2: 7.5e-3}, {1: 1.0, 2: 0.5})
     used = m.run(p, *starved_but_faster, 3000)
     assert used.count(1) <= 16  # 4, 8, ... 512 steps apart: ~12 probes, not 750
 
 
 def test_one_thread_configured_is_one_thread(monkeypatch):
-    m, p = _Machine(monkeypatch), native_threads.ThreadPolicy(lambda: 1)
+    m = _Machine(monkeypatch)
+    p = native_threads.ThreadPolicy(lambda: 1, lambda: 1)
     assert set(m.run(p, *BUSY, 100)) == {1}
 
 
@@ -102,7 +119,7 @@ def test_logits_are_the_same_bits_on_any_thread_count(model, numerics, monkeypat
     runs = {}
     for n in (1, 2, 3):
         monkeypatch.setattr(native_model.native, "threads", lambda n=n: n)
-        model.pool = native_threads.ThreadPolicy(lambda n=n: n)
+        model.pool = native_threads.ThreadPolicy(lambda n=n: n, lambda: 0)
         for L in model.layers:
             for opts in (L.qkv_opts, L.o_opts, L.gate_up_opts, L.down_opts):
                 opts.precise = int(numerics == "precise")

@@ -5,23 +5,28 @@ size. That happens when another process keeps a core busy: every kernel call end
 that waits for the starved thread, ~100 times per decode step, and two threads then decode at a
 fraction of one thread's speed (measured here: SmolLM2 21-24 tok/s with two, ~107 with one).
 
-Each step's wall time and the process's CPU time over it are measured. A step that got much less
-CPU time than its threads could use (they were not running: starved) makes the next step of that
-size a probe on one thread, and the faster of the two becomes the choice. While one thread is
-the choice, the full count is probed now and then, so the pool grows back when the neighbour is
-gone. Probes are at least 4 steps apart after a change, twice as far after each probe that
-changes nothing, up to 512. A quiet machine never sees a probe: its steps get their CPU time. The kernels give the same bits on any
-thread count (each output's sums run in an order fixed by the data, not by the split), so
+The first step of a size starts on one thread when other runnable threads (/proc/stat's
+procs_running, less this one) leave fewer free CPUs than the full count (a one-shot run's prompt
+is a single step). Each step's wall time and the process's CPU time over it are measured. A step
+that got much less CPU time than its threads could use (they were not all running: starved)
+makes the next step of that size a probe on one thread, and the faster of the two becomes the
+choice. While one thread is the choice, the full count is probed now and then, so the pool grows
+back when the neighbour is gone. Probes are at least 4 steps apart after a change; after a probe
+that changes nothing, twice as far, and at least 20 times as many steps as the probe cost steps
+of the choice (a step of two starved threads took 17 one-thread steps here), up to 2048. On a
+quiet machine steps get their CPU time, so none is a probe. The kernels give the same bits on
+any thread count (each output's sums run in an order fixed by the data, not by the split), so
 switching never changes results.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 from . import native
 
-MIN_EVERY, MAX_EVERY = 4, 512
+MIN_EVERY, MAX_EVERY = 4, 2048
 STARVED = 0.6  # CPU time / (wall time x threads) below this: the threads were not all running
 FASTER = 0.9   # a probe takes over when it is this much faster than the choice
 
@@ -41,16 +46,31 @@ def _size(rows: int) -> int:
     return rows if rows <= 8 else 1 << (rows - 1).bit_length()
 
 
+def _others_running() -> int:
+    """Runnable threads on the machine besides the caller (0 when /proc/stat is unreadable)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running"):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class ThreadPolicy:
-    def __init__(self, threads=native.threads):
-        self.threads = threads
+    def __init__(self, threads=native.threads, others=_others_running):
+        self.threads, self.others = threads, others
         self.sizes: dict[tuple[int, int], _Size] = {}
 
     def pick(self, rows: int) -> int:
         n = self.threads()
         if n <= 1:
             return n
-        s = self.sizes.setdefault((n, _size(rows)), _Size(n))
+        s = self.sizes.get((n, _size(rows)))
+        if s is None:
+            free = (os.cpu_count() or n) - self.others()
+            s = self.sizes[(n, _size(rows))] = _Size(n if free >= n else 1)
         s.since += 1
         if s.choice == 1 and s.since >= s.every:
             s.probe = True
@@ -68,7 +88,7 @@ class ThreadPolicy:
         if used == s.choice and not s.probe:
             old = s.times.get(used)
             s.times[used] = wall if old is None else 0.75 * old + 0.25 * wall
-            if used > 1 and cpu < STARVED * used * wall and s.since >= s.every:
+            if used > 1 and cpu < STARVED * used * wall and (s.since >= s.every or 1 not in s.times):
                 s.probe = True  # its threads were starved: try one thread next step
             return
         s.probe, s.since = False, 0
@@ -77,4 +97,5 @@ class ThreadPolicy:
         if mine is not None and wall < FASTER * mine:
             s.choice, s.every = used, MIN_EVERY
         else:
-            s.every = min(2 * s.every, MAX_EVERY)
+            cost = wall / mine if mine else 1.0
+            s.every = min(max(2 * s.every, int(20 * cost)), MAX_EVERY)
