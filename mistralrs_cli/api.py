@@ -3,8 +3,10 @@ responses. The CLI's one-shot and interactive modes are built on the same calls.
 from __future__ import annotations
 
 import enum
+import re
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -14,6 +16,7 @@ from .engine.token_text import TokenText
 from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
+from .sampling_defaults import sampling_params
 from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
 
 
@@ -40,6 +43,39 @@ class Which:
         return PlainSpec(model_id, arch, tokenizer_json)
 
 
+# The loaders' messages name command-line flags; a Python caller set these fields instead.
+_COMMON_FIELDS = {"-c/--chat-template": "chat_template", "--chat-template": "chat_template",
+                  "--token-source": "token_source", "--numerics": "numerics", "--isq": "isq",
+                  "--dtype": "dtype", "--raw": "a CompletionRequest", "--truncate-sequence": "truncate_sequence",
+                  "--pa-gpu-mem": "engine_config.kv_mem_mb", "--pa-ctxt-len": "engine_config.kv_tokens"}
+_SPEC_FIELDS = {
+    GGUFSpec: {"-m/-f": "quantized_model_id/quantized_filename", "-m/--quantized-model-id": "quantized_model_id",
+               "-m": "quantized_model_id", "-f": "quantized_filename", "-t/--tok-model-id": "tok_model_id",
+               "-t": "tok_model_id", "--tokenizer-json": "tokenizer_json"},
+    PlainSpec: {"-m/--model-id": "model_id", "--model-id": "model_id", "-m": "model_id",
+                "-t/--tokenizer-json": "tokenizer_json", "-a/--arch": "arch", "--arch": "arch"},
+}
+_SPEC_FIELDS[GGMLSpec] = {**_SPEC_FIELDS[GGUFSpec], "-t/--tokenizer-json": "tokenizer_json", "--gqa": "gqa",
+                          "--eps": "eps", "--rope-theta": "rope_theta"}
+
+
+def python_field_names(message: str, spec: Any) -> str:
+    """message with each command-line flag it names replaced by the Python field it stands for."""
+    names = {**_COMMON_FIELDS, **_SPEC_FIELDS.get(type(spec), {})}
+    flags = "|".join(re.escape(f) for f in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w/-])({flags})(?![\w/-])", lambda m: names[m.group(1)], message)
+
+
+@contextmanager
+def _python_fields(spec: Any) -> Iterator[None]:
+    """Re-raise a UserError with the Python field names (the same exception, reworded)."""
+    try:
+        yield
+    except UserError as e:
+        e.args = (python_field_names(str(e), spec), *e.args[1:])
+        raise
+
+
 class Role(str, enum.Enum):
     System = "system"
     User = "user"
@@ -58,15 +94,18 @@ class Message:
 
 @dataclass
 class _Sampling:
+    """Request fields; None takes the model's default (sampling_defaults: its generation_config.json,
+    else temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition penalty 1.1 over the last
+    64 tokens). mistral.rs treats an unset temperature as greedy; here greedy is temperature=0."""
     max_tokens: int | None = None
-    temperature: float | None = None  # None: greedy, as mistral.rs
+    temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    repeat_last_n: int = 64
+    repeat_last_n: int | None = None
     logit_bias: dict[int, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -77,18 +116,20 @@ class _Sampling:
     stream: bool = False
     ignore_eos: bool = False
 
-    def sampling(self, index: int = 0) -> SamplingParams:
+    def sampling(self, index: int = 0, generation_config: dict[str, Any] | None = None) -> SamplingParams:
         if self.max_tokens is not None and self.max_tokens < 0:
             raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}.")
+        if self.temperature is not None and self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}.")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            temperature=self.temperature or 0.0, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+        return sampling_params(dict(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, repeat_last_n=self.repeat_last_n,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
             max_tokens=self.max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos, seed=None if self.seed is None else self.seed + index,
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+            logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0), generation_config)
 
 
 @dataclass
@@ -159,7 +200,9 @@ class Runner:
                  engine_config: EngineConfig | None = None, **_ignored: Any):
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
                            isq=isq or in_situ_quant)
-        self.loaded = loaded or load(which, opts)
+        self.which = which
+        with _python_fields(which):
+            self.loaded = loaded or load(which, opts)
         self.engine = Engine(self.loaded, engine_config or EngineConfig(
             max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))
         self._token_text: TokenText | None = None
@@ -177,7 +220,8 @@ class Runner:
         if isinstance(msgs, str):
             msgs = [{"role": "user", "content": msgs}]
         msgs = [m.to_dict() if isinstance(m, Message) else m for m in msgs]
-        ids = chat_ids(self.loaded, msgs)
+        with _python_fields(self.which):
+            ids = chat_ids(self.loaded, msgs)
         return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
 
     def send_completion_request(self, request: CompletionRequest):
@@ -191,7 +235,9 @@ class Runner:
     def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
         if request.n < 1:
             raise UserError(f"n must be >= 1, got {request.n}.")
-        reqs = [self.engine.add_request(ids, request.sampling(i)) for i in range(request.n)]
+        cfg = self.loaded.generation_config
+        with _python_fields(self.which):
+            reqs = [self.engine.add_request(ids, request.sampling(i, cfg)) for i in range(request.n)]
         index = {r.id: i for i, r in enumerate(reqs)}
         gen = self._drain(index)
         if request.stream:

@@ -19,7 +19,7 @@ app = typer.Typer(
          "Global options go before the subcommand: mistralrs --prompt 'Hi' gguf -f model.gguf",
 )
 
-_SAMPLING = "Sampling (defaults for --prompt and -i)"
+_SAMPLING = "Sampling (for --prompt and -i; unset: the model's generation_config.json, else the defaults shown)"
 _SERVER = "Server and engine"
 
 
@@ -30,11 +30,11 @@ def global_options(
     interactive: bool = typer.Option(False, "-i", "--interactive", help="Interactive chat in the terminal."),
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as a plain completion (no chat template; BOS per the tokenizer)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after N new tokens [default: until EOS or the context is full].", rich_help_panel=_SAMPLING),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy [default: 0 for --prompt, 0.1 for -i].", rich_help_panel=_SAMPLING),
-    top_k: Optional[int] = typer.Option(None, "--top-k", rich_help_panel=_SAMPLING),
-    top_p: Optional[float] = typer.Option(None, "--top-p", rich_help_panel=_SAMPLING),
-    min_p: Optional[float] = typer.Option(None, "--min-p", rich_help_panel=_SAMPLING),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", rich_help_panel=_SAMPLING),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy (and then no default repetition penalty) [default: 0.8].", rich_help_panel=_SAMPLING),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the K likeliest tokens; 0 keeps all [default: 40].", rich_help_panel=_SAMPLING),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Keep the likeliest tokens up to this probability mass; 1 keeps all [default: 0.95].", rich_help_panel=_SAMPLING),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens less likely than this fraction of the top token's probability; 0 keeps all [default: 0.05].", rich_help_panel=_SAMPLING),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Divide the logits of tokens seen in the last --repeat-last-n by this; 1 is off [default: 1.1 when sampling].", rich_help_panel=_SAMPLING),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", rich_help_panel=_SAMPLING),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", rich_help_panel=_SAMPLING),
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Penalties look at the last N tokens.", rich_help_panel=_SAMPLING),

@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .types import EngineConfig, LoadOptions, SamplingParams
+from .types import EngineConfig, LoadOptions
 
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging.WARNING,
               "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
               "trace": logging.DEBUG}
-# -i defaults, as mistral.rs's interactive mode samples
-INTERACTIVE_DEFAULTS = {"temperature": 0.1, "top_k": 32, "top_p": 0.1}
 
 
 @dataclass
@@ -69,7 +67,9 @@ def engine_config(opts: RunOptions) -> EngineConfig:
                         prefix_cache_n=opts.prefix_cache_n)
 
 
-def sampling_params(opts: RunOptions, interactive: bool) -> SamplingParams:
+def sampling_flags(opts: RunOptions) -> dict[str, Any]:
+    """The sampling flags given, checked; the model's defaults fill the rest once it is loaded
+    (sampling_defaults.sampling_params)."""
     s = {k: v for k, v in opts.sampling.items() if v is not None}
     if s.get("max_tokens", 0) < 0:
         raise UserError(f"--max-tokens must be 0 or more, got {s['max_tokens']}.")
@@ -79,9 +79,7 @@ def sampling_params(opts: RunOptions, interactive: bool) -> SamplingParams:
         raise UserError(f"--top-p must be between 0 and 1, got {s['top_p']}.")
     if s.get("top_k", 1) < 0:
         raise UserError(f"--top-k must be 0 or more, got {s['top_k']}.")
-    if interactive and "temperature" not in s:
-        s = {**INTERACTIVE_DEFAULTS, **s}
-    return SamplingParams(**s)
+    return s
 
 
 def _setup_logging(opts: RunOptions) -> None:
@@ -121,7 +119,7 @@ def run(opts: RunOptions, spec: Any) -> None:
     check_numerics(opts.load.numerics)
     _check_device(opts.load.device)
     config = engine_config(opts)
-    params = sampling_params(opts, opts.interactive)
+    params = sampling_flags(opts)
     if not modes or opts.port is not None:
         from .outputs.server import run_server
 

@@ -71,7 +71,7 @@ def check_cli_and_api_text(dirs: dict, prompt: str, steps: int, min_margin: floa
 
     exe = Path(sys.executable).with_name("mistralrs")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1"}
-    procs = {name: subprocess.Popen([str(exe), "--raw", "--max-tokens", str(steps), "--prompt", prompt, "plain",
+    procs = {name: subprocess.Popen([str(exe), "--raw", "--temperature", "0", "--max-tokens", str(steps), "--prompt", prompt, "plain",
                                      "-m", str(path)], env=env, text=True, encoding="utf-8",
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for name, (path, _) in dirs.items()}

@@ -43,20 +43,19 @@ CASES: dict[str, Case] = {
                                 (("HF_HUB_OFFLINE", "1"), ("HF_HOME", "{dir}/empty-hf-home"))),
     "negative-max-tokens": Case(("--max-tokens", "-1", "--prompt", "hi", "gguf", "-f", "{dir}/llama.gguf"),
                                 ("--max-tokens",)),
-    "chat-without-template": Case((*GEN, "gguf", "-f", "{dir}/gemma3.gguf"),
-                                  ("gemma3.gguf", "chat template", "--raw")),
+    # a GGUF without one gets its family's built-in template; a checkpoint without one has none
+    "chat-without-template": Case((*GEN, "plain", "-m", "{dir}/plain"), ("plain", "chat template", "--raw")),
     "device-cuda": Case(("--device", "cuda", *GEN, "gguf", "-f", "{dir}/llama.gguf"), ("--device cuda",)),
     "prompt-and-interactive": Case(("-i", *GEN, "gguf", "-f", "{dir}/llama.gguf"), ("--prompt", "-i")),
 }
-# a control run: the same Gemma-like file works as a plain completion
-RAW_OK = Case(("--raw", *GEN, "gguf", "-f", "{dir}/gemma3.gguf"), ())
+# a control run: the same checkpoint works as a plain completion
+RAW_OK = Case(("--raw", "--temperature", "0", *GEN, "plain", "-m", "{dir}/plain"), ())
 
 
 def _files(d: Path) -> None:
     vocab = gb.gguf_vocab(gb.train_tokenizer())
     llama = gb.tiny_llama(0, intermediate_size=256)  # 256-wide ffn_down rows: whole TQ1_0 blocks
     real = gb.write_gguf(d / "llama.gguf", llama, vocab).read_bytes()
-    gb.write_gguf(d / "gemma3.gguf", gb.tiny_gemma3(0), vocab)  # no tokenizer.chat_template
     gb.write_gguf(d / "mamba.gguf", llama, vocab, architecture="mamba3000")
     gb.write_gguf(d / "tq1.gguf", llama, vocab, tensor_types={"blk.0.ffn_down.weight": UNSUPPORTED})
     (d / "x.gguf").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -64,6 +63,8 @@ def _files(d: Path) -> None:
     (d / "cut-header.gguf").write_bytes(real[:1000])  # inside the token list
     (d / "cut-data.gguf").write_bytes(real[:-1000])  # inside the last tensor
     (d / "empty-hf-home").mkdir()
+    llama.save_pretrained(d / "plain")  # config, safetensors; no tokenizer_config.json: no template
+    gb.train_tokenizer().save(str(d / "plain" / "tokenizer.json"))
 
 
 def _run(case: Case, d: Path) -> subprocess.CompletedProcess:

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_stdout_is_only_the_completion(smollm2_path):
-    p = _run(["--raw", "--max-tokens", "8", "--prompt", "The capital of France is", "gguf", "-f", str(smollm2_path)])
+    p = _run(["--raw", "--temperature", "0", "--max-tokens", "8", "--prompt", "The capital of France is", "gguf", "-f", str(smollm2_path)])
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() and "tok/s" not in p.stdout
     assert "prompt: 5 tokens" in p.stderr and "generated: 8 tokens" in p.stderr
@@ -40,10 +40,10 @@ def test_stdout_is_only_the_completion(smollm2_path):
 
 def test_prompt_from_stdin_and_chat_template(smollm2_path, tmp_path):
     log = tmp_path / "requests.jsonl"
-    p = _run(["--log", str(log), "--max-tokens", "12", "--prompt", "-", "gguf", "-f", str(smollm2_path)],
+    p = _run(["--log", str(log), "--temperature", "0", "--max-tokens", "12", "--prompt", "-", "gguf", "-f", str(smollm2_path)],
              stdin="What is the capital of France?")
     assert p.returncode == 0, p.stderr
-    direct = _run(["--max-tokens", "12", "--prompt", "What is the capital of France?", "gguf", "-f", str(smollm2_path)])
+    direct = _run(["--temperature", "0", "--max-tokens", "12", "--prompt", "What is the capital of France?", "gguf", "-f", str(smollm2_path)])
     assert p.stdout == direct.stdout and p.stdout.strip()  # stdin is the same prompt, greedy
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["kind"] for x in lines] == ["request", "response"]
@@ -57,15 +57,15 @@ def test_model_id_from_offline_hf_cache(smollm2_path, tmp_path):
     (snap / smollm2_path.name).symlink_to(smollm2_path)
     (tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-GGUF" / "refs").mkdir()
     (tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-GGUF" / "refs" / "main").write_text("a" * 40)
-    p = _run(["--raw", "--max-tokens", "4", "--prompt", "Hello", "gguf", "-m", "HuggingFaceTB/SmolLM2-GGUF",
+    p = _run(["--raw", "--temperature", "0", "--max-tokens", "4", "--prompt", "Hello", "gguf", "-m", "HuggingFaceTB/SmolLM2-GGUF",
               "-f", smollm2_path.name], env={"HF_HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert "generated: 4 tokens" in p.stderr
 
 
 def test_tokenizer_json_with_t(tiny):
-    base = _run(["--raw", "--max-tokens", "4", "--prompt", "hello world", "gguf", "-f", str(tiny / "llama.gguf")])
-    with_t = _run(["--raw", "--max-tokens", "4", "--prompt", "hello world", "gguf", "-f", str(tiny / "llama.gguf"),
+    base = _run(["--raw", "--temperature", "0", "--max-tokens", "4", "--prompt", "hello world", "gguf", "-f", str(tiny / "llama.gguf")])
+    with_t = _run(["--raw", "--temperature", "0", "--max-tokens", "4", "--prompt", "hello world", "gguf", "-f", str(tiny / "llama.gguf"),
                    "-t", str(tiny / "tokenizer.json")])
     assert base.returncode == 0 and with_t.returncode == 0, with_t.stderr
     # the GGUF vocab was written from this same tokenizer: the same prompt, the same tokens

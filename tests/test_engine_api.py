@@ -13,7 +13,9 @@ from mistralrs_cli.engine.token_text import TokenText
 def tiny(tmp_path_factory):
     hf = gb.tiny_llama(0)
     path = gb.write_gguf(tmp_path_factory.mktemp("api") / "tiny.gguf", hf, gb.gguf_vocab(gb.train_tokenizer()))
-    return hf, Runner(Which.GGUF(None, str(path)), numerics="exact")
+    runner = Runner(Which.GGUF(None, str(path)), numerics="exact")
+    runner.loaded.generation_config = {"temperature": 0.0}  # unset temperature: greedy, as a generation_config.json can say
+    return hf, runner
 
 
 def test_n_choices_seeds_and_logprobs(tiny):

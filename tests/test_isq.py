@@ -272,10 +272,10 @@ def _in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_cli(models, monkeypatch, capsys):
     path = str(models["llama256"][0])
-    before = _cli("--isq", "Q4K", "--raw", "--prompt", "hi", "--max-tokens", "4", "plain", "-m", path)
+    before = _cli("--isq", "Q4K", "--raw", "--temperature", "0", "--prompt", "hi", "--max-tokens", "4", "plain", "-m", path)
     assert before.returncode == 0, before.stderr
     assert "generated: 4 tokens" in before.stderr and before.stdout.strip()
-    code, out, _ = _in_process(monkeypatch, capsys, "--raw", "--prompt", "hi", "--max-tokens", "4",
+    code, out, _ = _in_process(monkeypatch, capsys, "--raw", "--temperature", "0", "--prompt", "hi", "--max-tokens", "4",
                                "plain", "-m", path, "--isq", "q4_k")
     assert code == 0 and out == before.stdout  # --isq after the subcommand, any spelling
 

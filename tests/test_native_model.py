@@ -178,7 +178,7 @@ def test_a_cli_run_never_imports_torch(files, tmp_path, vocab):
     (it alone is ~220 MB resident and ~1.5 s of start-up)."""
     path = gb.write_gguf(tmp_path / "tok.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.Q8_0)
     code = ("import sys, runpy\n"
-            "sys.argv = ['mistralrs', '--raw', '--max-tokens', '4', '--prompt', 'hello world', 'gguf', '-f', sys.argv[1]]\n"
+            "sys.argv = ['mistralrs', '--raw', '--temperature', '0', '--max-tokens', '4', '--prompt', 'hello world', 'gguf', '-f', sys.argv[1]]\n"
             "try:\n    runpy.run_module('mistralrs_cli', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print(json.dumps({'torch': 'torch' in sys.modules}), file=sys.stderr)\n").replace(

@@ -66,6 +66,9 @@ def tiny(tmp_path_factory):
     hf = gb.tiny_llama(0)
     path = gb.write_gguf(tmp_path_factory.mktemp("server") / "tiny.gguf", hf, gb.gguf_vocab(tok), chat_template=TEMPLATE)
     runner = Runner(Which.GGUF(None, str(path)), numerics="exact")  # no llama.cpp f16 rounding
+    # as a generation_config.json saying temperature 0: absent fields are greedy, so the text is
+    # transformers' greedy continuation (the chat defaults are tested in test_defaults_end.py)
+    runner.loaded.generation_config = {"temperature": 0.0}
     return SimpleNamespace(hf=hf, loaded=runner.loaded, spec=GGUFSpec(str(path)), path=path)
 
 
@@ -303,6 +306,7 @@ def test_re_isq_quantizes_a_plain_model_in_place(tiny, tmp_path):
     tiny.hf.save_pretrained(tmp_path)
     gb.train_tokenizer().save(str(tmp_path / "tokenizer.json"))
     loaded = Runner(Which.Plain(str(tmp_path))).loaded
+    loaded.generation_config = {"temperature": 0.0}  # greedy: compared with transformers' text
     with serve(loaded, PlainSpec(str(tmp_path))) as s:
         before = s.client.completions.create(model="m", prompt="rain falls in", max_tokens=4).choices[0].text
         assert before == ref_text(tiny, loaded.tokenizer.encode("rain falls in"), 4)

@@ -27,7 +27,9 @@ CLIENTS, PER_CLIENT, MAX_TOKENS = 32, 4, 8
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path):
-    return Runner(Which.GGUF(None, str(smollm2_path))).loaded
+    loaded = Runner(Which.GGUF(None, str(smollm2_path))).loaded
+    loaded.generation_config = {"temperature": 0.0}  # requests without settings are greedy: each equals its solo greedy run
+    return loaded
 
 
 def _msgs(q: str) -> list[dict[str, str]]:

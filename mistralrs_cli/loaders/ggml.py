@@ -275,17 +275,18 @@ def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
         if eos_id is not None and tok.eos_id is None:
             tok.eos_id = eos_id
             tok.eos_ids.add(eos_id)
-    return tok, tok_cfg
+    return tok, tok_cfg, gen_cfg
 
 
 def load_ggml(spec: GGMLSpec, opts: LoadOptions):
     """`mistralrs ggml -f model.bin -t tokenizer.json`: the Loaded bundle."""
+    from ..sampling_defaults import from_generation_config
     from .chat_template import resolve_chat_template
     from .loaded import Loaded
 
     path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
                                   "GGML", ".bin")
-    tok, tok_cfg = _tokenizer(spec, opts)
+    tok, tok_cfg, gen_cfg = _tokenizer(spec, opts)
     gf = GGMLFile(path)
     if tok.vocab_size > gf.hparams["n_vocab"]:
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but {path} has only "
@@ -297,4 +298,5 @@ def load_ggml(spec: GGMLSpec, opts: LoadOptions):
     name = spec.quantized_model_id or path.name
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-    return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
+    return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "",
+                  from_generation_config(gen_cfg))

@@ -15,7 +15,9 @@ from typing import Any
 
 from .. import hub
 from ..errors import UserError
+from ..sampling_defaults import from_generation_config
 from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
+from .builtin_templates import builtin_template
 from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
 from .loaded import Loaded, read_json as _read_json  # noqa: F401 (Loaded: re-exported)
@@ -45,7 +47,7 @@ def trim_heap() -> None:
         pass
 
 
-def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokenizer, dict | None]:
+def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokenizer, dict | None, dict | None]:
     tok_json = Path(spec.tokenizer_json) if spec.tokenizer_json else None
     tok_cfg = gen_cfg = None
     if spec.tok_model_id:
@@ -59,9 +61,9 @@ def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokeniz
         tok_cfg = tok_cfg or _special_tokens_from_gguf(gf.metadata)
         eos = (gen_cfg or {}).get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else (eos or [])
-        return tokenizer_from_file(tok_json, tok_cfg, eos), tok_cfg
+        return tokenizer_from_file(tok_json, tok_cfg, eos), tok_cfg, gen_cfg
     cache = cache_root() / "tokenizers" / _file_key(gf.path)
-    return tokenizer_from_gguf(gf.metadata, cache_path=cache), None
+    return tokenizer_from_gguf(gf.metadata, cache_path=cache), None, None
 
 
 def _special_tokens_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +91,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
         tokenizer_read = threading.Event()
         native = _native_model_meanwhile(gf, opts, tokenizer_read.wait)
         try:
-            tok, tok_cfg = _tokenizer(spec, gf, opts)
+            tok, tok_cfg, gen_cfg = _tokenizer(spec, gf, opts)
             trim_heap()
         finally:
             tokenizer_read.set()
@@ -97,7 +99,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     else:
         # the tokenizer first: building Gemma's 262k-token BPE passes through ~290 MB of heap
         # that trim_heap hands back before the weights are repacked (peak memory, not just final)
-        tok, tok_cfg = _tokenizer(spec, gf, opts)
+        tok, tok_cfg, gen_cfg = _tokenizer(spec, gf, opts)
         trim_heap()
         model = _native_model(gf, opts)
     if model is not None:
@@ -111,10 +113,13 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
         set_dtype(model, opts.dtype)
         prepare_weights(model, release=gf.release)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
+    if template is None:
+        template = builtin_template(gf.architecture, lambda t: tok.hf.token_to_id(t) is not None, path.name)
     name = spec.quantized_model_id or path.name
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-    return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "")
+    return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "",
+                  from_generation_config(gen_cfg))
 
 
 def _tokenizer_cached(spec: GGUFSpec, gf: GGUFFile) -> bool:

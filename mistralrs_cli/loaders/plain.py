@@ -240,7 +240,7 @@ def load_plain_model(spec: PlainSpec, opts: LoadOptions, model_dir: Path) -> tup
     return model, cfg
 
 
-def _tokenizer_files(spec: PlainSpec, model_dir: Path) -> tuple[Path, dict, list[int]]:
+def _tokenizer_files(spec: PlainSpec, model_dir: Path) -> tuple[Path, dict, dict]:
     from .loaded import read_json as _read_json
 
     tok_json = Path(spec.tokenizer_json).expanduser() if spec.tokenizer_json else model_dir / "tokenizer.json"
@@ -252,22 +252,25 @@ def _tokenizer_files(spec: PlainSpec, model_dir: Path) -> tuple[Path, dict, list
     if not tok_cfg.get("chat_template") and jinja.is_file():
         tok_cfg["chat_template"] = jinja.read_text(encoding="utf-8")
     gen_path = model_dir / "generation_config.json"
-    eos = (_read_json(gen_path if gen_path.is_file() else None) or {}).get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
-    return tok_json, tok_cfg, eos
+    gen_cfg = _read_json(gen_path if gen_path.is_file() else None)
+    return tok_json, tok_cfg, gen_cfg if isinstance(gen_cfg, dict) else {}
 
 
 def load_plain(spec: PlainSpec, opts: LoadOptions):
     """`mistralrs plain -m DIR_OR_REPO`: the Loaded bundle (imported late: load.py registers us)."""
     from .chat_template import resolve_chat_template
+    from ..sampling_defaults import from_generation_config
     from .loaded import Loaded
     from .tokenizer import tokenizer_from_file
 
     model_dir = _model_dir(spec, opts)
-    tok_json, tok_cfg, gen_eos = _tokenizer_files(spec, model_dir)
+    tok_json, tok_cfg, gen_cfg = _tokenizer_files(spec, model_dir)
     model, cfg = load_plain_model(spec, opts, model_dir)
-    tok = tokenizer_from_file(tok_json, tok_cfg, gen_eos)
+    eos = gen_cfg.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
+    tok = tokenizer_from_file(tok_json, tok_cfg, eos)
     template = resolve_chat_template(opts.chat_template, tok_cfg, None)
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-    return Loaded(model, tok, template, cfg, spec.model_id, set(tok.eos_ids), bos or "", eos or "")
+    return Loaded(model, tok, template, cfg, spec.model_id, set(tok.eos_ids), bos or "", eos or "",
+                  from_generation_config(gen_cfg))

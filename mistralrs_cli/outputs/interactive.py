@@ -13,8 +13,9 @@ from ..api import Runner
 from ..errors import UserError
 from ..loaders.load import cache_root
 from ..prompting import chat_ids, chat_prompt
+from ..sampling_defaults import sampling_params
 from ..types import EngineConfig, SamplingParams
-from .oneshot import _load, stats_line
+from .oneshot import _load, length_notice, stats_line
 from .request_log import RequestLog
 
 try:
@@ -185,6 +186,8 @@ class Chat:
                                     (last.finish_reason if last else None)})
         if stopped:
             _note("[answer stopped]")
+        elif last is not None and last.finish_reason == "length" and not self.quiet:
+            _note(length_notice(self.params, last.completion_tokens, self.runner.loaded.max_context))
         if last is not None and not self.quiet:
             _note(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time))
 
@@ -292,7 +295,8 @@ def _tty_reader() -> Callable[[], str | None]:
     return read
 
 
-def run_interactive(opts, spec, params: SamplingParams, config: EngineConfig | None = None) -> None:
+def run_interactive(opts, spec, flags: dict, config: EngineConfig | None = None) -> None:
+    """flags: the sampling flags given (run.sampling_flags); the model's defaults fill the rest."""
     log = RequestLog(opts.request_log)
     loaded = _load(opts, spec)
     if loaded.chat_template is None:
@@ -303,4 +307,4 @@ def run_interactive(opts, spec, params: SamplingParams, config: EngineConfig | N
     if not opts.quiet:
         _note(f"{loaded.model_id} is ready: type a message, \\help for commands, Ctrl-D to exit.")
     read = _tty_reader() if tty else _pipe_reader(prompt=sys.stdin.isatty())
-    Chat(runner, params, log, opts.quiet).loop(read)
+    Chat(runner, sampling_params(flags, loaded.generation_config), log, opts.quiet).loop(read)

@@ -6,6 +6,7 @@ import time
 
 from ..api import Runner
 from ..prompting import chat_ids, completion_ids
+from ..sampling_defaults import sampling_params
 from ..types import EngineConfig, SamplingParams
 from .request_log import RequestLog
 
@@ -18,12 +19,23 @@ def stats_line(n_prompt: int, prompt_time: float, n_gen: int, decode_time: float
             f"{dps:.1f} tok/s")
 
 
-def run_oneshot(opts, spec, prompt: str, params: SamplingParams, config: EngineConfig | None = None) -> None:
+def length_notice(params: SamplingParams, completion_tokens: int, max_context: int) -> str:
+    """One stderr line for an answer cut short (finish reason "length"), saying by what."""
+    if params.max_tokens is not None and completion_tokens >= params.max_tokens:
+        return (f"[stopped after --max-tokens {params.max_tokens} tokens, before an end token "
+                f"(finish reason \"length\")]")
+    return (f"[stopped at the context limit of {max_context} tokens, before an end token "
+            f"(finish reason \"length\")]")
+
+
+def run_oneshot(opts, spec, prompt: str, flags: dict, config: EngineConfig | None = None) -> None:
+    """flags: the sampling flags given (run.sampling_flags); the model's defaults fill the rest."""
     t0 = time.perf_counter()
     log = RequestLog(opts.request_log)
     runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
                     truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec), engine_config=config)
     loaded = runner.loaded
+    params = sampling_params(flags, loaded.generation_config)
     ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
     log.write("request", {"prompt": prompt, "raw": opts.raw, "prompt_tokens": len(ids)})
     text, last, ttft = [], None, None
@@ -38,6 +50,8 @@ def run_oneshot(opts, spec, prompt: str, params: SamplingParams, config: EngineC
     sys.stdout.write("\n")
     sys.stdout.flush()
     log.write("response", {"text": "".join(text), "finish_reason": last.finish_reason if last else None})
+    if last is not None and last.finish_reason == "length" and not opts.quiet:
+        print(length_notice(params, last.completion_tokens, loaded.max_context), file=sys.stderr)
     if last is not None and not opts.quiet:
         print(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time)
               + f" | first token after {ttft:.2f} s", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...prompting import chat_ids, completion_ids
+from ...sampling_defaults import sampling_params
 from ...types import SamplingParams
 
 MAX_N = 128
@@ -101,23 +102,27 @@ def _unsupported(body: dict) -> None:
             raise ApiError(400, f"{name} is not supported by this server.", name)
 
 
-def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int) -> SamplingParams:
+def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int,
+             generation_config: dict[str, Any] | None = None) -> SamplingParams:
+    """The body's sampling fields; absent ones (or null) take the model's defaults (sampling_defaults:
+    generation_config.json, else chat sampling with a repetition guard; mistral.rs and OpenAI would
+    use greedy / temperature 1). temperature 0 is greedy."""
     max_tokens = get(body, "max_completion_tokens", int, None)
     max_tokens = get(body, "max_tokens", int, max_tokens)
     if max_tokens is not None and not 1 <= max_tokens <= max_context:
         raise ApiError(400, f"max_tokens must be between 1 and the model's context ({max_context}), "
                             f"got {max_tokens}.", "max_tokens")
     top_k = get(body, "top_k", int, None)
-    return SamplingParams(
-        # absent temperature is greedy, as mistral.rs (OpenAI's default would be 1.0)
-        temperature=float(get(body, "temperature", float, 0.0, 0.0)),
-        top_k=top_k if top_k and top_k > 0 else None,
+    temperature = get(body, "temperature", float, None, 0.0)
+    return sampling_params(dict(
+        temperature=None if temperature is None else float(temperature),
+        top_k=None if top_k is None else max(top_k, 0),  # 0 or -1: no top-k
         top_p=get(body, "top_p", float, None, 0.0, 1.0),
         min_p=get(body, "min_p", float, None, 0.0, 1.0),
         repetition_penalty=get(body, "repetition_penalty", float, None, 1e-6),
         presence_penalty=float(get(body, "presence_penalty", float, 0.0, -2.0, 2.0)),
         frequency_penalty=float(get(body, "frequency_penalty", float, 0.0, -2.0, 2.0)),
-        repeat_last_n=get(body, "repeat_last_n", int, 64, 0),
+        repeat_last_n=get(body, "repeat_last_n", int, None, 0),
         logit_bias=_logit_bias(body, vocab),
         max_tokens=max_tokens,
         stop=_stop(body),
@@ -125,12 +130,13 @@ def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int) -> Sam
         seed=get(body, "seed", int, None),
         logprobs=top_logprobs >= 0,
         top_logprobs=max(top_logprobs, 0),
-    )
+    ), generation_config)
 
 
 def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int) -> tuple[int, list[SamplingParams]]:
     n = get(body, "n", int, 1, 1, MAX_N)
-    base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs)
+    base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs,
+                    getattr(loaded, "generation_config", None))
     params = []
     for _ in prompts:
         for i in range(n):  # choice i: seed + i, so n choices differ and each is reproducible
