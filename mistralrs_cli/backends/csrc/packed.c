@@ -46,12 +46,7 @@ int packed_block_bytes(int type) {  // per group of 8 rows, per block of 32
 
 static int bytewise(int type) { return type == T_Q8_0 || type == T_Q5_0; }  // one byte per weight
 
-int packed_supported(int type) {
-#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    if (type == T_Q8_0) return 0;  // maddubs would saturate on 0..255 x -127..127 pairs
-#endif
-    return packed_block_bytes(type) != 0;
-}
+int packed_supported(int type) { return packed_block_bytes(type) != 0; }
 
 // Where group g's block b lives: the start of its (pair's or own) block, with *h its half of
 // the pair (0 alone) and *s 2 for a pair, 1 alone: every offset inside a block scales by s.
@@ -254,9 +249,23 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d));
         __m256i isum[8], s16[8];
         for (int r = 0; r < RN; r++) isum[r] = s16[r] = _mm256_setzero_si256();
-        if (bytewise(type)) {
+        if (type == T_Q8_0 && !VNNI256) {
+            // codes 0..255 would saturate maddubs' pair sums: their two nibbles are multiplied
+            // apart (pair sums below 2 * 15 * 127, 8 chunks fit in int16) and joined in the
+            // madd, code = 16 * high + low
+            for (int c = 0; c < 8; c++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
+                const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                for (int r = 0; r < RN; r++) {
+                    const __m256i xv = bcast4(xq + (r0 + r) * k + b * 32 + 4 * c);
+                    s16[r] = dp16(s16[r], lo, xv);
+                    isum[r] = dp16(isum[r], hi, xv);  // int16 sums of the high nibbles until the madd
+                }
+            }
+            for (int r = 0; r < RN; r++)
+                isum[r] = _mm256_add_epi32(_mm256_madd_epi16(isum[r], _mm256_set1_epi16(16)), wide(s16[r]));
+        } else if (bytewise(type)) {
             // Q5_0's codes (< 32) give pair sums below 2 * 31 * 127: four chunks fit in int16
-            // (Q8_0's 256-bit path has VNNI, see packed_supported)
             for (int c = 0; c < 8; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
                 for (int r = 0; r < RN; r++) s16[r] = dp16(s16[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
