@@ -2,18 +2,26 @@
 """Side-by-side speed and memory benchmark: this project's CLI against llama.cpp and mistral.rs.
 
 Every run is one fresh OS process, started the way a user would start the engine:
-  ours        the installed `mistralrs` CLI (one-shot --prompt mode); speeds come from its stderr
-              stats line, time to first token from process start is the first stdout byte;
-  llama.cpp   llama-cpp-python in the peers venv: load, eval the prompt, greedy argmax per token;
+  ours        the installed `mistralrs` CLI (one-shot --prompt mode, default numerics); speeds come
+              from its stderr stats line, time to first token from process start is the first
+              stdout byte; ours-fast / ours-precise: --numerics fast / precise; ours-1t: 1 thread;
+  llama.cpp   llama-cpp-python in the peers venv: load, eval the prompt, greedy argmax per token,
+              its defaults (flash attention off); llama.cpp-fa: flash attention on (llama.cpp's
+              own CLI and server turn it on for the CPU by default);
   mistral.rs  the PyPI `mistralrs` package in the peers venv: streamed chat request whose chat
               template is the identity (so the model sees exactly the raw prompt), EOS ignored.
 All engines get the same raw prompt text (no chat template: Gemma-3's file has none, so raw keeps
-the input identical everywhere; BOS follows each model's tokenizer), greedy decoding, 128 new
-tokens with EOS ignored, 2 threads. Engines alternate run by run; medians over --repeats runs.
+the input identical everywhere; BOS follows each model's tokenizer), greedy decoding, --max-tokens
+new tokens with EOS ignored, 2 threads. Engines alternate run by run; medians over --repeats runs.
 Peak RSS is the child's own ru_maxrss from os.wait4. This script imports nothing from the project.
 
-  python scripts/bench.py [--repeats 3] [--models smollm2,gemma3] [--engines ours,llama.cpp,mistral.rs]
-                          [--json results.json]
+--contexts: "short" is a fixed ~200-token prompt; a number N is a fixed long text (bench_context.py)
+cut so that prompt + new tokens is about N tokens, i.e. decode runs at context ~N (prefill tok/s
+is over the whole prompt). --busy-neighbour: a separate process spins on one CPU during every
+run, and ours-1t (one thread) runs beside the others as the reference.
+
+  python scripts/bench.py [--repeats 2] [--models smollm2,gemma3] [--engines ours,ours-fast,llama.cpp]
+                          [--contexts short,512,2048,8192] [--busy-neighbour] [--json results.json]
 """
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ import threading
 import time
 from pathlib import Path
 
+import bench_context
+from bench_peers import LLAMA_RUNNER, MISTRALRS_RUNNER, PEER_PROBES
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MISTRALRS_CLI_CACHE", Path.home() / ".cache" / "mistralrs-cli"))
 
@@ -37,7 +48,9 @@ MODELS = {
     "smollm2": {"label": "SmolLM2-135M Q4_1", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
     "gemma3": {"label": "Gemma-3-270M Q4_K_M", "file": "gemma-3-270m-q4_k_m.gguf"},
 }
-ENGINES = ["ours", "ours-precise", "llama.cpp", "mistral.rs"]  # ours-precise: --numerics precise
+ENGINES = ["ours", "ours-fast", "ours-precise", "ours-1t", "llama.cpp", "llama.cpp-fa", "mistral.rs"]
+DEFAULT_ENGINES = "ours,ours-fast,llama.cpp"
+OURS_NUMERICS = {"ours-fast": ["--numerics", "fast"], "ours-precise": ["--numerics", "precise"]}
 # Known problems that make a row not comparable; printed beside the row.
 KNOWN_BROKEN = {("mistral.rs", "gemma3"): "tokenizer converted wrongly by mistral.rs (prompt token "
                                           "count differs, output is garbage)"}
@@ -60,89 +73,6 @@ PROMPT = (
 STATS_RE = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) tokens, ([\d.]+) tok/s"
                       r" \| first token after ([\d.]+) s")
 RESULT_TAG = "BENCH_RESULT "
-
-# Runs in the peers venv. argv[1] is a JSON config; BENCH_T0 is the wall time of the spawn.
-LLAMA_RUNNER = r'''
-import json, os, sys, time
-cfg = json.loads(sys.argv[1]); T0 = float(os.environ["BENCH_T0"])
-import numpy as np
-import llama_cpp
-from llama_cpp import Llama
-t_load = time.perf_counter()
-llm = Llama(model_path=cfg["model"], n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
-            n_ctx=cfg["n_ctx"], n_batch=512, verbose=False)
-load_s = time.perf_counter() - t_load
-n_vocab = llm.n_vocab()
-def greedy():
-    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-    return int(np.argmax(logits))
-# add_bos=True means "add BOS if the vocab asks for it" (llama_tokenize's add_special)
-toks = llm.tokenize(cfg["prompt"].encode("utf-8"), add_bos=True, special=False)
-t_req = time.perf_counter()
-llm.eval(toks)
-tok = greedy()
-t_first = time.perf_counter(); w_first = time.time()
-out = [tok]
-while len(out) < cfg["max_tokens"]:
-    llm.eval([tok])
-    tok = greedy()
-    out.append(tok)
-t_end = time.perf_counter()
-n = len(out)
-print("BENCH_RESULT " + json.dumps({
-    "version": llama_cpp.__version__, "prompt_tokens": len(toks), "gen_tokens": n,
-    "prefill_tps": len(toks) / (t_first - t_req), "decode_tps": (n - 1) / (t_end - t_first),
-    "ttft_in": t_first - t_req, "ttft_start": w_first - T0, "load_s": load_s,
-    "text": llm.detokenize(out).decode("utf-8", "replace")}), flush=True)
-'''
-
-MISTRALRS_RUNNER = r'''
-import json, os, sys, tempfile, time
-cfg = json.loads(sys.argv[1]); T0 = float(os.environ["BENCH_T0"])
-from importlib.metadata import version
-from mistralrs import Runner, Which, ChatCompletionRequest
-# identity chat template: the model sees the raw prompt (BOS added by the template when the
-# model's tokenizer wants one), so every engine gets the same input
-tpl = os.path.join(tempfile.mkdtemp(), "identity.jinja")
-with open(tpl, "w") as f:
-    f.write(("{{ bos_token }}" if cfg["add_bos"] else "")
-            + "{% for m in messages %}{{ m['content'] }}{% endfor %}")
-t_load = time.perf_counter()
-runner = Runner(which=Which.GGUF(quantized_model_id=os.path.dirname(cfg["model"]),
-                                 quantized_filename=os.path.basename(cfg["model"])),
-                token_source="none", jinja_explicit=tpl)
-load_s = time.perf_counter() - t_load
-req = ChatCompletionRequest(messages=[{"role": "user", "content": cfg["prompt"]}], model="bench",
-                            max_tokens=cfg["max_tokens"], temperature=0.0, ignore_eos=True,
-                            stream=True)
-t_req = time.perf_counter()
-t_first = w_first = None; chunks = 0; usage = None; text = []
-for ch in runner.send_chat_completion_request(req):
-    now = time.perf_counter()
-    c = ch.choices[0] if ch.choices else None
-    if c is not None and c.delta is not None and c.delta.content:
-        if t_first is None:
-            t_first, w_first = now, time.time()
-        chunks += 1; text.append(c.delta.content); t_last = now
-    if getattr(ch, "usage", None) is not None:
-        usage = ch.usage
-u = usage
-print("BENCH_RESULT " + json.dumps({
-    "version": version("mistralrs"),
-    "prompt_tokens": u.prompt_tokens if u else None, "gen_tokens": u.completion_tokens if u else chunks,
-    "prefill_tps": u.avg_prompt_tok_per_sec if u else None,
-    "decode_tps": u.avg_compl_tok_per_sec if u else None,
-    "own_prefill_tps": (u.prompt_tokens / (t_first - t_req)) if u and t_first else None,
-    "own_decode_tps": (chunks - 1) / (t_last - t_first) if chunks > 1 else None,
-    "ttft_in": t_first - t_req if t_first else None,
-    "ttft_start": w_first - T0 if w_first else None, "load_s": load_s, "chunks": chunks,
-    "text": "".join(text)}), flush=True)
-'''
-
-PEER_PROBES = {"llama.cpp": "import llama_cpp; print(llama_cpp.__version__)",
-               "mistral.rs": "from importlib.metadata import version; import mistralrs; "
-                             "print(version('mistralrs'))"}
-
 
 def run_process(cmd: list[str], env: dict, timeout: float) -> dict:
     """Spawn cmd, time its first stdout byte, reap it with wait4 for its own peak RSS."""
@@ -232,18 +162,21 @@ def bench_env(threads: int) -> dict:
     return env
 
 
-def one_run(engine: str, model_key: str, model_path: Path, args) -> dict:
-    env = bench_env(args.threads)
-    cfg = {"model": str(model_path), "prompt": PROMPT, "max_tokens": args.max_tokens,
-           "threads": args.threads, "n_ctx": 1024,
+def one_run(engine: str, model_key: str, model_path: Path, prompt: tuple[str, int], args) -> dict:
+    """prompt: (text, its token count as cut); llama.cpp's context is that plus the new tokens."""
+    prompt, n_prompt = prompt
+    threads = 1 if engine == "ours-1t" else args.threads
+    env = bench_env(threads)
+    n_ctx = max(1024, (n_prompt + args.max_tokens + 64 + 255) // 256 * 256)
+    cfg = {"model": str(model_path), "prompt": prompt, "max_tokens": args.max_tokens,
+           "threads": threads, "n_ctx": n_ctx, "flash_attn": engine == "llama.cpp-fa",
            # BOS per the model's tokenizer (add_bos metadata): only used by the mistral.rs template
            "add_bos": model_key == "gemma3"}
     if engine.startswith("ours"):
-        numerics = ["--numerics", "precise"] if engine == "ours-precise" else []
-        cmd = [find_cli(args.cli), *numerics, "--raw", "--ignore-eos", "--max-tokens", str(args.max_tokens),
-               "--temperature", "0", "--prompt", PROMPT, "gguf", "-f", str(model_path)]
+        cmd = [find_cli(args.cli), *OURS_NUMERICS.get(engine, []), "--raw", "--ignore-eos", "--max-tokens",
+               str(args.max_tokens), "--temperature", "0", "--prompt", prompt, "gguf", "-f", str(model_path)]
     else:
-        code = LLAMA_RUNNER if engine == "llama.cpp" else MISTRALRS_RUNNER
+        code = LLAMA_RUNNER if engine.startswith("llama.cpp") else MISTRALRS_RUNNER
         cmd = [args.peers_python, "-c", code, json.dumps(cfg)]
     p = run_process(cmd, env, args.timeout)
     res = {"engine": engine, "model": model_key, "rc": p["rc"], "wall_s": p["wall_s"],
@@ -289,124 +222,172 @@ def summarize(runs: list[dict]) -> dict:
     return s
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    ap.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma list of {ENGINES}")
+    ap.add_argument("--contexts", default=None,
+                    help="comma list of 'short' and token counts (default short,512,2048,8192; "
+                         "short with --busy-neighbour)")
+    ap.add_argument("--busy-neighbour", action="store_true",
+                    help="a separate process spins on one CPU during the runs; adds ours-1t")
     ap.add_argument("--models-dir", default=str(CACHE / "models"))
     ap.add_argument("--peers-python", default=os.environ.get("MISTRALRS_PEERS_PYTHON",
                                                              str(CACHE / "peers" / "bin" / "python")))
     ap.add_argument("--cli", default=None, help="our CLI (default: REPO/.venv/bin/mistralrs, else PATH)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--json", help="write raw runs and medians to this file")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    for m in models:
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.busy_neighbour and "ours-1t" not in args.engines:
+        args.engines.append("ours-1t")
+    for m in args.models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")
-    for e in engines:
+    for e in args.engines:
         if e not in ENGINES:
             ap.error(f"unknown engine {e!r}; choose from {ENGINES}")
+    raw = args.contexts or ("short" if args.busy_neighbour else "short,512,2048,8192")
+    args.contexts = [c.strip() for c in raw.split(",") if c.strip()]
+    for c in args.contexts:
+        if c != "short" and not (c.isdigit() and int(c) > args.max_tokens + 16):
+            ap.error(f"--contexts {c!r}: 'short' or a token count above --max-tokens + 16")
+    return args
 
-    status = {e: probe(e, args) for e in engines}
-    for e, (ok, info) in status.items():
-        print(f"# {e}: {info}" if ok else f"# {e}: {info} -- skipped", file=sys.stderr)
-    live = [e for e in engines if status[e][0]]
-    paths = {}
-    for m in models:
-        p = Path(args.models_dir) / MODELS[m]["file"]
-        if p.exists():
-            paths[m] = p
-        else:
-            print(f"# model {m}: {p} missing (scripts/fetch_models.py) -- skipped", file=sys.stderr)
 
-    load_before = os.getloadavg()
+def prompts(args, paths: dict) -> dict:
+    """(model, context) -> (prompt text, the token count it was cut to)."""
+    out = {}
+    for m, path in paths.items():
+        targets = [int(c) - args.max_tokens - 16 for c in args.contexts if c != "short"]
+        cuts = bench_context.prompt_cuts(str(path), targets, args.peers_python)
+        text = bench_context.long_text()
+        for c in args.contexts:
+            if c == "short":
+                out[(m, c)] = (PROMPT, 256)
+            else:
+                t = int(c) - args.max_tokens - 16
+                out[(m, c)] = (text[:cuts[t]], t)
+    return out
+
+
+def run_all(args, live: list[str], paths: dict, texts: dict) -> list[dict]:
     runs: list[dict] = []
     for rep in range(args.repeats):
         k = rep % max(1, len(live))
         order = live[k:] + live[:k]  # rotate so no engine always runs first
         for m in paths:
-            for e in order:
-                print(f"# run {rep + 1}/{args.repeats} {e} {m} ...", file=sys.stderr, flush=True)
-                r = one_run(e, m, paths[m], args)
-                r["repeat"] = rep
-                runs.append(r)
-                if "error" in r:
-                    print(f"#   failed: {r['error'][:300]}", file=sys.stderr)
-                else:
-                    print(f"#   prefill {fmt(r.get('prefill_tps'))} tok/s, decode {fmt(r.get('decode_tps'))}"
-                          f" tok/s, ttft {fmt(r.get('ttft_in'), 2)} s / {fmt(r.get('ttft_start'), 2)} s,"
-                          f" rss {fmt(r['peak_rss_mb'], 0)} MB", file=sys.stderr, flush=True)
+            for c in args.contexts:
+                for e in order:
+                    print(f"# run {rep + 1}/{args.repeats} {e} {m} context {c} ...", file=sys.stderr, flush=True)
+                    r = one_run(e, m, paths[m], texts[(m, c)], args)
+                    r["repeat"], r["context"] = rep, c
+                    runs.append(r)
+                    if "error" in r:
+                        print(f"#   failed: {r['error'][:300]}", file=sys.stderr)
+                    else:
+                        print(f"#   {fmt(r.get('prompt_tokens'), 0)} prompt tokens: prefill "
+                              f"{fmt(r.get('prefill_tps'))} tok/s, decode {fmt(r.get('decode_tps'))} tok/s, ttft "
+                              f"{fmt(r.get('ttft_in'), 2)} s / {fmt(r.get('ttft_start'), 2)} s, rss "
+                              f"{fmt(r['peak_rss_mb'], 0)} MB", file=sys.stderr, flush=True)
+    return runs
 
-    summary = {}
-    for m in paths:
-        for e in live:
-            summary[(e, m)] = summarize([r for r in runs if r["engine"] == e and r["model"] == m])
 
-    load_after = os.getloadavg()
-    print(f"\n{args.max_tokens} new tokens (EOS ignored), greedy, {args.threads} threads, raw prompt, "
-          f"medians of {args.repeats}; TTFT in-process is from the request, from start is from spawn. "
+def print_tables(args, status: dict, summary: dict, paths: dict, load_before) -> None:
+    busy = "; a busy neighbour (another process spinning on one CPU) during every run" if args.busy_neighbour else ""
+    print(f"\n{args.max_tokens} new tokens (EOS ignored), greedy, {args.threads} threads (ours-1t: 1), raw prompt, "
+          f"medians of {args.repeats}{busy}; TTFT in-process is from the request, from start is from spawn. "
           f"1-min load average before the runs {load_before[0]:.1f} on {os.cpu_count()} CPUs "
           f"(well above 0 means other work shared the CPUs).\n")
-    print("| engine | model | prompt tok | prefill tok/s | decode tok/s | TTFT (in-process) | "
+    print("| engine | model | context | prompt tok | prefill tok/s | decode tok/s | TTFT (in-process) | "
           "TTFT (from start) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     notes = []
     for m in paths:
-        for e in engines:
-            label = f"{e} ({status[e][1]})" if status[e][0] else e
-            if not status[e][0]:
-                print(f"| {label} | {MODELS[m]['label']} | not installed | | | | | |")
-                continue
-            s = summary[(e, m)]
-            mark = ""
-            if (e, m) in KNOWN_BROKEN:
-                notes.append(f"{e} on {MODELS[m]['label']}: {KNOWN_BROKEN[(e, m)]}")
-                mark = f" [{len(notes)}]"
-            if s["n_ok"] == 0:
-                err = s["errors"][0].replace("\n", " ")[:120] if s["errors"] else "no runs"
-                print(f"| {label}{mark} | {MODELS[m]['label']} | failed: {err} | | | | | |")
-                continue
-            print(f"| {label}{mark} | {MODELS[m]['label']} | {fmt(s['prompt_tokens'], 0)} | "
-                  f"{fmt(s['prefill_tps'])} | {fmt(s['decode_tps'])} | {fmt(s['ttft_in'], 2, ' s')} | "
-                  f"{fmt(s['ttft_start'], 2, ' s')} | {fmt(s['peak_rss_mb'], 0)} |")
+        for c in args.contexts:
+            for e in args.engines:
+                label = f"{e} ({status[e][1]})" if status[e][0] else e
+                if (e, m) in KNOWN_BROKEN:
+                    if c == args.contexts[0]:
+                        notes.append(f"{e} on {MODELS[m]['label']}: {KNOWN_BROKEN[(e, m)]}")
+                    label += f" [{len(notes)}]"
+                head = f"| {label} | {MODELS[m]['label']} | {c} |"
+                if not status[e][0]:
+                    print(f"{head} not installed | | | | | |")
+                    continue
+                s = summary[(e, m, c)]
+                if s["n_ok"] == 0:
+                    err = s["errors"][0].replace("\n", " ")[:120] if s["errors"] else "no runs"
+                    print(f"{head} failed: {err} | | | | | |")
+                    continue
+                print(f"{head} {fmt(s['prompt_tokens'], 0)} | {fmt(s['prefill_tps'])} | {fmt(s['decode_tps'])} | "
+                      f"{fmt(s['ttft_in'], 2, ' s')} | {fmt(s['ttft_start'], 2, ' s')} | {fmt(s['peak_rss_mb'], 0)} |")
     for i, n in enumerate(notes, 1):
         print(f"\n[{i}] {n}")
 
     rows = []
-    for m, ours in ((m, e) for m in paths for e in ("ours", "ours-precise")):
-        if (ours, m) not in summary or summary[(ours, m)]["n_ok"] == 0:
-            continue
-        o = summary[(ours, m)]
-        for peer in ("llama.cpp", "mistral.rs"):
-            p = summary.get((peer, m))
-            if not p or p["n_ok"] == 0:
-                continue
+    for m in paths:
+        for c in args.contexts:
+            for ours in (e for e in args.engines if e.startswith("ours")):
+                o = summary.get((ours, m, c))
+                for peer in ("llama.cpp", "llama.cpp-fa", "mistral.rs", "ours-1t"):
+                    p = summary.get((peer, m, c))
+                    if not o or not p or not o["n_ok"] or not p["n_ok"] or peer == ours:
+                        continue
 
-            def ratio(k):
-                return o[k] / p[k] if o.get(k) and p.get(k) else None
-            rows.append(f"| {MODELS[m]['label']} | {ours}/{peer} | {fmt(ratio('prefill_tps'), 2)} | "
-                        f"{fmt(ratio('decode_tps'), 2)} | {fmt(ratio('ttft_in'), 2)} | "
-                        f"{fmt(ratio('ttft_start'), 2)} | {fmt(ratio('peak_rss_mb'), 2)} |")
+                    def ratio(k):
+                        return o[k] / p[k] if o.get(k) and p.get(k) else None
+                    rows.append(f"| {MODELS[m]['label']} | {c} | {ours}/{peer} | {fmt(ratio('prefill_tps'), 2)} | "
+                                f"{fmt(ratio('decode_tps'), 2)} | {fmt(ratio('ttft_in'), 2)} | "
+                                f"{fmt(ratio('ttft_start'), 2)} | {fmt(ratio('peak_rss_mb'), 2)} |")
     if rows:
         print("\nRatios (speed: >1 means ours is faster; TTFT and RSS: <1 means ours is lower):\n")
-        print("| model | ratio | prefill | decode | TTFT (in-process) | TTFT (from start) | peak RSS |")
-        print("|---|---|---|---|---|---|---|")
+        print("| model | context | ratio | prefill | decode | TTFT (in-process) | TTFT (from start) | peak RSS |")
+        print("|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    status = {e: probe(e, args) for e in args.engines}
+    for e, (ok, info) in status.items():
+        print(f"# {e}: {info}" if ok else f"# {e}: {info} -- skipped", file=sys.stderr)
+    live = [e for e in args.engines if status[e][0]]
+    paths = {}
+    for m in args.models:
+        p = Path(args.models_dir) / MODELS[m]["file"]
+        if p.exists():
+            paths[m] = p
+        else:
+            print(f"# model {m}: {p} missing (scripts/fetch_models.py) -- skipped", file=sys.stderr)
+    texts = prompts(args, paths)
+
+    load_before = os.getloadavg()
+    if args.busy_neighbour:
+        limit = args.timeout * args.repeats * len(live) * len(paths) * len(args.contexts)
+        with bench_context.Neighbour(limit) as nb:
+            print(f"# busy neighbour: pid {nb.proc.pid} spinning on CPU {nb.cpu}", file=sys.stderr)
+            runs = run_all(args, live, paths, texts)
+    else:
+        runs = run_all(args, live, paths, texts)
+    summary = {(e, m, c): summarize([r for r in runs if (r["engine"], r["model"], r["context"]) == (e, m, c)])
+               for m in paths for c in args.contexts for e in live}
+    print_tables(args, status, summary, paths, load_before)
 
     if args.json:
         Path(args.json).write_text(json.dumps({
             "config": {"threads": args.threads, "max_tokens": args.max_tokens, "repeats": args.repeats,
-                       "prompt": PROMPT, "engines": {e: status[e][1] for e in engines},
-                       "loadavg_before": load_before, "loadavg_after": load_after},
+                       "contexts": args.contexts, "busy_neighbour": args.busy_neighbour,
+                       "prompts": {f"{m}/{c}": t[0] for (m, c), t in texts.items()},
+                       "engines": {e: status[e][1] for e in args.engines},
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
             "runs": runs,
-            "medians": [dict(engine=e, model=m, **s) for (e, m), s in summary.items()],
+            "medians": [dict(engine=e, model=m, context=c, **s) for (e, m, c), s in summary.items()],
         }, indent=1))
         print(f"\n# raw results written to {args.json}", file=sys.stderr)
     return 0

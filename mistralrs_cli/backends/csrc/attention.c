@@ -194,9 +194,19 @@ static inline __m512 sum16x16(const __m512 *v) {
 }
 #endif
 
-// p[j - lo] = (q . k_j) * scale for keys lo..hi. With AVX-512 and hd a multiple of 16, keys go
-// 16 at a time (lo, lo + 16, ...: the grouping depends only on lo and hi, so a row's scores do
-// not depend on how its prompt was chunked or batched); the rest one by one.
+#if defined(VEC8) && !defined(VEC16)
+// lane r of the result = the sum of v[r]'s 8 lanes (three levels of pairwise adds)
+static inline __m256 sum8x8(const __m256 *v) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// p[j - lo] = (q . k_j) * scale for keys lo..hi. With hd a multiple of the vector width, keys go
+// 16 (AVX-512) or 8 (AVX2) at a time, each key's dims summed lane-wise then across lanes
+// (lo, lo + 8, ...: the grouping depends only on lo and hi, so a row's scores do not depend on
+// how its prompt was chunked or batched); the rest one by one.
 static inline __attribute__((always_inline)) void scores_t(const float *qh, const void *kh, int64_t ss, int hd,
                                                            int64_t lo, int64_t hi, float scale, float *p,
                                                            const int kv16) {
@@ -212,6 +222,19 @@ static inline __attribute__((always_inline)) void scores_t(const float *qh, cons
                 for (int r = 0; r < 16; r++) acc[r] = _mm512_fmadd_ps(q, ld16(kh, (j + r) * ss + e, kv16), acc[r]);
             }
             _mm512_storeu_ps(p + (j - lo), _mm512_mul_ps(sum16x16(acc), sc));
+        }
+    }
+#elif defined(VEC8)
+    if (hd % 8 == 0) {
+        const __m256 sc = _mm256_set1_ps(scale);
+        for (; j + 7 <= hi; j += 8) {
+            __m256 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+            for (int e = 0; e < hd; e += 8) {
+                const __m256 q = _mm256_loadu_ps(qh + e);
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(q, ld8(kh, (j + r) * ss + e, kv16), acc[r]);
+            }
+            _mm256_storeu_ps(p + (j - lo), _mm256_mul_ps(sum8x8(acc), sc));
         }
     }
 #endif
