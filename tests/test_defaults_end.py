@@ -53,8 +53,18 @@ def _ended(path: Path) -> list[tuple[str, int]]:
     return list(reqs.values())
 
 
+# Gemma-3's file is the pretrained model, not the instruction-tuned one (llama.cpp's own greedy
+# answer to "What are the primary colors?" in its chat format is the question again, then
+# " mendatang", in a loop): with these defaults it ends 3 of these 10 by an end token, and no chat
+# sampling measured in scripts/defaults_sweep.py made it end them all (README, "Sampling defaults").
+GEMMA3_MEASURED = "3 of 10 end by an end token (mean 435 tokens), measured with scripts/defaults_sweep.py --held-out"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["smollm2_path", "gemma3_path"])
+@pytest.mark.parametrize("model", [
+    "smollm2_path",
+    pytest.param("gemma3_path", marks=pytest.mark.xfail(reason=f"a base model: {GEMMA3_MEASURED}", strict=False)),
+])
 def test_ten_instructions_end_by_eos(model, request):
     results = _ended(request.getfixturevalue(model))
     assert [r for r, _ in results] == ["stop"] * len(INSTRUCTIONS), results
