@@ -65,7 +65,17 @@ CONFIGS = {
     "t0.6": {"temperature": 0.6},
     "t1.0": {"temperature": 1.0},
     "rep1.2": {"repetition_penalty": 1.2},
+    "gemma-own": {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "min_p": 0.0},  # Gemma's generation_config
 }
+
+
+def spare_end_tokens(runner: Runner) -> None:
+    """An experiment: the penalties leave the model's end tokens alone (the prompt's own end-of-turn
+    token otherwise counts as a repetition for the first 64 tokens)."""
+    from mistralrs_cli.engine import sampler
+
+    eos, penalize = set(runner.loaded.eos_ids), sampler.apply_penalties
+    sampler.apply_penalties = lambda logits, history, p: penalize(logits, [t for t in history if t not in eos], p)
 
 
 def held_out() -> list[str]:
@@ -100,8 +110,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--held-out", action="store_true", help="the test's instructions instead of TUNE")
+    ap.add_argument("--first", type=int, default=None, help="only the first N instructions")
+    ap.add_argument("--spare-end-tokens", action="store_true", help="no penalty on end tokens (experiment)")
     args = ap.parse_args()
-    instructions = held_out() if args.held_out else TUNE
+    instructions = (held_out() if args.held_out else TUNE)[:args.first]
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"defaults: {CHAT_DEFAULTS}; {len(instructions)} instructions x {len(seeds)} seeds, "
           f"max {args.max_tokens} tokens")
@@ -111,6 +123,8 @@ def main() -> None:
         path = cache_root() / "models" / MODELS[model]
         runner = Runner(Which.GGUF(None, str(path)), token_source="none",
                         engine_config=EngineConfig(max_seqs=64))
+        if args.spare_end_tokens:
+            spare_end_tokens(runner)
         prompts = [chat_ids(runner.loaded, [{"role": "user", "content": q}]) for q in instructions]
         for name in args.configs.split(","):
             t0 = time.perf_counter()
