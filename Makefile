@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 MODELS := $(shell $(PYTHON) -c "import os,pathlib;print(pathlib.Path(os.environ.get('MISTRALRS_CLI_CACHE') or pathlib.Path.home()/'.cache'/'mistralrs-cli')/'models')")
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: run test venv models clean
+.PHONY: run test venv models ggml clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ run: venv
 	$(PY) scripts/fetch_models.py smollm2
 	$(VENV)/bin/mistralrs --max-tokens 256 --prompt "$(PROMPT)" gguf -f "$(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-test: models
+# llama.cpp's libggml-base, the tests' reference for quantization (built once, cached)
+ggml: venv
+	$(PY) tests/ggml_reference.py
+
+test: models ggml
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 clean:

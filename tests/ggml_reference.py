@@ -4,8 +4,9 @@ The source is a pinned package from PyPI: llama-cpp-python's sdist vendors llama
 against its sha256 here. libggml-base is the few C/C++ files of ggml/src/CMakeLists.txt's
 `ggml-base` target, compiled with the system's cc and c++ into the cache
 (~/.cache/mistralrs-cli/ggml/, or $MISTRALRS_CLI_CACHE/ggml/): a download of ~75 MB and about a
-minute of compiling on two cores, once per machine. Run this file to build it ahead of the tests
-(`make test` does). MISTRALRS_CLI_GGML_LIB=path/to/libggml-base.so uses another build instead.
+minute of compiling on two cores, once per machine. The tests build it when they first need it;
+running this file builds it ahead (`make test` does, through `make ggml`).
+MISTRALRS_CLI_GGML_LIB=path/to/libggml-base.so uses another build instead.
 """
 from __future__ import annotations
 
