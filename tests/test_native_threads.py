@@ -1,8 +1,9 @@
 """The native runtime's threads per step (backends/native_threads.py) under scripted clocks (no
 timing): a quiet machine never leaves the full count; a starved pool drops to one thread when one
 is faster, stays there while it is, grows back when the neighbour leaves, and backs off probing
-when one thread is no faster; a step size first seen beside a busy neighbour starts on one. And that the count never changes results: a tiny GGUF model's
-prompt and decode logits are the same bits on 1, 2 and 3 threads."""
+when one thread is no faster; a step size first seen beside a busy neighbour starts on one. And
+that the count never changes results: a tiny GGUF model's prompt and decode logits are the same
+bits on 1, 2 and 3 threads."""
 from __future__ import annotations
 
 import numpy as np
