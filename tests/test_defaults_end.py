@@ -145,3 +145,10 @@ def test_readme_example_ends_by_itself(smollm2_path):
     p = _cli(["--seed", "1", "--prompt", "Write a haiku about rust", "gguf", "-f", str(smollm2_path)])
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() and '"length"' not in p.stderr and "generated: " in p.stderr
+
+
+def test_seed_makes_the_sampled_cli_output_reproducible(smollm2_path):
+    args = ["--seed", "5", "--max-tokens", "16", "--prompt", "Name a color.", "gguf", "-f", str(smollm2_path)]
+    a, b = _cli(args), _cli(args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
