@@ -152,3 +152,14 @@ def test_seed_makes_the_sampled_cli_output_reproducible(smollm2_path):
     a, b = _cli(args), _cli(args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_context_limit_stop_says_length_on_stderr(tmp_path):
+    import gguf_builder as gb
+
+    path = gb.write_gguf(tmp_path / "ctx64.gguf", gb.tiny_llama(0, max_position_embeddings=64),
+                         gb.gguf_vocab(gb.train_tokenizer()))
+    p = _cli(["--raw", "--ignore-eos", "--prompt", "hello world", "gguf", "-f", str(path)])
+    assert p.returncode == 0, p.stderr
+    notes = [line for line in p.stderr.splitlines() if 'finish reason "length"' in line]
+    assert len(notes) == 1 and "context limit of 64 tokens" in notes[0], p.stderr
