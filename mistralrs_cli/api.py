@@ -17,6 +17,7 @@ from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
+from .run import check_numerics
 from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
 
 
@@ -195,9 +196,10 @@ def _usage(outs: list[RequestOutput]) -> Usage:
 class Runner:
     def __init__(self, which: Any, token_source: str = "cache", chat_template: str | None = None,
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
-                 loaded: Loaded | None = None, numerics: str = "llama.cpp", isq: str | None = None,
+                 loaded: Loaded | None = None, numerics: str = "precise", isq: str | None = None,
                  in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
                  engine_config: EngineConfig | None = None, **_ignored: Any):
+        check_numerics(numerics, "numerics")
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
                            isq=isq or in_situ_quant)
         self.which = which

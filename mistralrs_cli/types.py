@@ -44,9 +44,9 @@ class LoadOptions:
     chat_template: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    # GGUF: "llama.cpp" (its activation rounding and f16 KV cache: token parity), "precise" (the
-    # native kernels with ~16-bit activations and an f32 cache) or "exact" (dequantized, torch)
-    numerics: str = "llama.cpp"
+    # quantized weights: "precise" (the native kernels with ~16-bit activations, f16 KV cache),
+    # "fast" (8-bit activation blocks, f16 KV cache) or "exact" (dequantized to f32, torch)
+    numerics: str = "precise"
     isq: str | None = None
     num_device_layers: int | None = None  # -n: the first N decoder layers on the GPU, the rest on the CPU
     # GGUF on the CPU: "auto" runs a file the native runtime serves without torch

@@ -1,5 +1,5 @@
 """The torch backend's pieces against independent references: gguf-py's Q8_0 quantizer for the
-llama.cpp activation rounding, the exact dequantized matmul for the int4 and f16 paths."""
+the fast path's activation rounding (llama.cpp's), the exact dequantized matmul for the int4 and f16 paths."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_f16_compute_form_close_to_exact_and_consistent_across_batch_sizes(smoll
     gf = GGUFFile(smollm2_path)
     qw = QWeight(gf.raw("blk.0.ffn_up.weight"), Q.Q4_1, (1536, 576))
     exact = TorchBackend("exact")
-    fast = TorchBackend("llama.cpp")
+    fast = TorchBackend("fast")
     x = torch.randn(12, 576)
     ref = exact.qmatmul(x, qw)
     assert torch.allclose(ref, x @ qw.dequantize().T, atol=1e-5)

@@ -102,11 +102,16 @@ def test_help_lists_only_what_exists():
 
 def test_numerics(smollm2_path):
     """--numerics precise (native kernels, ~16-bit activations) writes the same greedy text as
-    --numerics exact (every weight dequantized, the torch path); a wrong value is one error line."""
-    args = ["--raw", "--max-tokens", "24", "--prompt", "The three primary colors are", "gguf", "-f", str(smollm2_path)]
+    --numerics exact (every weight dequantized, the torch path); a wrong value is one error line,
+    and the old name llama.cpp says what the 8-bit path is called now and why the name went."""
+    args = ["--raw", "--temperature", "0", "--max-tokens", "24", "--prompt", "The three primary colors are",
+            "gguf", "-f", str(smollm2_path)]
     precise, exact = _run(["--numerics", "precise", *args]), _run(["--numerics", "exact", *args])
     assert precise.returncode == 0 and exact.returncode == 0, precise.stderr + exact.stderr
     assert precise.stdout.strip() and precise.stdout == exact.stdout
-    bad = _run(["--numerics", "fast", *args])
+    bad = _run(["--numerics", "fastest", *args])
     assert bad.returncode == 1 and bad.stderr.strip() == (
-        "error: --numerics 'fast' is not one of llama.cpp, precise, exact.")
+        "error: --numerics 'fastest' is not one of fast, precise, exact.")
+    old = _run(["--numerics", "llama.cpp", *args])
+    assert old.returncode == 1 and len(old.stderr.strip().splitlines()) == 1
+    assert "now called 'fast'" in old.stderr and "does not reproduce llama.cpp" in old.stderr

@@ -1,11 +1,20 @@
-"""Greedy parity with llama.cpp on the two real GGUFs (fixture: scripts/record_llamacpp.py).
+"""Greedy decoding against llama.cpp's on the two real GGUFs (fixture: scripts/record_llamacpp.py:
+llama.cpp's own greedy tokens for 14 raw prompts, with its top-5 logits at every step).
 
-SmolLM2's first 32 greedy tokens and Gemma-3's first 16 must equal llama.cpp's. Where a token
-differs, the two candidates' logits at that step must be within 1% (a near-tie), in our logits or
-in llama.cpp's, and the comparison stops there since the continuations legitimately part.
-"Within 1%" is measured against the larger of the two logits or, since logits are only defined
-up to a shift (a pair near zero is never "within 1%" of itself), against the largest logit
-magnitude at that step.
+For --numerics precise (the default) and fast, each prompt's greedy continuation is compared
+with llama.cpp's: the tokens agree up to a first divergence (reported per prompt: `pytest -s`).
+Up to that step both ran on the same tokens, so llama.cpp's recorded logits at that step say how
+close its own call was. Asserted, as measured: every divergence falls where llama.cpp's top-2
+margin between its token and ours was under TIE nats in llama.cpp's logits (a near-tie by
+llama.cpp's measure, not ours): its own logits move by 0.22 (SmolLM2) / 0.48 (Gemma-3) nats RMS
+between its flash-attention-on and -off paths (tests/fixtures/llamacpp_teacher.json), so TIE is
+about twice that. And the tokens that agree before the first divergence, summed over the
+prompts, stay at least 80% of what was measured.
+
+For scale: llama.cpp 0.3.36 built on this machine (AVX2) against this fixture (the same version,
+recorded earlier) agrees on 9 of 14 SmolLM2 prompts (438 of 560 tokens) and 10 of 14 Gemma-3
+prompts (283 of 336), parting at its own margins of up to 0.18 nats. No --numerics reproduces
+llama.cpp's logits (tests/test_llamacpp_teacher.py), so neither does any reproduce its tokens.
 """
 from __future__ import annotations
 
@@ -13,74 +22,50 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mistralrs_cli import Runner, Which
-from mistralrs_cli.engine.kv_cache import cache_for
-from mistralrs_cli.models.layers import Batch, SeqSlice
 from mistralrs_cli.types import SamplingParams
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "llamacpp_greedy.json").read_text())
-N_TOKENS = {"smollm2": 32, "gemma3": 16}
-
-
-@pytest.fixture(scope="module")
-def runners(smollm2_path, gemma3_path):
-    return {"smollm2": Runner(Which.GGUF(None, str(smollm2_path))),
-            "gemma3": Runner(Which.GGUF(None, str(gemma3_path)))}
-
-
-def _logits(runner: Runner, prompt: list[int], generated: list[int]) -> torch.Tensor:
-    """Our logits after `generated`, computed as the engine does: one prefill, then one token
-    per step (a batched recompute rounds differently and could disagree with the engine)."""
-    model, n = runner.loaded.model, len(prompt)
-    cache = cache_for(model)
-    with torch.inference_mode():
-        logits = model(torch.tensor(prompt), Batch(torch.arange(n), [SeqSlice(0, n, cache)], torch.tensor([n - 1])))[0]
-        for i, tok in enumerate(generated):
-            logits = model(torch.tensor([tok]), Batch(torch.tensor([n + i]), [SeqSlice(0, 1, cache)]))[0]
-    return logits
-
-
-def _near_tie(a: float, b: float, scale: float) -> bool:
-    return abs(a - b) <= 0.01 * max(abs(a), abs(b), scale)
-
-
-def _cases() -> list:
-    return list(_iter_cases())
-
-
-def _iter_cases():
-    for name, model in FIXTURE["models"].items():
-        for i, run in enumerate(model["runs"]):
-            yield pytest.param(name, run, id=f"{name}-{i}")
+TIE = {"smollm2": 0.5, "gemma3": 1.0}  # nats of llama.cpp's top-2 margin: its own noise, twice
+# tokens equal before the first divergence, summed over the 14 prompts (of 560 / 336), measured
+MEASURED = {("smollm2", "precise"): 317, ("smollm2", "fast"): 280,
+            ("gemma3", "precise"): 253, ("gemma3", "fast"): 239}
 
 
 def test_fixture_has_enough_prompts():
     for name, model in FIXTURE["models"].items():
         assert len(model["runs"]) >= 10, name
-        assert all(len(r["steps"]) >= N_TOKENS[name] for r in model["runs"])
+        assert all(len(r["steps"]) >= 16 for r in model["runs"])
 
 
-@pytest.mark.parametrize("name,run", _cases())
-def test_greedy_matches_llamacpp(runners, name, run):
-    runner = runners[name]
+def _first_divergence(runner: Runner, run: dict) -> tuple[int, float | None]:
+    """(tokens equal before the first divergence, llama.cpp's logit margin between its token and
+    ours at that step: None when every step agrees)."""
     ids = runner.tokenize_text(run["prompt"], add_special_tokens=True)
     assert ids == run["prompt_ids"], "our tokenization of the prompt differs from llama.cpp's"
-    n = N_TOKENS[name]
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)
+    steps = run["steps"]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=len(steps))
     ours = [o.token_id for o in runner.stream(ids, params) if o.token_id is not None]
-    theirs = [s["id"] for s in run["steps"][:n]]
-    assert len(ours) == n
-    for step, (a, b) in enumerate(zip(ours, theirs)):
-        if a == b:
-            continue
-        logits = _logits(runner, ids, ours[:step])
-        assert int(torch.argmax(logits)) == a, "the probe disagrees with the engine's own choice"
-        ours_tie = _near_tie(float(logits[a]), float(logits[b]), float(logits.abs().max()))
-        top5 = dict((t, v) for t, v in run["steps"][step]["top5"])
-        theirs_tie = a in top5 and _near_tie(top5[a], top5[b], max(abs(v) for v in top5.values()))
-        assert ours_tie or theirs_tie, (
-            f"step {step}: we chose {a} (logit {float(logits[a]):.4f}), llama.cpp chose {b} "
-            f"(our logit {float(logits[b]):.4f}; llama.cpp's top5 {run['steps'][step]['top5']})")
-        return  # the continuations part after a near-tie
+    assert len(ours) == len(steps)
+    for i, (a, step) in enumerate(zip(ours, steps)):
+        if a != step["id"]:
+            top5 = dict((t, v) for t, v in step["top5"])
+            return i, top5[step["id"]] - top5.get(a, float("-inf"))
+    return len(steps), None
+
+
+@pytest.mark.parametrize("numerics", ["precise", "fast"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_greedy_against_llamacpp(name, numerics, request):
+    runner = Runner(Which.GGUF(None, str(request.getfixturevalue(f"{name}_path"))), numerics=numerics)
+    runs = FIXTURE["models"][name]["runs"]
+    rows = [(run["prompt"], len(run["steps"]), *_first_divergence(runner, run)) for run in runs]
+    print(f"\n{name} --numerics {numerics}: tokens equal to llama.cpp's before the first divergence")
+    for prompt, n, same, margin in rows:
+        where = "all" if margin is None else f"then llama.cpp's margin {margin:.3f}"
+        print(f"  {same:2d}/{n} {where:32s} {prompt[:40]!r}")
+    total = sum(r[2] for r in rows)
+    print(f"  {total}/{sum(r[1] for r in rows)} tokens, {sum(r[3] is None for r in rows)}/{len(rows)} prompts whole")
+    assert all(margin is None or margin <= TIE[name] for *_, margin in rows), rows
+    assert total >= 0.8 * MEASURED[(name, numerics)]

@@ -75,7 +75,7 @@ def models(env):
     return out
 
 
-def isq_load(path: Path, isq: str, numerics: str = "llama.cpp"):
+def isq_load(path: Path, isq: str, numerics: str = "precise"):
     return load(PlainSpec(str(path)), LoadOptions(isq=isq, numerics=numerics))
 
 

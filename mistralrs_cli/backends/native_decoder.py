@@ -88,11 +88,12 @@ def _layer(layer, backend, act: int) -> _Layer | None:
     eps = {name: n.eps if n is not None else 0.0 for name, n in named.items()}
     qn = _norm_weight(attn.q_norm) if attn.qk_norm else None
     kn = _norm_weight(attn.k_norm) if attn.qk_norm else None
+    pr = backend.numerics == "precise"
     return _Layer(
-        attn, qkv[0], native.qmm_opts(w["pre_attn"], eps["pre_attn"], bias=qkv[1]),
-        o[0], native.qmm_opts(bias=o[1], post=w["post_attn"], post_eps=eps["post_attn"]),
-        gu[0], native.qmm_opts(w["pre_ffn"], eps["pre_ffn"], bias=gu[1]),
-        down[0], native.qmm_opts(act=act, bias=down[1], post=w["post_ffn"], post_eps=eps["post_ffn"]),
+        attn, qkv[0], native.qmm_opts(w["pre_attn"], eps["pre_attn"], bias=qkv[1], precise=pr),
+        o[0], native.qmm_opts(bias=o[1], post=w["post_attn"], post_eps=eps["post_attn"], precise=pr),
+        gu[0], native.qmm_opts(w["pre_ffn"], eps["pre_ffn"], bias=gu[1], precise=pr),
+        down[0], native.qmm_opts(act=act, bias=down[1], post=w["post_ffn"], post_eps=eps["post_ffn"], precise=pr),
         qn, kn, keep=(w, qkv[1], o[1], gu[1], down[1]))
 
 
@@ -119,7 +120,8 @@ class NativeDecoder:
         if head is None or any(x is None for x in layers) or type(model.model.norm) is not RMSNorm:
             return None
         norm = _norm_weight(model.model.norm)
-        return cls(model, layers, head[0], native.qmm_opts(norm, model.model.norm.eps, bias=head[1]), (norm, head[1]))
+        head_opts = native.qmm_opts(norm, model.model.norm.eps, bias=head[1], precise=backend.numerics == "precise")
+        return cls(model, layers, head[0], head_opts, (norm, head[1]))
 
     def handles(self, batch: Batch) -> bool:
         return all(s.cache is not None for s in batch.seqs)

@@ -19,7 +19,7 @@ loader builds this model straight from the file instead of a torch module tree:
 Everything else falls back to the torch models (the loader asks `NativeModel.build`, which says
 None): other architectures, weight types without a native kernel, --numerics exact, --dtype
 other than f32, a GPU, no C compiler. Its reference is that torch path: tests compare the two,
-and greedy parity with llama.cpp is checked on this one.
+and the comparisons with llama.cpp (greedy and teacher-forced) run on this one.
 """
 from __future__ import annotations
 

@@ -3,13 +3,13 @@
 A quantized weight is prepared once into a dense compute form (cached on the QWeight), because
 dequantizing every block on every token costs more than the multiply itself on a CPU.
 
-Numerics ("fast" is the experimental int4 path described at int4_form):
+Numerics (the --numerics values; "int4" is the experimental path described at int4_form):
 - "exact": the dequantized weights times the activations, in the activations' dtype.
-- "llama.cpp" (the default for GGUF models): first round the activations the way llama.cpp's CPU
-  kernels do before their integer dot products (8-bit blocks of 32 with an fp16 scale for the
-  legacy types, of 256 with an f32 scale for the K types). llama.cpp's own noise is about one
-  logit on small models (flash attention on vs off moves it that much), so matching its rounding
-  is what makes greedy output agree token for token.
+- "precise" (the default): the native kernels on the weights' own blocks, activations rounded in
+  two 8-bit parts (~16 bits); where no native kernel serves a weight, the exact path.
+- "fast": first round the activations into 8-bit blocks before the integer dot products (blocks
+  of 32 with an fp16 scale for the legacy types, of 256 with an f32 scale for the K types), the
+  rounding llama.cpp's CPU kernels use; f16 weights where no native kernel serves.
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ SMALL_M = 8
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, numerics: str = "llama.cpp"):
-        # the torch models have no two-part activation rounding: "precise" is the exact path here
-        self.numerics = "exact" if numerics == "precise" else numerics
+    def __init__(self, numerics: str = "precise"):
+        self.numerics = numerics
+        self._opts = native.qmm_opts(precise=numerics == "precise")
         self._last: tuple | None = None  # (x, rounding, rounded x): q/k/v and gate/up share inputs
 
     def dequantize(self, w: QWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -100,9 +100,9 @@ class TorchBackend:
         return len(rounding) == 1 and backends == {id(self)}
 
     def round_activations(self, x: torch.Tensor, w: QWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """x rounded as llama.cpp would for w's dot products, delivered in `dtype`."""
+        """x rounded as the fast path's kernels round it for w's dot products, in `dtype`."""
         rounding = ACTIVATION_ROUNDING.get(w.qtype)
-        if self.numerics != "llama.cpp" or rounding is None or x.dtype != torch.float32:
+        if self.numerics != "fast" or rounding is None or x.dtype != torch.float32:
             return x.to(dtype)
         last = self._last
         if last is not None and last[0] is x and last[1] is rounding and last[2] == dtype:
@@ -112,13 +112,13 @@ class TorchBackend:
         return xr
 
     def native_ok(self, w: QWeight) -> bool:
-        """llama.cpp numerics and types the native kernels know: multiply the blocks directly
-        (integer dot products, weights never leave their 4.5-8.5 bit form)."""
+        """fast or precise numerics and types the native kernels know: multiply the blocks
+        directly (integer dot products, weights never leave their 4.5-8.5 bit form)."""
         ok = w.cache.get("native")
         if ok is None:
             parts = getattr(w, "parts", [w])
             ok = w.cache["native"] = (
-                self.numerics == "llama.cpp" and all(
+                self.numerics in ("fast", "precise") and all(
                     p.qtype in native.TYPES and p.shape[1] % (256 if p.qtype in native.K_TYPES else 32) == 0
                     for p in parts)
                 and native.library() is not None)
@@ -142,22 +142,22 @@ class TorchBackend:
         self.prepare(w, self.weight_dtype(x_dtype))
 
     def weight_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
-        return torch.float16 if x_dtype == torch.float32 and self.numerics != "exact" else x_dtype
+        return torch.float16 if x_dtype == torch.float32 and self.numerics in ("fast", "int4") else x_dtype
 
     def int4_form(self, w: QWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """numerics="fast" only: Q4_0/Q4_1/Q4_K as torch's packed int4 CPU weights (4 bits in
-        memory, about 2x faster GEMVs than f16) with bf16 activations. Not the default: the
-        bf16 rounding costs greedy parity with llama.cpp (4 of 28 fixture prompts part on
-        1-2% gaps). None when the weight (or a part of a group) cannot go there."""
+        """numerics="int4" only (not a --numerics value): Q4_0/Q4_1/Q4_K as torch's packed int4
+        CPU weights (4 bits in memory, about 2x faster GEMVs than f16) with bf16 activations,
+        whose rounding is coarser than "fast"'s. None when the weight (or a part of a group)
+        cannot go there."""
         if "int4" not in w.cache:
             parts = getattr(w, "parts", [w])
-            ok = self.numerics == "fast" and all(int4pack.supported(p.qtype, p.shape) for p in parts)
+            ok = self.numerics == "int4" and all(int4pack.supported(p.qtype, p.shape) for p in parts)
             w.cache["int4"] = int4pack.pack([(p.raw, p.qtype) for p in parts], w.shape[1]) if ok else None
         return w.cache["int4"]
 
     def qmatmul(self, x: torch.Tensor, w: QWeight) -> torch.Tensor:
         if x.dtype == torch.float32 and self.native_ok(w):
-            y = native.qmatmul(x.reshape(-1, w.shape[1]), self.native_parts(w))
+            y = native.qmatmul(x.reshape(-1, w.shape[1]), self.native_parts(w), opts=self._opts)
             return y.view(*x.shape[:-1], w.shape[0])
         if x.dtype == torch.float32 and (form := self.int4_form(w)) is not None:
             return int4pack.matmul(x, *form)

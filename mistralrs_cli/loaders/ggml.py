@@ -213,7 +213,7 @@ def _check_shapes(gf: GGMLFile, cfg: ModelConfig) -> None:
 
 
 def load_ggml_model(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: float = 10000.0,
-                    numerics: str = "llama.cpp") -> tuple[torch.nn.Module, ModelConfig]:
+                    numerics: str = "precise") -> tuple[torch.nn.Module, ModelConfig]:
     cfg = ggml_config(gf, gqa, eps, rope_theta)
     _check_shapes(gf, cfg)
     weights: dict[str, QWeight] = {}
@@ -236,7 +236,7 @@ def load_ggml_model(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: f
     backend = TorchBackend(numerics)
     model = build_model(ARCHITECTURES["llama"], cfg, weights, source=str(gf.path), backend=backend)
     fuse_projections(model, backend.can_fuse)
-    model.kv_dtype = torch.float16 if numerics == "llama.cpp" else torch.float32
+    model.kv_dtype = torch.float16 if numerics == "fast" else torch.float32
     return model, cfg
 
 

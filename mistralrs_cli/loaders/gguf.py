@@ -155,8 +155,9 @@ def _weights_of(target: str, raw: torch.Tensor, qtype, shape: tuple[int, ...]) -
             for e in range(shape[0])]
 
 
-def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn.Module, ModelConfig]:
-    """numerics: "llama.cpp" (activations rounded as its CPU kernels do, f16 KV cache) or "exact"."""
+def load_gguf_model(gf: GGUFFile, numerics: str = "precise") -> tuple[torch.nn.Module, ModelConfig]:
+    """numerics: "precise", "fast" (8-bit activation blocks, f16 KV cache) or "exact" (see
+    backends/torch_backend.py)."""
     cfg = gguf_config(gf)
     _, overrides, fixup = ARCHS[gf.architecture]
     table = {**TENSOR_NAMES, **overrides}
@@ -174,5 +175,5 @@ def load_gguf_model(gf: GGUFFile, numerics: str = "llama.cpp") -> tuple[torch.nn
     backend = TorchBackend(numerics)
     model = build_model(ARCHITECTURES[cfg.model_type], cfg, weights, source=str(gf.path), backend=backend)
     fuse_projections(model, backend.can_fuse)
-    model.kv_dtype = torch.float16 if numerics == "llama.cpp" else torch.float32
+    model.kv_dtype = torch.float16 if numerics == "fast" else torch.float32
     return model, cfg

@@ -108,8 +108,7 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
         from .gguf import load_gguf_model
         from .weights import prepare_weights, set_dtype
 
-        # the torch models have no two-part rounding: "precise" there is the exact path
-        model, cfg = load_gguf_model(gf, "exact" if opts.numerics == "precise" else opts.numerics)
+        model, cfg = load_gguf_model(gf, opts.numerics)
         set_dtype(model, opts.dtype)
         prepare_weights(model, release=gf.release)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
@@ -158,7 +157,7 @@ def _native_model_meanwhile(gf: GGUFFile, opts: LoadOptions, gate):
 def _native_model(gf: GGUFFile, opts: LoadOptions, started=None, gate=None):
     """The torch-free model when this file and these options allow it, else None. started: called
     when the weights' repacking (one C call that does not hold Python's lock) begins."""
-    if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics not in ("llama.cpp", "precise")
+    if (opts.runtime != "auto" or opts.device != "cpu" or opts.numerics not in ("fast", "precise")
             or opts.dtype not in ("auto", "f32") or opts.isq):
         return None
     from ..backends.native_model import ARCHS, NativeModel

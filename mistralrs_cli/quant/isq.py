@@ -133,7 +133,7 @@ def _report(isq_type: str, qtype, counts: Counter) -> None:
                         "they use %s instead, as mistral.rs does.", isq_type, n, block_size(qtype), t.name)
 
 
-def isq_model(model: nn.Module, isq_type: str, numerics: str = "llama.cpp", progress: bool = True) -> None:
+def isq_model(model: nn.Module, isq_type: str, numerics: str = "precise", progress: bool = True) -> None:
     """The loader's one call: quantize, fuse q/k/v and gate/up where the backend can, and build
     the compute forms now so the first token does not pay for them."""
     from ..backends.torch_backend import TorchBackend

@@ -13,7 +13,7 @@ from .protocol import ApiError
 GRACE_SECONDS = 10  # SIGINT/SIGTERM: in-flight requests get this long to finish, then are cancelled
 
 
-def reisq_handler(spec: Any, worker, numerics: str = "llama.cpp") -> Callable[[str], str]:
+def reisq_handler(spec: Any, worker, numerics: str = "precise") -> Callable[[str], str]:
     """POST /v1/re_isq: quantize a plain model's linear layers in place; refuse GGUF/GGML files
     (quantized already)."""
     if isinstance(spec, (GGUFSpec, GGMLSpec)):
