@@ -71,8 +71,8 @@ def test_a_size_first_seen_beside_a_busy_neighbour_starts_on_one_thread(monkeypa
     assert m.run(p, *BUSY, 1, rows=200) == [1]  # a one-shot prompt
     m.others = 0
     assert m.run(p, *QUIET, 1, rows=1) == [2]  # decode, first seen on a quiet machine
-    used = m.run(p, *QUIET, 100, rows=200)  # a wrong start is probed away
-    assert used[-90:] == [2] * 90
+    used = m.run(p, *QUIET, 300, rows=200)  # a wrong start is probed away
+    assert used[:120] == [1] * 120 and used[-150:] == [2] * 150
 
 
 def test_probes_back_off_when_one_thread_is_not_faster(monkeypatch):

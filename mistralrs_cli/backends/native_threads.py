@@ -11,12 +11,12 @@ is a single step). Each step's wall time and the process's CPU time over it are 
 that got much less CPU time than its threads could use (they were not all running: starved)
 makes the next step of that size a probe on one thread, and the faster of the two becomes the
 choice. While one thread is the choice, the full count is probed now and then, so the pool grows
-back when the neighbour is gone. Probes are at least 4 steps apart after a change; after a probe
+back when the neighbour is gone: 128 steps after starting on or switching to one thread (a probe
+of two starved threads cost 13-17 one-thread steps here), 4 after switching back; after a probe
 that changes nothing, twice as far, and at least 20 times as many steps as the probe cost steps
-of the choice (a step of two starved threads took 17 one-thread steps here), up to 2048. On a
-quiet machine steps get their CPU time, so none is a probe. The kernels give the same bits on
-any thread count (each output's sums run in an order fixed by the data, not by the split), so
-switching never changes results.
+of the choice, up to 2048. On a quiet machine steps get their CPU time, so none is a probe. The
+kernels give the same bits on any thread count (each output's sums run in an order fixed by the
+data, not by the split), so switching never changes results.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from . import native
 
 MIN_EVERY, MAX_EVERY = 4, 2048
+FIRST_EVERY = 128  # steps on one thread (started there, or just switched) before the full count is probed
 STARVED = 0.6  # CPU time / (wall time x threads) below this: the threads were not all running
 FASTER = 0.9   # a probe takes over when it is this much faster than the choice
 
@@ -70,7 +71,7 @@ class ThreadPolicy:
         s = self.sizes.get((n, _size(rows)))
         if s is None:
             free = (os.cpu_count() or n) - self.others()
-            s = self.sizes[(n, _size(rows))] = _Size(n if free >= n else 1)
+            s = self.sizes[(n, _size(rows))] = _Size(n) if free >= n else _Size(1, every=FIRST_EVERY)
         s.since += 1
         if s.choice == 1 and s.since >= s.every:
             s.probe = True
@@ -95,7 +96,7 @@ class ThreadPolicy:
         s.times[used] = wall
         mine = s.times.get(s.choice)
         if mine is not None and wall < FASTER * mine:
-            s.choice, s.every = used, MIN_EVERY
+            s.choice, s.every = used, (FIRST_EVERY if used == 1 else MIN_EVERY)
         else:
             cost = wall / mine if mine else 1.0
             s.every = min(max(2 * s.every, int(20 * cost)), MAX_EVERY)
