@@ -1,4 +1,5 @@
-// Quantized matmul on the CPU with llama.cpp's numerics: y = x W^T where W stays in GGUF blocks.
+// Quantized matmul on the CPU, activations rounded as llama.cpp rounds them (fast; precise adds a
+// second 8-bit part): y = x W^T where W stays in GGUF blocks.
 //
 // Each activation row is rounded to 8-bit blocks of 32 (scale max|x|/127 kept as fp16; for the
 // Q4_1 weights also the block sum d*sum(q) as fp16), then every weight block is an integer dot
