@@ -17,7 +17,7 @@ from .errors import UserError
 from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
-from .run import check_numerics
+from .numerics import check_numerics
 from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
 
 

@@ -161,7 +161,7 @@ def bench_options(
 ) -> None:
     from .outputs.bench import BenchOptions, BenchRun, parse_concurrency
 
-    from .run import check_numerics
+    from .numerics import check_numerics
 
     opts = BenchOptions(n_prompt, n_gen, parse_concurrency(concurrency), repetitions, json_path)
     opts.check()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
+from .numerics import check_numerics
 from .types import EngineConfig, LoadOptions
 
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging.WARNING,
@@ -98,20 +99,6 @@ def _check_device(device: str) -> None:
     if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
         return
     raise UserError(f"--device {device!r} is not one of auto, cpu, cuda (or cuda:N).")
-
-
-NUMERICS = ("fast", "precise", "exact")
-# teacher-forced top-1 agreement of "fast" with llama.cpp's own logits (tests/test_llamacpp_teacher.py)
-FAST_VS_LLAMACPP = "95.5% / 92.0% of 512 teacher-forced positions on SmolLM2 / Gemma-3"
-
-
-def check_numerics(numerics: str, name: str = "--numerics") -> None:
-    if numerics == "llama.cpp":
-        raise UserError(f"{name} 'llama.cpp' is gone: the 8-bit path is now called 'fast', and it does not "
-                        f"reproduce llama.cpp's logits (its top-1 token is llama.cpp's at {FAST_VS_LLAMACPP}); use "
-                        "fast, precise or exact.")
-    if numerics not in NUMERICS:
-        raise UserError(f"{name} {numerics!r} is not one of {', '.join(NUMERICS)}.")
 
 
 def run(opts: RunOptions, spec: Any) -> None:
