@@ -5,9 +5,9 @@ size. That happens when another process keeps a core busy: every kernel call end
 that waits for the starved thread, ~100 times per decode step, and two threads then decode at a
 fraction of one thread's speed (measured here: SmolLM2 21-24 tok/s with two, ~107 with one).
 
-The first step of a size starts on one thread when other runnable threads (/proc/stat's
-procs_running, less this one) leave fewer free CPUs than the full count (a one-shot run's prompt
-is a single step). Each step's wall time and the process's CPU time over it are measured. A step
+The first step of a size starts on one thread when other threads that keep running (/proc/stat's
+procs_running less this one, the fewest of 5 samples) leave fewer free CPUs than the full count
+(a one-shot run's prompt is a single step). Each step's wall time and the process's CPU time over it are measured. A step
 that got much less CPU time than its threads could use (they were not all running: starved)
 makes the next step of that size a probe on one thread, and the faster of the two becomes the
 choice. While one thread is the choice, the full count is probed now and then, so the pool grows
@@ -47,16 +47,25 @@ def _size(rows: int) -> int:
     return rows if rows <= 8 else 1 << (rows - 1).bit_length()
 
 
-def _others_running() -> int:
-    """Runnable threads on the machine besides the caller (0 when /proc/stat is unreadable)."""
+def _procs_running() -> int:
     try:
         with open("/proc/stat", "rb") as f:
             for line in f:
                 if line.startswith(b"procs_running"):
-                    return max(0, int(line.split()[1]) - 1)
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return 1
+
+
+def _others_running(samples: int = 5) -> int:
+    """Threads that kept running on the machine besides the caller: the fewest in a few samples
+    ~0.2 ms apart, so a thread that runs for a moment does not count (0 without /proc/stat)."""
+    fewest = _procs_running()
+    for _ in range(samples - 1):
+        time.sleep(0.0002)
+        fewest = min(fewest, _procs_running())
+    return max(0, fewest - 1)
 
 
 class ThreadPolicy:
