@@ -152,13 +152,15 @@ def test_native_model_runs_the_type(tmp_path, vocab, qtype):
     assert worst < 1e-2
     assert _close(_steps(model, prompt, 2, chunk=5), want[:3]) < 1e-2
     # both paths above share these kernels; the torch path's exact numerics (dequantized f32
-    # weights, no kernel of ours) is independent of them: ~16-bit activations agree with it
+    # weights, no kernel of ours, an f32 KV cache) is independent of them: ~16-bit activations
+    # and the f16 KV cache agree with it (measured up to 2.1e-3 on these random models; 1e-3
+    # before the cache was f16)
     exact = _steps(_load(path, runtime="torch", numerics="exact"), prompt, 6)
     precise = _load(path, numerics="precise")
     assert isinstance(precise, NativeModel)
     worst = _close(_steps(precise, prompt, 6), exact)
     print(f"{qtype.name}: precise vs exact max |Δlogit| / max |logit| = {worst:.1e}")
-    assert worst < 1e-3
+    assert worst < 5e-3
 
 
 def test_references_are_not_trivial():
