@@ -329,6 +329,15 @@ int qmm_supported(int type) { return block_bytes(type) != 0; }
 
 // ---- K types: llama.cpp's q8_K activations (codes, f32 scale, sums of 16) ----
 
+// an all-zero q8_K block: codes, sums and scale all 0 (the scale would divide by zero); 1 if so
+static inline int zero_kblock(float amax, int8_t *qb, float *d, int16_t *bsums) {
+    if (amax != 0.0f) return 0;
+    *d = 0.0f;
+    memset(qb, 0, QKK);
+    memset(bsums, 0, 32);
+    return 1;
+}
+
 static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16_t *bsums) {
 #if Z512
     // as the scalar loop below: the first value of the largest magnitude sets the scale; the
@@ -339,12 +348,7 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
         for (int i = 0; i < 16; i++) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)));
         const float amax = _mm512_reduce_max_ps(m);
         int8_t *qb = q + b * QKK;
-        if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qb, 0, QKK);
-            memset(bsums + b * 16, 0, 32);
-            continue;
-        }
+        if (zero_kblock(amax, qb, d + b, bsums + b * 16)) continue;
         float mx = 0.0f;
         const __m512 av = _mm512_set1_ps(amax);
         for (int i = 0; i < 16; i++) {
@@ -371,12 +375,7 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
         for (int i = 0; i < 32; i++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xb + 8 * i), nosign));
         const float amax = hmax8(m);
         int8_t *qb = q + b * QKK;
-        if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qb, 0, QKK);
-            memset(bsums + b * 16, 0, 32);
-            continue;
-        }
+        if (zero_kblock(amax, qb, d + b, bsums + b * 16)) continue;
         float mx = 0.0f;
         const __m256 av = _mm256_set1_ps(amax);
         for (int i = 0; i < 32; i++) {
@@ -405,12 +404,7 @@ static void quantize_row_k(const float *x, int64_t k, int8_t *q, float *d, int16
             if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); mx = xb[j]; }
         }
         int8_t *qb = q + b * QKK;
-        if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qb, 0, QKK);
-            memset(bsums + b * 16, 0, 32);
-            continue;
-        }
+        if (zero_kblock(amax, qb, d + b, bsums + b * 16)) continue;
         const float iscale = -127.0f / mx;
         for (int j = 0; j < QKK; j++) {
             int v = (int)nearbyintf(iscale * xb[j]);
