@@ -9,8 +9,9 @@ contiguous cache per sequence with --no-paged-attn, or none with --no-kv-cache.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import UserError
 from ..models.batch import SeqSlice
@@ -22,6 +23,7 @@ from .sampler import new_generator, sample
 from .scheduler import Scheduled, Scheduler
 
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 def _available_ram() -> int:
@@ -122,15 +124,33 @@ class Engine:
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
+        """One step. A request whose forward pass or sampling raises fails alone (an "error"
+        output carrying the exception; its blocks are freed next step) and the others go on; an
+        exception that escapes step() is the engine's own bookkeeping failing."""
         outputs = []
         for req in self.scheduler.finished():
-            self._release(req, keep_prefix=True)
+            # a failed request's cache may hold a half-written step: keep none of it
+            self._release(req, keep_prefix=req.finish_reason != "error")
             self.finished[req.finish_reason] = self.finished.get(req.finish_reason, 0) + 1
             if not req.final_sent:
                 outputs.append(self._final(req))
         work = self.scheduler.schedule()
         if not work:
             return outputs
+        try:
+            sampled = self._forward(work)
+        except Exception as e:
+            sampled = self._forward_alone(work, e, outputs)
+        for req, row in sampled:
+            try:
+                outputs.append(self._advance(req, row))
+            except Exception as e:  # sampling, stop strings, detokenizing: this request's alone
+                outputs.append(self.fail(req, e))
+        return outputs
+
+    def _forward(self, work: list[Scheduled]) -> list[tuple[Request, Any]]:
+        """One flattened forward pass over the scheduled chunks -> (request, logits row) for each
+        request whose prompt is now all computed."""
         ids, positions, seqs, rows, sampled = [], [], [], [], []
         for w in work:
             req, start = w.req, len(ids)
@@ -144,9 +164,43 @@ class Engine:
                 rows.append(start + w.n - 1)
         logits = self.model.step(ids, positions, seqs, rows)
         self._computed(work)
-        for req, row in zip(sampled, logits):
-            outputs.append(self._advance(req, row))
-        return outputs
+        return list(zip(sampled, logits))
+
+    def _forward_alone(self, work: list[Scheduled], err: Exception,
+                       outputs: list[RequestOutput]) -> list[tuple[Request, Any]]:
+        """A batch's forward pass raised: run each request alone so only the one that raises
+        again fails (positions are explicit, so recomputing a chunk rewrites the same cache rows)."""
+        if len(work) == 1:
+            outputs.append(self.fail(work[0].req, err))
+            return []
+        log.warning("a batched forward pass failed (%s: %s); retrying its %d requests one by one",
+                    type(err).__name__, err, len(work))
+        for w in work:
+            self._rewind(w.req)
+        sampled = []
+        for w in work:
+            try:
+                sampled += self._forward([w])
+            except Exception as e:
+                self._rewind(w.req)
+                outputs.append(self.fail(w.req, e))
+        return sampled
+
+    def _rewind(self, req: Request) -> None:
+        """Forget cache positions a failed forward pass may have written past n_computed."""
+        cache = req.cache
+        if isinstance(cache, PagedSeqCache):
+            cache.set_length(req.n_computed)
+        elif cache is not None:
+            cache.truncate(req.n_computed)
+
+    def fail(self, req: Request, err: BaseException) -> RequestOutput:
+        """End `req` with an "error" output carrying `err`; the next step frees its cache."""
+        log.error("request %s failed", req.id, exc_info=err)
+        req.finish_reason, req.final_sent = "error", True
+        return RequestOutput(req.id, None, f"internal error: {type(err).__name__}: {err}", "error",
+                             prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
+                             error=err)
 
     def _computed(self, work: list[Scheduled]) -> None:
         for w in work:
@@ -218,6 +272,8 @@ class Engine:
             while True:
                 for out in self.step():
                     if out.request_id == req.id:
+                        if out.error is not None:  # called directly (Python API): raise it here
+                            raise out.error
                         yield out
                         if out.finish_reason is not None:
                             return
@@ -225,4 +281,4 @@ class Engine:
             if req.finish_reason is None:
                 self.abort(req.id)
             for r in self.scheduler.finished():  # free its blocks now
-                self._release(r, keep_prefix=True)
+                self._release(r, keep_prefix=r.finish_reason != "error")

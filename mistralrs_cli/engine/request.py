@@ -15,13 +15,14 @@ class RequestOutput:
     request_id: str
     token_id: int | None
     text: str  # text delta (may be "" while a stop string or a UTF-8 sequence is pending)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_time: float = 0.0  # seconds from scheduling to the first token
     decode_time: float = 0.0  # seconds from the first token to this one
+    error: BaseException | None = None  # with finish_reason "error": what failed this request
 
 
 @dataclass(eq=False)

@@ -3,6 +3,13 @@
 Callers (the server's event loop, tests, scripts) submit requests and aborts through a
 thread-safe inbox; each request's RequestOutput deltas go to that request's sink (a callable
 run on the engine thread: put into a queue.Queue, or hand to an asyncio loop).
+
+No request can end the thread: an exception while adding or stepping one request fails that
+request alone (Engine.step isolates forward passes and sampling per request). An exception the
+engine cannot pin on one request (its scheduler or cache bookkeeping) leaves it in a state it
+cannot trust, so the thread then fails: every request in flight or queued gets an "error"
+output, `failure` says why, later submits raise EngineFailed, and `on_failure` is called (the
+server stops itself with it).
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineFailed(Exception):
+    """The engine thread has failed: nothing more will run."""
+
+
 class EngineThread:
     def __init__(self, engine: Engine, max_pending: int = 1024):
         self.engine, self.max_pending = engine, max_pending
@@ -35,6 +46,8 @@ class EngineThread:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stopping = False
+        self.failure: str | None = None  # why the engine thread failed; None while it is healthy
+        self.on_failure: Callable[[str], None] | None = None  # called once, on the engine thread
         self._thread.start()
 
     # ---- any thread ----
@@ -42,15 +55,20 @@ class EngineThread:
                request_id: str | None = None) -> str:
         """Queue a request; raises UserError for a prompt the engine cannot take."""
         ids = self.engine._fit_prompt(list(prompt_ids))  # pure: safe off the engine thread
-        with self._lock:
+        rid = request_id or f"r{next(_ids)}"
+        with self._lock:  # put under the lock: a failing thread drains the inbox under it
+            self._check_alive()
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests are already queued")
             self._pending += 1
-        rid = request_id or f"r{next(_ids)}"
-        self._inbox.put(("add", rid, ids, params, sink))
+            self._inbox.put(("add", rid, ids, params, sink))
         return rid
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineFailed(f"the engine failed ({self.failure})")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -62,7 +80,9 @@ class EngineThread:
     def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps; returns its result (or raises)."""
         done: queue.Queue = queue.Queue()
-        self._inbox.put(("call", fn, done))
+        with self._lock:
+            self._check_alive()
+            self._inbox.put(("call", fn, done))
         ok, value = done.get()
         if not ok:
             raise value
@@ -95,6 +115,12 @@ class EngineThread:
 
     # ---- the engine thread ----
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - whatever it was, nobody may hang on it
+            self._die(e)
+
+    def _run(self) -> None:
         stop = False
         while True:
             block = not self.engine.has_unfinished() and not stop
@@ -111,23 +137,50 @@ class EngineThread:
                 if stop:
                     return
                 continue
-            try:
-                outs = self.engine.step()
-            except Exception as e:  # a bug: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                outs = self._fail_all(e)
-            for out in outs:
+            for out in self.engine.step():  # raises only for what no one request caused
                 self._deliver(out)
+
+    def _die(self, err: BaseException) -> None:
+        """Fail everything in flight or queued, refuse what comes later, tell the owner."""
+        log.critical("the engine thread failed; every request now fails", exc_info=err)
+        reason = f"{type(err).__name__}: {err}"
+        with self._lock:
+            self.failure, self._stopping = reason, True
+            inbox = []
+            while True:
+                try:
+                    inbox.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        error = EngineFailed(f"the engine failed ({reason}); the server is stopping")
+        for msg in inbox:
+            if msg[0] == "add":
+                self._sinks[msg[1]] = msg[4]
+            elif msg[0] == "call":
+                msg[2].put((False, error))
+        for rid in list(self._sinks):
+            try:
+                self._deliver(RequestOutput(rid, None, f"internal error: {error}", "error", error=error))
+            except Exception:  # its sink's abort touched the broken engine: the sink got its error
+                pass
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+            except Exception:
+                log.exception("the engine's on_failure callback failed")
 
     def _handle(self, msg: tuple) -> bool:
         kind = msg[0]
         if kind == "add":
             _, rid, ids, params, sink = msg
             self._sinks[rid] = sink
-            try:
+            try:  # add_request puts the request in the scheduler last: on error it holds nothing
                 self.engine.add_request(ids, params, rid)
-            except UserError as e:
-                self._deliver(RequestOutput(rid, None, str(e), "error"))
+            except Exception as e:  # a UserError is the client's mistake, anything else a bug
+                if not isinstance(e, UserError):
+                    log.error("adding request %s failed", rid, exc_info=e)
+                text = str(e) if isinstance(e, UserError) else f"internal error: {type(e).__name__}: {e}"
+                self._deliver(RequestOutput(rid, None, text, "error", error=e))
         elif kind == "abort":
             self.engine.abort(msg[1])
         elif kind == "abort_all":
@@ -140,14 +193,6 @@ class EngineThread:
             except Exception as e:
                 done.put((False, e))
         return kind == "stop"
-
-    def _fail_all(self, err: Exception) -> list[RequestOutput]:
-        sched = self.engine.scheduler
-        outs = [RequestOutput(r.id, None, f"internal error: {err}", "error")
-                for r in list(sched.running) + list(sched.waiting)]
-        for r in list(sched.running) + list(sched.waiting):
-            r.finish_reason, r.final_sent = "error", True
-        return outs
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
