@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from . import validation
 from .engine.engine import Engine
 from .engine.request import RequestOutput
 from .engine.token_text import TokenText
@@ -19,6 +20,7 @@ from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
 from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
+from .validation import Limits, ParamError
 
 
 class Which:
@@ -77,6 +79,12 @@ def _python_fields(spec: Any) -> Iterator[None]:
         raise
 
 
+def _check_which(which: Any) -> None:
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec)):
+        raise ParamError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
+                         f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
+
+
 class Role(str, enum.Enum):
     System = "system"
     User = "user"
@@ -117,20 +125,27 @@ class _Sampling:
     stream: bool = False
     ignore_eos: bool = False
 
-    def sampling(self, index: int = 0, generation_config: dict[str, Any] | None = None) -> SamplingParams:
-        if self.max_tokens is not None and self.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0, got {self.max_tokens}.")
-        if self.temperature is not None and self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}.")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def sampling(self, index: int = 0, generation_config: dict[str, Any] | None = None, vocab: int | None = None,
+                 max_context: int | None = None, limits: Limits | None = None) -> SamplingParams:
+        """The fields checked by the rules the CLI and the server use (validation.py), over the
+        model's defaults; choice `index` samples with seed + index."""
+        names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "repeat_last_n", "logit_bias", "stop", "stop_token_ids", "n", "seed",
+                 "top_logprobs")
+        given = validation.check_sampling({k: getattr(self, k) for k in names}, vocab=vocab,
+                                          max_context=max_context, limits=limits,
+                                          limit_name=validation.python_limit)
+        given.pop("n", None)
+        if given.get("top_k") == -1:
+            given["top_k"] = 0  # -1 and 0: no top-k
+        if "seed" in given:
+            given["seed"] += index
         return sampling_params(dict(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0, repeat_last_n=self.repeat_last_n,
-            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
-            max_tokens=self.max_tokens, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos, seed=None if self.seed is None else self.seed + index,
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0), generation_config)
+            given, presence_penalty=given.get("presence_penalty", 0.0),
+            frequency_penalty=given.get("frequency_penalty", 0.0), logit_bias=given.get("logit_bias", {}),
+            stop=given.get("stop", []), stop_token_ids=given.get("stop_token_ids", []),
+            ignore_eos=self.ignore_eos, logprobs=self.logprobs, top_logprobs=given.get("top_logprobs", 0)),
+            generation_config)
 
 
 @dataclass
@@ -198,22 +213,31 @@ class Runner:
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
                  loaded: Loaded | None = None, numerics: str = "precise", isq: str | None = None,
                  in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
-                 engine_config: EngineConfig | None = None, **_ignored: Any):
+                 engine_config: EngineConfig | None = None, limits: Limits | None = None, **_ignored: Any):
+        _check_which(which)
         check_numerics(numerics, "numerics")
+        config = engine_config or EngineConfig(max_seqs=max_seqs, truncate_sequence=truncate_sequence,
+                                               no_kv_cache=no_kv_cache)
+        # the engine's settings, named as the caller set them (max_seqs=, or engine_config=...)
+        validation.check_engine(vars(config), lambda k: f"engine_config.{k}" if engine_config else k)
+        self.limits = (limits or Limits()).check(lambda k: f"limits.{k}")
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
                            isq=isq or in_situ_quant)
         self.which = which
         with _python_fields(which):
             self.loaded = loaded or load(which, opts)
-        self.engine = Engine(self.loaded, engine_config or EngineConfig(
-            max_seqs=max_seqs, truncate_sequence=truncate_sequence, no_kv_cache=no_kv_cache))
+        with _python_fields(which):
+            self.engine = Engine(self.loaded, config)
         self._token_text: TokenText | None = None
 
     # ---- tokenizer ----
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ParamError(f"text must be a string, got {type(text).__name__}.", "text")
         return self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize_text(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        validation.check_token_ids("ids", ids, self.loaded.tokenizer.vocab_size)
         return self.loaded.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- requests ----
@@ -232,14 +256,19 @@ class Runner:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """The engine's deltas for one request (the CLI's one-shot and interactive modes)."""
+        self._check(vars(params))
         return self.engine.generate(prompt_ids, params)
 
+    def _check(self, values: dict[str, Any]) -> dict[str, Any]:
+        return validation.check_sampling(values, vocab=self.loaded.tokenizer.vocab_size,
+                                         max_context=self.loaded.max_context, limits=self.limits,
+                                         limit_name=validation.python_limit)
+
     def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
-        if request.n < 1:
-            raise UserError(f"n must be >= 1, got {request.n}.")
-        cfg = self.loaded.generation_config
+        cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
+        params = [request.sampling(i, cfg, vocab, ctx, self.limits) for i in range(request.n)]
         with _python_fields(self.which):
-            reqs = [self.engine.add_request(ids, request.sampling(i, cfg)) for i in range(request.n)]
+            reqs = [self.engine.add_request(ids, p) for p in params]
         index = {r.id: i for i, r in enumerate(reqs)}
         gen = self._drain(index)
         if request.stream:

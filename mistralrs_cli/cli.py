@@ -11,6 +11,7 @@ import typer
 from .errors import UserError
 from .run import RunOptions, run
 from .types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
+from .validation import Limits
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -21,6 +22,7 @@ app = typer.Typer(
 
 _SAMPLING = "Sampling (for --prompt and -i; unset: the model's generation_config.json, else the defaults shown)"
 _SERVER = "Server and engine"
+_LIMITS = "Limits (what one request may ask for; raise them for trusted clients)"
 NUMERICS_HELP = ("Arithmetic on quantized weights (GGUF, GGML, --isq): precise (activations kept to ~16 bits: "
                  "the exact path's top-1 token at 100% of 512 teacher-forced positions on the test models), fast "
                  "(activations rounded once to 8-bit blocks, as llama.cpp's CPU kernels round: faster, most in "
@@ -68,6 +70,14 @@ def global_options(
     pa_gpu_mem_usage: Optional[float] = typer.Option(None, "--pa-gpu-mem-usage", help="KV pool size as a fraction (0-1] of the free memory (RAM on the CPU).", rich_help_panel=_SERVER),
     pa_ctxt_len: Optional[int] = typer.Option(None, "--pa-ctxt-len", help="KV pool size in tokens (all sequences together).", rich_help_panel=_SERVER),
     prefix_cache_n: int = typer.Option(16, "--prefix-cache-n", help="Finished sequences whose KV blocks stay cached for prompts that share a prefix; 0 disables.", rich_help_panel=_SERVER),
+    max_body_bytes: int = typer.Option(Limits.max_body_bytes, "--max-body-bytes", help="Largest request body the server reads (413 above).", rich_help_panel=_LIMITS),
+    max_json_depth: int = typer.Option(Limits.max_json_depth, "--max-json-depth", help="Deepest JSON nesting of a request body.", rich_help_panel=_LIMITS),
+    max_stop_strings: int = typer.Option(Limits.max_stop_strings, "--max-stop-strings", help="Stop strings per request (OpenAI allows 4).", rich_help_panel=_LIMITS),
+    max_stop_length: int = typer.Option(Limits.max_stop_length, "--max-stop-length", help="Characters per stop string.", rich_help_panel=_LIMITS),
+    max_n: int = typer.Option(Limits.max_n, "--max-n", help="Choices (n) per request.", rich_help_panel=_LIMITS),
+    max_top_logprobs: int = typer.Option(Limits.max_top_logprobs, "--max-top-logprobs", help="top_logprobs (chat) and logprobs (completions) per token.", rich_help_panel=_LIMITS),
+    max_logit_bias: int = typer.Option(Limits.max_logit_bias, "--max-logit-bias", help="Entries in one logit_bias map.", rich_help_panel=_LIMITS),
+    max_stop_token_ids: int = typer.Option(Limits.max_stop_token_ids, "--max-stop-token-ids", help="Entries in one stop_token_ids list.", rich_help_panel=_LIMITS),
 ) -> None:
     ctx.obj = RunOptions(
         prompt=prompt, interactive=interactive, raw=raw,
@@ -82,6 +92,8 @@ def global_options(
         max_seqs=max_seqs, no_kv_cache=no_kv_cache, no_paged_attn=no_paged_attn, pa_blk_size=pa_blk_size,
         pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage, pa_ctxt_len=pa_ctxt_len,
         prefix_cache_n=prefix_cache_n,
+        limits=Limits(max_body_bytes, max_json_depth, max_stop_strings, max_stop_length, max_n, max_top_logprobs,
+                      max_logit_bias, max_stop_token_ids),
     )
 
 

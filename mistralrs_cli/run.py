@@ -6,9 +6,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import validation
 from .errors import UserError
 from .numerics import check_numerics
 from .types import EngineConfig, LoadOptions
+from .validation import Limits
 
 LOG_LEVELS = {"off": logging.CRITICAL + 10, "error": logging.ERROR, "warn": logging.WARNING,
               "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
@@ -40,6 +42,7 @@ class RunOptions:
     pa_gpu_mem_usage: float | None = None
     pa_ctxt_len: int | None = None
     prefix_cache_n: int = 16
+    limits: Limits = field(default_factory=Limits)  # what one request may ask for (--max-n, ...)
 
     @property
     def request_log(self) -> str | None:
@@ -52,35 +55,39 @@ DEFAULT_PORT = 1234  # no output mode: the server, on the later guide's port
 
 
 def engine_config(opts: RunOptions) -> EngineConfig:
-    """The engine settings of every output mode, with the flags checked."""
-    checks = [("--max-seqs", opts.max_seqs, 1), ("--pa-blk-size", opts.pa_blk_size, 1),
-              ("--prefix-cache-n", opts.prefix_cache_n, 0), ("--pa-ctxt-len", opts.pa_ctxt_len, 1),
-              ("--pa-gpu-mem", opts.pa_gpu_mem, 1)]
-    for flag, value, lo in checks:
-        if value is not None and value < lo:
-            raise UserError(f"{flag} must be {lo} or more, got {value}.")
-    if opts.pa_gpu_mem_usage is not None and not 0 < opts.pa_gpu_mem_usage <= 1:
-        raise UserError(f"--pa-gpu-mem-usage is a fraction of memory in (0, 1], got {opts.pa_gpu_mem_usage}.")
-    return EngineConfig(max_seqs=opts.max_seqs, truncate_sequence=opts.truncate_sequence,
-                        no_kv_cache=opts.no_kv_cache, paged_attn=not opts.no_paged_attn,
-                        block_size=opts.pa_blk_size, kv_mem_mb=opts.pa_gpu_mem,
-                        kv_mem_fraction=opts.pa_gpu_mem_usage, kv_tokens=opts.pa_ctxt_len,
-                        prefix_cache_n=opts.prefix_cache_n)
+    """The engine settings of every output mode, with the flags checked (validation.ENGINE_RULES)."""
+    given = validation.check_engine(dict(
+        max_seqs=opts.max_seqs, block_size=opts.pa_blk_size, kv_mem_mb=opts.pa_gpu_mem,
+        kv_mem_fraction=opts.pa_gpu_mem_usage, kv_tokens=opts.pa_ctxt_len, prefix_cache_n=opts.prefix_cache_n))
+    return EngineConfig(truncate_sequence=opts.truncate_sequence, no_kv_cache=opts.no_kv_cache,
+                        paged_attn=not opts.no_paged_attn, **given)
 
 
 def sampling_flags(opts: RunOptions) -> dict[str, Any]:
-    """The sampling flags given, checked; the model's defaults fill the rest once it is loaded
+    """The sampling flags given, checked by the rules the server and the Python API use
+    (validation.py); the model's defaults fill the rest once it is loaded
     (sampling_defaults.sampling_params)."""
-    s = {k: v for k, v in opts.sampling.items() if v is not None}
-    if s.get("max_tokens", 0) < 0:
-        raise UserError(f"--max-tokens must be 0 or more, got {s['max_tokens']}.")
-    if s.get("temperature", 0.0) < 0:
-        raise UserError(f"--temperature must be 0 or more, got {s['temperature']}.")
-    if not 0.0 <= s.get("top_p", 1.0) <= 1.0:
-        raise UserError(f"--top-p must be between 0 and 1, got {s['top_p']}.")
-    if s.get("top_k", 1) < 0:
-        raise UserError(f"--top-k must be 0 or more, got {s['top_k']}.")
+    s = validation.check_sampling(opts.sampling, validation.flag, limits=opts.limits)
+    if s.get("top_k") == -1:
+        s["top_k"] = 0  # -1 and 0: no top-k
     return s
+
+
+def read_prompt(prompt: str) -> str:
+    """--prompt TEXT, or stdin for '-', as UTF-8 text (anything else is one clear error)."""
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt - read bytes from stdin that are not UTF-8 (byte {data[e.start]:#04x} at "
+                            f"offset {e.start}); send UTF-8 text.") from None
+    try:
+        prompt.encode("utf-8")  # argv is decoded with surrogateescape: invalid bytes became surrogates
+    except UnicodeEncodeError as e:
+        raise UserError(f"--prompt is not UTF-8 text (an invalid byte at character {e.start}); "
+                        "pass UTF-8 text.") from None
+    return prompt
 
 
 def _setup_logging(opts: RunOptions) -> None:
@@ -111,6 +118,7 @@ def run(opts: RunOptions, spec: Any) -> None:
         raise UserError(f"--dtype {opts.load.dtype!r} is not one of auto, f32, bf16, f16.")
     check_numerics(opts.load.numerics)
     _check_device(opts.load.device)
+    opts.limits.check()
     config = engine_config(opts)
     params = sampling_flags(opts)
     if not modes or opts.port is not None:
@@ -124,7 +132,7 @@ def run(opts: RunOptions, spec: Any) -> None:
     elif opts.prompt is not None:
         from .outputs.oneshot import run_oneshot
 
-        prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt
+        prompt = read_prompt(opts.prompt)
         run_oneshot(opts, spec, prompt, params, config)
     else:
         from .outputs.interactive import run_interactive

@@ -16,11 +16,13 @@ from typing import Any, Iterator
 from ..errors import UserError
 from ..models.batch import SeqSlice
 from ..types import EngineConfig, SamplingParams
+from ..validation import check_kv_pool
 from .kv_cache import cache_for
 from .paged import PagedKV, PagedSeqCache, PoolShape
 from .request import Request, RequestOutput
 from .sampler import new_generator, sample
 from .scheduler import Scheduled, Scheduler
+from .token_text import find_stop
 
 _ids = itertools.count()
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ def pool_blocks(cfg: EngineConfig, shape: PoolShape, max_context: int) -> int:
     capped at half the available RAM."""
     per_block = shape.bytes_per_token() * cfg.block_size
     if cfg.kv_tokens is not None:
-        return max(1, -(-cfg.kv_tokens // cfg.block_size))
+        n = max(1, -(-cfg.kv_tokens // cfg.block_size))
+        check_kv_pool(n * per_block, f"--pa-ctxt-len {cfg.kv_tokens}")
+        return n
     if cfg.kv_mem_mb is not None:
         return max(1, int(cfg.kv_mem_mb * 2**20) // per_block)
     if cfg.kv_mem_fraction is not None:
@@ -232,18 +236,10 @@ class Engine:
 
     def _match_stop(self, req: Request) -> bool:
         """Cut the text at the first stop string; otherwise hold back a possible stop prefix."""
-        stops = req.params.stop
-        if not stops:
-            req.hold = 0
-            return False
-        look = max(0, req.emitted - max(map(len, stops)))
-        hits = [i for i in (req.text.find(s, look) for s in stops) if i >= 0]
-        if hits:
-            req.text = req.text[: min(hits)]
-            req.hold = 0
-            return True
-        req.hold = max((k for s in stops for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0)
-        return False
+        cut, req.hold = find_stop(req.text, req.emitted, req.params.stop)
+        if cut is not None:
+            req.text = req.text[:cut]
+        return cut is not None
 
     def _emit(self, req: Request, tok: int | None, s, flush: bool) -> RequestOutput:
         if flush:

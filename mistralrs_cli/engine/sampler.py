@@ -41,21 +41,25 @@ def apply_penalties(logits, history: Sequence[int], p: SamplingParams) -> np.nda
     ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
     n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
     sel = logits[ids]
-    if rep is not None and rep != 1.0:
-        sel = np.where(sel > 0, sel / np.float32(rep), sel * np.float32(rep))
-    sel = sel - np.float32(p.presence_penalty) - np.float32(p.frequency_penalty) * n
+    with np.errstate(all="ignore"):  # an extreme penalty overflows float32; softmax handles the infs
+        if rep is not None and rep != 1.0:
+            sel = np.where(sel > 0, sel / np.float32(rep), sel * np.float32(rep))
+        sel = sel - np.float32(p.presence_penalty) - np.float32(p.frequency_penalty) * n
     out = logits.copy()
     out[ids] = sel
     return out
 
 
 def apply_logit_bias(logits, bias: dict[int, float]) -> np.ndarray:
+    """logits + bias; ids outside 0..vocab-1 are skipped (the request check refuses them: a
+    negative id must never index from the end and bias the last token)."""
     logits = _vec(logits)
     if not bias:
         return logits
     out = logits.copy()
     for tok, b in bias.items():
-        out[tok] += np.float32(b)
+        if 0 <= tok < out.size:
+            out[tok] += np.float32(b)
     return out
 
 
@@ -80,7 +84,17 @@ def filter_probs(probs, p: SamplingParams) -> np.ndarray:
     return probs / probs.sum()
 
 
+def _finite(x: np.ndarray) -> np.ndarray:
+    """x with NaN as the lowest and +-inf as the extreme float32 values: a tiny repetition penalty
+    can push a logit past float32's range, and inf - inf would make every probability NaN."""
+    if np.isfinite(x).all():
+        return x
+    big = np.finfo(np.float32).max
+    return np.nan_to_num(x, nan=-big, posinf=big, neginf=-big)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
+    x = _finite(x)
     e = np.exp(x - x.max())
     return e / e.sum()
 
@@ -111,15 +125,17 @@ def sample(logits, history: Sequence[int], p: SamplingParams,
     raw = _vec(logits)
     logits = apply_logit_bias(apply_penalties(raw, history, p), p.logit_bias)
     if p.greedy:
-        token = int(np.argmax(logits))
+        token = int(np.argmax(_finite(logits)))
     else:
-        probs = filter_probs(softmax(logits / np.float32(p.temperature)), p)
+        with np.errstate(all="ignore"):  # a huge temperature is float32 inf: all logits 0, uniform
+            scaled = logits / np.float32(p.temperature)
+        probs = filter_probs(softmax(scaled), p)
         token = draw(probs, generator)
     logprob, top = 0.0, []
     if p.logprobs:
         lp = log_softmax(raw)
         logprob = float(lp[token])
-        if p.top_logprobs:
+        if p.top_logprobs > 0:
             k = min(p.top_logprobs, lp.size)
             ids = np.argpartition(-lp, k - 1)[:k]
             ids = ids[np.argsort(-lp[ids], kind="stable")]

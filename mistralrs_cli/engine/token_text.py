@@ -1,4 +1,5 @@
-"""A token's own text and bytes, as OpenAI's logprobs report them (`token`, `bytes`).
+"""A token's own text and bytes, as OpenAI's logprobs report them (`token`, `bytes`); and stop
+strings found in the generated text (find_stop).
 
 Byte-level BPE vocabs spell bytes as printable characters (GPT-2's table); SentencePiece vocabs
 spell a space as '▁' and odd bytes as <0xNN>. Either way the bytes are exact, and the string is
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from functools import lru_cache
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -50,3 +52,33 @@ class TokenText:
         if m:
             return bytes([int(m.group(1), 16)])
         return piece.replace("▁", " ").encode()
+
+
+@lru_cache(maxsize=64)
+def _sorted_stops(stops: tuple[str, ...]) -> tuple[list[str], int]:
+    return sorted(stops), max(map(len, stops))
+
+
+def find_stop(text: str, emitted: int, stops: list[str]) -> tuple[int | None, int]:
+    """(where text is cut at its first stop string, or None; how many trailing characters to hold
+    back because they may begin one). `emitted` characters are out already, and the text before
+    them was searched on earlier steps: a new match ends after them, so the search starts one
+    stop length before (time per step: stops x (held + new + longest stop) characters, in C).
+
+    The hold is the longest suffix of the unsent text that begins some stop: with the stops
+    sorted, a string x begins one exactly when the first stop >= x starts with x, so each
+    candidate suffix costs one bisection instead of a scan over every prefix of every stop
+    (which made thousands of long stops cost minutes per request)."""
+    if not stops:
+        return None, 0
+    ordered, longest = _sorted_stops(tuple(stops))
+    look = max(0, emitted - longest)
+    hits = [i for i in (text.find(s, look) for s in ordered) if i >= 0]
+    if hits:
+        return min(hits), 0
+    for start in range(max(emitted, len(text) - longest + 1), len(text)):
+        tail = text[start:]
+        i = bisect_left(ordered, tail)
+        if i < len(ordered) and ordered[i].startswith(tail):
+            return None, len(text) - start
+    return None, 0

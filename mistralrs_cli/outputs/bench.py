@@ -1,11 +1,12 @@
 """`mistralrs-bench`: prompt processing ("pp N") and text generation ("tg N") speed of one loaded
 model on the engine, per concurrency level, as mistral.rs's mistralrs-bench reports it.
 
-pp N: c requests of N random prompt tokens each, one token generated; t/s = N / the request's
-prompt time. tg N: c requests of a one-token prompt generating N tokens with EOS ignored;
-t/s = (N - 1) / the request's decode time. Both with the prefix cache off (random prompts would
-not hit it anyway, and a repetition must not reuse the last one's blocks). throughput/s is all
-requests' tokens over the wall time of the round. Mean ± standard deviation over
+pp N: c requests of N random prompt tokens each, one token generated; t/s = the request's prompt
+tokens / its prompt time. tg N: c requests of a one-token prompt generating N tokens with EOS
+ignored; t/s = (tokens generated - 1) / the request's decode time. Both with the prefix cache off
+(random prompts would not hit it anyway, and a repetition must not reuse the last one's blocks).
+throughput/s is the tokens all requests processed (generated, for tg: fewer than N when the
+context ends first) over the wall time of the round. Mean ± standard deviation over
 repetitions x requests. Peak RSS is the process's high-water mark.
 """
 from __future__ import annotations
@@ -107,13 +108,14 @@ def run_tests(loaded, opts: BenchOptions, backend: str = "cpu") -> list[BenchRow
                 prompt_len, max_tokens = (n, 1) if test == "pp" else (1, n)
                 outs, wall = _round(engine, _prompts(vocab, special, prompt_len, c, gen),
                                     SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-                for o in outs:
+                for o in outs:  # the tokens each request really processed, not the ones asked for
                     if test == "pp":
-                        tps.append(n / max(o.prompt_time, 1e-9))
+                        tps.append(o.prompt_tokens / max(o.prompt_time, 1e-9))
                         ttft.append(o.prompt_time * 1e3)
                     else:
                         tps.append((o.completion_tokens - 1) / max(o.decode_time, 1e-9))
-                thr.append(c * n / wall)
+                done = sum(o.prompt_tokens if test == "pp" else o.completion_tokens for o in outs)
+                thr.append(done / wall)
             mean, std = _stats(tps)
             rows.append(BenchRow(loaded.model_id, backend, f"{test} {n}", c, mean, std, 1e3 / mean,
                                  statistics.fmean(thr), statistics.fmean(ttft) if ttft else float("nan")))

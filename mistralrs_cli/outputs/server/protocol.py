@@ -5,15 +5,17 @@ unknown fields are ignored, as OpenAI does.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+from ... import validation
 from ...errors import UserError
 from ...prompting import chat_ids, completion_ids
 from ...sampling_defaults import sampling_params
 from ...types import SamplingParams
-
-MAX_N = 128
+from ...validation import Limits, ParamError
 
 
 class ApiError(Exception):
@@ -38,6 +40,15 @@ class Parsed:
     echo: list[str] = field(default_factory=list)  # completions: the prompt text to prepend
 
 
+@contextmanager
+def _as_api_errors() -> Iterator[None]:
+    """The shared rules (validation.py) raise ParamError; the client gets a 400 naming the field."""
+    try:
+        yield
+    except ParamError as e:
+        raise ApiError(400, str(e), e.field) from None
+
+
 def _type_name(t: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
              dict: "an object"}
@@ -56,40 +67,13 @@ def get(body: dict, name: str, kind: Any, default: Any = None, lo: float | None 
         ok = True
     if not ok:
         raise ApiError(400, f"{name} must be {_type_name(kind)}, got {type(value).__name__} {value!r}.", name)
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads accepts NaN and Infinity
+        raise ApiError(400, f"{name} must be a finite number, got {value!r}.", name)
     if lo is not None and value < lo or hi is not None and value > hi:
         rng = f"between {lo} and {hi}" if lo is not None and hi is not None else (
             f"at least {lo}" if lo is not None else f"at most {hi}")
         raise ApiError(400, f"{name} must be {rng}, got {value}.", name)
     return value
-
-
-def _stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop] if stop else []
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return [s for s in stop if s]
-    raise ApiError(400, "stop must be a string or an array of strings.", "stop")
-
-
-def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
-    raw = get(body, "logit_bias", dict, {})
-    out = {}
-    for k, v in raw.items():
-        try:
-            tok = int(k)
-        except (TypeError, ValueError):
-            raise ApiError(400, f"logit_bias keys must be token ids, got {k!r}.", "logit_bias") from None
-        if not 0 <= tok < vocab:
-            raise ApiError(400, f"logit_bias has token id {tok}, outside the vocabulary (0..{vocab - 1}).",
-                           "logit_bias")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise ApiError(400, f"logit_bias values must be numbers between -100 and 100, got {v!r}.",
-                           "logit_bias")
-        out[tok] = float(v)
-    return out
 
 
 def _unsupported(body: dict) -> None:
@@ -102,47 +86,56 @@ def _unsupported(body: dict) -> None:
             raise ApiError(400, f"{name} is not supported by this server.", name)
 
 
+_NUMBERS = {"temperature": float, "top_p": float, "min_p": float, "top_k": int, "repetition_penalty": float,
+            "presence_penalty": float, "frequency_penalty": float, "repeat_last_n": int, "seed": int}
+
+
 def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int,
-             generation_config: dict[str, Any] | None = None) -> SamplingParams:
-    """The body's sampling fields; absent ones (or null) take the model's defaults (sampling_defaults:
-    generation_config.json, else chat sampling with a repetition guard; mistral.rs and OpenAI would
-    use greedy / temperature 1). temperature 0 is greedy."""
-    max_tokens = get(body, "max_completion_tokens", int, None)
-    max_tokens = get(body, "max_tokens", int, max_tokens)
-    if max_tokens is not None and not 1 <= max_tokens <= max_context:
-        raise ApiError(400, f"max_tokens must be between 1 and the model's context ({max_context}), "
-                            f"got {max_tokens}.", "max_tokens")
-    top_k = get(body, "top_k", int, None)
-    temperature = get(body, "temperature", float, None, 0.0)
+             generation_config: dict[str, Any] | None = None, limits: Limits | None = None) -> SamplingParams:
+    """The body's sampling fields, checked by the shared rules (validation.py); absent ones (or
+    null) take the model's defaults (sampling_defaults: generation_config.json, else chat
+    sampling with a repetition guard; mistral.rs and OpenAI would use greedy / temperature 1).
+    temperature 0 is greedy."""
+    raw = {name: get(body, name, kind) for name, kind in _NUMBERS.items()}
+    raw["max_tokens"] = get(body, "max_tokens", int, get(body, "max_completion_tokens", int))
+    raw["logit_bias"] = get(body, "logit_bias", dict)
+    raw["stop"] = body.get("stop")
+    raw["stop_token_ids"] = get(body, "stop_token_ids", list)
+    with _as_api_errors():
+        given = validation.check_sampling(raw, vocab=vocab, max_context=max_context, limits=limits)
+    if given.get("top_k") == -1:
+        given["top_k"] = 0  # -1 (vLLM's "off") and 0: no top-k
     return sampling_params(dict(
-        temperature=None if temperature is None else float(temperature),
-        top_k=None if top_k is None else max(top_k, 0),  # 0 or -1: no top-k
-        top_p=get(body, "top_p", float, None, 0.0, 1.0),
-        min_p=get(body, "min_p", float, None, 0.0, 1.0),
-        repetition_penalty=get(body, "repetition_penalty", float, None, 1e-6),
-        presence_penalty=float(get(body, "presence_penalty", float, 0.0, -2.0, 2.0)),
-        frequency_penalty=float(get(body, "frequency_penalty", float, 0.0, -2.0, 2.0)),
-        repeat_last_n=get(body, "repeat_last_n", int, None, 0),
-        logit_bias=_logit_bias(body, vocab),
-        max_tokens=max_tokens,
-        stop=_stop(body),
-        ignore_eos=get(body, "ignore_eos", bool, False),
-        seed=get(body, "seed", int, None),
-        logprobs=top_logprobs >= 0,
-        top_logprobs=max(top_logprobs, 0),
-    ), generation_config)
+        given, presence_penalty=given.get("presence_penalty", 0.0),
+        frequency_penalty=given.get("frequency_penalty", 0.0), logit_bias=given.get("logit_bias", {}),
+        stop=given.get("stop", []), stop_token_ids=given.get("stop_token_ids", []),
+        ignore_eos=get(body, "ignore_eos", bool, False), logprobs=top_logprobs >= 0,
+        top_logprobs=max(top_logprobs, 0)), generation_config)
 
 
-def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int) -> tuple[int, list[SamplingParams]]:
-    n = get(body, "n", int, 1, 1, MAX_N)
+def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int,
+             limits: Limits) -> tuple[int, list[SamplingParams]]:
+    with _as_api_errors():
+        n = validation.check_sampling({"n": get(body, "n", int, 1)}, limits=limits)["n"]
     base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs,
-                    getattr(loaded, "generation_config", None))
+                    getattr(loaded, "generation_config", None), limits)
     params = []
     for _ in prompts:
         for i in range(n):  # choice i: seed + i, so n choices differ and each is reproducible
             seed = None if base.seed is None else base.seed + i
             params.append(SamplingParams(**{**base.__dict__, "seed": seed}))
     return n, params
+
+
+def _top_logprobs(body: dict, key: str, limits: Limits) -> int | None:
+    """top_logprobs (chat) or logprobs (completions): 0..max_top_logprobs, None when absent."""
+    value = get(body, key, int)
+    if value is None:
+        return None
+    with _as_api_errors():
+        return validation.check_value(key, value, validation.field, validation.SAMPLING_RULES["top_logprobs"],
+                                      limits.max_top_logprobs,
+                                      f"{limits.max_top_logprobs} (--max-top-logprobs raises it)")
 
 
 def _stream_opts(body: dict) -> tuple[bool, bool]:
@@ -171,19 +164,20 @@ def _message_text(m: Any, i: int) -> dict[str, str]:
     return {"role": m["role"], "content": content}
 
 
-def parse_chat(body: dict, loaded: Any) -> Parsed:
+def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
+    limits = limits or Limits()
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "messages must be a non-empty array of messages.", "messages")
     msgs = [_message_text(m, i) for i, m in enumerate(msgs)]
     _unsupported(body)
     logprobs = get(body, "logprobs", bool, False)
-    top = get(body, "top_logprobs", int, 0, 0, 20)
+    top = _top_logprobs(body, "top_logprobs", limits) or 0
     try:
         ids = chat_ids(loaded, msgs)
     except UserError as e:
         raise ApiError(400, str(e), "messages") from None
-    n, params = _choices(body, [ids], loaded, top if logprobs else -1)
+    n, params = _choices(body, [ids], loaded, top if logprobs else -1, limits)
     stream, usage = _stream_opts(body)
     return Parsed("chat", [ids], params, n, stream, usage, top if logprobs else None)
 
@@ -211,11 +205,12 @@ def _prompts(body: dict, loaded: Any) -> tuple[list[list[int]], list[str]]:
     return ids, texts
 
 
-def parse_completion(body: dict, loaded: Any) -> Parsed:
+def parse_completion(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
+    limits = limits or Limits()
     prompts, texts = _prompts(body, loaded)
     _unsupported(body)
-    top = get(body, "logprobs", int, None, 0, 5)
-    n, params = _choices(body, prompts, loaded, -1 if top is None else top)
+    top = _top_logprobs(body, "logprobs", limits)
+    n, params = _choices(body, prompts, loaded, -1 if top is None else top, limits)
     stream, usage = _stream_opts(body)
     echo = texts if get(body, "echo", bool, False) else []
     return Parsed("completion", prompts, params, n, stream, usage, top, echo)
