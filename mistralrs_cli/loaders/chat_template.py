@@ -3,7 +3,9 @@
 A template is untrusted code: it comes from a downloaded file, and llama-cpp-python's
 CVE-2024-34359 ran arbitrary Python from a GGUF template. So rendering happens in jinja2's
 ImmutableSandboxedEnvironment, the template only ever sees plain JSON data, and every failure
-(sandbox violation, syntax error, raise_exception) becomes one TemplateError sentence.
+(sandbox violation, syntax error, raise_exception) becomes one TemplateError sentence. The
+sandbox is template_sandbox.BoundedSandbox, so a render also ends within its time, size and
+iteration limits (template_sandbox.TemplateLimits, raised with MISTRALRS_TEMPLATE_* variables).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mistralrs_cli.errors import UserError
+
+from .template_sandbox import BoundedSandbox, BudgetExceeded, TemplateLimits, budget
 
 class TemplateError(UserError):
     """A chat template failed to compile or render; `template_message` is the template's own text
@@ -70,10 +73,10 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+def _environment() -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.bound_filters()
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        namespace=_Namespace)
     return env
@@ -124,12 +127,25 @@ class ChatTemplate:
     def __init__(self, source: str, origin: str):
         self.source = source
         self.origin = origin
+        limits = TemplateLimits.from_env()
+        if len(source) > limits.max_chars // 8:
+            raise TemplateError(
+                f"The chat template from {origin} is {len(source):,} characters long, more than the "
+                f"{limits.max_chars // 8:,} allowed; pass a working one with --chat-template, or "
+                f"raise MISTRALRS_TEMPLATE_MAX_CHARS (a template may be an eighth of it).", origin)
         try:
-            self._template = _compile(source)
+            with budget(limits):  # constant folding at compile time runs filters and operators
+                self._template = _compile(source)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(
                 f"The chat template from {origin} has a Jinja syntax error on line {e.lineno} "
                 f"({e.message}); fix it or pass a working one with --chat-template.", origin) from None
+        except (SyntaxError, RecursionError, MemoryError, OverflowError) as e:
+            # Python's own limits on the compiled code: blocks nested past 20, expressions past
+            # its parser's depth
+            raise TemplateError(
+                f"The chat template from {origin} is nested too deeply to compile "
+                f"({type(e).__name__}: {e}); pass a working one with --chat-template.", origin) from None
 
     def __repr__(self) -> str:
         return f"ChatTemplate(origin={self.origin!r}, {len(self.source)} chars)"
@@ -141,11 +157,32 @@ class ChatTemplate:
         if flatten_content:
             messages = flatten_text_content(messages)
         # tools/documents are always defined (None when absent), as transformers passes them.
-        context = _plain({"tools": None, "documents": None, **extra, "messages": messages,
-                          "add_generation_prompt": add_generation_prompt, "bos_token": bos_token,
-                          "eos_token": eos_token})
         try:
-            return self._template.render(**context)
+            context = _plain({"tools": None, "documents": None, **extra, "messages": messages,
+                              "add_generation_prompt": add_generation_prompt,
+                              "bos_token": bos_token, "eos_token": eos_token})
+        except RecursionError:
+            raise UserError("The messages (or tools) nest too deeply to render; flatten them.") from None
+        limits = TemplateLimits.from_env()
+        try:
+            with budget(limits):
+                # concat counts the output as generate() yields it and stops at max_chars
+                return _ENV.concat(self._template.generate(**context))
+        except BudgetExceeded as e:
+            var = f"MISTRALRS_TEMPLATE_{e.limit.upper()}"
+            raise TemplateError(
+                f"The chat template from {self.origin} {e.detail}, over its limit; pass a working "
+                f"template with --chat-template, or raise {var} if you trust this one.",
+                self.origin, str(e.detail)) from None
+        except RecursionError:
+            raise TemplateError(
+                f"The chat template from {self.origin} recursed too deeply (a macro or recursive "
+                f"loop that never ends?); pass a working template with --chat-template.",
+                self.origin) from None
+        except MemoryError:
+            raise TemplateError(
+                f"The chat template from {self.origin} ran out of memory while rendering; pass a "
+                f"working template with --chat-template.", self.origin) from None
         except _Raised as e:
             raise TemplateError(f"The chat template from {self.origin} rejected the messages: "
                                 f"{e.message}", self.origin, str(e.message)) from None
@@ -153,7 +190,7 @@ class ChatTemplate:
             raise TemplateError(
                 f"The chat template from {self.origin} attempted an unsafe operation and was "
                 f"stopped ({e}); use a trusted template with --chat-template.", self.origin, str(e)) from None
-        except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+        except Exception as e:  # noqa: BLE001 - anything the untrusted template did is its failure
             raise TemplateError(
                 f"The chat template from {self.origin} failed on these messages "
                 f"({type(e).__name__}: {e}); check the messages or pass another template with "
