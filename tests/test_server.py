@@ -39,10 +39,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(loaded, spec=None, api_key=None, config: EngineConfig | None = None):
+def serve(loaded, spec=None, api_key=None, config: EngineConfig | None = None, log: RequestLog | None = None):
     """The app on a free port in a thread of this process (so tests can look at the engine)."""
     worker = EngineThread(Engine(loaded, config or EngineConfig()))
-    state = ServerState(worker, loaded, api_key, RequestLog(None), reisq_handler(spec, worker) if spec else None)
+    state = ServerState(worker, loaded, api_key, log or RequestLog(None), reisq_handler(spec, worker) if spec else None)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,6 +11,9 @@ from ...types import EngineConfig, GGMLSpec, GGUFSpec
 from .protocol import ApiError
 
 GRACE_SECONDS = 10  # SIGINT/SIGTERM: in-flight requests get this long to finish, then are cancelled
+# the engine thread failed: its requests have their errors; /health says 503 for this long (so a
+# supervisor polling it sees why), then the server stops and the process exits with status 1
+FAILED_GRACE_SECONDS = 2
 
 
 def reisq_handler(spec: Any, worker, numerics: str = "precise") -> Callable[[str], str]:
@@ -54,7 +57,8 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
     log = RequestLog(opts.request_log)
     loaded = load(spec, opts.load)
     worker = EngineThread(Engine(loaded, config))
-    state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker, opts.load.numerics))
+    state = ServerState(worker, loaded, opts.api_key, log, reisq_handler(spec, worker, opts.load.numerics),
+                        opts.limits)
     app = make_app(state)
     level = "warning" if opts.quiet else "info"
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
@@ -79,6 +83,12 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
 
     server = Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level=level,
                                    timeout_graceful_shutdown=GRACE_SECONDS + 5, access_log=opts.verbose))
+
+    def engine_failed(reason: str) -> None:  # on the engine thread, after its requests got errors
+        timer = threading.Timer(FAILED_GRACE_SECONDS, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+    worker.on_failure = engine_failed
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler turns that
     # into a clean exit 0
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -89,6 +99,10 @@ def run_server(opts: Any, spec: Any, config: EngineConfig) -> None:
         pass
     finally:
         worker.stop(timeout=GRACE_SECONDS)
+    if worker.failure is not None:  # a bug, with its traceback logged above: not a UserError
+        print(f"error: the engine failed ({worker.failure}); the server stopped.", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
     if not server.started:
         from ...errors import UserError
         raise UserError(f"could not listen on {opts.host}:{opts.port} (in use, or not an address "

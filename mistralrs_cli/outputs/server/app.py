@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...engine.token_text import TokenText
-from ...engine.worker import EngineThread, QueueFull
+from ...engine.worker import EngineFailed, EngineThread, QueueFull
 from ...errors import UserError
+from ...validation import Limits
 from ..request_log import RequestLog
 from . import shapes
+from .body import OffLoop, parse_json, read_body
 from .protocol import ApiError, Parsed, parse_chat, parse_completion
 
 
@@ -29,6 +31,7 @@ class ServerState:
     api_key: str | None = None
     log: RequestLog | None = None
     reisq: Callable[[str], str] | None = None  # ISQ type -> message; raises ApiError
+    limits: Limits = field(default_factory=Limits)  # --max-body-bytes, --max-n, ...
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -42,6 +45,7 @@ class Routes:
         self.state, self.loaded = state, state.loaded
         self.tt = TokenText(state.loaded.tokenizer)
         self.log = state.log or RequestLog(None)
+        self.off_loop = OffLoop()
 
     # ---- errors ----
     async def http_error(self, request: Request, exc: StarletteHTTPException):
@@ -66,32 +70,45 @@ class Routes:
                                 "'Authorization: Bearer <key>' with the key given to --api-key.",
                            code="invalid_api_key")
 
+    def check_engine(self) -> None:
+        failure = self.state.worker.failure
+        if failure is not None:
+            raise ApiError(503, f"the engine failed ({failure}); the server is stopping.",
+                           type_="server_error", code="engine_failed")
+
     async def body_of(self, request: Request) -> dict:
+        """The checked JSON body: capped in size while read, parsed off the event loop."""
         self.check_key(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e}).") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object.")
+        self.check_engine()
+        raw = await read_body(request, self.state.limits.max_body_bytes)
+        body = await self.off_loop(parse_json, raw, self.state.limits.max_json_depth)
         self.log.write("request", {"path": request.url.path, "body": body})
         return body
 
     # ---- routes ----
     async def health(self):
-        return {"status": "ok"}
+        failure = self.state.worker.failure
+        if failure is None:
+            return {"status": "ok"}
+        err = ApiError(503, f"the engine failed ({failure}); the server is stopping.",
+                       type_="server_error", code="engine_failed")
+        return JSONResponse({"status": "failed", **err.body()}, status_code=503)
 
     async def models(self, request: Request):
         self.check_key(request)
         return {"object": "list", "data": [{"id": self.loaded.model_id, "object": "model",
                                             "created": int(time.time()), "owned_by": "local"}]}
 
+    # parsing renders the chat template and tokenizes: off the loop, so a slow one stalls no one
     async def chat(self, request: Request):
-        return await self.complete(request, parse_chat(await self.body_of(request), self.loaded))
+        body = await self.body_of(request)
+        return await self.complete(request, await self.off_loop(parse_chat, body, self.loaded,
+                                                                self.state.limits))
 
     async def completions(self, request: Request):
-        return await self.complete(request, parse_completion(await self.body_of(request), self.loaded))
+        body = await self.body_of(request)
+        return await self.complete(request, await self.off_loop(parse_completion, body, self.loaded,
+                                                                self.state.limits))
 
     async def reisq(self, request: Request):
         body = await self.body_of(request)
@@ -138,9 +155,7 @@ class Routes:
             j, out = item
             if out.finish_reason in ("error", "cancelled"):
                 pending.abort()
-                if out.finish_reason == "error":
-                    raise ApiError(500, out.text, type_="server_error")
-                raise ApiError(503, "the server is shutting down; retry later.", type_="server_error")
+                raise failure(out, parsed)
             choices[j].add(out, shapes.logprob_entry(out, self.tt))
 
     async def stream(self, parsed: Parsed, rid: str, pending: "Pending") -> AsyncIterator[str]:
@@ -155,7 +170,7 @@ class Routes:
             while (item := await pending.next()) is not None:
                 j, out = item
                 if out.finish_reason in ("error", "cancelled"):  # a bug, or the server stopping
-                    yield ev.failure(out)
+                    yield ev.sse(failure(out, parsed).body())
                     break
                 entry = shapes.logprob_entry(out, self.tt)
                 choices[j].add(out, entry)
@@ -196,10 +211,17 @@ class _Events:
             events.append(self.chunk(j, None if self.p.kind == "chat" else "", out.finish_reason))
         return events
 
-    def failure(self, out) -> str:
-        if out.finish_reason == "error":
-            return self.sse(ApiError(500, out.text, type_="server_error").body())
-        return self.sse(ApiError(503, "the server is shutting down", type_="server_error").body())
+
+def failure(out, parsed: Parsed) -> ApiError:
+    """A request the engine ended without an answer: the client's mistake (400), the engine gone
+    or going (503), or a bug that failed this request alone (500)."""
+    if out.finish_reason == "cancelled":
+        return ApiError(503, "the server is shutting down; retry later.", type_="server_error")
+    if isinstance(out.error, UserError):
+        return ApiError(400, out.text, "messages" if parsed.kind == "chat" else "prompt")
+    if isinstance(out.error, EngineFailed):
+        return ApiError(503, out.text, type_="server_error", code="engine_failed")
+    return ApiError(500, out.text, type_="server_error")
 
 
 def from_opening(ev: _Events, j: int) -> str:
@@ -275,8 +297,11 @@ class Pending:
                 sink = (lambda out, j=j: box.post(self.q, (j, out)))
                 self.rids.append(worker.submit(ids, params, sink))
                 self.open.add(j)
-        except (UserError, QueueFull) as e:
+        except (UserError, QueueFull, EngineFailed) as e:
             self.abort()
+            if isinstance(e, EngineFailed):
+                raise ApiError(503, f"{e}; the server is stopping.", type_="server_error",
+                               code="engine_failed") from None
             if isinstance(e, QueueFull):
                 raise ApiError(503, f"the server is busy ({e}); retry later.", type_="server_error") from None
             code = "context_length_exceeded" if "context" in str(e) or "KV cache" in str(e) else None
