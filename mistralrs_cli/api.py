@@ -6,7 +6,7 @@ import enum
 import re
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -213,7 +213,9 @@ class Runner:
                  max_seqs: int = 16, truncate_sequence: bool = False, no_kv_cache: bool = False,
                  loaded: Loaded | None = None, numerics: str = "precise", isq: str | None = None,
                  in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
-                 engine_config: EngineConfig | None = None, limits: Limits | None = None, **_ignored: Any):
+                 engine_config: EngineConfig | None = None, limits: Limits | None = None,
+                 _flag_names: bool = False,  # the CLI's modes: messages keep naming the flags
+                 **_ignored: Any):
         _check_which(which)
         check_numerics(numerics, "numerics")
         config = engine_config or EngineConfig(max_seqs=max_seqs, truncate_sequence=truncate_sequence,
@@ -226,7 +228,7 @@ class Runner:
         self.which = which
         with _python_fields(which):
             self.loaded = loaded or load(which, opts)
-        with _python_fields(which):
+        with nullcontext() if _flag_names else _python_fields(which):
             self.engine = Engine(self.loaded, config)
         self._token_text: TokenText | None = None
 
@@ -256,16 +258,17 @@ class Runner:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """The engine's deltas for one request (the CLI's one-shot and interactive modes)."""
-        self._check(vars(params))
+        self._check(vars(params), context_bounds_max_tokens=False)  # the CLI's "until the context is full"
         return self.engine.generate(prompt_ids, params)
 
-    def _check(self, values: dict[str, Any]) -> dict[str, Any]:
-        return validation.check_sampling(values, vocab=self.loaded.tokenizer.vocab_size,
-                                         max_context=self.loaded.max_context, limits=self.limits,
-                                         limit_name=validation.python_limit)
+    def _check(self, values: dict[str, Any], context_bounds_max_tokens: bool = True) -> dict[str, Any]:
+        ctx = self.loaded.max_context if context_bounds_max_tokens else None
+        return validation.check_sampling(values, vocab=self.loaded.tokenizer.vocab_size, max_context=ctx,
+                                         limits=self.limits, limit_name=validation.python_limit)
 
     def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
         cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
+        self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
         params = [request.sampling(i, cfg, vocab, ctx, self.limits) for i in range(request.n)]
         with _python_fields(self.which):
             reqs = [self.engine.add_request(ids, p) for p in params]

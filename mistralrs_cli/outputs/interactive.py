@@ -302,7 +302,8 @@ def run_interactive(opts, spec, flags: dict, config: EngineConfig | None = None)
     if loaded.chat_template is None:
         chat_prompt(loaded, [])  # raises the one-line "no chat template" UserError
     runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
-                    truncate_sequence=opts.truncate_sequence, loaded=loaded, engine_config=config)
+                    truncate_sequence=opts.truncate_sequence, loaded=loaded, engine_config=config,
+                    _flag_names=True)
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     if not opts.quiet:
         _note(f"{loaded.model_id} is ready: type a message, \\help for commands, Ctrl-D to exit.")

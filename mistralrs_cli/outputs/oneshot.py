@@ -33,7 +33,8 @@ def run_oneshot(opts, spec, prompt: str, flags: dict, config: EngineConfig | Non
     t0 = time.perf_counter()
     log = RequestLog(opts.request_log)
     runner = Runner(spec, token_source=opts.load.token_source, chat_template=opts.load.chat_template,
-                    truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec), engine_config=config)
+                    truncate_sequence=opts.truncate_sequence, loaded=_load(opts, spec), engine_config=config,
+                    _flag_names=True)
     loaded = runner.loaded
     params = sampling_params(flags, loaded.generation_config)
     ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
