@@ -343,3 +343,50 @@ def test_bench_throughput_counts_generated_tokens(runner):
     rows = run_tests(runner.loaded, BenchOptions(n_prompt=0, n_gen=1000, concurrency=[1], repetitions=1))
     gen = runner.loaded.max_context - 1
     assert rows[0].throughput <= rows[0].tps_mean * gen / (gen - 1) * 1.0001
+
+
+def test_limit_flags_reach_the_run_options(monkeypatch):
+    """--max-* flags fill RunOptions.limits (which the server and the rules read)."""
+    from typer.testing import CliRunner
+
+    import mistralrs_cli.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda opts, spec: seen.setdefault("limits", opts.limits))
+    r = CliRunner().invoke(cli.app, ["--max-stop-strings", "4000", "--max-stop-length", "4000", "--max-n", "7",
+                                     "--max-top-logprobs", "30", "--max-logit-bias", "9", "--max-stop-token-ids", "3",
+                                     "--max-body-bytes", "1000", "--max-json-depth", "5", "gguf", "-f", "x.gguf"])
+    assert r.exit_code == 0, r.output
+    assert seen["limits"] == Limits(max_body_bytes=1000, max_json_depth=5, max_stop_strings=4000, max_stop_length=4000,
+                                    max_n=7, max_top_logprobs=30, max_logit_bias=9, max_stop_token_ids=3)
+
+
+def test_raised_stop_limits_generate_in_bounded_time(model, runner):
+    """With the limits raised to admit them, 4000 stop strings of 4000 characters (8 minutes of
+    engine time for one request before) cost one request seconds: the matcher searches only the
+    window a new match can end in. A generous bound, for a slow shared machine."""
+    rng = np.random.default_rng(0)
+    stops = ["".join(rng.choice(list("qz"), 4000)) for _ in range(4000)]
+    r = Runner(Which.GGUF(None, str(model)), loaded=runner.loaded,
+               limits=Limits(max_stop_strings=4000, max_stop_length=4000))
+    faulthandler.dump_traceback_later(180, exit=True)
+    try:
+        t0 = time.monotonic()
+        out = r.send_completion_request(CompletionRequest(prompt="the quick", max_tokens=24, ignore_eos=True,
+                                                          temperature=0, stop=stops))
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 24
+        assert time.monotonic() - t0 < 60
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def test_readme_states_the_default_limits():
+    """The README's numbers are the defaults (the server's tests exercise body size and depth)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    d = Limits()
+    assert (d.max_body_bytes, d.max_json_depth) == (16 * 2**20, 64)
+    for claim in ("16 stop strings (OpenAI allows 4) of\n256 characters", "`n` up to 128",
+                  "`top_logprobs` up to 20", "1024 `logit_bias` entries", "a 16 MiB body", "nested at most 64"):
+        assert claim in readme, claim
+    assert (d.max_stop_strings, d.max_stop_length, d.max_n, d.max_top_logprobs, d.max_logit_bias) == (
+        16, 256, 128, 20, 1024)
