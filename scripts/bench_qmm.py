@@ -7,11 +7,12 @@ then times qmm_parts (what native.qmatmul calls) on the same weights and activat
 GFLOP/s (2 * M * N * K / time) per shape and M, plus whether the outputs are bit-identical.
 
     python scripts/bench_qmm.py [--m 1,16,200] [--threads 1] [--iters 15] [--base HEAD]
-                                [--model smol|gemma|all] [--cpu-time] [--precise]
+                                [--model smol|gemma|all] [--cpu-time] [--precise] [--only lm_head] [--min]
 
 --cpu-time reports process CPU time instead of wall time (steadier on a shared machine; only
 meaningful with --threads 1). Shapes: SmolLM2-135M Q4_1 (layer 0: qkv, o, gate+up, down, the
-Q8_0 lm_head) and Gemma-3-270M Q4_K_M (q/k/v, o, gate+up, down of a Q6_K and a Q4_K layer); the
+Q8_0 lm_head) and Gemma-3-270M Q4_K_M (q/k/v, o, gate+up, down of a Q6_K and a Q4_K layer, the
+Q8_0 lm_head: 262144 x 640, the largest weight of either model); the
 "silu+down" / "gelu+down" rows include the fused gated activation of the down projection's input.
 """
 from __future__ import annotations
@@ -155,7 +156,8 @@ def shapes(which: str):
                 ("gemma gate+up (Q5_0)", [t[f"blk.{lv}.{n}"] for n in ("ffn_gate.weight", "ffn_up.weight")]),
                 ("gemma down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]]),
                 ("gemma down (Q4_K)", [t[f"blk.{l4}.ffn_down.weight"]]),
-                ("gemma gelu+down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]], 2)]
+                ("gemma gelu+down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]], 2),
+                ("gemma lm_head", [t["token_embd.weight"]])]
     return out
 
 
@@ -178,6 +180,9 @@ def main() -> int:
     ap.add_argument("--model", default="all", choices=["smol", "gemma", "all"])
     ap.add_argument("--cpu-time", action="store_true")
     ap.add_argument("--precise", action="store_true", help="time --numerics precise's activations")
+    ap.add_argument("--only", default="", help="only the shapes whose label contains this (e.g. lm_head)")
+    ap.add_argument("--min", action="store_true", help="report the minimum time instead of the median "
+                    "(steadier on a shared machine)")
     args = ap.parse_args()
     libs = {}
     if args.base:
@@ -186,8 +191,12 @@ def main() -> int:
     clock = time.process_time if args.cpu_time else time.perf_counter
     ms = [int(v) for v in args.m.split(",")]
     totals = {(name, m): 0.0 for name in libs for m in ms}
-    print(f"threads={args.threads} iters={args.iters} clock={'cpu' if args.cpu_time else 'wall'} base={args.base}")
+    print(f"threads={args.threads} iters={args.iters} clock={'cpu' if args.cpu_time else 'wall'} base={args.base} "
+          f"{'min' if args.min else 'median'} precise={args.precise}")
+    stat = min if args.min else statistics.median
     for label, parts, *act in shapes(args.model):
+        if args.only not in label:
+            continue
         act = act[0] if act else 0
         k = parts[0][3]
         n = sum(p[2] for p in parts)
@@ -206,14 +215,14 @@ def main() -> int:
             flops = 2.0 * m * n * k
             cells = []
             for name in libs:
-                t = statistics.median(times[name])
+                t = stat(times[name])
                 totals[(name, m)] += t
                 cells.append(f"{name} {t * 1e3:8.3f} ms {flops / t / 1e9:7.1f} GF/s")
             same = ""
             if "base" in outs:
                 same = "identical" if np.array_equal(outs["base"], outs["new"]) else \
                     f"DIFFERS max {np.abs(outs['base'] - outs['new']).max():.3g}"
-                cells.append(f"x{statistics.median(times['base']) / statistics.median(times['new']):.2f}")
+                cells.append(f"x{stat(times['base']) / stat(times['new']):.2f}")
             types = "+".join(sorted({p[1].name for p in parts}))
             print(f"{label:22s} {types:10s} N={n:6d} K={k:5d} M={m:4d} | " + " | ".join(cells) + f" | {same}",
                   flush=True)

@@ -90,6 +90,9 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
                    const int8_t *kq, const float *kd, const int16_t *kbs, const float *kms, float *y, int64_t ldy);
 void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
+int packed_wide(int type);
+void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
+                   const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -177,6 +180,41 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
         }
         d[b] = round_h(db);
         s[b] = precise ? d[b] * (float)sum : round_h(db * (float)sum);
+        isum[b] = sum;
+    }
+}
+
+// x (K floats) -> 16-bit codes per block of 32: scale amax / 32767 (f32, not rounded to fp16),
+// codes rint(x * 32767 / amax), their integer sum (packed_rows_w's activations, precise)
+static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int32_t *isum) {
+    for (int64_t b = 0; b < k / QK; b++) {
+        const float *xb = x + b * QK;
+#if defined(__AVX2__) && !Z512  // the scalar loop 8 lanes at a time: the same codes
+        const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 a[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            a[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(a[i], nosign));
+        }
+        const float amax = hmax8(mx), id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        __m256i v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], _mm256_set1_ps(id)));
+        for (int i = 0; i < 4; i += 2)  // packs interleaves the 128-bit lanes; the permute undoes it
+            _mm256_storeu_si256((__m256i *)(q + b * QK + 8 * i),
+                                _mm256_permute4x64_epi64(_mm256_packs_epi32(v[i], v[i + 1]), 0xd8));
+        const int sum = hsum8_i32(_mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int v = (int)nearbyintf(xb[j] * id);
+            q[b * QK + j] = (int16_t)v;
+            sum += v;
+        }
+#endif
+        d[b] = amax / 32767.0f;
         isum[b] = sum;
     }
 }
@@ -856,6 +894,9 @@ static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_
 // 2m rows, hi and lo side by side, so each weight block is still read once; y = y_hi + y_lo /
 // LO_SCALE. The activation error drops from 1/254 of a block's largest value to ~1/64500 of it
 // (about 16 bits), for twice the integer products and the same weight bytes.
+// A packed Q8_0 part where packed.c has no VNNI (packed_wide) takes 16-bit activations instead:
+// one row per input row, rounded once to 16 bits (precise: a little finer than the two parts,
+// half the products) or the 8-bit codes widened (fast); it writes y directly.
 #define LO_SCALE 256.0f
 
 typedef struct {  // where slot s (an activation row as the kernels see it) is rounded to
@@ -865,7 +906,24 @@ typedef struct {  // where slot s (an activation row as the kernels see it) is r
     int16_t *kbs;
     int64_t k, nb, nbk;
     int need_a, need_k, precise;
+    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, sum xwi
+    float *xwd;
+    int32_t *xwi;
+    int need_w;
 } prep_t;
+
+static int is_wide(const qpart_t *p) { return (p->type & PACKED) && packed_wide(p->type & ~PACKED); }
+
+static void prep_w(const prep_t *c, const float *row, int64_t r) {
+    int16_t *q = c->xw + r * c->k;
+    if (c->precise) {
+        quantize_row16(row, c->k, q, c->xwd + r * c->nb, c->xwi + r * c->nb);
+        return;
+    }
+    for (int64_t j = 0; j < c->k; j++) q[j] = c->xq[r * c->k + j];  // slot r's 8-bit rounding (prep_a)
+    memcpy(c->xwd + r * c->nb, c->xd + r * c->nb, sizeof(float) * (size_t)c->nb);
+    memcpy(c->xwi + r * c->nb, c->xi + r * c->nb, sizeof(int32_t) * (size_t)c->nb);
+}
 
 static void prep_a(const prep_t *c, const float *row, int64_t s) {
     quantize_row(row, c->k, c->xq + s * c->k, c->xd + s * c->nb, c->xs + s * c->nb, c->xi + s * c->nb, c->precise);
@@ -879,8 +937,12 @@ static void prep_k(const prep_t *c, const float *row, int64_t s) {
 // input row r (after the prologue) into its slot(s); res: k floats of scratch
 static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
     const int64_t k = c->k;
+    if (c->need_w) {
+        if (!c->precise) prep_a(c, row, r);
+        prep_w(c, row, r);
+    }
     if (!c->precise) {
-        if (c->need_a) prep_a(c, row, r);
+        if (c->need_a && !c->need_w) prep_a(c, row, r);
         if (c->need_k) prep_k(c, row, r);
         return;
     }
@@ -905,15 +967,18 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
 // Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
 int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
               float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
-    int need_a = 0, need_k = 0;
+    const int precise = o && o->precise;
+    int need_a = 0, need_k = 0, need_w = 0;  // 8-bit rows (fast: also the wide parts'), q8_K, 16-bit
     int64_t n_total = 0;
     for (int p = 0; p < nparts; p++) {
         if (!block_bytes(parts[p].type)) return -1;
-        if (is_k(parts[p].type & ~PACKED)) need_k = 1; else need_a = 1;
+        if (is_k(parts[p].type & ~PACKED)) need_k = 1;
+        else if (is_wide(&parts[p])) need_w = 1, need_a |= !precise;
+        else need_a = 1;
         n_total += parts[p].rows;
     }
-    if ((need_a && k % QK) || (need_k && k % QKK)) return -1;
-    const int precise = o && o->precise;
+    if (((need_a || need_w) && k % QK) || (need_k && k % QKK)) return -1;
+    const int two_part = precise && (need_a || need_k);  // some part multiplies hi and lo slots
     const int64_t nb = k / QK, nbk = k / QKK, ms = precise ? 2 * m : m;  // ms: slots, the kernels' rows
     int8_t *xq = need_a ? malloc((size_t)(ms * k)) : NULL, *kq = need_k ? malloc((size_t)(ms * k)) : NULL;
     float *xd = malloc(sizeof(float) * (size_t)(ms * nb + 1)), *xs = malloc(sizeof(float) * (size_t)(ms * nb + 1));
@@ -922,12 +987,15 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     int32_t *xi = malloc(sizeof(int32_t) * (size_t)(ms * nb + 1));
     int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(ms * nbk * 16 + 1));
     float *kms = malloc(sizeof(float) * (size_t)(ms * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
-    float *yt = precise ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
+    float *yt = two_part ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
+    int16_t *xw = need_w ? malloc(sizeof(int16_t) * (size_t)(m * k)) : NULL;
+    float *xwd = malloc(sizeof(float) * (size_t)(m * nb + 1));
+    int32_t *xwi = malloc(sizeof(int32_t) * (size_t)(m * nb + 1));
     int rc = 0;
     if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !res || !kbs || !kms ||
-        (precise && !yt)) { rc = -1; goto done; }
-    const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise};
-    float *yk = precise ? yt : y;  // where the kernels write, with row stride ldk
+        (two_part && !yt) || (need_w && !xw) || !xwd || !xwi) { rc = -1; goto done; }
+    const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise, xw, xwd, xwi, need_w};
+    float *yk = precise ? yt : y;  // where the two-part kernels write, with row stride ldk
     const int64_t ldk = precise ? n_total : ldy;
     // one parallel region (a fork and a join per call, which a decode step makes ~100 of): the
     // prologue (norm / activation, then rounding to 8 bits) row by row, a prompt chunk's rows in
@@ -953,12 +1021,19 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         // unit is computed the same way whichever thread takes it.
         int64_t col = 0;
         for (int p = 0; p < nparts; p++) {
+            const qpart_t *pp = &parts[p];
+            if (is_wide(pp)) {
 #pragma omp for schedule(QMM_SCHED) nowait
-            for (int64_t i = 0; i < units(&parts[p]); i++)
-                part_rows(&parts[p], i, i + 1, k, ms, xq, xd, xs, xi, kq, kd, kbs, kms, yk + col, ldk);
-            col += parts[p].rows;
+                for (int64_t i = 0; i < units(pp); i++)
+                    packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, xw, xwd, xwi, y + col, ldy);
+            } else {
+#pragma omp for schedule(QMM_SCHED) nowait
+                for (int64_t i = 0; i < units(pp); i++)
+                    part_rows(pp, i, i + 1, k, ms, xq, xd, xs, xi, kq, kd, kbs, kms, yk + col, ldk);
+            }
+            col += pp->rows;
         }
-        if (precise) {  // y = y_hi + y_lo / LO_SCALE, in column spans of 1024 (a decode step has one row)
+        if (two_part) {  // y = y_hi + y_lo / LO_SCALE, in column spans of 1024 (a decode step has one row)
 #pragma omp barrier
             const int64_t spans = (n_total + 1023) / 1024;
 #pragma omp for schedule(static)
@@ -966,7 +1041,12 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 const int64_t r = u / spans, c0 = (u % spans) * 1024, c1 = c0 + 1024 < n_total ? c0 + 1024 : n_total;
                 const float *hi = yt + 2 * r * n_total, *lo = hi + n_total;
                 float *out = y + r * ldy;
-                for (int64_t c = c0; c < c1; c++) out[c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
+                int64_t p0 = 0;  // the two-part parts' columns in [c0, c1): the wide ones wrote y
+                for (int p = 0; p < nparts; p0 += parts[p++].rows) {
+                    if (is_wide(&parts[p])) continue;
+                    const int64_t a = p0 > c0 ? p0 : c0, e = p0 + parts[p].rows < c1 ? p0 + parts[p].rows : c1;
+                    for (int64_t c = a; c < e; c++) out[c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
+                }
             }
         }
         if (o && (o->bias || o->residual)) {  // rows are independent: in parallel once all columns are done
@@ -977,6 +1057,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     }
 done:
     free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(res); free(kbs); free(kms); free(yt);
+    free(xw); free(xwd); free(xwi);
     return rc;
 }
 
