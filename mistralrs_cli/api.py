@@ -258,6 +258,7 @@ class Runner:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """The engine's deltas for one request (the CLI's one-shot and interactive modes)."""
+        validation.check_token_ids("prompt_ids", prompt_ids, self.loaded.tokenizer.vocab_size)
         self._check(vars(params), context_bounds_max_tokens=False)  # the CLI's "until the context is full"
         return self.engine.generate(prompt_ids, params)
 

@@ -279,6 +279,12 @@ def test_python_stream_checks_raw_sampling_params(runner):
             next(iter(runner.stream([2, 3], params)))
 
 
+def test_python_stream_checks_prompt_ids(runner):
+    for ids in ([-1], [2, 512]):
+        with pytest.raises(ParamError, match=r"^prompt_ids has .*\(0\.\.511\)"):
+            next(iter(runner.stream(ids, SamplingParams(max_tokens=1))))
+
+
 def test_python_which_must_be_a_which(model):
     for bad in ("x", None, 3, {"quantized_filename": str(model)}):
         with pytest.raises(UserError) as e:
@@ -321,6 +327,12 @@ def test_logit_bias_minus_one_does_not_touch_the_last_token():
     logits = np.arange(8, dtype=np.float32)
     out = apply_logit_bias(logits, {-1: 100.0, 8: 100.0, 2: 1.5})
     assert out.tolist() == [0, 1, 3.5, 3, 4, 5, 6, 7]
+
+
+def test_penalties_skip_ids_outside_the_logits():
+    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    out = sample(logits, [-1, 3, 7], SamplingParams(temperature=0.0, repetition_penalty=100.0, presence_penalty=2.0))
+    assert out.token == 2  # the last token, untouched by the history's -1
 
 
 def test_tiny_repetition_penalty_still_samples_a_seen_token():

@@ -37,7 +37,9 @@ def apply_penalties(logits, history: Sequence[int], p: SamplingParams) -> np.nda
     window = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else history
     if not window:
         return logits
-    counts = Counter(window)
+    counts = Counter(t for t in window if 0 <= t < logits.size)  # never index from the end
+    if not counts:
+        return logits
     ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
     n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
     sel = logits[ids]
