@@ -179,3 +179,236 @@ def test_legitimate_near_limit_values_render():
     content = "word " * (7 * 2**20 // 5)
     out = ChatTemplate(known.SMOLLM2, ORIGIN).render([{"role": "user", "content": content}])
     assert content in out
+
+
+# ---- real templates render exactly as plain jinja2 does -----------------------------------------
+
+def _reference_env() -> ImmutableSandboxedEnvironment:
+    """The independent reference: a plain jinja2 sandbox set up as transformers sets up its own
+    (trim_blocks, lstrip_blocks, loopcontrols, json.dumps tojson, raise_exception, strftime_now)."""
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": f"tool_{i}", "description": f"Tool number {i}, with \"quotes\" and ünïcode.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "A city"},
+        "days": {"type": "integer", "enum": [1, 2, 3]}}, "required": ["city"]}}} for i in range(8)]
+
+
+def conversation(n: int, tool_calls: bool) -> list[dict]:
+    """n messages after a system prompt: user/assistant turns, and (with tool_calls) an assistant
+    tool call answered by a tool message every fifth turn."""
+    messages = [{"role": "system", "content": "You are terse.\nAnswer in French."}]
+    for i in range(n):
+        if tool_calls and i % 5 == 3:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [{
+                "type": "function", "function": {"name": f"tool_{i % 8}",
+                                                 "arguments": {"city": f"Paris {i}", "days": 2}}}]})
+            messages.append({"role": "tool", "content": json.dumps({"temp": i, "unit": "°C"})})
+        else:
+            role = "user" if i % 2 == 0 else "assistant"
+            messages.append({"role": role, "content": f"  message {i}: <b>{'é' * (i % 7)}</b> {{x}} \t"})
+    return messages
+
+
+# a template that builds its whole prompt in a namespace, quadratically, as some do
+ACCUMULATING = """{%- set ns = namespace(prompt='', n=0) -%}
+{%- macro turn(role, text) -%}<{{ role }}>{{ text | trim }}</{{ role }}>{%- endmacro -%}
+{%- for m in messages -%}
+  {%- if m.role == 'tool' %}{% continue %}{% endif -%}
+  {%- set ns.prompt = ns.prompt + turn(m.role, m.content) ~ '\\n' -%}
+  {%- set ns.n = ns.n + 1 -%}
+{%- endfor -%}
+{{ bos_token }}{{ ns.prompt }}[{{ ns.n }} turns, {{ '%05d' % ns.n }}, {{ '{:>6}'.format(ns.n) }}]
+{%- if add_generation_prompt %}<assistant>{% endif -%}"""
+
+REAL = {
+    **{f"builtin-{p.stem}": p.read_text(encoding="utf-8") for p in sorted(TEMPLATE_DIR.glob("*.jinja"))},
+    **{f"fixture-{p.stem}": p.read_text(encoding="utf-8") for p in sorted(FIXTURES.glob("*.jinja"))},
+    "smollm2": known.SMOLLM2, "gemma3": known.GEMMA3, "llama3": known.LLAMA3, "strict": known.STRICT,
+    "accumulating": ACCUMULATING,
+}
+
+
+def _case(name: str) -> tuple[list[dict], dict]:
+    """A conversation the template accepts (strict ones want alternating user/assistant turns)."""
+    tools = name.startswith("fixture-")
+    messages = conversation(200, tool_calls=tools)
+    if not tools:
+        messages = [m for m in messages if m["role"] != "system"]
+    return messages, ({"tools": TOOLS} if tools else {})
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_templates_render_as_plain_jinja2(name):
+    messages, extra = _case(name)
+    context = {"tools": None, "documents": None, **extra, "messages": messages,
+               "add_generation_prompt": True, "bos_token": "<s>", "eos_token": "</s>"}
+    expected = _reference_env().from_string(REAL[name]).render(**context)
+    with alarm(BOUND_S):
+        ours = ChatTemplate(REAL[name], ORIGIN).render(messages, True, "<s>", "</s>", **extra)
+    assert ours == expected
+    assert len(expected) > 800  # the messages really went through (STRICT stops after 20)
+
+
+# ---- through the CLI: a GGUF's embedded template, and -c FILE / -c TEMPLATE ------------------------
+
+# A CLI run is ~6-9 s alone here (torch import, model load, the render), and several times that
+# when the 2 cores are shared; without the budget these cases run for hours or exhaust memory.
+CLI_BOUND_S = 150
+GEN = ["--max-tokens", "2", "--prompt", "hi"]
+CLI_CASES = {  # name -> (arguments before `gguf -f FILE`, template embedded in FILE, what the line says)
+    "gguf-nested-range": ([], HOSTILE["nested-range"][0], (ORIGIN, "MISTRALRS_TEMPLATE_ITERATIONS")),
+    "gguf-string-times": ([], HOSTILE["string-times-10**10"][0], (ORIGIN, "MISTRALRS_TEMPLATE_MAX_CHARS")),
+    "gguf-power": ([], HOSTILE["7**100000000"][0], (ORIGIN, "MISTRALRS_TEMPLATE_INT_BITS")),
+    "gguf-deep-parentheses": ([], COMPILE_ERRORS["deep-parentheses"], (ORIGIN, "could not be compiled")),
+    "file-recursive-macro": (["-c", "{dir}/recursive.jinja"], None,
+                             ("--chat-template {dir}/recursive.jinja", "recursed too deeply")),
+    "file-huge-output": (["-c", "{dir}/huge.json"], None, ("--chat-template {dir}/huge.json", "MAX_CHARS")),
+    "literal-forking-macro": (["-c", HOSTILE["forking-macro"][0]], None,
+                              ("from --chat-template ", "within 5 s", "MISTRALRS_TEMPLATE_SECONDS")),
+}
+
+
+def _cli_files(d: Path) -> None:
+    vocab, llama = gb.gguf_vocab(gb.train_tokenizer()), gb.tiny_llama(0)
+    for name, (_, template, _) in CLI_CASES.items():
+        gb.write_gguf(d / f"{name}.gguf", llama, vocab, chat_template=template or known.SMOLLM2)
+    (d / "recursive.jinja").write_text(HOSTILE["recursive-macro"][0])
+    (d / "huge.json").write_text(json.dumps({"chat_template": HOSTILE["huge-output"][0]}))
+
+
+def _cli(d: Path, name: str) -> tuple[subprocess.CompletedProcess, float]:
+    args = [a.replace("{dir}", str(d)) for a in CLI_CASES[name][0]]
+    env = {**os.environ, "MISTRALRS_CLI_CACHE": str(d / "cache"), "PYTHONIOENCODING": "utf-8"}
+    start = time.monotonic()
+    proc = subprocess.run([str(MISTRALRS), *GEN, *args, "gguf", "-f", str(d / f"{name}.gguf")],
+                          capture_output=True, text=True, encoding="utf-8", env=env,
+                          stdin=subprocess.DEVNULL, timeout=2 * CLI_BOUND_S)
+    return proc, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> tuple[Path, dict]:
+    d = tmp_path_factory.mktemp("hostile_templates")
+    _cli_files(d)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_cli, d, name) for name in CLI_CASES}
+        return d, {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CASES))
+def test_cli_hostile_template_is_one_line(cli_runs, name):
+    d, runs = cli_runs
+    proc, seconds = runs[name]
+    assert proc.returncode != 0, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: The chat template from "), proc.stderr
+    for word in CLI_CASES[name][2]:
+        assert word.replace("{dir}", str(d)) in lines[0], (word, lines[0])
+    assert seconds < CLI_BOUND_S, seconds
+
+
+# ---- fuzz: random compositions of jinja constructs over the messages -----------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("MISTRALRS_FUZZ_EXAMPLES", "600"))  # ~30 s here
+FUZZ_SECONDS = 1  # the render budget while fuzzing, so runaway examples cost a second, not five
+INTS = st.sampled_from(["0", "1", "2", "7", "-3", "100", "100000", "10**9", "10**10", "2**64"])
+STRS = st.sampled_from(["'x'", "'ab\\n'", "''", "'%s%s'", "'{}{}'", "'\\t'", "bos_token"])
+DATA = st.sampled_from(["messages", "messages[0]", "messages[0]['content']", "messages[-1].role",
+                        "ns.v", "range(5)", "tools", "[1, 'a']", "{'k': 'v'}", "messages|map(attribute='content')"])
+FILTERS = st.sampled_from([
+    "center({i})", "indent({i})", "join({s})", "replace({s}, {s})", "list", "string", "length",
+    "upper", "tojson(indent={i})", "batch({i}, {s})", "slice({i})", "sum", "wordwrap({i})",
+    "truncate({i})", "first", "last", "reverse", "unique", "sort", "default({s})", "int", "trim",
+    "format({s}, {s})", "items", "dictsort", "selectattr('role')", "map('string')"])
+
+
+def _expressions() -> st.SearchStrategy[str]:
+    def grow(inner):
+        binop = st.tuples(inner, st.sampled_from(["*", "**", "+", "~", "%", "//", "-"]), inner)
+        return st.one_of(
+            binop.map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            st.tuples(inner, FILTERS, INTS, STRS).map(
+                lambda t: f"({t[0]})|" + t[1].format(i=t[2], s=t[3])),
+            st.tuples(inner, st.sampled_from(["ljust", "center", "zfill", "expandtabs"]), INTS).map(
+                lambda t: f"({t[0]}|string).{t[1]}({t[2]})"),
+            st.tuples(STRS, inner, inner).map(lambda t: f"{t[0]}.format({t[1]}, {t[2]})"),
+            st.tuples(inner, inner).map(lambda t: f"[{t[0]}, {t[1]}]"),
+            st.tuples(inner, inner, inner).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+            inner.map(lambda e: f"({e})[1:]"),
+            INTS.map(lambda i: f"range({i})"),
+            INTS.map(lambda i: f"lipsum({i})"))
+    return st.recursive(st.one_of(INTS, STRS, DATA), grow, max_leaves=6)
+
+
+def _statements() -> st.SearchStrategy[str]:
+    expr = _expressions()
+
+    def grow(body):
+        return st.one_of(
+            st.tuples(expr, body).map(lambda t: f"{{% for x in {t[0]} %}}{t[1]}{{{{ x }}}}{{% endfor %}}"),
+            st.tuples(expr, body).map(lambda t: f"{{% if {t[0]} %}}{t[1]}{{% endif %}}"),
+            st.tuples(body, st.booleans()).map(
+                lambda t: f"{{% macro f(n) %}}{t[0]}{{{{ f(n + 1) }}}}{'{{ f(n) }}' if t[1] else ''}"
+                          f"{{% endmacro %}}{{{{ f(0) }}}}"),
+            st.lists(body, min_size=2, max_size=3).map("".join))
+    leaf = st.one_of(expr.map(lambda e: f"{{{{ {e} }}}}"), expr.map(lambda e: f"{{% set ns.v = {e} %}}"),
+                     st.sampled_from(["text", "{{ raise_exception('no') }}", "{% break %}"]))
+    return st.recursive(leaf, grow, max_leaves=5)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(body=_statements())
+def test_fuzz_templates_end_in_a_string_or_one_line(body):
+    source = "{% set ns = namespace(v='x') %}" + body
+    old = os.environ.get("MISTRALRS_TEMPLATE_SECONDS")
+    os.environ["MISTRALRS_TEMPLATE_SECONDS"] = str(FUZZ_SECONDS)
+    start = time.monotonic()
+    try:
+        with alarm(BOUND_S):
+            out = ChatTemplate(source, ORIGIN).render(conversation(6, tool_calls=True), tools=TOOLS)
+        assert isinstance(out, str) and len(out) <= TemplateLimits().max_chars
+    except TemplateError as e:
+        assert one_line(e).startswith(f"The chat template from {ORIGIN} "), str(e)
+    finally:
+        os.environ.pop("MISTRALRS_TEMPLATE_SECONDS")
+        if old is not None:
+            os.environ["MISTRALRS_TEMPLATE_SECONDS"] = old
+    assert time.monotonic() - start < BOUND_S, source
+
+
+# ---- through the server: a hostile template fails that request, the server keeps serving -----------
+
+def test_server_answers_a_hostile_template_with_a_400_and_keeps_serving(tmp_path):
+    import httpx2 as httpx
+
+    from mistralrs_cli.api import Runner, Which
+    from test_server import serve
+
+    path = gb.write_gguf(tmp_path / "tiny.gguf", gb.tiny_llama(0), gb.gguf_vocab(gb.train_tokenizer()),
+                         chat_template=HOSTILE["nested-range"][0])
+    runner = Runner(Which.GGUF(None, str(path)), numerics="exact")
+    with serve(runner.loaded) as s, alarm(BOUND_S * 3):
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"The chat template from {ORIGIN} ") and "ITERATIONS" in message
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200

@@ -11,6 +11,7 @@ iteration limits (template_sandbox.TemplateLimits, raised with MISTRALRS_TEMPLAT
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -134,18 +135,21 @@ class ChatTemplate:
                 f"{limits.max_chars // 8:,} allowed; pass a working one with --chat-template, or "
                 f"raise MISTRALRS_TEMPLATE_MAX_CHARS (a template may be an eighth of it).", origin)
         try:
-            with budget(limits):  # constant folding at compile time runs filters and operators
+            # constant folding at compile time runs filters and operators; Python's compiler
+            # warns (SyntaxWarning on stderr) about odd constants a template may hold
+            with budget(limits), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 self._template = _compile(source)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(
                 f"The chat template from {origin} has a Jinja syntax error on line {e.lineno} "
                 f"({e.message}); fix it or pass a working one with --chat-template.", origin) from None
         except (SyntaxError, RecursionError, MemoryError, OverflowError) as e:
-            # Python's own limits on the compiled code: blocks nested past 20, expressions past
-            # its parser's depth
+            # what jinja lets through to Python's compiler: blocks nested past 20, expressions
+            # nested past its parser's depth, a {% break %} outside a loop
             raise TemplateError(
-                f"The chat template from {origin} is nested too deeply to compile "
-                f"({type(e).__name__}: {e}); pass a working one with --chat-template.", origin) from None
+                f"The chat template from {origin} could not be compiled ({type(e).__name__}: {e}); "
+                f"pass a working one with --chat-template.", origin) from None
 
     def __repr__(self) -> str:
         return f"ChatTemplate(origin={self.origin!r}, {len(self.source)} chars)"
