@@ -169,6 +169,14 @@ def test_bad_limit_variable_is_one_line(monkeypatch, value):
         ChatTemplate("{{ 'x' }}", ORIGIN).render(HI)
 
 
+def test_all_values_built_in_one_render_are_bounded_too():
+    # 200 strings of a million characters: each under MAX_CHARS, together over 16 x MAX_CHARS
+    many = "{% for i in range(200) %}{% set s = 'y' * 1000000 %}{% endfor %}done"
+    with alarm(BOUND_S), pytest.raises(TemplateError, match=r"more than 134,217,728 characters in all"):
+        ChatTemplate(many, ORIGIN).render(HI)
+    assert ChatTemplate(many.replace("200", "100"), ORIGIN).render(HI) == "done"
+
+
 def test_defaults_are_the_documented_ones():
     assert TemplateLimits() == TemplateLimits(seconds=5.0, max_chars=8 * 2**20, iterations=1_000_000,
                                               int_bits=65536)
