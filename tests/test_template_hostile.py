@@ -80,6 +80,9 @@ HOSTILE = {
                            "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "int-squaring": ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}"
                      "{% endfor %}{{ ns.n }}", "MISTRALRS_TEMPLATE_INT_BITS"),
+    # filters never run at compile time, where 200 folded constants of 8M characters were 1.6 GB
+    "folded-constants": ("{{ 'x'|center(8000000) }}" * 200, "MISTRALRS_TEMPLATE_MAX_CHARS"),
+    "urlize": ("{{ ('x ' * 4000000)|urlize }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),  # a Python loop per word
     "messages-loops": ("{% for a in messages %}{% for b in messages %}{% for c in messages %}"
                        "{% for d in messages %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
                        "MISTRALRS_TEMPLATE_ITERATIONS"),
@@ -129,6 +132,23 @@ def test_hostile_render_ends_with_one_line(name):
     line = one_line(e.value)
     assert line.startswith(f"The chat template from {ORIGIN} "), line
     assert says in line and "--chat-template" in line, line
+
+
+def test_recursion_in_a_worker_thread_is_one_line():
+    # the server renders in a worker thread, whose C stack is smaller than the main thread's
+    import threading
+
+    caught = []
+
+    def render():
+        try:
+            ChatTemplate(HOSTILE["recursive-macro"][0], ORIGIN).render(HI)
+        except TemplateError as e:
+            caught.append(e)
+    thread = threading.Thread(target=render)
+    thread.start()
+    thread.join(BOUND_S)
+    assert not thread.is_alive() and len(caught) == 1 and "recursed too deeply" in one_line(caught[0])
 
 
 @pytest.mark.parametrize("name", sorted(COMPILE_ERRORS))

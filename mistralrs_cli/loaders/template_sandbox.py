@@ -38,6 +38,7 @@ import jinja2.utils
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
+from jinja2.utils import _PassArg
 
 from mistralrs_cli.errors import UserError
 
@@ -282,9 +283,11 @@ def _filter_size(name: str, args: tuple, kwargs: dict) -> int | None:
         return _replace_size(str(value), opt(0, "old", ""), opt(1, "new", ""), opt(2, "count", None))
     if name == "format":
         return _printf_size(str(value), kwargs or tuple(rest))
-    if name == "wordwrap":
+    if name == "wordwrap":  # pure Python (textwrap): its input is kept small enough to be quick
         wrap = opt(2, "wrapstring", None)
-        return _size(value) * (1 + len(wrap if isinstance(wrap, str) else "\n"))
+        return _size(value) * max(4, 1 + len(wrap if isinstance(wrap, str) else "\n"))
+    if name == "urlize":  # a Python loop per word, ~5 s a million characters: kept far smaller
+        return 32 * _size(value)
     if name in ("batch", "slice"):
         count, fill = opt(0, "linecount" if name == "batch" else "slices", 1), opt(1, "fill_with", None)
         if name == "slice":
@@ -299,7 +302,8 @@ def _filter_size(name: str, args: tuple, kwargs: dict) -> int | None:
         size, depth, items = measure(value, current().limits.max_chars)
         indent = opt(1, "indent", None) if name == "tojson" else 1
         step = len(indent) if isinstance(indent, str) else indent or 0
-        return size + items * depth * step  # one line per item, indented by its depth
+        # one line per item, indented by its depth; pprint is pure Python, kept small like urlize
+        return size * (16 if name == "pprint" else 1) + items * depth * step
     return None
 
 
@@ -344,22 +348,27 @@ def _range(*args: int) -> range:
 
 
 def _checked_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    skip = 1 if getattr(func, "jinja_pass_arg", None) else 0  # context/environment first
+    """`func` behind the budget. The wrapper takes the context, which also stops jinja from
+    running the filter at compile time (constant folding), where `{{ 'x'|center(8000000) }}`
+    repeated would build gigabytes of constants before any render."""
+    pass_arg = _PassArg.from_obj(func)
+    lead = {None: lambda c: (), _PassArg.context: lambda c: (c,),
+            _PassArg.eval_context: lambda c: (c.eval_ctx,),
+            _PassArg.environment: lambda c: (c.environment,)}[pass_arg]
 
-    @wraps(func)  # keeps jinja_pass_arg
-    def bounded(*args: Any, **kwargs: Any) -> Any:
+    @jinja2.pass_context
+    def bounded(context: Any, *args: Any, **kwargs: Any) -> Any:
         b = current()
         b.tick()
-        own = list(args[skip:])
-        if own and isinstance(own[0], Iterator):  # map/select output: count what it yields
-            own[0] = list(_Counted(own[0]))
-            args = (*args[:skip], *own)
-        b.expect(_size(own[0]) if own else 0)
-        b.check_ints([*own[1:], *kwargs.values()])
-        size = _filter_size(name, tuple(own), kwargs)
+        if args and isinstance(args[0], Iterator):  # map/select output: count what it yields
+            args = (list(_Counted(args[0])), *args[1:])
+        b.expect(_size(args[0]) if args else 0)
+        b.check_ints([*args[1:], *kwargs.values()])
+        size = _filter_size(name, args, kwargs)
         if size is not None:
             b.expect(size)
-        return b.created(func(*args, **kwargs))
+        return b.created(func(*lead(context), *args, **kwargs))
+    bounded.__name__ = bounded.__qualname__ = getattr(func, "__name__", name)
     return bounded
 
 
