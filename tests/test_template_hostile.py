@@ -90,7 +90,7 @@ HOSTILE = {
 COMPILE_ERRORS = {  # refused when the template is read, before any message
     "deep-parentheses": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
     "deep-blocks": "{% for m in messages %}" * 30 + "x" + "{% endfor %}" * 30,
-    "huge-source": "x" * (2**20 + 1),
+    "huge-source": "{{ 'x' }}" * 20000,  # 180,000 characters
 }
 
 
@@ -157,6 +157,14 @@ def test_uncompilable_template_is_one_line(name):
         ChatTemplate(COMPILE_ERRORS[name], ORIGIN)
     line = one_line(e.value)
     assert ORIGIN in line and "--chat-template" in line, line
+    if name == "huge-source":
+        assert "180,000 characters long, more than the 131,072 allowed" in line
+        assert "MISTRALRS_TEMPLATE_SOURCE_CHARS" in line
+
+
+def test_source_limit_is_raised_by_environment(monkeypatch):
+    monkeypatch.setenv("MISTRALRS_TEMPLATE_SOURCE_CHARS", "180000")
+    assert ChatTemplate(COMPILE_ERRORS["huge-source"], ORIGIN).render(HI) == "x" * 20000
 
 
 def test_limits_are_raised_by_environment(monkeypatch):
@@ -199,7 +207,7 @@ def test_all_values_built_in_one_render_are_bounded_too():
 
 def test_defaults_are_the_documented_ones():
     assert TemplateLimits() == TemplateLimits(seconds=5.0, max_chars=8 * 2**20, iterations=1_000_000,
-                                              int_bits=65536)
+                                              int_bits=65536, source_chars=131072)
 
 
 def test_legitimate_near_limit_values_render():

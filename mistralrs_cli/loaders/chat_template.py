@@ -129,11 +129,11 @@ class ChatTemplate:
         self.source = source
         self.origin = origin
         limits = TemplateLimits.from_env()
-        if len(source) > limits.max_chars // 8:
+        if len(source) > limits.source_chars:
             raise TemplateError(
                 f"The chat template from {origin} is {len(source):,} characters long, more than the "
-                f"{limits.max_chars // 8:,} allowed; pass a working one with --chat-template, or "
-                f"raise MISTRALRS_TEMPLATE_MAX_CHARS (a template may be an eighth of it).", origin)
+                f"{limits.source_chars:,} allowed; pass a working one with --chat-template, or "
+                f"raise MISTRALRS_TEMPLATE_SOURCE_CHARS if you trust this one.", origin)
         try:
             # constant folding at compile time runs filters and operators; Python's compiler
             # warns (SyntaxWarning on stderr) about odd constants a template may hold

@@ -16,8 +16,10 @@ The limits (defaults in TemplateLimits, each raised by its environment variable)
                                               plus their own size)
     MISTRALRS_TEMPLATE_ITERATIONS  1000000    for-loop iterations plus range() items, in total
     MISTRALRS_TEMPLATE_INT_BITS    65536      bits of an integer made by * or **
-A render also stops after creating 16 x MAX_CHARS characters in all (every intermediate string),
-and a template source is at most MAX_CHARS / 8 characters long.
+    MISTRALRS_TEMPLATE_SOURCE_CHARS 131072    characters of the template itself (compiling one
+                                              takes seconds and hundreds of MB per 100K; real
+                                              templates are a few thousand)
+A render also stops after creating 16 x MAX_CHARS characters in all (every intermediate string).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class TemplateLimits:
     max_chars: int = 8 * 2**20
     iterations: int = 1_000_000
     int_bits: int = 65536
+    source_chars: int = 128 * 1024
 
     @classmethod
     def from_env(cls) -> "TemplateLimits":
