@@ -23,6 +23,7 @@ OFF_LOOP_THREADS = 4  # parses and template renders at once; more wait (on the l
 # a JSON string literal, unrolled so that long strings cost one fast character-class run
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800..\udfff: half of a UTF-16 pair
 
 
 def too_large(size: int, limit: int, exact: bool) -> ApiError:
@@ -95,6 +96,12 @@ def parse_json(raw: bytes, max_depth: int) -> dict:
         raise ApiError(400, "the request body nests JSON too deeply; flatten it.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(raw):  # pairs are fine; a lone half is no text a tokenizer takes
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"the request body has a lone UTF-16 surrogate ({e.object[e.start]!r}) "
+                                "in a string; send valid Unicode text.") from None
     return body
 
 
