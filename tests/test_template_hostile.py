@@ -83,6 +83,8 @@ HOSTILE = {
     # filters never run at compile time, where 200 folded constants of 8M characters were 1.6 GB
     "folded-constants": ("{{ 'x'|center(8000000) }}" * 200, "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "urlize": ("{{ ('x ' * 4000000)|urlize }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),  # a Python loop per word
+    "round-precision": ("{{ 5|round(-8000000) }}", "MISTRALRS_TEMPLATE_INT_BITS"),
+    "int-from-binary": ("{{ ('1' * 70000)|int(base=2) }}", "MISTRALRS_TEMPLATE_INT_BITS"),
     "messages-loops": ("{% for a in messages %}{% for b in messages %}{% for c in messages %}"
                        "{% for d in messages %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
                        "MISTRALRS_TEMPLATE_ITERATIONS"),

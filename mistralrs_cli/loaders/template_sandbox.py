@@ -117,6 +117,8 @@ class Budget:
 
     def created(self, value: Any) -> Any:
         """Count a value just built toward the per-render total; returns it."""
+        if type(value) is int:  # e.g. from `|int(base=2)` of a long string
+            self.int_result(value.bit_length())
         size = measure(value, self.limits.max_chars)[0]
         self.expect(size)
         self.chars -= size
@@ -289,6 +291,8 @@ def _filter_size(name: str, args: tuple, kwargs: dict) -> int | None:
     if name == "wordwrap":  # pure Python (textwrap): its input is kept small enough to be quick
         wrap = opt(2, "wrapstring", None)
         return _size(value) * max(4, 1 + len(wrap if isinstance(wrap, str) else "\n"))
+    if name == "round":  # round(5, -n) computes 10**n
+        current().int_result(4 * abs(opt(0, "precision", 0)))
     if name == "urlize":  # a Python loop per word, ~5 s a million characters: kept far smaller
         return 32 * _size(value)
     if name in ("batch", "slice"):
