@@ -82,12 +82,7 @@ def read_prompt(prompt: str) -> str:
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt - read bytes from stdin that are not UTF-8 (byte {data[e.start]:#04x} at "
                             f"offset {e.start}); send UTF-8 text.") from None
-    try:
-        prompt.encode("utf-8")  # argv is decoded with surrogateescape: invalid bytes became surrogates
-    except UnicodeEncodeError as e:
-        raise UserError(f"--prompt is not UTF-8 text (an invalid byte at character {e.start}); "
-                        "pass UTF-8 text.") from None
-    return prompt
+    return validation.check_text(prompt, "--prompt")
 
 
 def _setup_logging(opts: RunOptions) -> None:

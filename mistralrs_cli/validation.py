@@ -245,6 +245,17 @@ def check_sampling(values: Mapping[str, Any], name: Namer = field, *, vocab: int
     return out
 
 
+def check_text(text: str, what: str) -> str:
+    """text that is UTF-8 through and through: Python decodes argv (and stdin in some locales)
+    with surrogateescape, so invalid bytes arrive as lone surrogates, which the tokenizer refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (an invalid byte at character {e.start}); "
+                        "send UTF-8 text.") from None
+    return text
+
+
 def total_ram_mb() -> float:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20

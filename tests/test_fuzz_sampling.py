@@ -146,11 +146,11 @@ def test_rules_refuse_or_give_sampler_ready_values(fields, surface):
     ok.pop("n", None)
     p = SamplingParams(**{"temperature": 1.0, **ok, "top_k": max(ok.get("top_k", 0), 0)}, logprobs=True)
     logits = np.linspace(-3, 3, 8, dtype=np.float32)
-    s = sample(logits, [1, 2, 2], p, np.random.default_rng(0))
+    s = sample(logits, [1, 6, 6], p, np.random.default_rng(0))  # 6: a positive logit
     assert 0 <= s.token < 8 and math.isfinite(s.logprob) and len(s.top) == min(p.top_logprobs, 8)
     if not p.greedy:
         with np.errstate(all="ignore"):
-            probs = _sampler_probs(logits, [1, 2, 2], p)
+            probs = _sampler_probs(logits, [1, 6, 6], p)
         assert np.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-5 and (probs >= 0).all()
 
 
@@ -209,6 +209,26 @@ one_bad = st.one_of(st.none(), st.tuples(st.sampled_from(sorted(SAMPLING_KEYS :=
     "temperature", "top_p", "min_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
     "repeat_last_n", "seed", "max_tokens", "n", "top_logprobs", "logit_bias", "stop", "stop_token_ids"])),
     st.one_of(floats, ints, bias_maps, stop_lists, st.text(max_size=3))))
+
+
+@examples(300)
+@given(fields=valid_fields, logits=st.lists(st.floats(-30, 30), min_size=8, max_size=8),
+       history=st.lists(st.integers(0, 7), max_size=8))
+def test_valid_extremes_give_a_distribution(fields, logits, history):
+    """Every value the rules accept, edges included (a penalty of 1e-300 divides a logit past
+    float32's range), samples from a real distribution: finite, non-negative, summing to 1."""
+    fields = {**fields, "logit_bias": {t % 8: b for t, b in fields.get("logit_bias", {}).items()},
+              "stop_token_ids": [t % 8 for t in fields.get("stop_token_ids", [])]}
+    ok = validation.check_sampling({k: v for k, v in fields.items() if k != "n"}, vocab=8)
+    p = SamplingParams(**{**ok, "top_k": max(ok.get("top_k", 0), 0)}, logprobs=True)
+    x = np.array(logits, dtype=np.float32)
+    s = sample(x, history, p, np.random.default_rng(0))
+    assert 0 <= s.token < 8 and math.isfinite(s.logprob)
+    if not p.greedy:
+        with np.errstate(all="ignore"):
+            probs = _sampler_probs(x, history, p)
+        assert np.isfinite(probs).all() and (probs >= 0).all() and abs(float(probs.sum()) - 1) < 1e-5
+        assert probs[s.token] > 0
 
 
 @examples(30)

@@ -108,6 +108,8 @@ def cli_results(model, tmp_path_factory):
     runs["stdin-not-utf8"] = (["--prompt", "-", "gguf", "-f", str(model)], b"hello \xc3\x28 world")
     # a pool the model's KV cache cannot fit: found once the model's size per token is known
     runs["pa-ctxt-len-past-ram"] = (["--pa-ctxt-len", str(2**31 - 1), "--prompt", "hi", "gguf", "-f", str(model)], None)
+    runs["interactive-not-utf8"] = (["--temperature", "0", "--max-tokens", "2", "-i", "gguf", "-f", str(model)],
+                                    b"caf\xe9 \xff\nhello\n")
     runs["control"] = (["--temperature", "0", "--max-tokens", "2", "--prompt", "hi", "gguf", "-f", str(model)], None)
     with ThreadPoolExecutor(4) as pool:
         futures = {name: pool.submit(_cli, args, stdin, cwd) for name, (args, stdin) in runs.items()}
@@ -138,6 +140,14 @@ def test_cli_invalid_utf8_prompt_and_stdin(cli_results):
     assert "--prompt" in _one_error_line(cli_results["prompt-not-utf8"])
     line = _one_error_line(cli_results["stdin-not-utf8"])
     assert "stdin" in line and "UTF-8" in line and "offset 6" in line  # where the bad byte is
+
+
+def test_interactive_names_a_line_that_is_not_utf8_and_goes_on(cli_results):
+    p = cli_results["interactive-not-utf8"]
+    err = p.stderr.decode("utf-8", errors="replace")
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "error: that line is not UTF-8 text (an invalid byte at character 3)" in err
+    assert "generated: 2 tokens" in err  # the next line was answered
 
 
 def test_cli_kv_pool_larger_than_ram(cli_results):

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ..api import Runner
 from ..errors import UserError
+from ..validation import check_text
 from ..loaders.load import cache_root
 from ..prompting import chat_ids, chat_prompt
 from ..sampling_defaults import sampling_params
@@ -117,6 +118,11 @@ class Chat:
             text = line.strip()
             if not text:
                 continue
+            try:
+                check_text(text, "that line")
+            except UserError as e:  # a pipe of bytes that are not UTF-8: say so, keep the chat
+                _note(f"error: {e}")
+                continue
             m = _COMMAND.match(text)
             if m is None:
                 self.ask(text)
@@ -218,6 +224,13 @@ class Chat:
 
 
 # ---- input ----
+def _readline() -> str:
+    """One line of stdin; bytes that are not UTF-8 come through as surrogates (for the loop to
+    name), where a strict text stream would raise in the middle of a chat."""
+    buf = getattr(sys.stdin, "buffer", None)
+    return buf.readline().decode("utf-8", errors="surrogateescape") if buf is not None else sys.stdin.readline()
+
+
 def _pipe_reader(prompt: bool) -> Callable[[], str | None]:
     """Plain lines (stdin is not a terminal): a line ending with a backslash continues."""
 
@@ -227,7 +240,7 @@ def _pipe_reader(prompt: bool) -> Callable[[], str | None]:
             if prompt:
                 sys.stderr.write("> " if not lines else ". ")
                 sys.stderr.flush()
-            line = sys.stdin.readline()
+            line = _readline()
             if not line:
                 return "\n".join(lines) if lines else None
             line = line.rstrip("\r\n")
