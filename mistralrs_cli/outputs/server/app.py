@@ -81,8 +81,11 @@ class Routes:
         self.check_key(request)
         self.check_engine()
         raw = await read_body(request, self.state.limits.max_body_bytes)
-        body = await self.off_loop(parse_json, raw, self.state.limits.max_json_depth)
-        self.log.write("request", {"path": request.url.path, "body": body})
+        return await self.off_loop(self.parse_and_log, raw, request.url.path)
+
+    def parse_and_log(self, raw: bytes, path: str) -> dict:  # a worker thread: both cost O(body)
+        body = parse_json(raw, self.state.limits.max_json_depth)
+        self.log.write("request", {"path": path, "body": body})
         return body
 
     # ---- routes ----
