@@ -17,6 +17,22 @@ TOKEN_FORMS = "literal:TOKEN, env:VAR, env (HF_TOKEN or HUGGING_FACE_HUB_TOKEN),
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
+def short_path(path: str | Path, keep: int = 120) -> str:
+    """A path for a message: whole, or its start and end around an ellipsis when it is long."""
+    text = str(path)
+    return text if len(text) <= keep else f"{text[:keep // 2]}…{text[-keep // 2:]} ({len(text)} characters)"
+
+
+def probe(path: Path, test: str) -> bool:
+    """path.is_file() / is_dir() / exists(), with the OS's refusals (a name too long, a component
+    that is not a directory, no permission) as one UserError sentence instead of a traceback."""
+    try:
+        return getattr(path, test)()
+    except OSError as e:
+        raise UserError(f"the path {short_path(path)} cannot be used ({e.strerror or e}); check the "
+                        "-m/-f/-t paths and file names.") from None
+
+
 def hf_home() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
     return Path(os.path.expandvars(os.environ.get("HF_HOME") or str(default))).expanduser()
@@ -43,7 +59,7 @@ def resolve_token(token_source: str) -> str | None:
         return None
     if token_source == "cache":  # the file `hf auth login` writes
         path = Path(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token").expanduser()
-        return _clean(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return _clean(path.read_text(encoding="utf-8")) if probe(path, "is_file") else None
     if token_source == "env":
         return _clean(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
     if sep and arg and kind == "env":
@@ -52,7 +68,7 @@ def resolve_token(token_source: str) -> str | None:
         return _clean(arg)
     if sep and arg and kind == "path":
         path = Path(arg).expanduser()
-        if not path.is_file():
+        if not probe(path, "is_file"):
             raise UserError(f"--token-source path:{arg} names a file that does not exist; "
                             f"write the token there or pass another source ({TOKEN_FORMS}).")
         return _clean(path.read_text(encoding="utf-8"))
@@ -72,7 +88,7 @@ def _looks_like_path(model_id: str) -> bool:
 
 def _check_not_a_missing_path(model_id: str, flag: str) -> None:
     local = Path(model_id).expanduser()
-    if local.exists():
+    if probe(local, "exists"):
         raise UserError(f"{flag} {model_id} is a file, not a directory; pass the directory that "
                         f"holds the model files or a Hugging Face repo id.")
     if _looks_like_path(model_id):
@@ -149,14 +165,14 @@ def resolve_file(model_id: str | None, filename: str, token_source: str = "cache
     When required is False a file the model does not have gives None."""
     candidate = Path(filename).expanduser()
     has_dir = candidate.is_absolute() or candidate.parent != Path(".")
-    if (model_id is None or has_dir) and candidate.is_file():
+    if (model_id is None or has_dir) and probe(candidate, "is_file"):
         return candidate
     if model_id is None:
         raise UserError(f"{filename} does not exist; pass an existing file or a model id with {flag}.")
     local = Path(model_id).expanduser()
-    if local.is_dir():
+    if probe(local, "is_dir"):
         path = local / filename
-        if path.is_file():
+        if probe(path, "is_file"):
             return path
         if required:
             raise UserError(f"{filename} is not in the model directory {local}; add it there or "
@@ -177,7 +193,7 @@ def resolve_model_dir(model_id: str, token_source: str = "cache",
     """A local directory as is, else the Hub snapshot of `model_id` (downloaded if needed and
     allowed), limited to `allow_patterns` (e.g. ["*.json", "*.safetensors"])."""
     local = Path(model_id).expanduser()
-    if local.is_dir():
+    if probe(local, "is_dir"):
         return local
     _check_not_a_missing_path(model_id, flag)
     from huggingface_hub import snapshot_download
@@ -194,10 +210,10 @@ def resolve_model_file(model_id: str | None, filename: str, token_source: str, k
     or local directory. `kind` and `ext` name the format in messages ("GGUF", ".gguf")."""
     if model_id is None:
         path = Path(filename).expanduser()
-        if path.is_dir():
+        if probe(path, "is_dir"):
             raise UserError(f"-f {path} is a directory; pass the {kind} {ext} file inside it (or the "
                             "directory with -m and the file name with -f).")
-        if not path.is_file():
+        if not probe(path, "is_file"):
             raise UserError(f"{kind} file {path} does not exist; pass an existing {ext} path to -f "
                             "(or a repo or directory with -m and the file name with -f).")
         return path

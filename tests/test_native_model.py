@@ -256,14 +256,14 @@ def test_attention_over_an_f16_cache_equals_an_f32_cache_of_the_same_values(flag
 
 
 def test_a_tensor_shape_the_metadata_disagrees_with_is_one_clear_error(tmp_path, vocab):
-    """The native runtime checks every shape against the metadata before trusting a pointer; a
-    disagreeing file goes to the torch loader, whose error names the tensor."""
+    """Every projection's shape is checked against the metadata before any weight is loaded
+    (loaders/gguf_checks.py); the error names the tensor and both shapes."""
     from mistralrs_cli.errors import UserError
 
     hf = gb.tiny_llama(1)
     hf.model.layers[0].mlp.down_proj = torch.nn.Linear(96, hf.config.hidden_size, bias=False)
     path = gb.write_gguf(tmp_path / "bad.gguf", hf, vocab=vocab, qtype=Q.Q8_0)
-    with pytest.raises(UserError, match=r"down_proj.*has shape \[64, 96\]"):
+    with pytest.raises(UserError, match=r"blk\.0\.ffn_down\.weight has shape \[64, 96\].*gives \[64, 128\]"):
         _load(path)
 
 

@@ -8,7 +8,9 @@ the GGUF loader's un-permutation applies unchanged.
 """
 from __future__ import annotations
 
+import math
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +131,10 @@ class GGMLFile:
             except (ValueError, KeyError):
                 raise UserError(f"{self.path}: tensor {name} has unknown GGML type {ttype}; the file "
                                 "is damaged or uses a type this build does not read.") from None
-            if ne[0] % block:
-                raise UserError(f"{self.path}: tensor {name} has rows of {ne[0]} values, not whole "
-                                f"{qtype.name} blocks of {block}; the file is damaged.")
-            nbytes = int(np.prod(ne)) // block * type_size
+            if ne[0] % block or 0 in ne:
+                raise UserError(f"{self.path}: tensor {name} has dimensions {list(ne)}, not whole "
+                                f"{qtype.name} blocks of {block} per row; the file is damaged.")
+            nbytes = math.prod(ne) // block * type_size  # Python ints: no int64 wrap-around
             offset = -(-self._pos // ALIGNMENT) * ALIGNMENT
             if offset + nbytes > len(buf):
                 raise _Truncated()
@@ -171,7 +173,7 @@ def n_ff_from_mult(n_embd: int, n_mult: int) -> int:
 def ggml_config(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: float = 10000.0) -> ModelConfig:
     hp = gf.hparams
     heads, embd = hp["n_head"], hp["n_embd"]
-    if heads <= 0 or embd <= 0 or embd % heads or hp["n_layer"] <= 0:
+    if heads <= 0 or embd <= 0 or embd % heads or hp["n_layer"] <= 0 or hp["n_vocab"] <= 0:
         raise UserError(f"{gf.path} has impossible hyper-parameters (n_embd {embd}, n_head {heads}, "
                         f"n_layer {hp['n_layer']}); the file is damaged.")
     if gqa < 1 or heads % gqa:
@@ -185,6 +187,9 @@ def ggml_config(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: float
     else:
         raise UserError(f"{gf.path} has n_mult 0 and no feed-forward tensor; the file is damaged.")
     head_dim = embd // heads
+    if hp["n_rot"] > head_dim or hp["n_rot"] % 2:
+        raise UserError(f"{gf.path} has n_rot {hp['n_rot']}, not an even number of at most the head "
+                        f"size {head_dim}; the file is damaged.")
     return ModelConfig.from_dict({
         "model_type": "llama", "hidden_act": "silu",
         "vocab_size": hp["n_vocab"], "hidden_size": embd, "intermediate_size": n_ff,
@@ -197,8 +202,24 @@ def ggml_config(gf: GGMLFile, gqa: int = 1, eps: float = 1e-5, rope_theta: float
     })
 
 
+def _check_layers(gf: GGMLFile, cfg: ModelConfig) -> None:
+    """n_layer against the layers the file has tensors for, and the embeddings against n_embd,
+    before a model of n_layer layers is built (a damaged n_layer would otherwise size it)."""
+    n = cfg.num_hidden_layers
+    present = {int(m.group(1)) for name in gf.tensors if (m := re.match(r"layers\.(\d+)\.", name))}
+    missing = next((i for i in range(n) if i not in present), None)
+    if missing is not None or (present and max(present) >= n):
+        which = f"no tensors for layer {missing}" if missing is not None else f"tensors for layer {max(present)}"
+        raise UserError(f"{gf.path} says n_layer {n} but has {which}; the file is damaged.")
+    emb = gf.tensors.get("tok_embeddings.weight")
+    if emb is None or len(emb.shape) != 2 or emb.shape[1] != cfg.hidden_size:
+        shape = "no tok_embeddings.weight" if emb is None else f"tok_embeddings of shape {list(emb.shape)}"
+        raise UserError(f"{gf.path} says n_embd {cfg.hidden_size} but has {shape}; the file is damaged.")
+
+
 def _check_shapes(gf: GGMLFile, cfg: ModelConfig) -> None:
     """A wrong --gqa shows first as k/v rows: say so rather than a generic shape error."""
+    _check_layers(gf, cfg)
     wk = gf.tensors.get("layers.0.attention.wk.weight")
     if wk is not None and len(wk.shape) == 2:
         kv_rows = cfg.num_key_value_heads * cfg.head_dim
@@ -250,7 +271,7 @@ def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
     tok_cfg: dict[str, Any] | None = None
     gen_cfg: dict[str, Any] | None = None
     src = spec.tok_model_id
-    if src and tok_json is None and src.endswith(".json") and Path(src).expanduser().is_file():
+    if src and tok_json is None and src.endswith(".json") and hub.probe(Path(src).expanduser(), "is_file"):
         tok_json, src = Path(src).expanduser(), None
     if src:
         flag = "-t/--tok-model-id"
@@ -260,7 +281,7 @@ def _tokenizer(spec: GGMLSpec, opts: LoadOptions):
     if tok_json is None:
         raise UserError("a GGML model needs a tokenizer (its vocab has no merges): pass -t/--tok-model-id "
                         "(a repo, directory or tokenizer.json) or --tokenizer-json FILE.")
-    if not tok_json.is_file():
+    if not hub.probe(tok_json, "is_file"):
         raise UserError(f"tokenizer file {tok_json} does not exist; check -t/--tokenizer-json.")
     tok_cfg = dict(tok_cfg or {})
     eos = (gen_cfg or {}).get("eos_token_id")

@@ -7,7 +7,10 @@ reference the tests compare this reader against, field for field.
 """
 from __future__ import annotations
 
+import math
 import mmap
+import os
+import resource
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +21,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import UserError
+from ..hub import short_path
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 16  # arrays of arrays: real files nest at most twice; deeper only exhausts the stack
+_MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}  # an element's smallest encoding
 
 # scalar GGUF value types -> struct format
 _SCALAR = {
@@ -43,6 +50,10 @@ _NUMPY = {
 
 class _Truncated(Exception):
     pass
+
+
+class _Malformed(Exception):
+    """A header value no GGUF writer produces: the message says which and why."""
 
 
 @dataclass
@@ -87,18 +98,24 @@ class _Cursor:
         self.pos = pos
         return _LazyStrings(buf, start, count)
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         vtype = GGUFValueType(vtype)
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_NESTING:
+                raise _Malformed(f"an array nests arrays more than {MAX_NESTING} deep")
             item_type, count = GGUFValueType(self.take("<I")), self.take("<Q")
+            # the count is checked against the bytes left before any list grows toward it
+            least = _MIN_BYTES.get(item_type) or np.dtype(_NUMPY[item_type]).itemsize
+            if self.pos + count * least > len(self.buf):
+                raise _Truncated()
             if item_type == GGUFValueType.STRING:
                 if count >= _LAZY_STRINGS:
                     return self.lazy_strings(count)
                 return [self.string() for _ in range(count)]
             if item_type == GGUFValueType.ARRAY:
-                return [self.value(GGUFValueType.ARRAY) for _ in range(count)]
+                return [self.value(GGUFValueType.ARRAY, depth + 1) for _ in range(count)]
             dtype = np.dtype(_NUMPY[item_type]).newbyteorder("<")
             end = self.pos + count * dtype.itemsize
             if end > len(self.buf):
@@ -140,6 +157,52 @@ class _LazyStrings(Sequence):
         return list(self) == list(other)
 
 
+def _tensor_info(cur: _Cursor) -> TensorInfo:
+    """One tensor-table entry, its offset still relative to the data section. Its dims are
+    checked here, before any size is computed from them."""
+    name = cur.string()
+    n_dims = cur.take("<I")
+    if n_dims > MAX_DIMS:
+        raise _Malformed(f"tensor {name[:80]} has {n_dims} dimensions (at most {MAX_DIMS})")
+    dims = [cur.take("<Q") for _ in range(n_dims)]
+    qtype = GGMLQuantizationType(cur.take("<I"))
+    offset = cur.take("<Q")
+    if qtype not in GGML_QUANT_SIZES:
+        raise _Malformed(f"tensor {name[:80]} has type {qtype.name}, which no longer has a layout")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if 0 in dims:
+        raise _Malformed(f"tensor {name[:80]} has a dimension of 0 ({dims})")
+    n = math.prod(dims)
+    if n >= 1 << 63:  # ggml counts elements in int64
+        raise _Malformed(f"tensor {name[:80]} has dimensions {dims}, more elements than ggml can count")
+    if (dims[0] if dims else 1) % block:
+        raise _Malformed(f"tensor {name[:80]} has rows of {dims[0] if dims else 1} values, not whole "
+                         f"{qtype.name} blocks of {block}")
+    return TensorInfo(name, qtype, tuple(reversed(dims)), offset, n // block * type_size)
+
+
+def memory_limit() -> int:
+    """Bytes this process can hold: the machine's physical memory, or less under an
+    address-space limit (ulimit -v)."""
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 62  # unknown (not POSIX): no check
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return phys if soft == resource.RLIM_INFINITY else min(phys, soft)
+
+
+def check_fits_memory(path: Path, size: int) -> None:
+    """Every loader repacks a file's weights into memory, so a file bigger than the memory this
+    process can hold cannot load: say so before mapping it (a mapping that big fails or, worse,
+    the repack is killed by the OOM killer midway)."""
+    limit = memory_limit()
+    if size > limit:
+        raise UserError(f"{path} is {size / 1e9:.1f} GB but this process can use at most "
+                        f"{limit / 1e9:.1f} GB of memory; use a smaller (more quantized) file or a "
+                        "machine with more memory.")
+
+
 class GGUFFile:
     """Metadata (dict of python values; numeric arrays as numpy) and memory-mapped tensors."""
 
@@ -149,10 +212,18 @@ class GGUFFile:
             size = self.path.stat().st_size
         except FileNotFoundError:
             raise UserError(f"GGUF file {self.path} does not exist; check the -m/-f paths.") from None
+        except OSError as e:  # a name too long, a permission: the OS's reason, on one line
+            raise UserError(f"cannot read GGUF file {short_path(self.path)} ({e.strerror or e}); "
+                            "check the -m/-f paths.") from None
         if size == 0:
             raise UserError(f"{self.path} is empty (0 bytes), not a GGUF model; re-download it.")
-        # copy-on-write map: torch wants writable arrays, pages stay shared with the page cache
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        check_fits_memory(self.path, size)
+        try:
+            # copy-on-write map: torch wants writable arrays, pages stay shared with the page cache
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot map {self.path} into memory ({e}); check the file and the "
+                            "memory available.") from None
         if bytes(self._map[:4]) != GGUF_MAGIC:
             raise UserError(f"{self.path} is not a GGUF file (it does not start with 'GGUF'); "
                             "pass a .gguf model file.")
@@ -161,6 +232,9 @@ class GGUFFile:
         except _Truncated:
             raise UserError(f"{self.path} is truncated: its header ends early; "
                             "re-download the file.") from None
+        except _Malformed as e:
+            raise UserError(f"{self.path} has a malformed GGUF header: {e}; the file is damaged "
+                            "or was written by a broken converter.") from None
         except ValueError as e:  # unknown value type or tensor type enum
             raise UserError(f"{self.path} has a malformed or unsupported GGUF header ({e}).") from None
 
@@ -172,28 +246,44 @@ class GGUFFile:
             raise UserError(f"{self.path} is GGUF version {self.version}; only versions 2 and 3 "
                             "are supported.")
         n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        # a key-value pair takes at least 13 bytes, a tensor entry 24: counts the file cannot
+        # hold are refused before any loop runs toward them
+        if cur.pos + 13 * n_kv + 24 * n_tensors > len(buf):
+            raise _Truncated()
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.metadata:  # as llama.cpp: which of the two would count is a guess
+                raise _Malformed(f"the key {key[:80]!r} appears twice")
             self.metadata[key] = cur.value(cur.take("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
-            qtype = GGMLQuantizationType(cur.take("<I"))
-            infos.append((name, tuple(reversed(dims)), qtype, cur.take("<Q")))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        infos = [_tensor_info(cur) for _ in range(n_tensors)]
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(align) is not int or align <= 0 or align & (align - 1):
+            raise _Malformed(f"general.alignment is {str(align)[:40]}, not a positive power of two")
         self.data_offset = -(-cur.pos // align) * align
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, shape, qtype, offset in infos:
-            block, type_size = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(shape)) if shape else 1
-            info = TensorInfo(name, qtype, shape, self.data_offset + offset, n // block * type_size)
-            if info.offset + info.nbytes > len(buf):
-                raise UserError(f"{self.path} is truncated: tensor {name} needs bytes up to "
-                                f"{info.offset + info.nbytes} but the file has {len(buf)}; "
+        self.tensors = self._place(infos, align, len(buf))
+
+    def _place(self, infos: list[TensorInfo], align: int, size: int) -> dict[str, TensorInfo]:
+        """The tensors at their absolute offsets, each inside the file and none overlapping
+        another (so their bytes together are at most the file's size)."""
+        tensors: dict[str, TensorInfo] = {}
+        for info in infos:
+            if info.name in tensors:
+                raise _Malformed(f"the tensor name {info.name[:80]!r} appears twice")
+            if info.offset % align:
+                raise _Malformed(f"tensor {info.name}'s data offset {info.offset} is not a multiple "
+                                 f"of the alignment {align}")
+            info.offset += self.data_offset
+            if info.offset + info.nbytes > size:
+                raise UserError(f"{self.path} is truncated: tensor {info.name} needs bytes up to "
+                                f"{info.offset + info.nbytes} but the file has {size}; "
                                 "re-download the file.")
-            self.tensors[name] = info
+            tensors[info.name] = info
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise _Malformed(f"the data of tensors {a} and {b} overlap")
+        return tensors
 
     @property
     def architecture(self) -> str:

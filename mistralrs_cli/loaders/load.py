@@ -11,7 +11,10 @@ import logging
 import os
 import threading
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from .. import hub
 from ..errors import UserError
@@ -56,23 +59,24 @@ def _tokenizer(spec: GGUFSpec, gf: GGUFFile, opts: LoadOptions) -> tuple[Tokeniz
         tok_cfg = _read_json(hub.resolve_file(src, "tokenizer_config.json", opts.token_source, required=False, flag="-t/--tok-model-id"))
         gen_cfg = _read_json(hub.resolve_file(src, "generation_config.json", opts.token_source, required=False, flag="-t/--tok-model-id"))
     if tok_json is not None:
-        if not tok_json.is_file():
+        if not hub.probe(tok_json, "is_file"):
             raise UserError(f"tokenizer file {tok_json} does not exist; check --tokenizer-json.")
         tok_cfg = tok_cfg or _special_tokens_from_gguf(gf.metadata)
         eos = (gen_cfg or {}).get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else (eos or [])
         return tokenizer_from_file(tok_json, tok_cfg, eos), tok_cfg, gen_cfg
     cache = cache_root() / "tokenizers" / _file_key(gf.path)
-    return tokenizer_from_gguf(gf.metadata, cache_path=cache), None, None
+    return tokenizer_from_gguf(gf.metadata, cache_path=cache, source=str(gf.path)), None, None
 
 
 def _special_tokens_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
     """A bare tokenizer.json says nothing about BOS/EOS: take them from the GGUF's metadata."""
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, Sequence) and not isinstance(tokens, str) else []
     cfg: dict[str, Any] = {}
     for key, name in (("bos", "bos_token"), ("eos", "eos_token")):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and 0 <= int(i) < len(tokens):
+        if isinstance(i, (int, np.integer)) and 0 <= int(i) < len(tokens):  # else: not a usable id
             cfg[name] = tokens[int(i)]
     if "tokenizer.ggml.add_bos_token" in meta:
         cfg["add_bos_token"] = bool(meta["tokenizer.ggml.add_bos_token"])
@@ -83,6 +87,12 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     path = hub.resolve_model_file(spec.quantized_model_id, spec.quantized_filename, opts.token_source,
                                   "GGUF", ".gguf")
     gf = GGUFFile(path)
+    # every metadata value checked against the others and the tensors before the tokenizer or
+    # any weight is built (the builders below run it again: it is cheap)
+    from .gguf_config import gguf_config
+
+    gguf_config(gf)
+    _check_template(gf)
     if _tokenizer_cached(spec, gf):
         # the layers' weights repack on the other cores (one C call that lets go of Python's
         # lock) while this thread reads the tokenizer (a call that holds it: Gemma's 262k tokens
@@ -119,6 +129,15 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
     eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "",
                   from_generation_config(gen_cfg))
+
+
+def _check_template(gf: GGUFFile) -> None:
+    """The embedded chat template is text; anything else is a broken file, said before loading."""
+    value = gf.metadata.get("tokenizer.chat_template")
+    if value is not None and not isinstance(value, str):
+        kind = "an array" if hasattr(value, "__len__") else f"the number {str(value)[:40]}"
+        raise UserError(f"{gf.path}: tokenizer.chat_template is {kind}, not text; pass a template "
+                        "with --chat-template, or use an undamaged file.")
 
 
 def _tokenizer_cached(spec: GGUFSpec, gf: GGUFFile) -> bool:

@@ -24,6 +24,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from mistralrs_cli.errors import UserError
 
+from .gguf_values import BadValue, flag, numbers, strings, text, token_id
+
 log = logging.getLogger(__name__)
 
 # llama.cpp's split regexes (llama-vocab.cpp), applied in order; text between matches is kept.
@@ -193,11 +195,6 @@ class StreamDecoder:
         return delta
 
 
-def _array(meta: Mapping[str, Any], key: str) -> np.ndarray | None:
-    value = meta.get(key)
-    return None if value is None else np.asarray(value)
-
-
 def _added_tokens(tokens: list[str], types: np.ndarray | None) -> list[AddedToken]:
     """Control/unknown tokens (special) and user-defined ones, matched on raw text as llama.cpp."""
     kinds = np.zeros(len(tokens), np.int64) if types is None else types
@@ -225,14 +222,14 @@ def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
 
 
 def _build_spm(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer, bool]:
-    scores = _array(meta, "tokenizer.ggml.scores")
+    scores = numbers(meta, "tokenizer.ggml.scores", len(tokens))
     scores = np.zeros(len(tokens), np.float32) if scores is None else scores.astype(np.float64)
     vocab = {t: i for i, t in enumerate(tokens)}
-    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    unk = token_id(meta, "tokenizer.ggml.unknown_token_id", 0, len(tokens))
     bpe = models.BPE(vocab, spm_merges(tokens, scores), byte_fallback=True, fuse_unk=True,
-                     unk_token=tokens[unk] if 0 <= unk < len(tokens) else None)
+                     unk_token=tokens[unk] if unk is not None else None)
     hf = HFTokenizer(bpe)
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    prefix = flag(meta, "tokenizer.ggml.add_space_prefix", True)
     steps = [normalizers.Prepend("▁")] if prefix else []
     hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
@@ -253,15 +250,15 @@ def _pre_tokenizer(name: str | None) -> PreTokenizer:
 
 
 def _build_gpt2(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer, PreTokenizer]:
-    merges = meta.get("tokenizer.ggml.merges")
+    merges = strings(meta, "tokenizer.ggml.merges")
     if merges is None:
-        raise UserError("GGUF tokenizer.ggml.model is 'gpt2' but tokenizer.ggml.merges is "
-                        "missing; pass the model's tokenizer.json with -t.")
+        raise BadValue("tokenizer.ggml.model is 'gpt2' but tokenizer.ggml.merges is missing")
     cuts = [(m, m.find(" ", 1)) for m in merges]  # llama.cpp: the first space after index 0
     pairs = [(m[:c], m[c + 1:]) for m, c in cuts if c > 0]
-    pre = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    pre = _pre_tokenizer(text(meta, "tokenizer.ggml.pre"))
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [p for p in pairs if p[0] + p[1] in vocab]
+    # a merge naming a token the vocabulary lacks could never apply (and `tokenizers` refuses it)
+    pairs = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
     hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
     splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in _SPLITS[pre.splits]]
     hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -271,13 +268,13 @@ def _build_gpt2(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer
 
 
 def _special_ids(meta: Mapping[str, Any], kind: str, n: int) -> tuple[int | None, int | None]:
-    bos = meta.get("tokenizer.ggml.bos_token_id", 1 if kind == "llama" else None)
-    eos = meta.get("tokenizer.ggml.eos_token_id", 2 if kind == "llama" else None)
-    return tuple(int(i) if i is not None and 0 <= int(i) < n else None for i in (bos, eos))
+    return (token_id(meta, "tokenizer.ggml.bos_token_id", 1 if kind == "llama" else None, n),
+            token_id(meta, "tokenizer.ggml.eos_token_id", 2 if kind == "llama" else None, n))
 
 
 def _eos_ids(hf: HFTokenizer, meta: Mapping[str, Any], eos: int | None) -> set[int]:
-    ids = {eos} | {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")}
+    n = hf.get_vocab_size(with_added_tokens=True)
+    ids = {eos} | {token_id(meta, f"tokenizer.ggml.{k}_token_id", None, n) for k in ("eot", "eom")}
     ids |= {hf.token_to_id(name) for name in EOG_NAMES}
     return {int(i) for i in ids if i is not None}
 
@@ -295,14 +292,23 @@ def _set_post_processor(tok: Tokenizer) -> None:
         tok.hf.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
 
 
-def build_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
-    """Build (slowly, for big SentencePiece vocabs) the tokenizer GGUF metadata describes."""
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
+def build_from_gguf(meta: Mapping[str, Any], source: str = "GGUF") -> Tokenizer:
+    """Build (slowly, for big SentencePiece vocabs) the tokenizer GGUF metadata describes.
+    source: the file, as messages name it."""
+    try:
+        return _build(meta, source)
+    except BadValue as e:
+        raise UserError(f"{source}: tokenizer metadata {e}; pass the model's tokenizer.json with "
+                        "-t, or use an undamaged file.") from None
+
+
+def _build(meta: Mapping[str, Any], source: str) -> Tokenizer:
+    kind = text(meta, "tokenizer.ggml.model")
+    tokens = strings(meta, "tokenizer.ggml.tokens")
     if not tokens:
-        raise UserError("GGUF has no tokenizer.ggml.tokens; pass the model's tokenizer.json "
+        raise UserError(f"{source} has no tokenizer.ggml.tokens; pass the model's tokenizer.json "
                         "with -t.")
-    tokens = [str(t) for t in tokens]
+    tokens = list(tokens)
     if kind == "llama":
         hf, strip = _build_spm(tokens, meta)
         add_bos_default = True
@@ -310,15 +316,15 @@ def build_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
         (hf, pre), strip = _build_gpt2(tokens, meta), False
         add_bos_default = pre.add_bos
     else:
-        raise UserError(f"GGUF tokenizer.ggml.model {kind!r} is not supported (only 'llama' and "
-                        "'gpt2'); pass the model's tokenizer.json with -t.")
-    added = _added_tokens(tokens, _array(meta, "tokenizer.ggml.token_type"))
+        raise UserError(f"{source}: tokenizer.ggml.model {str(kind)[:40]!r} is not supported (only "
+                        "'llama' and 'gpt2'); pass the model's tokenizer.json with -t.")
+    added = _added_tokens(tokens, numbers(meta, "tokenizer.ggml.token_type", len(tokens)))
     hf.add_special_tokens([t for t in added if t.special])
     hf.add_tokens([t for t in added if not t.special])  # add_special_tokens marks all special
     bos, eos = _special_ids(meta, kind, len(tokens))
     tok = Tokenizer(hf, bos, eos, strip_space=strip, eos_ids=_eos_ids(hf, meta, eos),
-                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+                    add_bos=flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default),
+                    add_eos=flag(meta, "tokenizer.ggml.add_eos_token", False))
     _set_post_processor(tok)
     return tok
 
@@ -350,12 +356,14 @@ def load_cache(cache_dir: Path) -> Tokenizer | None:
                      side["strip_space"], set(side["eos_ids"]))
 
 
-def tokenizer_from_gguf(meta: Mapping[str, Any], cache_path: Path | None = None) -> Tokenizer:
+def tokenizer_from_gguf(meta: Mapping[str, Any], cache_path: Path | None = None,
+                        source: str = "GGUF") -> Tokenizer:
     """Tokenizer from GGUF metadata; with `cache_path` (a directory keyed by the file's identity,
-    chosen by the caller) the built tokenizer is saved there and loaded from it next time."""
+    chosen by the caller) the built tokenizer is saved there and loaded from it next time.
+    source: the file, as error messages name it."""
     if cache_path is not None and (cached := load_cache(Path(cache_path))) is not None:
         return cached
-    tok = build_from_gguf(meta)
+    tok = build_from_gguf(meta, source)
     if cache_path is not None:
         try:
             save_cache(tok, Path(cache_path))
