@@ -31,7 +31,7 @@ import test_chat_template as known
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.loaders.builtin_templates import TEMPLATE_DIR
 from mistralrs_cli.loaders.chat_template import ChatTemplate, TemplateError
-from mistralrs_cli.loaders.template_sandbox import TemplateLimits
+from mistralrs_cli.loaders.template_budget import TemplateLimits
 
 MISTRALRS = Path(sys.executable).with_name("mistralrs")
 FIXTURES = Path(__file__).parent / "fixtures" / "templates"
@@ -133,7 +133,8 @@ def test_hostile_render_ends_with_one_line(name):
     assert time.monotonic() - start < BOUND_S
     line = one_line(e.value)
     assert line.startswith(f"The chat template from {ORIGIN} "), line
-    assert says in line and "--chat-template" in line, line
+    # on a loaded machine the 5 s limit may come first in the cases that are also CPU-heavy
+    assert (says in line or "MISTRALRS_TEMPLATE_SECONDS" in line) and "--chat-template" in line, line
 
 
 def test_recursion_in_a_worker_thread_is_one_line():

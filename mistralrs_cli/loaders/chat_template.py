@@ -5,7 +5,7 @@ CVE-2024-34359 ran arbitrary Python from a GGUF template. So rendering happens i
 ImmutableSandboxedEnvironment, the template only ever sees plain JSON data, and every failure
 (sandbox violation, syntax error, raise_exception) becomes one TemplateError sentence. The
 sandbox is template_sandbox.BoundedSandbox, so a render also ends within its time, size and
-iteration limits (template_sandbox.TemplateLimits, raised with MISTRALRS_TEMPLATE_* variables).
+iteration limits (template_budget.TemplateLimits, raised with MISTRALRS_TEMPLATE_* variables).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import jinja2.ext
 
 from mistralrs_cli.errors import UserError
 
-from .template_sandbox import BoundedSandbox, BudgetExceeded, TemplateLimits, budget
+from .template_budget import BudgetExceeded, TemplateLimits, budget
+from .template_sandbox import BoundedSandbox
 
 class TemplateError(UserError):
     """A chat template failed to compile or render; `template_message` is the template's own text
