@@ -22,7 +22,7 @@ import jinja2.ext
 
 from mistralrs_cli.errors import UserError
 
-from .template_budget import BudgetExceeded, TemplateLimits, budget
+from .template_budget import BudgetExceeded, TemplateLimits, budget, current
 from .template_sandbox import BoundedSandbox
 
 class TemplateError(UserError):
@@ -44,6 +44,7 @@ def _raise_exception(message: str) -> None:
 
 
 def _strftime_now(fmt: str) -> str:
+    current().expect(12 * len(str(fmt)))  # "%c" (2 characters) writes 24
     return datetime.now().strftime(fmt)
 
 

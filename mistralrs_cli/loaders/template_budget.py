@@ -24,7 +24,7 @@ import re
 import string
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -263,42 +263,79 @@ STR_METHOD_SIZES: dict[str, Callable[..., int]] = {
 }
 
 
+def _sequence_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    count, fill = opt(0, "linecount" if name == "batch" else "slices", 1), opt(1, "fill_with", None)
+    if name == "slice":
+        current().iterate(max(count, 0))  # do_slice loops `slices` times
+    return size_of(value) + max(count, 0) * (2 + (size_of(fill) if fill is not None else 0))
+
+
+def _sum_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    # lists add up by copying the running total (from `start` on) once per item
+    items = value if isinstance(value, list) else []
+    if all(isinstance(x, (int, float)) for x in items):
+        return 0
+    return len(items) * (join_size("", items) + size_of(opt(1, "start", 0)))
+
+
+def _dump_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    size, depth, items = measure(value, current().limits.max_chars)
+    indent = opt(1, "indent", None) if name == "tojson" else 1
+    step = len(indent) if isinstance(indent, str) else indent or 0
+    separators = size_of(opt(2, "separators", None)) if name == "tojson" else 0
+    # one line per item indented by its depth, a separator after each; pprint is pure Python,
+    # so its input is kept small (like urlize's)
+    return size * (16 if name == "pprint" else 1) + items * (depth * step + separators)
+
+
+def _round_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    current().int_result(4 * abs(opt(0, "precision", 0)))  # round(5, -n) computes 10**n
+    return 0
+
+
+def _indent_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    width = opt(0, "width", 4)
+    return size_of(value) + _lines(value) * (len(width) if isinstance(width, str) else width)
+
+
+def _join_filter_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    # every item once, plus the separator between each two: a range or a string's characters
+    # joined by a long separator grow by its length times their number
+    return size_of(value) + len(str(opt(0, "d", ""))) * (len(value) if isinstance(value, Sized) else 0)
+
+
+def _wordwrap_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    wrap = opt(2, "wrapstring", None)  # pure Python (textwrap): its input is kept small
+    return size_of(value) * max(4, 1 + len(wrap if isinstance(wrap, str) else "\n"))
+
+
+def _urlize_size(value: Any, opt: Callable[..., Any], name: str) -> int:
+    # a Python loop per word (~5 s a million characters), and target/rel are copied into each link
+    extra = sum(size_of(opt(i, key, "")) for i, key in ((2, "target"), (3, "rel")))
+    return size_of(value) * (32 + extra)
+
+
+# filters that can return more than they were given: name -> (value, opt, name) -> size
+_FILTER_SIZES: dict[str, Callable[[Any, Callable[..., Any], str], int]] = {
+    "center": lambda value, opt, _: size_of(value) + opt(0, "width", 80),
+    "indent": _indent_size, "join": _join_filter_size, "wordwrap": _wordwrap_size,
+    "replace": lambda value, opt, _: replace_size(str(value), opt(0, "old", ""), opt(1, "new", ""),
+                                                  opt(2, "count", None)),
+    "format": lambda value, opt, _: 0,  # replaced in filter_size: it needs every argument
+    "batch": _sequence_size, "slice": _sequence_size, "sum": _sum_size,
+    "tojson": _dump_size, "pprint": _dump_size, "round": _round_size, "urlize": _urlize_size,
+}
+
+
 def filter_size(name: str, args: tuple, kwargs: dict) -> int | None:
-    """Filters that can return more than they were given; args without jinja's pass-arg."""
+    """What filter `name` would build from args (without jinja's pass-arg); None: no more than
+    it was given."""
+    if name not in _FILTER_SIZES:
+        return None
     value, rest = (args[0] if args else None), args[1:]
-    opt = lambda i, key, default: rest[i] if len(rest) > i else kwargs.get(key, default)  # noqa: E731
-    if name == "center":
-        return size_of(value) + opt(0, "width", 80)
-    if name == "indent":
-        width = opt(0, "width", 4)
-        return size_of(value) + _lines(value) * (len(width) if isinstance(width, str) else width)
-    if name == "join":
-        return join_size(str(opt(0, "d", "")), value if isinstance(value, list) else [])
-    if name == "replace":
-        return replace_size(str(value), opt(0, "old", ""), opt(1, "new", ""), opt(2, "count", None))
     if name == "format":
         return printf_size(str(value), kwargs or tuple(rest))
-    if name == "wordwrap":  # pure Python (textwrap): its input is kept small enough to be quick
-        wrap = opt(2, "wrapstring", None)
-        return size_of(value) * max(4, 1 + len(wrap if isinstance(wrap, str) else "\n"))
-    if name == "round":  # round(5, -n) computes 10**n
-        current().int_result(4 * abs(opt(0, "precision", 0)))
-    if name == "urlize":  # a Python loop per word, ~5 s a million characters: kept far smaller
-        return 32 * size_of(value)
-    if name in ("batch", "slice"):
-        count, fill = opt(0, "linecount" if name == "batch" else "slices", 1), opt(1, "fill_with", None)
-        if name == "slice":
-            current().iterate(max(count, 0))  # do_slice loops `slices` times
-        return size_of(value) + max(count, 0) * (2 + (size_of(fill) if fill is not None else 0))
-    if name == "sum":
-        # lists and tuples add up by copying the running total once per item
-        items = value if isinstance(value, list) else []
-        if any(not isinstance(x, (int, float)) for x in items):
-            return len(items) * join_size("", items)  # the copying, not just the result
-    if name in ("tojson", "pprint"):
-        size, depth, items = measure(value, current().limits.max_chars)
-        indent = opt(1, "indent", None) if name == "tojson" else 1
-        step = len(indent) if isinstance(indent, str) else indent or 0
-        # one line per item, indented by its depth; pprint is pure Python, kept small like urlize
-        return size * (16 if name == "pprint" else 1) + items * depth * step
-    return None
+
+    def opt(i: int, key: str, default: Any) -> Any:
+        return rest[i] if len(rest) > i else kwargs.get(key, default)
+    return _FILTER_SIZES[name](value, opt, name)
