@@ -20,7 +20,7 @@ from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
 from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
-from .validation import Limits, ParamError
+from .validation import Limits, ParamError, ParamTypeError
 
 
 class Which:
@@ -81,7 +81,7 @@ def _python_fields(spec: Any) -> Iterator[None]:
 
 def _check_which(which: Any) -> None:
     if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec)):
-        raise ParamError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
+        raise ParamTypeError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 
 
@@ -235,7 +235,7 @@ class Runner:
     # ---- tokenizer ----
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
-            raise ParamError(f"text must be a string, got {type(text).__name__}.", "text")
+            raise ParamTypeError(f"text must be a string, got {type(text).__name__}.", "text")
         return self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize_text(self, ids: list[int], skip_special_tokens: bool = False) -> str:

@@ -30,6 +30,10 @@ class ParamError(UserError):
         self.field = field
 
 
+class ParamTypeError(ParamError, TypeError):
+    """A parameter of the wrong type: Python callers may catch it as the TypeError it is."""
+
+
 Namer = Callable[[str], str]
 
 
@@ -136,7 +140,7 @@ def check_value(key: str, value: Any, name: Namer = field, rule: Rule | None = N
     kind = "an integer" if rule.integer else "a number"
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's scalars too
     if not number or (rule.integer and not isinstance(value, numbers.Integral)):
-        raise ParamError(f"{name(key)} must be {kind}, got {type(value).__name__} {value!r:.80}.", key)
+        raise ParamTypeError(f"{name(key)} must be {kind}, got {type(value).__name__} {value!r:.80}.", key)
     if not isinstance(value, numbers.Integral) and not math.isfinite(value):
         raise ParamError(f"{name(key)} must be a finite number, got {value!r}.", key)
     hi = rule.hi if hi is None else hi
@@ -151,7 +155,7 @@ def check_token_ids(key: str, ids: Any, vocab: int | None, name: Namer = field,
     """A sequence of token ids, each in 0..vocab-1 (a negative id would index from the end);
     limit: (most ids, the name of the limit that raises it)."""
     if isinstance(ids, (str, bytes, Mapping)) or not hasattr(ids, "__iter__"):
-        raise ParamError(f"{name(key)} must be a list of token ids, got {type(ids).__name__}.", key)
+        raise ParamTypeError(f"{name(key)} must be a list of token ids, got {type(ids).__name__}.", key)
     ids = list(ids)
     if limit is not None and len(ids) > limit[0]:
         raise ParamError(f"{name(key)} has {len(ids)} ids, more than the limit of {limit[0]} "

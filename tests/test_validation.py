@@ -264,6 +264,14 @@ def test_server_stops_at_the_limits_still_work(srv):
     assert choice["finish_reason"] == "stop" and choice["text"] == first[:first.index(word)]
 
 
+def test_server_stop_token_ids_end_the_answer(srv, runner):
+    """stop_token_ids (as vLLM's): the first greedy token, named as a stop id, ends the answer at once."""
+    first = [o.token_id for o in runner.stream([5, 6], SamplingParams(temperature=0.0, max_tokens=1))][-1]
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 5, "temperature": 0,
+                                                      "stop_token_ids": [first]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == ""
+
+
 # ---- the Python API ----
 PY_REQUESTS = [(f, v, t) for f, v, t in BAD_VALUES + BAD_SIZES]
 
@@ -300,6 +308,7 @@ def test_python_which_must_be_a_which(model):
         with pytest.raises(UserError) as e:
             Runner(which=bad)
         assert str(e.value).startswith("which must be") and "Which.GGUF" in str(e.value)
+        assert isinstance(e.value, TypeError)  # and a Python caller may catch it as one
 
 
 def test_python_engine_settings(model, runner):
