@@ -127,8 +127,10 @@ def fresh_cache(d: Path) -> Path:
     root = os.environ.get("MISTRALRS_CLI_CACHE")
     native = (Path(root) if root else Path.home() / ".cache" / "mistralrs-cli") / "native"
     native.mkdir(parents=True, exist_ok=True)
-    if not (d / "native").exists():
+    try:
         (d / "native").symlink_to(native, target_is_directory=True)
+    except FileExistsError:
+        pass
     return d
 
 

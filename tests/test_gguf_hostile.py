@@ -254,32 +254,35 @@ CLI_CASES = ("block-count-1e9", "array-200000-deep", "alignment-0", "chat-templa
 
 
 def _cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MISTRALRS_CLI_CACHE": str(gc.fresh_cache(cache)), "HF_HUB_OFFLINE": "1",
-           "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "MISTRALRS_CLI_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([str(MISTRALRS), "--max-tokens", "2", "--prompt", "hi", *args], capture_output=True,
                           text=True, encoding="utf-8", env=env, stdin=subprocess.DEVNULL, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def cli_runs(files, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    cache = tmp_path_factory.mktemp("cli-cache")
+    cache = gc.fresh_cache(tmp_path_factory.mktemp("cli-cache"))
     long_name = str(files["valid"].parent / ("a" * 5000 + ".gguf"))
     runs = {name: ["gguf", "-f", str(files[name])] for name in CLI_CASES}
     runs["file-name-5000"] = ["gguf", "-f", long_name]
+    runs["tokenizer-name-5000"] = ["gguf", "-f", str(files["valid"]), "-t", long_name]
+    runs["model-dir-name-5000"] = ["plain", "-m", long_name]
     runs["torch:block-count-1e9"] = ["--numerics", "exact", "gguf", "-f", str(files["block-count-1e9"])]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(_cli, args, cache) for name, args in runs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
-@pytest.mark.parametrize("name", [*CLI_CASES, "file-name-5000", "torch:block-count-1e9"])
+@pytest.mark.parametrize("name", [*CLI_CASES, "file-name-5000", "tokenizer-name-5000", "model-dir-name-5000",
+                                  "torch:block-count-1e9"])
 def test_cli_one_error_line(cli_runs, name: str):
     proc = cli_runs[name]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     stem = name.split(":")[-1]
-    assert ("aaaa" if stem == "file-name-5000" else f"{stem}.gguf") in lines[0], lines[0]
+    assert ("aaaa" if stem.endswith("name-5000") else f"{stem}.gguf") in lines[0], lines[0]
+    assert len(lines[0]) < 400, lines[0]  # the long name shortened, not printed whole
 
 
 # ---- GGML 'ggjt' files, hand-built as tests/test_ggml.py builds them ----
