@@ -375,14 +375,15 @@ def test_cli_hostile_template_is_one_line(cli_runs, name):
 FUZZ_EXAMPLES = int(os.environ.get("MISTRALRS_FUZZ_EXAMPLES", "600"))  # ~30 s here
 FUZZ_SECONDS = 1  # the render budget while fuzzing, so runaway examples cost a second, not five
 INTS = st.sampled_from(["0", "1", "2", "7", "-3", "100", "100000", "10**9", "10**10", "2**64"])
-STRS = st.sampled_from(["'x'", "'ab\\n'", "''", "'%s%s'", "'{}{}'", "'\\t'", "bos_token"])
+STRS = st.sampled_from(["'x'", "'ab\\n'", "''", "'%s%s'", "'{}{}'", "'\\t'", "bos_token", "('y' * 100000)"])
 DATA = st.sampled_from(["messages", "messages[0]", "messages[0]['content']", "messages[-1].role",
                         "ns.v", "range(5)", "tools", "[1, 'a']", "{'k': 'v'}", "messages|map(attribute='content')"])
 FILTERS = st.sampled_from([
     "center({i})", "indent({i})", "join({s})", "replace({s}, {s})", "list", "string", "length",
     "upper", "tojson(indent={i})", "batch({i}, {s})", "slice({i})", "sum", "wordwrap({i})",
     "truncate({i})", "first", "last", "reverse", "unique", "sort", "default({s})", "int", "trim",
-    "format({s}, {s})", "items", "dictsort", "selectattr('role')", "map('string')"])
+    "format({s}, {s})", "items", "dictsort", "selectattr('role')", "map('string')", "urlize({i}, true, {s})",
+    "sum(start=[{s}])", "tojson(separators=({s}, {s}))", "round({i})", "pprint", "center({i})|list"])
 
 
 def _expressions() -> st.SearchStrategy[str]:
