@@ -138,6 +138,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.repack8_k.restype = so.packed_k_block_bytes.restype = i32
     so.packed_k_block_bytes.argtypes = [i32]
     so.packed_supported.argtypes = so.packed_block_bytes.argtypes = [i32]
+    so.packed_wide.restype, so.packed_wide.argtypes = i32, [i32]  # packed Q8_0 takes 16-bit activations
     so.rope_rows.restype = so.attn_batch.restype = None
     so.rope_rows.argtypes = [ptr, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ptr, f32]
     so.attn_batch.argtypes = [ptr, i32, i64, i64, i32, i32, i32, i64, f32, f32, i32, i32]
@@ -182,7 +183,8 @@ class QmmOpts(ctypes.Structure):
 def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0, precise=False) -> QmmOpts:
     """QmmOpts over arrays or tensors (None: that step is skipped); the residual is set per call.
     precise: activations rounded in two 8-bit parts (~16 bits) instead of one ("fast", the
-    rounding llama.cpp's CPU kernels use)."""
+    rounding llama.cpp's CPU kernels use); a packed Q8_0 weight in a build without VNNI takes
+    them rounded once to 16 bits instead (csrc/packed.c's packed_rows_w)."""
     p = lambda t: None if t is None else ptr(t)  # noqa: E731
     return QmmOpts(norm_w=p(norm), norm_eps=eps, act=act, bias=p(bias), residual=None, ld_res=0, post_w=p(post),
                    post_eps=post_eps, precise=int(precise))
