@@ -460,3 +460,13 @@ def test_server_answers_a_hostile_template_with_a_400_and_keeps_serving(tmp_path
         ok = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
         assert ok.status_code == 200, ok.text
         assert httpx.get(s.url + "/health", timeout=60).status_code == 200
+
+
+def test_inputs_are_measured_once_per_render():
+    # `messages|length` per message: measuring 2,000 messages 2,000 times would take the 5 s
+    messages = conversation(2000, tool_calls=False)
+    source = ("{% for m in messages %}{% if loop.index0 == messages|length - 1 %}{{ m.content }}{% endif %}"
+              "{{ messages[loop.index0].content|trim }}{% endfor %}")
+    expected = _reference_env().from_string(source).render(messages=messages)
+    with alarm(BOUND_S):
+        assert ChatTemplate(source, ORIGIN).render(messages) == expected

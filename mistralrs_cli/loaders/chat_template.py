@@ -171,7 +171,8 @@ class ChatTemplate:
             raise UserError("The messages (or tools) nest too deeply to render; flatten them.") from None
         limits = TemplateLimits.from_env()
         try:
-            with budget(limits):
+            with budget(limits) as b:
+                b.learn(context)
                 # concat counts the output as generate() yields it and stops at max_chars
                 return _ENV.concat(self._template.generate(**context))
         except BudgetExceeded as e:

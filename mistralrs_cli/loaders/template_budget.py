@@ -82,6 +82,23 @@ class Budget:
         self.iterations = limits.iterations
         self.chars = 16 * limits.max_chars
         self.over: BudgetExceeded | None = None
+        # measure() results of the render's inputs, by id: they live (so their ids stay theirs)
+        # and cannot change for the whole render, and `messages|length` in a loop over the
+        # messages would otherwise walk them all once per message
+        self.known: dict[int, tuple[int, int, int]] = {}
+
+    def learn(self, value: Any) -> tuple[int, int, int]:
+        """Measure the render's inputs (plain JSON data) once, remembering every container."""
+        if isinstance(value, (list, dict)):
+            children = value.items() if isinstance(value, dict) else ((x,) for x in value)
+            size, depth, items = 2 + (4 if isinstance(value, dict) else 2) * len(value), 0, len(value)
+            for child in children:
+                for x in child:
+                    s, d, n = self.learn(x)
+                    size, depth, items = size + s, max(depth, d + 1), items + n
+            self.known[id(value)] = (size, depth, items)
+            return size, depth, items
+        return measure(value, 2**62)
 
     def fail(self, limit: str, detail: str) -> None:
         self.over = BudgetExceeded(limit, detail)
@@ -109,7 +126,7 @@ class Budget:
         """Count a value just built toward the per-render total; returns it."""
         if type(value) is int:  # e.g. from `|int(base=2)` of a long string
             self.int_result(value.bit_length())
-        size = measure(value, self.limits.max_chars)[0]
+        size = measure(value, self.limits.max_chars, self.known)[0]
         self.expect(size)
         self.chars -= size
         if self.chars < 0:
@@ -150,15 +167,19 @@ def _short(n: int) -> str:
     return f"{n:,}" if n.bit_length() < 64 else f"a {n.bit_length():,}-bit number"
 
 
-def measure(value: Any, limit: int) -> tuple[int, int, int]:
+def measure(value: Any, limit: int, known: dict | None = None) -> tuple[int, int, int]:
     """(size, depth, items): about how many characters str(value) has (strings their length,
     containers 2 per item plus the items; shared items counted each time, as str() writes them),
-    how deep the containers nest and how many items they hold. Stops counting once past `limit`."""
+    how deep the containers nest and how many items they hold. Stops counting once past `limit`.
+    `known`: id -> these three, for containers measured before (Budget.learn)."""
     size, depth, items, stack = 0, 0, 0, [(value, 0)]
     while stack and size <= limit:
         v, d = stack.pop()
         depth = max(depth, d)
-        if isinstance(v, (str, bytes, bytearray)):
+        if known and id(v) in known:
+            s, deep, n = known[id(v)]
+            size, depth, items = size + s, max(depth, d + deep), items + n
+        elif isinstance(v, (str, bytes, bytearray)):
             size += len(v)
         elif isinstance(v, (list, tuple, set, frozenset)):
             size, items = size + 2 + 2 * len(v), items + len(v)
@@ -196,7 +217,8 @@ def _flat_size(items: Any) -> int | None:
 
 
 def size_of(value: Any) -> int:
-    return measure(value, current().limits.max_chars)[0]
+    b = current()
+    return measure(value, b.limits.max_chars, b.known)[0]
 
 
 # ---- size estimates, made before an operation builds its value --------------------------------
@@ -279,7 +301,7 @@ def _sum_size(value: Any, opt: Callable[..., Any], name: str) -> int:
 
 
 def _dump_size(value: Any, opt: Callable[..., Any], name: str) -> int:
-    size, depth, items = measure(value, current().limits.max_chars)
+    size, depth, items = measure(value, current().limits.max_chars, current().known)
     indent = opt(1, "indent", None) if name == "tojson" else 1
     step = len(indent) if isinstance(indent, str) else indent or 0
     separators = size_of(opt(2, "separators", None)) if name == "tojson" else 0
