@@ -1,7 +1,8 @@
 """Fuzzing the GGUF loader with hypothesis: random mutations of a tiny valid GGUF (bytes flipped or
 overwritten in the header, the key-value section and the tensor table; the file cut short; integer
-fields set to extremes; keys duplicated; values given another type; arrays nested deep) are each
-loaded the way `mistralrs gguf -f FILE` loads them. Every outcome must be a load or one UserError:
+fields set to extremes; keys duplicated; values given another type; arrays nested deep; tokens,
+merges and token types rewritten; another architecture's name) are each loaded the way
+`mistralrs gguf -f FILE` loads them, one in eight by the torch path (runtime="torch"). Every outcome must be a load or one UserError:
 any other exception, a hang, or an allocation past the worker's address-space limit fails.
 
 The loads run in a worker subprocess under RLIMIT_AS (an unbounded allocation shows as a
@@ -54,9 +55,10 @@ _WORKER = textwrap.dedent("""
     load(GGUFSpec(quantized_filename={warm!r}), LoadOptions(device="cpu"))  # compiles the kernels if due
     print("ready", flush=True)
     for line in sys.stdin:
+        runtime, path = line.strip().split(" ", 1)
         signal.alarm({seconds})
         try:
-            load(GGUFSpec(quantized_filename=line.strip()), LoadOptions(device="cpu"))
+            load(GGUFSpec(quantized_filename=path), LoadOptions(device="cpu", runtime=runtime))
             out = ["loaded", ""]
         except UserError as e:
             out = ["UserError", str(e)[:300]]
@@ -84,10 +86,10 @@ class Worker:
         ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
         return self.proc.stdout.readline().strip() if ready else None
 
-    def load(self, path: Path) -> tuple[str, str]:
+    def load(self, path: Path, runtime: str) -> tuple[str, str]:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
-        self.proc.stdin.write(f"{path}\n")
+        self.proc.stdin.write(f"{runtime} {path}\n")
         self.proc.stdin.flush()
         line = self._line(WAIT_SECONDS)
         if not line:  # a hang or a death (a crash prints nothing)
@@ -108,11 +110,18 @@ def valid(tmp_path_factory) -> Path:
                          gb.gguf_vocab(gb.train_tokenizer()))
 
 
+class Base(tuple):
+    """(parts, bytes, section bounds); a short repr, for hypothesis's failure reports."""
+
+    def __repr__(self) -> str:
+        return "<the valid tiny GGUF>"
+
+
 @pytest.fixture(scope="module")
-def base(valid) -> tuple[gc.Parts, bytes, list[int]]:
+def base(valid) -> Base:
     """The valid file's parts, its bytes and its section bounds: [0, header, kvs, tensor table]."""
     parts = gc.read_parts(valid)
-    return parts, gc.encode(parts), gc.sections(parts)
+    return Base((parts, gc.encode(parts), gc.sections(parts)))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +195,37 @@ def _truncate(parts, data, bounds, draw) -> bytes:
     return data[:draw(st.integers(0, len(data) - 1))]
 
 
-MUTATIONS = {"overwrite": _overwrite, "int-field": _int_field, "retype": _retype, "truncate": _truncate}
+def _vocab(parts, data, bounds, draw) -> bytes:
+    """Tokens or merges rewritten (empty, duplicated, invalid UTF-8, long), token types extreme."""
+    p = copy.deepcopy(parts)
+    key = draw(st.sampled_from(["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"]))
+    values = list(p.kv(key).value)
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(values) - 1))
+        if key == "tokenizer.ggml.token_type":
+            values[i] = draw(st.sampled_from([-(2**31), -1, 0, 2, 3, 4, 5, 6, 2**31 - 1]))
+        else:
+            values[i] = draw(st.one_of(st.sampled_from(["", " ", "  ", b"\xff\xfe", b"\xc3", values[0], values[-1]]),
+                                       st.text(max_size=8), st.text(min_size=1, max_size=2).map(lambda t: t * 5000)))
+    item = V.INT32 if key == "tokenizer.ggml.token_type" else V.STRING
+    p.set(key, V.ARRAY, values, item)
+    return gc.encode(p)
+
+
+def _architecture(parts, data, bounds, draw) -> bytes:
+    """The llama file under another architecture's name (its keys then missing or mismatched)."""
+    p = copy.deepcopy(parts)
+    arch = draw(st.sampled_from(["gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", ""]))
+    p.set("general.architecture", V.STRING, arch)
+    if draw(st.booleans()):  # the keys renamed too
+        for k in p.kvs:
+            if k.key.startswith("llama."):
+                k.key = arch + k.key[len("llama"):]
+    return gc.encode(p)
+
+
+MUTATIONS = {"overwrite": _overwrite, "int-field": _int_field, "retype": _retype, "truncate": _truncate,
+             "vocab": _vocab, "architecture": _architecture}
 
 
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -199,7 +238,8 @@ def test_every_mutation_loads_or_is_one_user_error(base, worker, tmp_path_factor
     path = tmp_path_factory.getbasetemp() / "fuzz" / f"case-{sum(SEEN.values())}.gguf"
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(mutated)
-    outcome, message = worker.load(path)
+    runtime = data.draw(st.sampled_from(["auto"] * 7 + ["torch"]), label="runtime")  # torch: slower
+    outcome, message = worker.load(path, runtime)
     SEEN[kind, outcome] += 1
     assert outcome in OK, (kind, outcome, message)
     assert "\n" not in message, message

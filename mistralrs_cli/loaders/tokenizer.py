@@ -280,15 +280,18 @@ def _eos_ids(hf: HFTokenizer, meta: Mapping[str, Any], eos: int | None) -> set[i
 
 
 def _set_post_processor(tok: Tokenizer) -> None:
-    """So `tok.hf.encode(text)` adds BOS/EOS the same way `tok.encode` does."""
-    single, special = "$A", []
-    if tok.add_bos and tok.bos_id is not None:
-        single = f"{tok.id_to_token(tok.bos_id)} {single}"
-        special.append((tok.id_to_token(tok.bos_id), tok.bos_id))
-    if tok.add_eos and tok.eos_id is not None:
-        single = f"{single} {tok.id_to_token(tok.eos_id)}"
-        special.append((tok.id_to_token(tok.eos_id), tok.eos_id))
+    """So `tok.hf.encode(text)` adds BOS/EOS the same way `tok.encode` does. The template is a
+    list of pieces (a token's text may hold spaces); a text the template syntax would misread
+    ('$...', ':'), or an id whose text a duplicate took, leaves hf.encode without them."""
+    ids = [(tok.bos_id if tok.add_bos else None), (tok.eos_id if tok.add_eos else None)]
+    texts = [None if i is None else tok.id_to_token(i) for i in ids]
+    if any(i is not None and (t is None or t.startswith("$") or ":" in t) for i, t in zip(ids, texts)):
+        log.warning("BOS/EOS token text %r cannot go in a post-processor template: tok.hf.encode "
+                    "will not add it (tok.encode does)", texts)
+        return
+    special = [(t, i) for t, i in zip(texts, ids) if i is not None]
     if special:
+        single = [t for t in texts[:1] if t is not None] + ["$A"] + [t for t in texts[1:] if t is not None]
         tok.hf.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
 
 
