@@ -216,6 +216,14 @@ def test_all_values_built_in_one_render_are_bounded_too():
     assert ChatTemplate(many.replace("200", "100"), ORIGIN).render(HI) == "done"
 
 
+@pytest.mark.parametrize("source", ["{{ raise_exception('first\nsecond') }}",
+                                    "{{ raise_exception('x' * 5000000) }}"])
+def test_what_a_template_raises_is_one_short_line(source):
+    with pytest.raises(TemplateError) as e:
+        ChatTemplate(source, ORIGIN).render(HI)
+    assert len(one_line(e.value)) <= 1000
+
+
 def test_defaults_are_the_documented_ones():
     assert TemplateLimits() == TemplateLimits(seconds=5.0, max_chars=8 * 2**20, iterations=1_000_000,
                                               int_bits=65536, source_chars=131072)

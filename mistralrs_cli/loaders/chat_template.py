@@ -11,6 +11,7 @@ iteration limits (template_budget.TemplateLimits, raised with MISTRALRS_TEMPLATE
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -25,11 +26,18 @@ from mistralrs_cli.errors import UserError
 from .template_budget import BudgetExceeded, TemplateLimits, budget, current
 from .template_sandbox import BoundedSandbox
 
+_MAX_MESSAGE = 1000
+
+
 class TemplateError(UserError):
     """A chat template failed to compile or render; `template_message` is the template's own text
     (e.g. what it passed to raise_exception), `origin` where the template came from."""
 
     def __init__(self, message: str, origin: str = "", template_message: str = ""):
+        # one line, of a readable length, whatever text the template raised
+        message = re.sub(r"\s*\n\s*", " ", message)
+        if len(message) > _MAX_MESSAGE:
+            message = message[:_MAX_MESSAGE - 1] + "…"
         super().__init__(message)
         self.origin = origin
         self.template_message = template_message
@@ -175,33 +183,30 @@ class ChatTemplate:
                 b.learn(context)
                 # concat counts the output as generate() yields it and stops at max_chars
                 return _ENV.concat(self._template.generate(**context))
-        except BudgetExceeded as e:
-            var = f"MISTRALRS_TEMPLATE_{e.limit.upper()}"
-            raise TemplateError(
-                f"The chat template from {self.origin} {e.detail}, over its limit; pass a working "
-                f"template with --chat-template, or raise {var} if you trust this one.",
-                self.origin, str(e.detail)) from None
-        except RecursionError:
-            raise TemplateError(
-                f"The chat template from {self.origin} recursed too deeply (a macro or recursive "
-                f"loop that never ends?); pass a working template with --chat-template.",
-                self.origin) from None
-        except MemoryError:
-            raise TemplateError(
-                f"The chat template from {self.origin} ran out of memory while rendering; pass a "
-                f"working template with --chat-template.", self.origin) from None
-        except _Raised as e:
-            raise TemplateError(f"The chat template from {self.origin} rejected the messages: "
-                                f"{e.message}", self.origin, str(e.message)) from None
-        except jinja2.exceptions.SecurityError as e:
-            raise TemplateError(
-                f"The chat template from {self.origin} attempted an unsafe operation and was "
-                f"stopped ({e}); use a trusted template with --chat-template.", self.origin, str(e)) from None
         except Exception as e:  # noqa: BLE001 - anything the untrusted template did is its failure
-            raise TemplateError(
-                f"The chat template from {self.origin} failed on these messages "
-                f"({type(e).__name__}: {e}); check the messages or pass another template with "
-                f"--chat-template.", self.origin, str(e)) from None
+            raise self._failure(e) from None
+
+    def _failure(self, e: Exception) -> TemplateError:
+        """The one sentence for what stopped a render."""
+        where = f"The chat template from {self.origin}"
+        if isinstance(e, BudgetExceeded):
+            var = f"MISTRALRS_TEMPLATE_{e.limit.upper()}"
+            return TemplateError(f"{where} {e.detail}, over its limit; pass a working template with "
+                                 f"--chat-template, or raise {var} if you trust this one.",
+                                 self.origin, e.detail)
+        if isinstance(e, RecursionError):
+            return TemplateError(f"{where} recursed too deeply (a macro or recursive loop that never "
+                                 f"ends?); pass a working template with --chat-template.", self.origin)
+        if isinstance(e, MemoryError):
+            return TemplateError(f"{where} ran out of memory while rendering; pass a working "
+                                 f"template with --chat-template.", self.origin)
+        if isinstance(e, _Raised):
+            return TemplateError(f"{where} rejected the messages: {e.message}", self.origin, str(e.message))
+        if isinstance(e, jinja2.exceptions.SecurityError):
+            return TemplateError(f"{where} attempted an unsafe operation and was stopped ({e}); use a "
+                                 f"trusted template with --chat-template.", self.origin, str(e))
+        return TemplateError(f"{where} failed on these messages ({type(e).__name__}: {e}); check the "
+                             f"messages or pass another template with --chat-template.", self.origin, str(e))
 
 
 def _named_template(value: Any, where: str) -> str | None:
