@@ -196,7 +196,8 @@ def _truncate(parts, data, bounds, draw) -> bytes:
 
 
 def _vocab(parts, data, bounds, draw) -> bytes:
-    """Tokens or merges rewritten (empty, duplicated, invalid UTF-8, long), token types extreme."""
+    """Tokens or merges rewritten (empty, duplicated, invalid UTF-8, long), token types extreme;
+    half of them read as a SentencePiece (llama) vocab."""
     p = copy.deepcopy(parts)
     key = draw(st.sampled_from(["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"]))
     values = list(p.kv(key).value)
@@ -209,6 +210,11 @@ def _vocab(parts, data, bounds, draw) -> bytes:
                                        st.text(max_size=8), st.text(min_size=1, max_size=2).map(lambda t: t * 5000)))
     item = V.INT32 if key == "tokenizer.ggml.token_type" else V.STRING
     p.set(key, V.ARRAY, values, item)
+    if draw(st.booleans()):  # read as a SentencePiece vocab: merges derived from scores
+        p.set("tokenizer.ggml.model", V.STRING, "llama")
+        n = len(p.kv("tokenizer.ggml.tokens").value)
+        p.set("tokenizer.ggml.scores", V.ARRAY, [float(-i) for i in range(n)], V.FLOAT32)
+        p.set("tokenizer.ggml.unknown_token_id", V.UINT32, draw(st.sampled_from([0, 1, n - 1, n, 2**32 - 1])))
     return gc.encode(p)
 
 

@@ -78,6 +78,10 @@ def _bad_utf8_token(toks: list) -> None:
     toks[300] = b"\xff\xfe"
 
 
+def _space_bos(toks: list) -> None:
+    toks[toks.index(gb.BOS)] = " "
+
+
 def _absent_merge(merges: list) -> None:
     merges[0] = "zzqq xxjj"
 
@@ -139,6 +143,7 @@ CASES: dict[str, tuple[Callable[[gc.Parts], None], tuple[str, ...] | None]] = {
     "non-utf8-vocab-entry": (_tokens(_bad_utf8_token), None),
     "merge-of-absent-tokens": (_tokens(_absent_merge, "tokenizer.ggml.merges"), None),
     "bos-id-out-of-range": (_set("tokenizer.ggml.bos_token_id", V.UINT64, 2**63), None),
+    "bos-text-a-space": (_tokens(_space_bos), None),  # found by test_fuzz_gguf
 }
 
 _WORKER = textwrap.dedent("""
