@@ -229,6 +229,19 @@ def test_both_runtimes_give_the_same_sentence(outcomes):
     assert not differ, differ
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_block_count_1e9_in_other_families(tmp_path, files, arch: str):
+    """Gemma 3's config lists a layer type per block: block_count is checked against the tensors
+    before any list is sized by it."""
+    model = gb.tiny_gemma3(0) if arch == "gemma3" else gb.tiny_qwen2(0)
+    parts = gc.read_parts(gb.write_gguf(tmp_path / "ok.gguf", model, gb.gguf_vocab(gb.train_tokenizer())))
+    parts.set(f"{arch}.block_count", V.UINT32, 10**9)
+    path = gc.write_parts(tmp_path / f"{arch}-blocks.gguf", parts)
+    for kind, message in run_worker([(str(path), "auto"), (str(path), "torch")], tmp_path / "cache", files["valid"]):
+        assert kind == "UserError" and f"{arch}-blocks.gguf" in message, (kind, message)
+        assert f"{arch}.block_count is 1000000000" in message, message
+
+
 def test_file_bigger_than_memory_is_refused_before_mapping(tmp_path, files):
     """A (sparse) file twice the machine's memory, its last tensor filling it: refused with the
     sizes, not mapped and repacked until the OOM killer ends it."""

@@ -28,7 +28,7 @@ def _fail(gf: GGUFFile, what: str) -> None:
 def check_tensors(gf: GGUFFile, cfg: dict[str, Any]) -> None:
     """cfg: the config dict gguf_config builds (its values already in range)."""
     _check_embedding(gf, cfg)
-    _check_blocks(gf, cfg["num_hidden_layers"])
+    check_blocks(gf, cfg["num_hidden_layers"])
     _check_shapes(gf, cfg)
     _check_rope_factors(gf, cfg)
 
@@ -51,7 +51,7 @@ def _check_embedding(gf: GGUFFile, cfg: dict[str, Any]) -> None:
                   f"{vocab} rows, one per token")
 
 
-def _check_blocks(gf: GGUFFile, n: int) -> None:
+def check_blocks(gf: GGUFFile, n: int) -> None:
     """Blocks 0..n-1 each have tensors and none has a higher number; the search stops at the
     first gap, so a block_count of 10**9 costs no more than the tensors present."""
     key = f"{gf.architecture}.block_count"

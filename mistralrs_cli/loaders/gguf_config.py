@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..models.config import ModelConfig, gemma3_layer_types, yarn_mscale
-from .gguf_checks import check_tensors
+from .gguf_checks import check_blocks, check_tensors
 from .gguf_values import BadValue, MissingKey, describe, meta_float, meta_int
 from .gguf_file import GGUFFile
 
@@ -187,7 +187,9 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         raise UserError(f"{gf.path}: it lacks the tensor token_embd.weight (the token embeddings); the "
                         "file is incomplete or was written by a broken converter.")
     try:
-        cfg = CONFIGS[arch](gf.metadata, _base_config(gf.metadata, arch))
+        base = _base_config(gf.metadata, arch)
+        check_blocks(gf, base["num_hidden_layers"])  # before a builder sizes a list by it (Gemma 3)
+        cfg = CONFIGS[arch](gf.metadata, base)
         cfg["vocab_size"] = meta_int(gf.metadata, f"{arch}.vocab_size", embd.shape[0])
     except MissingKey as e:
         raise UserError(f"{gf.path}: GGUF metadata lacks the required key {e.args[0]}; the file "
