@@ -48,10 +48,12 @@ HOSTILE = {
     "string-times-10**10": ("{{ 'x' * 10**10 }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "7**100000000": ("{{ 7**100000000 }}", "MISTRALRS_TEMPLATE_INT_BITS"),
     "recursive-macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed too deeply"),
-    "recursive-loop": ("{% for m in [messages] recursive %}{{ loop([m]) }}{% endfor %}", "recursed too deeply"),
+    "recursive-loop": ("{% for m in [messages] recursive %}{{ loop([m]) }}{% endfor %}",
+                       "recursed too deeply"),
     "forking-macro": ("{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}"
                       "{{ f(0) }}", "MISTRALRS_TEMPLATE_SECONDS"),
-    "huge-output": ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
+    "huge-output": ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+                    "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "huge-macro-output": ("{% macro f() %}{% for i in range(100000) %}{{ messages }}{{ 'y' * 1000 }}"
                           "{% endfor %}{% endmacro %}{{ f() }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "doubling-tilde": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
@@ -76,7 +78,8 @@ HOSTILE = {
     "printf-width": ("{{ '%9999999999s' % 'x' }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "printf-star": ("{{ '%*s' % (999999999, 'x') }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "format-width": ("{{ '{:>9999999999}'.format(1) }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
-    "format-repeats": ("{% set b = 'x' * 4000000 %}{{ ('{0}' * 20).format(b) }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
+    "format-repeats": ("{% set b = 'x' * 4000000 %}{{ ('{0}' * 20).format(b) }}",
+                       "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "replace-empty": ("{% set b = 'x' * 100000 %}{{ b|replace('', b) }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "expandtabs": ("{{ ('\t' * 1000000).expandtabs(100) }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
     "indent": ("{{ ('x\n' * 1000000)|indent(1000) }}", "MISTRALRS_TEMPLATE_MAX_CHARS"),
@@ -385,7 +388,8 @@ FUZZ_SECONDS = 1  # the render budget while fuzzing, so runaway examples cost a 
 INTS = st.sampled_from(["0", "1", "2", "7", "-3", "100", "100000", "10**9", "10**10", "2**64"])
 STRS = st.sampled_from(["'x'", "'ab\\n'", "''", "'%s%s'", "'{}{}'", "'\\t'", "bos_token", "('y' * 100000)"])
 DATA = st.sampled_from(["messages", "messages[0]", "messages[0]['content']", "messages[-1].role",
-                        "ns.v", "range(5)", "tools", "[1, 'a']", "{'k': 'v'}", "messages|map(attribute='content')"])
+                        "ns.v", "range(5)", "tools", "[1, 'a']", "{'k': 'v'}",
+                        "messages|map(attribute='content')"])
 FILTERS = st.sampled_from([
     "center({i})", "indent({i})", "join({s})", "replace({s}, {s})", "list", "string", "length",
     "upper", "tojson(indent={i})", "batch({i}, {s})", "slice({i})", "sum", "wordwrap({i})",

@@ -229,7 +229,8 @@ _PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[a-zA-Z%]"
 def printf_size(fmt: str, args: Any) -> int:
     """`fmt % args`: each conversion writes at most the widest argument or its own width."""
     b = current()
-    values = list(args.values()) if isinstance(args, dict) else list(args) if isinstance(args, tuple) else [args]
+    values = (list(args.values()) if isinstance(args, dict) else
+              list(args) if isinstance(args, tuple) else [args])
     b.check_ints(values)
     widest, conversions = max((size_of(v) for v in values), default=0), 0
     for m in _PRINTF.finditer(fmt):
