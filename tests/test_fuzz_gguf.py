@@ -1,14 +1,15 @@
-"""Fuzzing the GGUF loader with hypothesis: random mutations of a tiny valid GGUF (bytes flipped or
-overwritten in the header, the key-value section and the tensor table; the file cut short; integer
-fields set to extremes; keys duplicated; values given another type; arrays nested deep; tokens,
-merges and token types rewritten; another architecture's name) are each loaded the way
-`mistralrs gguf -f FILE` loads them, one in eight by the torch path (runtime="torch"). Every outcome must be a load or one UserError:
-any other exception, a hang, or an allocation past the worker's address-space limit fails.
+"""Fuzzing the GGUF loader with hypothesis: random mutations of tiny valid GGUFs (llama, gemma3) --
+bytes flipped or overwritten in the header, the key-value section and the tensor table; the file
+cut short; integer fields set to extremes; keys duplicated; values given another type; arrays
+nested deep; tokens, merges and token types rewritten; another architecture's name -- are each
+loaded the way `mistralrs gguf -f FILE` loads them, one in eight by the torch path
+(runtime="torch"). Every outcome must be a load or one UserError: any other exception, a hang, or
+an allocation past the worker's address-space limit fails.
 
 The loads run in a worker subprocess under RLIMIT_AS (an unbounded allocation shows as a
 MemoryError there, not as a swapping machine) and a per-example alarm, watched from here with a
 timeout (a hang in C kills the worker and fails the example). The seed is fixed (derandomize) and
-the default run is 400 examples (under a minute here); for a longer run by hand:
+the default run is 250 examples (about a minute here); for a longer run by hand:
 
     MISTRALRS_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q tests/test_fuzz_gguf.py -s
 
@@ -34,7 +35,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import gguf_builder as gb
 import gguf_craft as gc
 
-EXAMPLES = int(os.environ.get("MISTRALRS_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("MISTRALRS_FUZZ_EXAMPLES", "250"))
 LIMIT_BYTES = 3 << 30
 ALARM_SECONDS = 20  # per load inside the worker
 WAIT_SECONDS = 60  # the parent's patience for an answer (covers a hang the alarm cannot stop)
@@ -118,10 +119,15 @@ class Base(tuple):
 
 
 @pytest.fixture(scope="module")
-def base(valid) -> Base:
-    """The valid file's parts, its bytes and its section bounds: [0, header, kvs, tensor table]."""
-    parts = gc.read_parts(valid)
-    return Base((parts, gc.encode(parts), gc.sections(parts)))
+def bases(valid) -> dict[str, Base]:
+    """Per valid file (llama; gemma3: sandwich norms, q/k norms, sliding layers), its parts, its
+    bytes and its section bounds: [0, header, kvs, tensor table]."""
+    gemma3 = gb.write_gguf(valid.with_name("gemma3.gguf"), gb.tiny_gemma3(0), gb.gguf_vocab(gb.train_tokenizer()))
+    out = {}
+    for name, path in (("llama", valid), ("gemma3", gemma3)):
+        parts = gc.read_parts(path)
+        out[name] = Base((parts, gc.encode(parts), gc.sections(parts)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -219,14 +225,15 @@ def _vocab(parts, data, bounds, draw) -> bytes:
 
 
 def _architecture(parts, data, bounds, draw) -> bytes:
-    """The llama file under another architecture's name (its keys then missing or mismatched)."""
+    """The file under another architecture's name (its keys then missing or mismatched)."""
     p = copy.deepcopy(parts)
-    arch = draw(st.sampled_from(["gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", ""]))
+    old = p.kv("general.architecture").value
+    arch = draw(st.sampled_from(["llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi2", "phi3", "starcoder2", ""]))
     p.set("general.architecture", V.STRING, arch)
     if draw(st.booleans()):  # the keys renamed too
         for k in p.kvs:
-            if k.key.startswith("llama."):
-                k.key = arch + k.key[len("llama"):]
+            if k.key.startswith(old + "."):
+                k.key = arch + k.key[len(old):]
     return gc.encode(p)
 
 
@@ -237,8 +244,8 @@ MUTATIONS = {"overwrite": _overwrite, "int-field": _int_field, "retype": _retype
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(st.data())
-def test_every_mutation_loads_or_is_one_user_error(base, worker, tmp_path_factory, data):
-    parts, raw, bounds = base
+def test_every_mutation_loads_or_is_one_user_error(bases, worker, tmp_path_factory, data):
+    parts, raw, bounds = bases[data.draw(st.sampled_from(sorted(bases)), label="file")]
     kind = data.draw(st.sampled_from(sorted(MUTATIONS)), label="mutation")
     mutated = MUTATIONS[kind](parts, raw, bounds, data.draw)
     path = tmp_path_factory.getbasetemp() / "fuzz" / f"case-{sum(SEEN.values())}.gguf"
