@@ -482,3 +482,12 @@ def test_inputs_are_measured_once_per_render():
     expected = _reference_env().from_string(source).render(messages=messages)
     with alarm(BOUND_S):
         assert ChatTemplate(source, ORIGIN).render(messages) == expected
+
+
+def test_tokenizer_config_template_is_bounded_and_named():
+    from mistralrs_cli.loaders.chat_template import resolve_chat_template
+
+    template = resolve_chat_template(None, {"chat_template": HOSTILE["string-times-10**10"][0]}, None)
+    with alarm(BOUND_S), pytest.raises(TemplateError) as e:
+        template.render(HI)
+    assert one_line(e.value).startswith("The chat template from tokenizer_config.json built a value")
