@@ -491,3 +491,11 @@ def test_tokenizer_config_template_is_bounded_and_named():
     with alarm(BOUND_S), pytest.raises(TemplateError) as e:
         template.render(HI)
     assert one_line(e.value).startswith("The chat template from tokenizer_config.json built a value")
+
+
+@pytest.mark.parametrize("value", [7, ["{{ 'x' }}"], b"{{ 'x' }}"])
+def test_a_template_that_is_not_text_is_one_line(value):
+    from mistralrs_cli.loaders.chat_template import resolve_chat_template
+
+    with pytest.raises(TemplateError, match=f"from {ORIGIN} is a {type(value).__name__}, not text"):
+        resolve_chat_template(None, None, value)

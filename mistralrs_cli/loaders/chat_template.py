@@ -136,6 +136,9 @@ class ChatTemplate:
     """A template's source text and where it came from (for error messages)."""
 
     def __init__(self, source: str, origin: str):
+        if not isinstance(source, str):  # e.g. a crafted GGUF's tokenizer.chat_template array
+            raise TemplateError(f"The chat template from {origin} is a {type(source).__name__}, not "
+                                f"text; pass a working one with --chat-template.", origin)
         self.source = source
         self.origin = origin
         limits = TemplateLimits.from_env()
