@@ -3,8 +3,9 @@ bytes flipped or overwritten in the header, the key-value section and the tensor
 cut short; integer fields set to extremes; keys duplicated; values given another type; arrays
 nested deep; tokens, merges and token types rewritten; another architecture's name -- are each
 loaded the way `mistralrs gguf -f FILE` loads them, one in eight by the torch path
-(runtime="torch"). Every outcome must be a load or one UserError: any other exception, a hang, or
-an allocation past the worker's address-space limit fails.
+(runtime="torch"); a third as many mutations of a tiny GGML v3 file go to the GGML loader. Every
+outcome must be a load or one UserError: any other exception, a hang, or an allocation past the
+worker's address-space limit fails.
 
 The loads run in a worker subprocess under RLIMIT_AS (an unbounded allocation shows as a
 MemoryError there, not as a swapping machine) and a per-example alarm, watched from here with a
@@ -55,11 +56,18 @@ _WORKER = textwrap.dedent("""
     signal.signal(signal.SIGALRM, alarm)
     load(GGUFSpec(quantized_filename={warm!r}), LoadOptions(device="cpu"))  # compiles the kernels if due
     print("ready", flush=True)
+    def load_ggml(path):
+        from mistralrs_cli.loaders.ggml import GGMLFile, load_ggml_model
+        load_ggml_model(GGMLFile(path))
+
     for line in sys.stdin:
         runtime, path = line.strip().split(" ", 1)
         signal.alarm({seconds})
         try:
-            load(GGUFSpec(quantized_filename=path), LoadOptions(device="cpu", runtime=runtime))
+            if runtime == "ggml":
+                load_ggml(path)
+            else:
+                load(GGUFSpec(quantized_filename=path), LoadOptions(device="cpu", runtime=runtime))
             out = ["loaded", ""]
         except UserError as e:
             out = ["UserError", str(e)[:300]]
@@ -254,6 +262,42 @@ def test_every_mutation_loads_or_is_one_user_error(bases, worker, tmp_path_facto
     runtime = data.draw(st.sampled_from(["auto"] * 7 + ["torch"]), label="runtime")  # torch: slower
     outcome, message = worker.load(path, runtime)
     SEEN[kind, outcome] += 1
+    assert outcome in OK, (kind, outcome, message)
+    assert "\n" not in message, message
+    path.unlink()
+
+
+@pytest.fixture(scope="module")
+def ggml_file(tmp_path_factory) -> Base:
+    from test_ggml import write_ggjt  # the hand-written GGML v3 writer of the GGML tests
+
+    model = gb.tiny_llama(1, num_key_value_heads=4)  # MHA: loads with the default --gqa 1
+    path = write_ggjt(tmp_path_factory.mktemp("fuzz-ggml") / "valid.bin", model, gb.gguf_vocab(gb.train_tokenizer()).tokens)
+    return Base((path.read_bytes(),))
+
+
+@settings(max_examples=max(1, EXAMPLES // 3), derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_every_ggml_mutation_loads_or_is_one_user_error(ggml_file, worker, tmp_path_factory, data):
+    """GGML 'ggjt' files: the seven hyper-parameters set to extremes, bytes overwritten in the
+    header, the vocabulary or the first tensor headers, or the file cut short."""
+    (raw,) = ggml_file
+    out = bytearray(raw)
+    kind = data.draw(st.sampled_from(["hparam", "overwrite", "truncate"]), label="mutation")
+    if kind == "hparam":
+        at = 8 + 4 * data.draw(st.integers(0, 6))
+        out[at:at + 4] = struct.pack("<I", data.draw(st.sampled_from([0, 1, 2, 3, 7, 2**16, 2**31, 2**32 - 1])))
+    elif kind == "overwrite":
+        for _ in range(data.draw(st.integers(1, 8))):
+            out[data.draw(st.integers(0, 8192))] = data.draw(st.integers(0, 255))
+    else:
+        out = out[:data.draw(st.integers(0, len(out) - 1))]
+    path = tmp_path_factory.getbasetemp() / "fuzz" / f"ggml-{sum(SEEN.values())}.bin"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(bytes(out))
+    outcome, message = worker.load(path, "ggml")
+    SEEN["ggml " + kind, outcome] += 1
     assert outcome in OK, (kind, outcome, message)
     assert "\n" not in message, message
     path.unlink()
