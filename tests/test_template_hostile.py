@@ -499,3 +499,23 @@ def test_a_template_that_is_not_text_is_one_line(value):
 
     with pytest.raises(TemplateError, match=f"from {ORIGIN} is a {type(value).__name__}, not text"):
         resolve_chat_template(None, None, value)
+
+
+def test_hostile_renders_stay_within_bounded_memory():
+    """Every hostile case in one fresh process: its peak resident memory stays under 1.5 GB
+    (without the budget, 'x' * 10**10 alone asks for 10 GB)."""
+    script = (
+        "import resource, sys; sys.path.insert(0, 'tests')\n"
+        "import test_template_hostile as t\n"
+        "from mistralrs_cli.loaders.chat_template import ChatTemplate, TemplateError\n"
+        "for name, (source, _) in t.HOSTILE.items():\n"
+        "    try:\n"
+        "        ChatTemplate(source, t.ORIGIN).render(t.HI * (200 if name == 'messages-loops' else 1))\n"
+        "    except TemplateError:\n"
+        "        pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=20 * len(HOSTILE))
+    assert proc.returncode == 0, proc.stderr
+    peak_kb = int(proc.stdout.split()[-1])
+    assert peak_kb < 1.5 * 2**20, f"peak RSS {peak_kb // 1024} MB"
