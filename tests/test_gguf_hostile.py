@@ -120,6 +120,8 @@ CASES: dict[str, tuple[Callable[[gc.Parts], None], tuple[str, ...] | None]] = {
     "offset-wraps-u64": (_tensor(-1, offset=2**64 - 32), ("output.weight",)),
     "offset-unaligned": (_tensor(-1, offset=8), ("output.weight", "alignment")),
     "tensors-overlap": (_tensor(2, offset=0), ("overlap",)),
+    "tensor-name-newline": (_tensor(1, name="blk.0.attn\nq.weight"), ("tensor name", "\\n")),  # fuzzer's find
+    "tensor-name-64-bytes": (_tensor(1, name="blk.0." + "x" * 58), ("tensor name", "64 bytes")),
     "tensor-type-999": (_tensor(1, qtype=999), ("999",)),
     "duplicate-tensor": (lambda p: p.tensors.append(copy.deepcopy(p.tensors[1])), ("blk.0.attn_q.weight", "twice")),
     "duplicate-key": (_dup_kv, ("llama.block_count", "twice")),
@@ -329,6 +331,8 @@ GGML_CASES = {
     "n-head-0": ((4, 8, 32, 0, 2, 4, 0), _ggml_layers(2), "n_head 0"),
     "dims-overflow": ((4, 8, 32, 2, 2, 4, 0), [("tok_embeddings.weight", (2**32 - 1,) * 4, 0, b"")], "truncated"),
     "dim-0": ((4, 8, 32, 2, 2, 4, 0), [("tok_embeddings.weight", (8, 0), 0, b"")], "tok_embeddings.weight"),
+    "name-newline": ((4, 8, 32, 2, 2, 4, 0), [("tok_embeddings.weight", (8, 4), 0, bytes(128)),
+                                              ("layers.0.\nx.weight", (8,), 0, bytes(32))], "tensor name"),
     "embd-mismatch": ((4, 16, 32, 2, 2, 4, 0), _ggml_layers(2), "n_embd 16"),
 }
 

@@ -125,6 +125,9 @@ class GGMLFile:
                                 f"byte {self._pos - 12}); the file is damaged.")
             ne = self._take(buf, f"<{n_dims}I")
             name = self._bytes(buf, name_len).decode("utf-8", errors="replace")
+            if len(name) >= 64 or not name.isprintable():  # ggml's names: short C strings
+                raise UserError(f"{self.path} has a damaged tensor name {name[:80]!r} at byte "
+                                f"{self._pos - name_len}; the file is damaged.")
             try:
                 qtype = GGMLQuantizationType(ttype)
                 block, type_size = GGML_QUANT_SIZES[qtype]

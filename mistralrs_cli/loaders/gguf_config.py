@@ -89,7 +89,7 @@ def _rope_scaling(meta: dict[str, Any], arch: str, max_pos: int) -> dict[str, An
         if get("yarn_attn_factor") is not None:  # llama.cpp multiplies YaRN's own mscale by it
             out["attention_factor"] = number("yarn_attn_factor") * yarn_mscale(out["factor"])
         return out
-    raise _Unsupported(f"{arch}.rope.scaling.type is '{kind[:40]}'; supported: none, linear, yarn")
+    raise _Unsupported(f"{arch}.rope.scaling.type is {kind[:40]!r}; supported: none, linear, yarn")
 
 
 def _llama_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     and against the other values and the tensors' shapes before anything is sized from it."""
     arch = gf.architecture
     if arch not in CONFIGS:
-        raise UserError(f"{gf.path}: architecture '{arch[:80]}' is not supported; supported GGUF "
+        raise UserError(f"{gf.path}: architecture {arch[:80]!r} is not supported; supported GGUF "
                         f"architectures: {', '.join(sorted(CONFIGS))}.")
     embd = gf.tensors.get("token_embd.weight")
     if embd is None:

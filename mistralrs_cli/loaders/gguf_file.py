@@ -26,6 +26,7 @@ from ..hub import short_path
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NAME = 64  # ggml's GGML_MAX_NAME (with the terminating zero)
 MAX_NESTING = 16  # arrays of arrays: real files nest at most twice; deeper only exhausts the stack
 _MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}  # an element's smallest encoding
 
@@ -161,6 +162,10 @@ def _tensor_info(cur: _Cursor) -> TensorInfo:
     """One tensor-table entry, its offset still relative to the data section. Its dims are
     checked here, before any size is computed from them."""
     name = cur.string()
+    # ggml's names are short C strings; a name that is not (or holds a newline) is damage, and
+    # refusing it here keeps every later message that names a tensor on one line
+    if len(name.encode()) >= MAX_NAME or not name.isprintable():
+        raise _Malformed(f"the tensor name {name[:80]!r} is not a printable name of under {MAX_NAME} bytes")
     n_dims = cur.take("<I")
     if n_dims > MAX_DIMS:
         raise _Malformed(f"tensor {name[:80]} has {n_dims} dimensions (at most {MAX_DIMS})")
