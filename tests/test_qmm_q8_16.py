@@ -4,7 +4,7 @@ without VNNI (this AVX2 machine's, and the scalar one). Both real models' output
 - fast: the 8-bit codes widened to int16 give the same integer sums as the 8-bit tiles, and the
   same f32 steps lane by lane, so the outputs are the 8-bit tiles' bit for bit (a build with
   -DWIDE_Q8=0 keeps those tiles: the reference here).
-- precise: each row rounded once to 16-bit codes per block of 32 (scale amax / 32767, f32)
+- precise: each row rounded once to 16-bit codes per 16 values (scale amax / 32767, f32)
   instead of two 8-bit parts: at least as close to the unrounded product.
 - a Q8_0 part fused with other types' parts in one call: each part's columns as alone, in both
   roundings, with the epilogue (bias, residual) over all of them.

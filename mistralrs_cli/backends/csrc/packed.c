@@ -418,6 +418,9 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, i
 // (vpmaddwd: exact int32 pair sums, |code| <= 32767 times <= 255, 32 of them within int32).
 // qmatmul.c then rounds a row once to 16 bits (precise) where the 8-bit kernels take two 8-bit
 // parts, or widens its 8-bit codes (fast: the same integers and f32 steps, so the same bits).
+// Precise rows take a scale per 16 (H = 2 halves per block of 32, each its own integer sum and
+// f32 step): with 16-bit codes that is what makes the rounding finer than the two 8-bit parts'
+// (whose second part adapts to each block's largest remainder).
 // With VNNI the byte tiles above stay (one dpbusd per chunk); tests build -DWIDE_Q8=0 to compare.
 #ifndef WIDE_Q8
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -440,9 +443,10 @@ static inline __m256i bcast8(const int16_t *p) {  // 4 int16 codes in every 64-b
 // to rows 0-3 and rows 4-7 (4 int16 each); madd gives 2 int32 lanes per row, and one hadd of
 // the two sums per block gives lane i the row PERM[i] = 0, 1, 4, 5, 2, 3, 6, 7: the d scales are
 // permuted to match and the outputs back once (PERM is its own inverse). Per lane the f32 steps
-// are tile()'s. RN <= 4: 2 * RN integer sums, RN outputs, d and the weights fill the 16 ymm.
-static inline __attribute__((always_inline)) void wtile(const int RN, const uint8_t *w, int64_t n, int64_t k,
-        int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy) {
+// are tile()'s (H = 1), one such step per half (H = 2). RN <= 4: 2 * RN integer sums, RN
+// outputs, d and the weights fill the 16 ymm.
+static inline __attribute__((always_inline)) void wtile(const int RN, const int H, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy) {
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
     __m256 acc[4];
@@ -450,21 +454,23 @@ static inline __attribute__((always_inline)) void wtile(const int RN, const uint
     for (int64_t b = 0; b < nb; b++) {
         const gview gv = view8(T_Q8_0, w, groups, nb, g, b);
         const __m256 d = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d)), perm);
-        __m256i lo[4], hi[4];
-        for (int r = 0; r < RN; r++) lo[r] = hi[r] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {
-            const __m128i *p = (const __m128i *)(gv.q + c * gv.cs);
-            const __m256i wl = _mm256_cvtepu8_epi16(_mm_loadu_si128(p)), wh = _mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1));
-            for (int r = 0; r < RN; r++) {
-                const __m256i xv = bcast8(xw + (r0 + r) * k + b * 32 + 4 * c);
-                lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(wl, xv));
-                hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(wh, xv));
+        for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
+            __m256i lo[4], hi[4];
+            for (int r = 0; r < RN; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+            for (int c = e * 8 / H; c < (e + 1) * 8 / H; c++) {
+                const __m128i *p = (const __m128i *)(gv.q + c * gv.cs);
+                const __m256i wl = _mm256_cvtepu8_epi16(_mm_loadu_si128(p)), wh = _mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1));
+                for (int r = 0; r < RN; r++) {
+                    const __m256i xv = bcast8(xw + (r0 + r) * k + b * 32 + 4 * c);
+                    lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(wl, xv));
+                    hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(wh, xv));
+                }
             }
-        }
-        for (int r = 0; r < RN; r++) {
-            const int64_t xb = (r0 + r) * nb + b;
-            const __m256i sm = _mm256_sub_epi32(_mm256_hadd_epi32(lo[r], hi[r]), _mm256_set1_epi32(128 * xi[xb]));
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
+            for (int r = 0; r < RN; r++) {
+                const int64_t xb = ((r0 + r) * nb + b) * H + e;
+                const __m256i sm = _mm256_sub_epi32(_mm256_hadd_epi32(lo[r], hi[r]), _mm256_set1_epi32(128 * xi[xb]));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
+            }
         }
     }
     for (int r = 0; r < RN; r++) acc[r] = _mm256_permutevar8x32_ps(acc[r], perm);
@@ -473,17 +479,23 @@ static inline __attribute__((always_inline)) void wtile(const int RN, const uint
 #endif
 
 // units [u0, u1) of a packed Q8_0 weight (packed_wide) against m rows of 16-bit activations:
-// codes xw (m, k), f32 scale xd and integer sum xi per block of 32; y[r * ldy + row].
+// codes xw (m, k), f32 scale xd and integer sum xi per block of 32 / h (h = 1 or 2); y[r * ldy + row].
 void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
-                   const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy) {
+                   const int16_t *xw, const float *xd, const int32_t *xi, int h, float *y, int64_t ldy) {
     const int64_t groups = (n + 7) / 8;
     (void)type;
 #if defined(__AVX2__) && WIDE_Q8
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
         int64_t r0 = 0;
-        for (; r0 + 4 <= m; r0 += 4) wtile(4, w, n, k, g, r0, xw, xd, xi, y, ldy);
-        for (; r0 + 2 <= m; r0 += 2) wtile(2, w, n, k, g, r0, xw, xd, xi, y, ldy);
-        for (; r0 < m; r0++) wtile(1, w, n, k, g, r0, xw, xd, xi, y, ldy);
+        if (h == 2) {
+            for (; r0 + 4 <= m; r0 += 4) wtile(4, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 + 2 <= m; r0 += 2) wtile(2, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 < m; r0++) wtile(1, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
+        } else {
+            for (; r0 + 4 <= m; r0 += 4) wtile(4, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 + 2 <= m; r0 += 2) wtile(2, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 < m; r0++) wtile(1, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
+        }
     }
 #else  // the same integers and, per output, the same f32 steps
     const int64_t nb = k / 32;
@@ -491,21 +503,23 @@ void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
         for (int64_t r = 0; r < m; r++)
             for (int lane = 0; lane < 8 && g * 8 + lane < n; lane++) {
                 float acc = 0.0f;
-                for (int64_t b = 0; b < nb; b++) {
-                    const gview gv = view8(T_Q8_0, w, groups, nb, g, b);
-                    const int16_t *xr = xw + r * k + b * 32;
-                    int32_t sum = 0;
-                    for (int c = 0; c < 8; c++)
-                        for (int j = 0; j < 4; j++) sum += gv.q[c * gv.cs + 4 * lane + j] * xr[4 * c + j];
-                    uint16_t dh;
-                    memcpy(&dh, gv.d + 2 * lane, 2);
-                    const float t = h2f_(dh) * xd[r * nb + b];
+                for (int64_t b = 0; b < nb; b++)
+                    for (int e = 0; e < h; e++) {
+                        const gview gv = view8(T_Q8_0, w, groups, nb, g, b);
+                        const int16_t *xr = xw + r * k + b * 32;
+                        const int64_t xb = (r * nb + b) * h + e;
+                        int32_t sum = 0;
+                        for (int c = e * 8 / h; c < (e + 1) * 8 / h; c++)
+                            for (int j = 0; j < 4; j++) sum += gv.q[c * gv.cs + 4 * lane + j] * xr[4 * c + j];
+                        uint16_t dh;
+                        memcpy(&dh, gv.d + 2 * lane, 2);
+                        const float t = h2f_(dh) * xd[xb];
 #if defined(__FMA__)  // the vector tiles' fmadd (the 8-bit scalar loop's product and add, contracted)
-                    acc = fmaf(t, (float)(sum - 128 * xi[r * nb + b]), acc);
+                        acc = fmaf(t, (float)(sum - 128 * xi[xb]), acc);
 #else
-                    acc += t * (float)(sum - 128 * xi[r * nb + b]);
+                        acc += t * (float)(sum - 128 * xi[xb]);
 #endif
-                }
+                    }
                 y[r * ldy + g * 8 + lane] = acc;
             }
 #endif

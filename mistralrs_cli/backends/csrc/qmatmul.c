@@ -92,7 +92,7 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, i
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
 int packed_wide(int type);
 void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
-                   const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy);
+                   const int16_t *xw, const float *xd, const int32_t *xi, int h, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -184,33 +184,29 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
     }
 }
 
-// x (K floats) -> 16-bit codes per block of 32: scale amax / 32767 (f32, not rounded to fp16),
-// codes rint(x * 32767 / amax), their integer sum (packed_rows_w's activations, precise)
+// x (K floats) -> 16-bit codes per 16 values: scale amax / 32767 (f32, not rounded to fp16),
+// codes rint(x * 32767 / amax), their integer sum (packed_rows_w's activations, precise). Per 16,
+// not 32: the steps are then finer than the two 8-bit parts' (see packed.c).
 static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int32_t *isum) {
-    for (int64_t b = 0; b < k / QK; b++) {
-        const float *xb = x + b * QK;
+    for (int64_t b = 0; b < k / 16; b++) {
+        const float *xb = x + b * 16;
 #if defined(__AVX2__) && !Z512  // the scalar loop 8 lanes at a time: the same codes
         const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 a[4], mx = _mm256_setzero_ps();
-        for (int i = 0; i < 4; i++) {
-            a[i] = _mm256_loadu_ps(xb + 8 * i);
-            mx = _mm256_max_ps(mx, _mm256_and_ps(a[i], nosign));
-        }
-        const float amax = hmax8(mx), id = amax != 0.0f ? 32767.0f / amax : 0.0f;
-        __m256i v[4];
-        for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], _mm256_set1_ps(id)));
-        for (int i = 0; i < 4; i += 2)  // packs interleaves the 128-bit lanes; the permute undoes it
-            _mm256_storeu_si256((__m256i *)(q + b * QK + 8 * i),
-                                _mm256_permute4x64_epi64(_mm256_packs_epi32(v[i], v[i + 1]), 0xd8));
-        const int sum = hsum8_i32(_mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])));
+        const __m256 a0 = _mm256_loadu_ps(xb), a1 = _mm256_loadu_ps(xb + 8);
+        const float amax = hmax8(_mm256_max_ps(_mm256_and_ps(a0, nosign), _mm256_and_ps(a1, nosign)));
+        const __m256 iv = _mm256_set1_ps(amax != 0.0f ? 32767.0f / amax : 0.0f);
+        const __m256i v0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, iv)), v1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, iv));
+        // packs interleaves the 128-bit lanes; the permute undoes it
+        _mm256_storeu_si256((__m256i *)(q + b * 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xd8));
+        const int sum = hsum8_i32(_mm256_add_epi32(v0, v1));
 #else
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int j = 0; j < 16; j++) amax = fmaxf(amax, fabsf(xb[j]));
         const float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
         int sum = 0;
-        for (int j = 0; j < QK; j++) {
+        for (int j = 0; j < 16; j++) {
             const int v = (int)nearbyintf(xb[j] * id);
-            q[b * QK + j] = (int16_t)v;
+            q[b * 16 + j] = (int16_t)v;
             sum += v;
         }
 #endif
@@ -895,8 +891,8 @@ static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_
 // LO_SCALE. The activation error drops from 1/254 of a block's largest value to ~1/64500 of it
 // (about 16 bits), for twice the integer products and the same weight bytes.
 // A packed Q8_0 part where packed.c has no VNNI (packed_wide) takes 16-bit activations instead:
-// one row per input row, rounded once to 16 bits (precise: a little finer than the two parts,
-// half the products) or the 8-bit codes widened (fast); it writes y directly.
+// one row per input row, rounded once to 16 bits with a scale per 16 (precise: finer than the
+// two parts, half the products) or the 8-bit codes widened (fast); it writes y directly.
 #define LO_SCALE 256.0f
 
 typedef struct {  // where slot s (an activation row as the kernels see it) is rounded to
@@ -906,8 +902,8 @@ typedef struct {  // where slot s (an activation row as the kernels see it) is r
     int16_t *kbs;
     int64_t k, nb, nbk;
     int need_a, need_k, precise;
-    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, sum xwi
-    float *xwd;
+    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, sum xwi (per 16
+    float *xwd;   // precise: 2 * nb per row; per 32 fast)
     int32_t *xwi;
     int need_w;
 } prep_t;
@@ -917,7 +913,7 @@ static int is_wide(const qpart_t *p) { return (p->type & PACKED) && packed_wide(
 static void prep_w(const prep_t *c, const float *row, int64_t r) {
     int16_t *q = c->xw + r * c->k;
     if (c->precise) {
-        quantize_row16(row, c->k, q, c->xwd + r * c->nb, c->xwi + r * c->nb);
+        quantize_row16(row, c->k, q, c->xwd + r * 2 * c->nb, c->xwi + r * 2 * c->nb);
         return;
     }
     for (int64_t j = 0; j < c->k; j++) q[j] = c->xq[r * c->k + j];  // slot r's 8-bit rounding (prep_a)
@@ -989,8 +985,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     float *kms = malloc(sizeof(float) * (size_t)(ms * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
     float *yt = two_part ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
     int16_t *xw = need_w ? malloc(sizeof(int16_t) * (size_t)(m * k)) : NULL;
-    float *xwd = malloc(sizeof(float) * (size_t)(m * nb + 1));
-    int32_t *xwi = malloc(sizeof(int32_t) * (size_t)(m * nb + 1));
+    float *xwd = malloc(sizeof(float) * (size_t)(2 * m * nb + 1));
+    int32_t *xwi = malloc(sizeof(int32_t) * (size_t)(2 * m * nb + 1));
     int rc = 0;
     if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !res || !kbs || !kms ||
         (two_part && !yt) || (need_w && !xw) || !xwd || !xwi) { rc = -1; goto done; }
@@ -1025,7 +1021,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             if (is_wide(pp)) {
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t i = 0; i < units(pp); i++)
-                    packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, xw, xwd, xwi, y + col, ldy);
+                    packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, xw, xwd, xwi, precise ? 2 : 1,
+                                  y + col, ldy);
             } else {
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t i = 0; i < units(pp); i++)
