@@ -446,13 +446,14 @@ static inline __m256i bcast8(const int16_t *p) {  // 4 int16 codes in every 64-b
 // are tile()'s (H = 1), one such step per half (H = 2). RN <= 4: 2 * RN integer sums, RN
 // outputs, d and the weights fill the 16 ymm.
 static inline __attribute__((always_inline)) void wtile(const int RN, const int H, const uint8_t *w, int64_t n,
-        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xi, float *y, int64_t ldy) {
+        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y, int64_t ldy) {
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
     __m256 acc[4];
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const gview gv = view8(T_Q8_0, w, groups, nb, g, b);
+    gview gv = view8(T_Q8_0, w, groups, nb, g, 0);
+    const int64_t step = (int64_t)gv.cs / 32 * packed_block_bytes(T_Q8_0);  // block b + 1 is this far on
+    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.q += step) {
         const __m256 d = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d)), perm);
         for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
             __m256i lo[4], hi[4];
@@ -468,7 +469,7 @@ static inline __attribute__((always_inline)) void wtile(const int RN, const int 
             }
             for (int r = 0; r < RN; r++) {
                 const int64_t xb = ((r0 + r) * nb + b) * H + e;
-                const __m256i sm = _mm256_sub_epi32(_mm256_hadd_epi32(lo[r], hi[r]), _mm256_set1_epi32(128 * xi[xb]));
+                const __m256i sm = _mm256_sub_epi32(_mm256_hadd_epi32(lo[r], hi[r]), _mm256_set1_epi32(xo[xb]));
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
             }
         }
@@ -479,22 +480,23 @@ static inline __attribute__((always_inline)) void wtile(const int RN, const int 
 #endif
 
 // units [u0, u1) of a packed Q8_0 weight (packed_wide) against m rows of 16-bit activations:
-// codes xw (m, k), f32 scale xd and integer sum xi per block of 32 / h (h = 1 or 2); y[r * ldy + row].
+// codes xw (m, k), per 32 / h values (h = 1 or 2) an f32 scale xd and the unsigned codes' offset
+// xo = 128 * (sum of the codes); y[r * ldy + row].
 void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
-                   const int16_t *xw, const float *xd, const int32_t *xi, int h, float *y, int64_t ldy) {
+                   const int16_t *xw, const float *xd, const int32_t *xo, int h, float *y, int64_t ldy) {
     const int64_t groups = (n + 7) / 8;
     (void)type;
 #if defined(__AVX2__) && WIDE_Q8
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
         int64_t r0 = 0;
         if (h == 2) {
-            for (; r0 + 4 <= m; r0 += 4) wtile(4, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
-            for (; r0 + 2 <= m; r0 += 2) wtile(2, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
-            for (; r0 < m; r0++) wtile(1, 2, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 + 4 <= m; r0 += 4) wtile(4, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
+            for (; r0 + 2 <= m; r0 += 2) wtile(2, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
+            for (; r0 < m; r0++) wtile(1, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
         } else {
-            for (; r0 + 4 <= m; r0 += 4) wtile(4, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
-            for (; r0 + 2 <= m; r0 += 2) wtile(2, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
-            for (; r0 < m; r0++) wtile(1, 1, w, n, k, g, r0, xw, xd, xi, y, ldy);
+            for (; r0 + 4 <= m; r0 += 4) wtile(4, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
+            for (; r0 + 2 <= m; r0 += 2) wtile(2, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
+            for (; r0 < m; r0++) wtile(1, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
         }
     }
 #else  // the same integers and, per output, the same f32 steps
@@ -515,9 +517,9 @@ void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
                         memcpy(&dh, gv.d + 2 * lane, 2);
                         const float t = h2f_(dh) * xd[xb];
 #if defined(__FMA__)  // the vector tiles' fmadd (the 8-bit scalar loop's product and add, contracted)
-                        acc = fmaf(t, (float)(sum - 128 * xi[xb]), acc);
+                        acc = fmaf(t, (float)(sum - xo[xb]), acc);
 #else
-                        acc += t * (float)(sum - 128 * xi[xb]);
+                        acc += t * (float)(sum - xo[xb]);
 #endif
                     }
                 y[r * ldy + g * 8 + lane] = acc;

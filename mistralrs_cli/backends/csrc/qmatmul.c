@@ -185,9 +185,9 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
 }
 
 // x (K floats) -> 16-bit codes per 16 values: scale amax / 32767 (f32, not rounded to fp16),
-// codes rint(x * 32767 / amax), their integer sum (packed_rows_w's activations, precise). Per 16,
+// codes rint(x * 32767 / amax), 128 * their sum (packed_rows_w's activations, precise). Per 16,
 // not 32: the steps are then finer than the two 8-bit parts' (see packed.c).
-static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int32_t *isum) {
+static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int32_t *off) {
     for (int64_t b = 0; b < k / 16; b++) {
         const float *xb = x + b * 16;
 #if defined(__AVX2__) && !Z512  // the scalar loop 8 lanes at a time: the same codes
@@ -211,7 +211,7 @@ static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int3
         }
 #endif
         d[b] = amax / 32767.0f;
-        isum[b] = sum;
+        off[b] = 128 * sum;
     }
 }
 
@@ -902,8 +902,8 @@ typedef struct {  // where slot s (an activation row as the kernels see it) is r
     int16_t *kbs;
     int64_t k, nb, nbk;
     int need_a, need_k, precise;
-    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, sum xwi (per 16
-    float *xwd;   // precise: 2 * nb per row; per 32 fast)
+    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, 128 * sum xwi
+    float *xwd;   // (per 16 precise: 2 * nb per row; per 32 fast)
     int32_t *xwi;
     int need_w;
 } prep_t;
@@ -918,7 +918,7 @@ static void prep_w(const prep_t *c, const float *row, int64_t r) {
     }
     for (int64_t j = 0; j < c->k; j++) q[j] = c->xq[r * c->k + j];  // slot r's 8-bit rounding (prep_a)
     memcpy(c->xwd + r * c->nb, c->xd + r * c->nb, sizeof(float) * (size_t)c->nb);
-    memcpy(c->xwi + r * c->nb, c->xi + r * c->nb, sizeof(int32_t) * (size_t)c->nb);
+    for (int64_t b = 0; b < c->nb; b++) c->xwi[r * c->nb + b] = 128 * c->xi[r * c->nb + b];
 }
 
 static void prep_a(const prep_t *c, const float *row, int64_t s) {
