@@ -24,7 +24,7 @@ from test_server import MSGS, TEMPLATE, free_port, ref_text, serve, tiny  # noqa
 from test_server_cli import _start, _wait_healthy
 
 POISON_SEED = 666
-HEALTH_BOUND = 2.0  # seconds /health may take while another client is being hostile
+HEALTH_BOUND = 5.0  # seconds /health may take while another client is hostile (it took 45 s before)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_a_slow_template_renders_off_the_event_loop(tiny, monkeypatch):  # noqa:
     monkeypatch.setenv("MISTRALRS_TEMPLATE_ITERATIONS", str(10**9))
     monkeypatch.setenv("MISTRALRS_TEMPLATE_SECONDS", "60")
     loaded = copy.copy(tiny.loaded)
-    slow = "{% for i in range(100000) %}{% for j in range(12) %}{% endfor %}{% endfor %}"
+    slow = "{% for i in range(100000) %}{% for j in range(30) %}{% endfor %}{% endfor %}"
     loaded.chat_template = type(tiny.loaded.chat_template)(slow + "{{ messages[0]['content'] }}", "a test")
     with serve(loaded) as s:
         t0 = time.monotonic()
@@ -190,7 +190,8 @@ def test_a_slow_template_renders_off_the_event_loop(tiny, monkeypatch):  # noqa:
             s.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1}, timeout=120))
         took = time.monotonic() - t0
     assert r.status_code == 200, r.text
-    assert took > 1.5 and len(times) >= 3 and max(times) < HEALTH_BOUND, (took, times)
+    # rendered on the loop, a /health sent during the render would wait for most of it
+    assert len(times) >= 3 and max(times) < min(HEALTH_BOUND, took / 2), (took, times)
 
 
 # ---- the request log ----
