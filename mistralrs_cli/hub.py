@@ -17,9 +17,12 @@ TOKEN_FORMS = "literal:TOKEN, env:VAR, env (HF_TOKEN or HUGGING_FACE_HUB_TOKEN),
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-def short_path(path: str | Path, keep: int = 120) -> str:
-    """A path for a message: whole, or its start and end around an ellipsis when it is long."""
+def short_path(path: str | Path, keep: int = 200) -> str:
+    """A path for a message: whole, or its start and end around an ellipsis when it is long;
+    control characters escaped (a newline in a name must not split the message)."""
     text = str(path)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
     return text if len(text) <= keep else f"{text[:keep // 2]}…{text[-keep // 2:]} ({len(text)} characters)"
 
 
@@ -168,14 +171,14 @@ def resolve_file(model_id: str | None, filename: str, token_source: str = "cache
     if (model_id is None or has_dir) and probe(candidate, "is_file"):
         return candidate
     if model_id is None:
-        raise UserError(f"{filename} does not exist; pass an existing file or a model id with {flag}.")
+        raise UserError(f"{short_path(filename)} does not exist; pass an existing file or a model id with {flag}.")
     local = Path(model_id).expanduser()
     if probe(local, "is_dir"):
         path = local / filename
         if probe(path, "is_file"):
             return path
         if required:
-            raise UserError(f"{filename} is not in the model directory {local}; add it there or "
+            raise UserError(f"{short_path(filename)} is not in the model directory {short_path(local)}; add it there or "
                             f"pass a directory or repo id that has it.")
         return None
     _check_not_a_missing_path(model_id, flag)
@@ -211,10 +214,10 @@ def resolve_model_file(model_id: str | None, filename: str, token_source: str, k
     if model_id is None:
         path = Path(filename).expanduser()
         if probe(path, "is_dir"):
-            raise UserError(f"-f {path} is a directory; pass the {kind} {ext} file inside it (or the "
+            raise UserError(f"-f {short_path(path)} is a directory; pass the {kind} {ext} file inside it (or the "
                             "directory with -m and the file name with -f).")
         if not probe(path, "is_file"):
-            raise UserError(f"{kind} file {path} does not exist; pass an existing {ext} path to -f "
+            raise UserError(f"{kind} file {short_path(path)} does not exist; pass an existing {ext} path to -f "
                             "(or a repo or directory with -m and the file name with -f).")
         return path
     return resolve_file(model_id, filename, token_source, flag="-m/--quantized-model-id")

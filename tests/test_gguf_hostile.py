@@ -287,6 +287,7 @@ def cli_runs(files, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     runs["file-name-5000"] = ["gguf", "-f", long_name]
     runs["tokenizer-name-5000"] = ["gguf", "-f", str(files["valid"]), "-t", long_name]
     runs["model-dir-name-5000"] = ["plain", "-m", long_name]
+    runs["newline-name"] = ["gguf", "-f", str(files["valid"].parent / "a\nb.gguf")]
     runs["torch:block-count-1e9"] = ["--numerics", "exact", "gguf", "-f", str(files["block-count-1e9"])]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(_cli, args, cache) for name, args in runs.items()}
@@ -294,14 +295,15 @@ def cli_runs(files, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("name", [*CLI_CASES, "file-name-5000", "tokenizer-name-5000", "model-dir-name-5000",
-                                  "torch:block-count-1e9"])
+                                  "newline-name", "torch:block-count-1e9"])
 def test_cli_one_error_line(cli_runs, name: str):
     proc = cli_runs[name]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     stem = name.split(":")[-1]
-    assert ("aaaa" if stem.endswith("name-5000") else f"{stem}.gguf") in lines[0], lines[0]
+    named = {"newline-name": "a\\nb.gguf"}.get(stem, "aaaa" if stem.endswith("name-5000") else f"{stem}.gguf")
+    assert named in lines[0], lines[0]
     assert len(lines[0]) < 400, lines[0]  # the long name shortened, not printed whole
 
 
