@@ -269,11 +269,10 @@ class Plan:
         return out
 
 
-def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None, n_threads: int | None = None) -> list[Plan]:
+def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, n_threads: int | None = None) -> list[Plan]:
     """One single-part Plan per (raw rows, qtype, rows, from_file), every repack in one C call
-    (repack_jobs) that never holds Python's lock: `started()` is called just before it, so another
-    thread may do Python work (the loader's tokenizer) meanwhile. A from_file slice's pages of
-    the file mapping are dropped once it is repacked (never pass a heap array as from_file)."""
+    (repack_jobs) that does not hold Python's lock. A from_file slice's pages of the file mapping
+    are dropped once it is repacked (never pass a heap array as from_file)."""
     slots, jobs = [], []
     for raw, qtype, rows, from_file in parts:
         t, code = _contiguous(raw), int(qtype)
@@ -287,8 +286,6 @@ def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, started=None, n_threads:
         slots.append((t, code, rows, (packed, len(jobs))))
         jobs.append(RepackJob(how[0], code, ptr(t), rows, k, ptr(packed), t.nbytes, int(from_file), 0))
     arr = (RepackJob * len(jobs))(*jobs)
-    if started is not None:
-        started()
     lib.repack_jobs(arr, len(jobs), n_threads or threads())
     plans = []
     for t, code, rows, job in slots:

@@ -91,8 +91,7 @@ class NativeModel:
     kv_round_to = None  # (stored as f16 already)
 
     @classmethod
-    def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "precise",
-              started=None, gate=None) -> "NativeModel | None":
+    def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "precise") -> "NativeModel | None":
         """The model, or None when some part of this file needs the torch path. numerics:
         "precise" (activations rounded in two 8-bit parts, ~16 bits: within float noise of the
         exact path's logits, for twice the integer products) or "fast" (one 8-bit rounding per
@@ -101,12 +100,11 @@ class NativeModel:
         if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
             return None
         try:
-            return cls(gf, cfg, lib, release, numerics, started, gate)
+            return cls(gf, cfg, lib, release, numerics)
         except _Unfit:
             return None
 
-    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "precise", started=None,
-                 gate=None):
+    def __init__(self, gf, cfg: ModelConfig, lib, release=None, numerics: str = "precise"):
         if numerics not in ("fast", "precise"):
             raise ValueError(f"numerics {numerics!r}: the native runtime does 'fast' or 'precise'")
         self.config, self.lib, self.gf = cfg, lib, gf
@@ -155,29 +153,20 @@ class NativeModel:
 
         # repacked in slices of ~16 MB of the file, each slice's file pages dropped once it is
         # done, so a big tensor (Gemma's 262k-row output) never has all of its file pages and all
-        # of its repacked copy resident at once; each group in one C call that does not hold
-        # Python's lock. The loader reads the tokenizer meanwhile: `started` says the layers'
-        # repack began, `gate` waits until the tokenizer is read (and its transient heap handed
-        # back) before the output matrix, the biggest, is repacked (peak memory)
+        # of its repacked copy resident at once; biggest first (a lower peak), all in one C call
+        # that does not hold Python's lock
         plans: dict[str, native.Plan] = {}
-        layers_first = sorted(set(names), key=lambda n: -t[n].nbytes)  # biggest first: lower peak
-        for group, hook in ((layers_first, started), ([head], None)):
-            if hook is None and gate is not None:
-                gate()
-            slices = []
-            for name in group:
-                raw, from_file = self._rows(name, cfg)
-                step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
-                slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
-                           for r0 in range(0, raw.shape[0], step)]
-            # beside the tokenizer's thread, one repack thread: the tokenizer is the longer path
-            done = native.plans_at_once([part for _, part in slices], lib, hook,
-                                        1 if hook is not None and gate is not None else None)
-            parts: dict[str, list] = {name: [] for name in group}
-            for (name, _), plan in zip(slices, done):
-                parts[name].append(plan)
-            for name, ps in parts.items():
-                plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
+        slices = []
+        for name in sorted(set(names) | {head}, key=lambda n: -t[n].nbytes):
+            raw, from_file = self._rows(name, cfg)
+            step = max(8, (_CHUNK // max(1, raw.shape[1])) // 8 * 8)
+            slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
+                       for r0 in range(0, raw.shape[0], step)]
+        parts: dict[str, list] = {}
+        for (name, _), plan in zip(slices, native.plans_at_once([part for _, part in slices], lib)):
+            parts.setdefault(name, []).append(plan)
+        for name, ps in parts.items():
+            plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
         if release is not None:
             release()
 
