@@ -93,9 +93,10 @@ class NativeModel:
     @classmethod
     def build(cls, gf, cfg: ModelConfig, release=None, numerics: str = "precise") -> "NativeModel | None":
         """The model, or None when some part of this file needs the torch path. numerics:
-        "precise" (activations rounded in two 8-bit parts, ~16 bits: within float noise of the
-        exact path's logits, for twice the integer products) or "fast" (one 8-bit rounding per
-        block of activations, as llama.cpp's CPU kernels round); both keep an f16 KV cache."""
+        "precise" (activations rounded in two 8-bit parts, ~16 bits, or once to 16-bit codes
+        against Q8_0 without VNNI: within float noise of the exact path's logits) or "fast" (one
+        8-bit rounding per block of activations, as llama.cpp's CPU kernels round); both keep an
+        f16 KV cache."""
         lib = native.library()
         if lib is None or gf.architecture not in ARCHS or cfg.num_local_experts:
             return None
