@@ -65,7 +65,8 @@ def run_batch_with_one_faulty(tiny, w: EngineThread) -> None:  # noqa: F811
     assert w.failure is None
 
 
-def test_a_sampler_fault_fails_only_its_request(tiny, worker, monkeypatch):  # noqa: F811
+def poison_the_sampler(monkeypatch) -> None:
+    """Sampling raises for the request whose seed is POISON_SEED (a fault no validation catches)."""
     real = engine_mod.sample
 
     def sample(logits, recent, params, gen):
@@ -73,6 +74,10 @@ def test_a_sampler_fault_fails_only_its_request(tiny, worker, monkeypatch):  # n
             raise RuntimeError("injected sampler fault")
         return real(logits, recent, params, gen)
     monkeypatch.setattr(engine_mod, "sample", sample)
+
+
+def test_a_sampler_fault_fails_only_its_request(tiny, worker, monkeypatch):  # noqa: F811
+    poison_the_sampler(monkeypatch)
     run_batch_with_one_faulty(tiny, worker)
 
 

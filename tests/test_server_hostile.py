@@ -16,14 +16,12 @@ import httpx2 as httpx
 import pytest
 
 import gguf_builder as gb
-from mistralrs_cli.engine import engine as engine_mod
 from mistralrs_cli.outputs.request_log import RequestLog
 from mistralrs_cli.prompting import chat_ids
 from mistralrs_cli.validation import Limits
 from test_server import MSGS, TEMPLATE, free_port, ref_text, serve, tiny  # noqa: F401 - tiny: a fixture
+from test_engine_faults import POISON_SEED, poison_the_sampler
 from test_server_cli import _start, _wait_healthy
-
-POISON_SEED = 666
 HEALTH_BOUND = 5.0  # seconds /health may take while another client is hostile (it took 45 s before)
 
 
@@ -66,13 +64,7 @@ def _chat(s, results: list, i: int, seed: int | None, stream: bool = False) -> N
 def test_a_fault_in_one_request_fails_it_alone(srv, tiny, monkeypatch, stream):  # noqa: F811
     """Sampling raises for one of four concurrent requests (a fault no validation can catch): it
     gets a 500 in OpenAI's shape (a streamed one an error event), the others transformers' text."""
-    real = engine_mod.sample
-
-    def sample(logits, recent, params, gen):
-        if params.seed == POISON_SEED:
-            raise RuntimeError("injected sampler fault")
-        return real(logits, recent, params, gen)
-    monkeypatch.setattr(engine_mod, "sample", sample)
+    poison_the_sampler(monkeypatch)
     results: list = [None] * 4
     threads = [threading.Thread(target=_chat, args=(srv, results, i, POISON_SEED if i == 1 else None, stream))
                for i in range(4)]
