@@ -72,6 +72,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # LoRA adapters (by name) this request runs with; None: the engine's active set
+    # (adapters/bank.py; a request field `adapters` on the server, mistral.rs's name)
+    adapters: list[str] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -25,6 +25,11 @@ class Loaded:
     eos_token: str = ""
     # the sampling fields generation_config.json sets (sampling_defaults.from_generation_config)
     generation_config: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters served unmerged (adapters/bank.py AdapterBank), the names active by default,
+    # and an X-LoRA model's classifier (adapters/xlora.py), or None
+    adapters: Any = None
+    default_adapters: list[str] = field(default_factory=list)
+    xlora: Any = None
 
     @property
     def max_context(self) -> int:

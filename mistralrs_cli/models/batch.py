@@ -21,3 +21,6 @@ class Batch:
     logits_rows: Any = None  # rows whose logits are wanted (None: all)
     # per-forward memo shared by all layers: rotary tables by frequency vector, masks by window
     memo: dict[Any, Any] = field(default_factory=dict)
+    # LoRA / X-LoRA: (n_layers, T, n_adapters) float32 weight of each adapter for each row, or None
+    # (no adapter on any row); see adapters/bank.py
+    adapter_weights: Any = None
