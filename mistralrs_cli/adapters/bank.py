@@ -41,10 +41,17 @@ class Target:
     B: np.ndarray  # (out_features, R) float32, C-contiguous
     adapter: np.ndarray  # (R,) int32: the adapter each rank column belongs to
     scale: np.ndarray  # (R,) float32: that adapter's scaling (lora_alpha / r, or / sqrt(r) with rslora)
+    # the index of this module's weights in a forward's weights array: its decoder layer, or for an
+    # X-LoRA bank its own slot (peft's XLoraClassifier gives every adapted module its own scalings)
+    slot: int | None = None
+
+    def __post_init__(self):
+        if self.slot is None:
+            self.slot = self.layer
 
     def column_weights(self, weights: np.ndarray) -> np.ndarray:
-        """(T, R) float32 column weights from a forward's weights (n_layers, T, n_adapters)."""
-        return np.ascontiguousarray(weights[self.layer][:, self.adapter] * self.scale, dtype=np.float32)
+        """(T, R) float32 column weights from a forward's weights (n_slots, T, n_adapters)."""
+        return np.ascontiguousarray(weights[self.slot][:, self.adapter] * self.scale, dtype=np.float32)
 
     def delta(self, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The reference side path in numpy: ((x A^T) * column weights) B^T, (T, out_features)."""
@@ -64,11 +71,14 @@ class AdapterFactors:
 class AdapterBank:
     """The adapters a model serves (index = position in `names`) and their stacked Targets."""
 
-    def __init__(self, adapters: list[AdapterFactors], n_layers: int):
+    def __init__(self, adapters: list[AdapterFactors], n_layers: int, slots: dict[str, int] | None = None):
+        """`slots` (X-LoRA): module -> its index in the weights' first axis, which then has
+        max(slots) + 1 entries (n_slots) instead of one per decoder layer."""
         self.names = [a.name for a in adapters]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"adapter names repeat: {self.names}")
         self.n_layers = n_layers
+        self.n_slots = n_layers if slots is None else max(slots.values()) + 1
         self.targets: dict[str, Target] = {}
         modules = sorted({m for a in adapters for m in a.factors}, key=lambda m: (layer_of(m), m))
         for module in modules:
@@ -82,16 +92,17 @@ class AdapterBank:
                     sc += [a.scale] * fa.shape[0]
             self.targets[module] = Target(module, layer_of(module), np.ascontiguousarray(np.concatenate(A)),
                                           np.ascontiguousarray(np.concatenate(B, axis=1)),
-                                          np.asarray(idx, dtype=np.int32), np.asarray(sc, dtype=np.float32))
+                                          np.asarray(idx, dtype=np.int32), np.asarray(sc, dtype=np.float32),
+                                          None if slots is None else slots[module])
 
     def index(self, name: str) -> int:
         return self.names.index(name)
 
     def weights_for(self, row_sets: list[tuple[int, list[int]]]) -> np.ndarray:
-        """Plain-LoRA weights (n_layers, T, n_adapters): row_sets is (number of rows, adapter indexes
+        """Plain-LoRA weights (n_slots, T, n_adapters): row_sets is (number of rows, adapter indexes
         active for them) per sequence, in batch order."""
         T = sum(n for n, _ in row_sets)
-        w = np.zeros((self.n_layers, T, len(self.names)), dtype=np.float32)
+        w = np.zeros((self.n_slots, T, len(self.names)), dtype=np.float32)
         t = 0
         for n, active in row_sets:
             if active:
