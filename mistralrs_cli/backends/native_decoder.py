@@ -148,6 +148,8 @@ class NativeDecoder:
             self._residual(L.down, L.down_opts, gu, h, y)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows].contiguous()
+        if batch.memo.get("hidden"):  # X-LoRA's scaling pass: the final-normed hidden states
+            return model.model.norm(h).float()
         logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
         return softcap(logits, cfg.final_logit_softcapping)
 

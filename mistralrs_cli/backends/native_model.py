@@ -220,7 +220,7 @@ class NativeModel:
                 setattr(d, name + "_opts", ctypes.addressof(opts))
             d.rot, d.qn, d.kn, d.eps = L.rope.dim, c.qn, c.kn, c.eps
             d.scale, d.softcap, d.window = c.scale, c.softcap, c.window
-        self.norm = self._norm("output_norm.weight")
+        self.norm, self.norm_eps = self._norm("output_norm.weight"), eps
         self.head, self.head_opts = plans[head], native.qmm_opts(self.norm, eps, bias=self._biases(["output"]),
                                                                           precise=pr)
         self.embd, self.embd_type = gf.raw_np("token_embd.weight"), t["token_embd.weight"].qtype
@@ -272,9 +272,16 @@ class NativeModel:
         return out
 
     # ---- the engine's interface ----
-    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int]) -> np.ndarray:
-        return self.forward(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), seqs,
-                            np.asarray(rows, dtype=np.int64))
+    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int],
+             hidden: bool = False) -> np.ndarray:
+        """Logits of `rows`; hidden=True (X-LoRA's scaling pass): every row's final hidden state
+        after the output norm (transformers' hidden_states[-1]) instead."""
+        self._want_hidden = hidden
+        try:
+            return self.forward(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), seqs,
+                                None if hidden else np.asarray(rows, dtype=np.int64))
+        finally:
+            self._want_hidden = False
 
     def __call__(self, input_ids, batch: Batch):
         """The torch models' calling convention; a torch tensor in gives a torch tensor out."""
@@ -392,6 +399,9 @@ class NativeModel:
     def _head(self, h: np.ndarray, rows: np.ndarray | None, n_threads: int) -> np.ndarray:
         if rows is not None:
             h = np.ascontiguousarray(h[rows])
+        if getattr(self, "_want_hidden", False):  # the output norm alone, as the torch RMSNorm computes it
+            ms = np.mean(np.square(h, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+            return (h / np.sqrt(ms + np.float32(self.norm_eps))) * self.norm
         logits = native.qmatmul(h, self.head, self.lib, self.head_opts, n_threads=n_threads)
         cap = self.config.final_logit_softcapping
         if cap is not None:

@@ -52,10 +52,15 @@ class CausalLM(nn.Module):
         """The dtype cached keys/values are rounded through (kept in the compute dtype)."""
         return self.kv_dtype if self.kv_dtype != self.dtype and self.dtype == torch.float32 else None
 
-    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int]):
-        """The engine's call: one flattened batch -> logits of `rows` as a float32 numpy array."""
+    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int], hidden: bool = False):
+        """The engine's call: one flattened batch -> logits of `rows` as a float32 numpy array.
+        hidden=True (X-LoRA's scaling pass): the final hidden states of every row instead, after
+        the final norm (transformers' hidden_states[-1], what peft's XLoraClassifier reads)."""
         with torch.inference_mode():
-            logits = self(torch.tensor(ids), Batch(torch.tensor(positions), seqs, torch.tensor(rows)))
+            batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows))
+            if hidden:
+                batch.memo["hidden"] = True
+            logits = self(torch.tensor(ids), batch)
         return logits.float().cpu().numpy()
 
     def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -70,5 +75,7 @@ class CausalLM(nn.Module):
             h = layer(h, batch)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows]
+        if batch.memo.get("hidden"):
+            return self.model.norm(h).float()
         logits = self.lm_head(self.model.norm(h)).float()
         return softcap(logits, self.config.final_logit_softcapping)
