@@ -52,12 +52,15 @@ class CausalLM(nn.Module):
         """The dtype cached keys/values are rounded through (kept in the compute dtype)."""
         return self.kv_dtype if self.kv_dtype != self.dtype and self.dtype == torch.float32 else None
 
-    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int], hidden: bool = False):
+    def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int], hidden: bool = False,
+             adapter_weights=None):
         """The engine's call: one flattened batch -> logits of `rows` as a float32 numpy array.
         hidden=True (X-LoRA's scaling pass): the final hidden states of every row instead, after
-        the final norm (transformers' hidden_states[-1], what peft's XLoraClassifier reads)."""
+        the final norm (transformers' hidden_states[-1], what peft's XLoraClassifier reads).
+        adapter_weights: the LoRA weights of each row (adapters/bank.py), or None."""
         with torch.inference_mode():
-            batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows))
+            batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows),
+                          adapter_weights=adapter_weights)
             if hidden:
                 batch.memo["hidden"] = True
             logits = self(torch.tensor(ids), batch)
@@ -65,7 +68,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """input_ids (T,) -> logits (len(batch.logits_rows) or T, vocab) in float32."""
-        if self.native is not None and self.native.handles(batch):
+        lora = getattr(self, "lora_ctx", None)  # adapters/torch_lora.py, when adapters are served unmerged
+        if lora is not None:
+            lora.begin(batch.adapter_weights)
+        # the fused native layers know no adapters: a batch with adapter rows takes the modules
+        if self.native is not None and batch.adapter_weights is None and self.native.handles(batch):
             return self.native(input_ids, batch)
         h = self.model.embed_tokens(input_ids).to(self.dtype)  # (T, hidden)
         mult = self.embed_multiplier()
