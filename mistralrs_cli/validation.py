@@ -219,6 +219,35 @@ def check_stop(stop: Any, name: Namer = field, limits: Limits | None = None, lim
     return stops
 
 
+def _names_text(names: list[str], most: int) -> str:
+    """Names for a message: quoted, each cut at 40 characters, at most `most` then a count."""
+    shown = [repr(n) if len(n) <= 40 else repr(n[:40]) + "..." for n in names[:most]]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(shown) + more
+
+
+def check_adapters(value: Any, served: list[str], name: Namer = field, key: str = "adapters") -> list[str] | None:
+    """A request's LoRA adapters: None (the engine's active set) or a list of names the model
+    serves (`served`), repeats dropped; [] runs the base model alone. A list naming anything the
+    model does not serve is refused whole, so its size and its names' lengths are bounded by the
+    served set (the message quotes a few names, cut short)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise ParamTypeError(f"{name(key)} must be a list of adapter names (strings), got "
+                             f"{type(value).__name__} {value!r:.80}.", key)
+    names = list(dict.fromkeys(value))
+    if names and not served:
+        raise ParamError(f"{name(key)} names {_names_text(names, 5)}, but this model was loaded without "
+                         f"LoRA adapters; drop {name(key)} or load the model with its adapters.", key)
+    known = set(served)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ParamError(f"{name(key)} names {_names_text(unknown, 5)}, which this model does not serve; "
+                         f"its adapters are {_names_text(list(served), 20)}.", key)
+    return names
+
+
 def check_sampling(values: Mapping[str, Any], name: Namer = field, *, vocab: int | None = None,
                    max_context: int | None = None, limits: Limits | None = None,
                    limit_name: Namer = flag) -> dict[str, Any]:

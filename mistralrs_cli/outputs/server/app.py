@@ -21,7 +21,7 @@ from ...validation import Limits
 from ..request_log import RequestLog
 from . import shapes
 from .body import OffLoop, parse_json, read_body
-from .protocol import ApiError, Parsed, parse_chat, parse_completion
+from .protocol import ApiError, Parsed, parse_activation, parse_chat, parse_completion
 
 
 @dataclass
@@ -123,6 +123,24 @@ class Routes:
             raise ApiError(400, "in-situ quantization is not available for this model.", "ggml_type")
         return {"message": await asyncio.to_thread(self.state.reisq, kind)}
 
+    async def activate_adapters(self, request: Request):
+        """mistral.rs's POST /activate_adapters {"adapter_names": [...]}: the LoRA adapters of
+        requests that name none from now on; requests already running keep theirs."""
+        names = parse_activation(await self.body_of(request), self.loaded)
+
+        def activate(engine) -> list[str]:  # on the engine thread, between steps
+            engine.set_active_adapters(names)
+            return list(engine.active_adapters)
+        try:
+            active = await asyncio.to_thread(self.state.worker.call, activate)
+        except UserError as e:
+            raise ApiError(400, str(e), "adapter_names") from None
+        except EngineFailed as e:
+            raise ApiError(503, f"{e}; the server is stopping.", type_="server_error", code="engine_failed") from None
+        body = {"message": f"Adapter activation: {active}", "active_adapters": active}
+        self.log.write("response", body)
+        return body
+
     # ---- generation ----
     async def complete(self, request: Request, parsed: Parsed):
         rid = shapes.new_id(parsed.kind)
@@ -221,10 +239,15 @@ def failure(out, parsed: Parsed) -> ApiError:
     if out.finish_reason == "cancelled":
         return ApiError(503, "the server is shutting down; retry later.", type_="server_error")
     if isinstance(out.error, UserError):
-        return ApiError(400, out.text, "messages" if parsed.kind == "chat" else "prompt")
+        return ApiError(400, out.text, _param_of(out.error, parsed))
     if isinstance(out.error, EngineFailed):
         return ApiError(503, out.text, type_="server_error", code="engine_failed")
     return ApiError(500, out.text, type_="server_error")
+
+
+def _param_of(err: UserError, parsed: Parsed) -> str:
+    """The field a UserError from the engine is about: its own (a ParamError's), else the prompt."""
+    return getattr(err, "field", None) or ("messages" if parsed.kind == "chat" else "prompt")
 
 
 def from_opening(ev: _Events, j: int) -> str:
@@ -246,6 +269,8 @@ def make_app(state: ServerState) -> FastAPI:
     app.post("/v1/completions")(r.completions)
     app.post("/v1/re_isq")(r.reisq)
     app.post("/re_isq")(r.reisq)
+    app.post("/activate_adapters")(r.activate_adapters)  # mistral.rs's path
+    app.post("/v1/activate_adapters")(r.activate_adapters)
     return app
 
 
@@ -308,7 +333,7 @@ class Pending:
             if isinstance(e, QueueFull):
                 raise ApiError(503, f"the server is busy ({e}); retry later.", type_="server_error") from None
             code = "context_length_exceeded" if "context" in str(e) or "KV cache" in str(e) else None
-            raise ApiError(400, str(e), "messages" if parsed.kind == "chat" else "prompt", code) from None
+            raise ApiError(400, str(e), _param_of(e, parsed), code) from None
 
     async def next(self, timeout: float | None = None):
         """(choice, output), or None when every choice has finished; TimeoutError on timeout."""

@@ -5,6 +5,7 @@ unknown fields are ignored, as OpenAI does.
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ def _unsupported(body: dict) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "response_format (structured output) is not supported by this server yet.",
                        "response_format")
-    for name in ("grammar", "adapters", "suffix", "tools"):
+    for name in ("grammar", "suffix", "tools"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this server.", name)
 
@@ -113,12 +114,20 @@ def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int,
         top_logprobs=max(top_logprobs, 0)), generation_config)
 
 
+def served_adapters(loaded: Any) -> list[str]:
+    """The LoRA adapters a request may name (those of the loaded AdapterBank; none without one)."""
+    bank = getattr(loaded, "adapters", None)
+    return list(bank.names) if bank is not None else []
+
+
 def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int,
              limits: Limits) -> tuple[int, list[SamplingParams]]:
     with _as_api_errors():
         n = validation.check_sampling({"n": get(body, "n", int, 1)}, limits=limits)["n"]
+        adapters = validation.check_adapters(body.get("adapters"), served_adapters(loaded))
     base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs,
                     getattr(loaded, "generation_config", None), limits)
+    base.adapters = adapters  # None: the engine's active set when the request starts
     params = []
     for _ in prompts:
         for i in range(n):  # choice i: seed + i, so n choices differ and each is reproducible
@@ -214,3 +223,19 @@ def parse_completion(body: dict, loaded: Any, limits: Limits | None = None) -> P
     stream, usage = _stream_opts(body)
     echo = texts if get(body, "echo", bool, False) else []
     return Parsed("completion", prompts, params, n, stream, usage, top, echo)
+
+
+def parse_activation(body: dict, loaded: Any) -> list[str]:
+    """POST /activate_adapters' body, mistral.rs's {"adapter_names": [...]}: the names checked
+    against the adapters the model serves ([] runs the base model alone)."""
+    served = served_adapters(loaded)
+    if not served:
+        raise ApiError(400, "this model was loaded without LoRA adapters, so there are none to activate; "
+                            "load it with a lora subcommand.", "adapter_names")
+    with _as_api_errors():
+        names = validation.check_adapters(body.get("adapter_names"), served, key="adapter_names")
+    if names is None:
+        example = json.dumps({"adapter_names": [served[0][:40]]})
+        raise ApiError(400, f"send the adapters to activate as adapter_names, e.g. {example} "
+                            "([] runs the base model alone).", "adapter_names")
+    return names
