@@ -8,6 +8,7 @@ contiguous cache per sequence with --no-paged-attn, or none with --no-kv-cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,6 +18,7 @@ from ..errors import UserError
 from ..models.batch import SeqSlice
 from ..types import EngineConfig, SamplingParams
 from ..validation import check_kv_pool
+from .adapter_rows import AdapterRows
 from .kv_cache import cache_for
 from .paged import PagedKV, PagedSeqCache, PoolShape
 from .request import Request, RequestOutput
@@ -71,12 +73,22 @@ class Engine:
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
                                    chunked=not cfg.no_kv_cache)
         self.finished: dict[str, int] = {}  # finish reason -> requests, since start
+        self.adapter_rows = AdapterRows(loaded)  # LoRA adapters per request (adapter_rows.py)
+        self.xlora = None  # X-LoRA's scaling pass and classifier (xlora_step.py), with an X-LoRA model
+        if getattr(loaded, "xlora", None) is not None:
+            from .xlora_step import XLoraStep
+
+            self.xlora = XLoraStep(self.model, loaded.xlora, loaded.adapters, cfg.no_kv_cache,
+                                   getattr(loaded.xlora, "tgt_non_granular_index", None))
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> Request:
         rid = request_id or f"req-{next(_ids)}"
         prompt_ids = self._fit_prompt(list(prompt_ids))
+        adapters = self.adapter_rows.resolve(params.adapters)
+        if adapters != params.adapters:  # fixed now: a later set_active_adapters leaves it alone
+            params = dataclasses.replace(params, adapters=adapters)
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
         req.generator = new_generator(params.seed)
         if params.max_tokens == 0:  # nothing to generate: finish without computing
@@ -97,6 +109,19 @@ class Engine:
                             f"{self.kv.capacity_tokens}; give it more memory (--pa-gpu-mem MB or "
                             "--pa-ctxt-len TOKENS) or shorten the prompt.")
         return ids
+
+    # ---- LoRA adapters ----
+    def adapter_names(self) -> list[str]:
+        """Every adapter this model serves (a request may name any of them)."""
+        return list(self.adapter_rows.names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters of requests that name none."""
+        return list(self.adapter_rows.active)
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        self.adapter_rows.active = self.adapter_rows.check(list(names), "the adapters to activate")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (call on the engine's thread); its final output comes next step."""
@@ -125,6 +150,8 @@ class Engine:
         if isinstance(req.cache, PagedSeqCache):
             req.cache.release(keep_prefix)
         req.cache = None
+        if self.xlora is not None:  # its scaling-pass cache goes with it
+            self.xlora.release(req)
 
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
@@ -166,7 +193,11 @@ class Engine:
             if req.n_computed + w.n == req.n_known:
                 sampled.append(req)
                 rows.append(start + w.n - 1)
-        logits = self.model.step(ids, positions, seqs, rows)
+        weights = self.adapter_rows.weights([(w.n, w.req.params.adapters) for w in work])
+        if self.xlora is not None:  # the scaling pass of this step's X-LoRA sequences
+            weights = self.xlora.fill(weights, work, len(ids))
+        kw = {} if weights is None else {"adapter_weights": weights}
+        logits = self.model.step(ids, positions, seqs, rows, **kw)
         self._computed(work)
         return list(zip(sampled, logits))
 
