@@ -25,7 +25,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c")]
 HEADERS = [Path(__file__).with_name("csrc") / "attention.h"]  # part of the build's identity
 TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS})
 K_TYPES = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS})  # rows must be whole 256-blocks
@@ -177,7 +178,8 @@ class QmmOpts(ctypes.Structure):
     """What qmm_parts fuses around the multiply (see csrc/qmatmul.c); pointers are data_ptr()s."""
     _fields_ = [("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("act", ctypes.c_int),
                 ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("ld_res", ctypes.c_int64),
-                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int)]
+                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int),
+                ("lora", ctypes.c_void_p)]  # a native_lora.LoraPlan's address, or None
 
 
 def qmm_opts(norm=None, eps=0.0, act=0, bias=None, post=None, post_eps=0.0, precise=False) -> QmmOpts:

@@ -124,7 +124,8 @@ class NativeDecoder:
         return cls(model, layers, head[0], head_opts, (norm, head[1]))
 
     def handles(self, batch: Batch) -> bool:
-        return all(s.cache is not None for s in batch.seqs)
+        # LoRA side paths are applied by the torch modules (models/), not by this executor
+        return batch.adapter_weights is None and all(s.cache is not None for s in batch.seqs)
 
     def __call__(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         model, cfg = self.model, self.model.config

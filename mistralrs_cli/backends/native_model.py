@@ -227,6 +227,25 @@ class NativeModel:
         self.embed_multiplier = math.sqrt(cfg.hidden_size) if self.gemma else None
         self.gate_up_rows = self.layers[0].gate_up.rows
         self.pool = ThreadPolicy()  # threads per step: fewer when a busy neighbour starves one
+        self.adapter_bank, self._adapters = None, None  # set_adapters
+
+    def set_adapters(self, bank) -> None:
+        """Serve an AdapterBank's LoRA side paths beside the quantized weights (None: none); a
+        forward applies them with its adapter weights (native_lora.py, csrc/lora.c)."""
+        from .native_lora import NativeAdapters, Projection
+
+        if self._adapters is not None:
+            self._adapters.detach()
+        self.adapter_bank, self._adapters = None, None
+        if bank is None:
+            return
+        d, q, kv, inter = self.config.hidden_size, self.nq * self.hd, self.nkv * self.hd, self.gate_up_rows // 2
+        self._adapters = NativeAdapters(bank, [
+            {"qkv": Projection(L.qkv_opts, d, [q, kv, kv]), "o": Projection(L.o_opts, q, [d]),
+             "gu": Projection(L.gate_up_opts, d, [inter, inter]), "down": Projection(L.down_opts, inter, [d])}
+            for L in self.layers])
+        self._adapters.attach()
+        self.adapter_bank = bank
 
     # ---- weights from the file ----
     def _rows(self, name: str, cfg: ModelConfig) -> tuple[np.ndarray, bool]:
@@ -273,13 +292,13 @@ class NativeModel:
 
     # ---- the engine's interface ----
     def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int],
-             hidden: bool = False) -> np.ndarray:
+             hidden: bool = False, adapter_weights: np.ndarray | None = None) -> np.ndarray:
         """Logits of `rows`; hidden=True (X-LoRA's scaling pass): every row's final hidden state
         after the output norm (transformers' hidden_states[-1]) instead."""
         self._want_hidden = hidden
         try:
             return self.forward(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), seqs,
-                                None if hidden else np.asarray(rows, dtype=np.int64))
+                                None if hidden else np.asarray(rows, dtype=np.int64), adapter_weights)
         finally:
             self._want_hidden = False
 
@@ -287,7 +306,8 @@ class NativeModel:
         """The torch models' calling convention; a torch tensor in gives a torch tensor out."""
         rows = None if batch.logits_rows is None else np.asarray(batch.logits_rows, dtype=np.int64)
         out = self.forward(np.asarray(input_ids, dtype=np.int64).reshape(-1),
-                           np.asarray(batch.positions, dtype=np.int64).reshape(-1), batch.seqs, rows)
+                           np.asarray(batch.positions, dtype=np.int64).reshape(-1), batch.seqs, rows,
+                           batch.adapter_weights)
         if type(input_ids).__module__.startswith("torch"):
             import torch
 
@@ -303,7 +323,10 @@ class NativeModel:
             h *= np.float32(self.embed_multiplier)
         return h
 
-    def forward(self, ids: np.ndarray, positions: np.ndarray, seqs: list, rows: np.ndarray | None) -> np.ndarray:
+    def forward(self, ids: np.ndarray, positions: np.ndarray, seqs: list, rows: np.ndarray | None,
+                adapter_weights: np.ndarray | None = None) -> np.ndarray:
+        """Logits of `rows` (None: all); adapter_weights (slots, T, adapters) weigh the bank's LoRA
+        side paths per row (adapters/bank.py), None: none on any row."""
         from ..engine.kv_cache import SeqKVCache
 
         lib, nq, nkv, hd = self.lib, self.nq, self.nkv, self.hd
@@ -339,6 +362,10 @@ class NativeModel:
         for L in self.layers:  # residual adds go into h
             L.o_opts.residual = L.down_opts.residual = hp
             L.o_opts.ld_res = L.down_opts.ld_res = d
+        if adapter_weights is not None and self._adapters is None:
+            raise ValueError("adapter weights given to a model without adapters (set_adapters first)")
+        if self._adapters is not None:
+            self._adapters.begin(adapter_weights, T)
         try:
             if all(c.native_layers_ok() for c in caches):
                 self._layers_in_c(caches, spans, entries, positions, memo, h, qkv, att, gu, y, th)
@@ -373,6 +400,8 @@ class NativeModel:
         finally:
             for L in self.layers:
                 L.o_opts.residual = L.down_opts.residual = None
+            if self._adapters is not None:
+                self._adapters.end()
             self.pool.record(T, th, started)
 
     def _layers_in_c(self, caches, spans, entries, positions, memo, h, qkv, att, gu, y, th) -> None:
