@@ -159,3 +159,82 @@ def test_parity_with_peft_gguf(base, variant):
     logits, scalings = ours_chunked(load_x(base, folder, "gguf"), IDS)
     assert np.abs(scalings - want_scalings).max() < SCALING_TOL
     assert np.abs(logits - want_logits).max() < LOGIT_TOL
+
+
+# ---- the engine: continuous batching, --tgt-non-granular-index ----
+def generate(engine: Engine, prompts: list[tuple[list[int], list[str] | None]], n: int) -> list[list[int]]:
+    """Greedy continuations of every (prompt ids, adapters) added at once, stepped to the end."""
+    reqs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0.0, adapters=names, ignore_eos=True))
+            for ids, names in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [r.output_ids for r in reqs]
+
+
+def peft_greedy(xm, ids: list[int], n: int, tgt: int | None = None) -> list[int]:
+    """The reference: peft's layers over the whole sequence each step. With `tgt`, the rule by
+    hand: the scaling pass (the base model: scaling_pass_value 0) and peft's classifier give each
+    position its scalings, and every position from prompt + tgt on takes those of the one before."""
+    from peft.tuners.lora import LoraLayer
+
+    seq, P = list(ids), len(ids)
+    inner = xm.base_model.lora_model.model
+    clf = xm.base_model.internal_xlora_classifier
+    layers = [m for m in xm.modules() if isinstance(m, LoraLayer)]
+
+    def run(scalings, x):
+        hooks = [m.register_forward_pre_hook(lambda mod, a, kw: (a, {**kw, "scalings": scalings}), with_kwargs=True)
+                 for m in layers]
+        try:
+            return inner(x, output_hidden_states=True, return_dict=True)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor([seq])
+            if tgt is None:
+                logits = xm(input_ids=x).logits
+            else:
+                dummy = clf.make_dummy_scalings(input_ids=x)
+                s = clf(result=run(dummy, x), input_ids=x).clone()
+                if len(seq) > P + tgt:
+                    s[:, P + tgt:] = s[:, P + tgt - 1:P + tgt]
+                logits = run(s, x).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[P:]
+
+
+@pytest.fixture(scope="module")
+def served(base):
+    folder, xm = make_xlora(base, "served", {"top_k_lora": 2})
+    return load_x(base, folder), xm
+
+
+def test_xlora_text_equals_peft_and_batching_changes_nothing(served):
+    """An X-LoRA request gives peft's greedy tokens, alone and beside plain requests (one of them
+    on the same prompt: the prefix cache must not hand one the other's keys) in the same steps."""
+    loaded, xm = served
+    engine = Engine(loaded, EngineConfig(block_size=4))
+    other = [5, 77, 300, 12, 9, 250, 31]
+    want = peft_greedy(xm, IDS, 6)
+    alone = generate(engine, [(IDS, None)], 6)[0]
+    plain_alone = generate(engine, [(IDS, []), (other, [])], 6)
+    mixed = generate(engine, [(other, []), (IDS, None), (IDS, [])], 6)
+    assert alone == want
+    assert mixed == [plain_alone[1], alone, plain_alone[0]]
+    assert plain_alone[0] != alone  # the adapters change the text, or this proves little
+    assert not engine.xlora.state  # every scaling-pass cache freed with its sequence
+
+
+@pytest.mark.parametrize("tgt", [0, 2])
+def test_tgt_non_granular_index(base, tgt):
+    folder, xm = make_xlora(base, f"ng{tgt}", {"layerwise_scalings": True})
+    loaded = load_x(base, folder, tgt=tgt)
+    engine = Engine(loaded, EngineConfig(block_size=4))
+    out = generate(engine, [(IDS, None), ([5, 77, 300, 12], [])], 6)
+    assert out[0] == peft_greedy(xm, IDS, 6, tgt)
+    assert out[0] != peft_greedy(xm, IDS, 6)  # reusing the scalings changes this text: the rule is seen
+    # the scaling pass ran for the prompt and the first tgt generated tokens only
+    assert engine.xlora.scaling_rows == len(IDS) + tgt

@@ -86,9 +86,10 @@ class Engine:
                     request_id: str | None = None) -> Request:
         rid = request_id or f"req-{next(_ids)}"
         prompt_ids = self._fit_prompt(list(prompt_ids))
-        adapters = self.adapter_rows.resolve(params.adapters)
-        if adapters != params.adapters:  # fixed now: a later set_active_adapters leaves it alone
-            params = dataclasses.replace(params, adapters=adapters)
+        if params.adapters is not None or self.xlora is None:  # None on an X-LoRA model: X-LoRA
+            adapters = self.adapter_rows.resolve(params.adapters)
+            if adapters != params.adapters:  # fixed now: a later set_active_adapters leaves it alone
+                params = dataclasses.replace(params, adapters=adapters)
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
         req.generator = new_generator(params.seed)
         if params.max_tokens == 0:  # nothing to generate: finish without computing
@@ -142,9 +143,17 @@ class Engine:
             if self.kv is None:
                 req.cache = cache_for(self.model)
             else:
-                req.cache = self.kv.new_sequence(req.tokens(0, req.n_known))
+                req.cache = self.kv.new_sequence(req.tokens(0, req.n_known), self._prefix_salt(req))
                 req.n_computed = len(req.cache)
         return not isinstance(req.cache, PagedSeqCache) or req.cache.reserve(n_tokens)
+
+    def _prefix_salt(self, req: Request):
+        """What else than the tokens a sequence's keys/values depend on: its unmerged LoRA
+        adapters, or X-LoRA; prefix-cache blocks are shared only between equal salts."""
+        if self.xlora is not None and self.xlora.uses(req):
+            return ("x-lora",)
+        names = req.params.adapters
+        return ("lora", *sorted(names)) if names and self.adapter_rows.bank is not None else None
 
     def _release(self, req: Request, keep_prefix: bool = False) -> None:
         if isinstance(req.cache, PagedSeqCache):
@@ -193,7 +202,7 @@ class Engine:
             if req.n_computed + w.n == req.n_known:
                 sampled.append(req)
                 rows.append(start + w.n - 1)
-        weights = self.adapter_rows.weights([(w.n, w.req.params.adapters) for w in work])
+        weights = self.adapter_rows.weights([(w.n, w.req.params.adapters or []) for w in work])
         if self.xlora is not None:  # the scaling pass of this step's X-LoRA sequences
             weights = self.xlora.fill(weights, work, len(ids))
         kw = {} if weights is None else {"adapter_weights": weights}

@@ -166,8 +166,10 @@ class BlockAllocator:
         return sum(1 for b in range(self.n_blocks) if self.refs[b] > by_entries[b])
 
 
-def block_hashes(tokens: list[int], block_size: int, n_blocks: int) -> list[int]:
-    out, parent = [], None
+def block_hashes(tokens: list[int], block_size: int, n_blocks: int, salt: Any = None) -> list[int]:
+    """Chained block hashes; `salt` separates sequences whose keys/values differ for the same
+    tokens (other LoRA adapters, X-LoRA): the first block's parent."""
+    out, parent = [], salt
     for i in range(n_blocks):
         parent = hash((parent, tuple(tokens[i * block_size:(i + 1) * block_size])))
         out.append(parent)
@@ -199,13 +201,14 @@ class PagedKV:
     def capacity_tokens(self) -> int:
         return self.alloc.n_blocks * self.block_size
 
-    def new_sequence(self, tokens: list[int]) -> "PagedSeqCache":
+    def new_sequence(self, tokens: list[int], salt: Any = None) -> "PagedSeqCache":
         """A cache for a sequence; its first blocks come from the prefix cache when they can,
-        all but the last `min_tail` tokens."""
+        all but the last `min_tail` tokens. Only blocks of sequences with the same `salt` match."""
         cache = PagedSeqCache(self)
+        cache.salt = salt
         if self.alloc.prefix_cache_n:
             n = max(0, len(tokens) - self.min_tail) // self.block_size
-            cache.hashes = block_hashes(tokens, self.block_size, n)
+            cache.hashes = block_hashes(tokens, self.block_size, n, salt)
             cache.blocks = self._contiguous_copy(self.alloc.lookup(cache.hashes))
             cache.hashes = cache.hashes[: len(cache.blocks)]
             cache.set_length(len(cache.blocks) * self.block_size)
@@ -252,6 +255,7 @@ class PagedSeqCache:
         self.kv = kv
         self.blocks: list[int] = []
         self.hashes: list[int] = []  # hashes of the leading full blocks, registered
+        self.salt: Any = None  # the first block's parent hash (PagedKV.new_sequence)
         self.lengths = [0] * kv.shape.n_layers
         self._slots = None  # the slot index of each position, built when a gather needs it
         self._contig, self._contig_checked = True, 0
@@ -373,7 +377,7 @@ class PagedSeqCache:
         if not alloc.prefix_cache_n:
             return
         for i in range(len(self.hashes), len(self) // bs):
-            parent = self.hashes[-1] if self.hashes else None
+            parent = self.hashes[-1] if self.hashes else self.salt
             h = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
             self.hashes.append(h)
             alloc.register(self.blocks[i], h)

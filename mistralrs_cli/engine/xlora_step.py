@@ -65,7 +65,7 @@ class XLoraStep:
         for (req, row0, n), (st, a, start, limit) in zip(jobs, plans):
             k = max(0, limit - a)
             h, at = hidden[at:at + k], at + k
-            self._apply(weights, req, st, h[start - a:], row0, start, n)
+            self._apply(weights, req, st, h[start - a:] if k else h, row0, start, n)
         return weights
 
     def _plan(self, req, n: int) -> tuple[_SeqState, int, int, int]:
@@ -81,7 +81,9 @@ class XLoraStep:
             if len(st.cache) > start:  # recomputed after a preemption or a failed step
                 st.cache.truncate(start)
             a = len(st.cache)  # below start after a prefix-cache hit: catch up from there
-        return st, a, start, max(limit, start)
+        if limit <= start:  # past the non-granular index: no scaling pass at all
+            return st, a, start, a
+        return st, a, start, limit
 
     def _scaling_pass(self, reqs: list, plans: list) -> np.ndarray:
         """One forward over every sequence's scaling-pass rows -> their final hidden states."""

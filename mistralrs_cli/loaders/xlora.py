@@ -103,7 +103,4 @@ def _install(model, bank: AdapterBank) -> None:
 
         install(model, bank)  # (CausalLM.forward skips the fused native decoder for adapter rows)
         return
-    attach = getattr(model, "attach_adapters", None)
-    if attach is None:
-        raise UserError("this base model's executor cannot run adapters yet; load it with the torch path.")
-    attach(bank)
+    model.set_adapters(bank)  # the native runtime (backends/native_lora.py)
