@@ -19,7 +19,7 @@ from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
-from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, PlainSpec, SamplingParams
+from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams
 from .validation import Limits, ParamError, ParamTypeError
 
 
@@ -45,6 +45,28 @@ class Which:
               **_ignored: Any) -> PlainSpec:
         return PlainSpec(model_id, arch, tokenizer_json)
 
+    @staticmethod
+    def Lora(model_id: str, adapters_model_id: str, order: str, arch: str | None = None,
+             tokenizer_json: str | None = None, **_ignored: Any) -> LoraSpec:
+        """A plain checkpoint with the PEFT LoRA adapters the ordering file `order` names."""
+        return LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order)
+
+    @staticmethod
+    def LoraGGUF(quantized_model_id: str | None, quantized_filename: str, adapters_model_id: str, order: str,
+                 tok_model_id: str | None = None, tokenizer_json: str | None = None, **_ignored: Any) -> LoraSpec:
+        return LoraSpec(GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json),
+                        adapters_model_id, order)
+
+    @staticmethod
+    def LoraGGML(adapters_model_id: str, order: str, tok_model_id: str | None = None,
+                 quantized_model_id: str | None = None, quantized_filename: str | None = None,
+                 tokenizer_json: str | None = None, gqa: int = 1, eps: float = 1e-5, rope_theta: float = 10000.0,
+                 **_ignored: Any) -> LoraSpec:
+        if not quantized_filename:
+            raise UserError("Which.LoraGGML needs quantized_filename (the GGML .bin file).")
+        return LoraSpec(GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json,
+                                 1 if gqa is None else int(gqa), eps, rope_theta), adapters_model_id, order)
+
 
 # The loaders' messages name command-line flags; a Python caller set these fields instead.
 _COMMON_FIELDS = {"-c/--chat-template": "chat_template", "--chat-template": "chat_template",
@@ -62,9 +84,14 @@ _SPEC_FIELDS[GGMLSpec] = {**_SPEC_FIELDS[GGUFSpec], "-t/--tokenizer-json": "toke
                           "--eps": "eps", "--rope-theta": "rope_theta"}
 
 
+_ADAPTER_FIELDS = {"-a/--adapters-model-id": "adapters_model_id", "-o/--order": "order"}
+
+
 def python_field_names(message: str, spec: Any) -> str:
     """message with each command-line flag it names replaced by the Python field it stands for."""
     names = {**_COMMON_FIELDS, **_SPEC_FIELDS.get(type(spec), {})}
+    if isinstance(spec, LoraSpec):  # the base's fields, and the adapters'
+        names.update({**_SPEC_FIELDS.get(type(spec.base), {}), **_ADAPTER_FIELDS})
     flags = "|".join(re.escape(f) for f in sorted(names, key=len, reverse=True))
     return re.sub(rf"(?<![\w/-])({flags})(?![\w/-])", lambda m: names[m.group(1)], message)
 
@@ -80,7 +107,7 @@ def _python_fields(spec: Any) -> Iterator[None]:
 
 
 def _check_which(which: Any) -> None:
-    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec)):
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec)):
         raise ParamTypeError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 

@@ -10,7 +10,7 @@ import typer
 
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
+from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec
 from .validation import Limits
 
 app = typer.Typer(
@@ -137,6 +137,68 @@ def plain(
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
     _run(ctx, PlainSpec(model_id, arch, tokenizer_json))
+
+
+_ADAPTERS_HELP = ("Directory or Hugging Face repo holding one PEFT adapter folder (adapter_config.json + "
+                  "adapter_model.safetensors) per adapter name of the ordering file.")
+_ORDER_HELP = ("Ordering file (JSON): base_model_id, the adapters active by default (order), their "
+               "modules (layers) and adapters requests may add (preload_adapters); see orderings/README.md.")
+
+
+@app.command("lora", no_args_is_help=True)
+def lora(
+    ctx: typer.Context,
+    model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json."),
+    adapters_model_id: str = typer.Option(..., "-a", "--adapters-model-id", help=_ADAPTERS_HELP),
+    order: str = typer.Option(..., "-o", "--order", help=_ORDER_HELP),
+    tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq; the adapters then stay beside the quantized weights."),
+) -> None:
+    """A safetensors checkpoint with LoRA adapters (merged at load unless the ordering preloads some):
+    mistralrs --prompt 'Hi' lora -m org/model -a adapters/ -o ordering.json"""
+    ctx.obj.load.isq = isq or ctx.obj.load.isq
+    _run(ctx, LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order))
+
+
+@app.command("lora-gguf", no_args_is_help=True)
+def lora_gguf(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGUF file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The .gguf file name in -m, or a path to a .gguf file when -m is not given."),
+    adapters_model_id: str = typer.Option(..., "-a", "--adapters-model-id", help=_ADAPTERS_HELP),
+    order: str = typer.Option(..., "-o", "--order", help=_ORDER_HELP),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+) -> None:
+    """A GGUF model with LoRA adapters beside its quantized weights:
+    mistralrs --prompt 'Hi' lora-gguf -f model.gguf -a adapters/ -o ordering.json"""
+    tokenizer_json = None
+    if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
+        tokenizer_json, tok_model_id = tok_model_id, None
+    base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
+    _run(ctx, LoraSpec(base, adapters_model_id, order))
+
+
+@app.command("lora-ggml", no_args_is_help=True)
+def lora_ggml(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGML file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The GGML v3 ('ggjt') llama .bin in -m, or a path to one when -m is not given."),
+    adapters_model_id: str = typer.Option(..., "-a", "--adapters-model-id", help=_ADAPTERS_HELP),
+    order: str = typer.Option(..., "-o", "--order", help=_ORDER_HELP),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer from (required: GGML vocabs have no merges)."),
+    tokenizer_json: Optional[str] = typer.Option(None, "--tokenizer-json", help="A tokenizer.json file (instead of -t)."),
+    gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
+    eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
+    rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+) -> None:
+    """A GGML v3 llama model with LoRA adapters beside its quantized weights:
+    mistralrs --prompt 'Hi' lora-ggml -f model.bin -t tokenizer.json -a adapters/ -o ordering.json"""
+    base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
+    _run(ctx, LoraSpec(base, adapters_model_id, order))
+
+
+app.command("lora-plain", no_args_is_help=True, help="Alias of lora.")(lora)
 
 
 def _run(ctx: typer.Context, spec) -> None:

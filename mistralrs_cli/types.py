@@ -95,3 +95,13 @@ class EngineConfig:
     kv_mem_fraction: float | None = None  # --pa-gpu-mem-usage: of the available RAM
     kv_tokens: int | None = None  # --pa-ctxt-len: the pool holds this many tokens
     prefix_cache_n: int = 16  # finished sequences whose blocks stay cached; 0 disables
+
+
+@dataclass
+class LoraSpec:
+    """`mistralrs lora` / `lora-gguf` / `lora-ggml`: a base model (its plain, GGUF or GGML spec)
+    with the PEFT LoRA adapters an ordering file names, found as folders in adapters_model_id."""
+
+    base: PlainSpec | GGUFSpec | GGMLSpec
+    adapters_model_id: str  # -a: a directory or repo holding one folder per adapter name
+    order: str  # -o: the ordering JSON file

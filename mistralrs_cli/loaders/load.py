@@ -18,7 +18,7 @@ import numpy as np
 from .. import hub
 from ..errors import UserError
 from ..sampling_defaults import from_generation_config
-from ..types import GGMLSpec, GGUFSpec, LoadOptions, PlainSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec
 from .builtin_templates import builtin_template
 from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
@@ -153,7 +153,13 @@ def load_plain(spec: PlainSpec, opts: LoadOptions) -> Loaded:
     return load(spec, opts)
 
 
-LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain}
+def load_lora(spec: LoraSpec, opts: LoadOptions) -> Loaded:
+    from .lora import load_lora as load
+
+    return load(spec, opts)
+
+
+LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain, LoraSpec: load_lora}
 
 
 def _no_nvidia_device() -> bool:
@@ -201,8 +207,9 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     opts = _resolve_device(opts or LoadOptions())
     if opts.isq:
         from ..quant.isq import isq_model, parse_isq
-    if opts.isq and parse_isq(opts.isq) and isinstance(spec, (GGUFSpec, GGMLSpec)):  # as mistral.rs
-        kind = "GGUF" if isinstance(spec, GGUFSpec) else "GGML"
+    base = spec.base if isinstance(spec, LoraSpec) else spec
+    if opts.isq and parse_isq(opts.isq) and isinstance(base, (GGUFSpec, GGMLSpec)):  # as mistral.rs
+        kind = "GGUF" if isinstance(base, GGUFSpec) else "GGML"
         raise UserError(f"--isq applies to plain (safetensors) models; this {kind} file is already "
                         "quantized, so run it without --isq.")
     loaded = LOADERS[type(spec)](spec, opts)
@@ -214,4 +221,8 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
         from ..backends.native_decoder import NativeDecoder
 
         loaded.model.native = NativeDecoder.build(loaded.model)
+    if isinstance(spec, LoraSpec):  # adapters served unmerged go to the executor last
+        from .lora import attach
+
+        loaded = attach(loaded, opts, lambda: load(spec, dataclasses.replace(opts, runtime="torch")))
     return loaded
