@@ -61,11 +61,11 @@ void lora_down(const void *p, const float *x, int64_t ldx, int64_t k, int64_t m,
     }
 }
 
-// y (m x n, row stride ldy) += u B^T, in spans of SPAN output columns; work-shared, with a barrier
+// y (m x n, row stride ldy) += u B^T, in spans of SPAN output columns; work-shared, no barrier
 void lora_up(const void *p, const float *u, int64_t m, float *y, int64_t ldy, int64_t n) {
     const qmm_lora *l = p;
     const int64_t R = l->R, spans = (n + SPAN - 1) / SPAN;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < m * spans; i++) {
         const int64_t r = i / spans, c0 = (i % spans) * SPAN, c1 = c0 + SPAN < n ? c0 + SPAN : n;
         const float *w = l->fw->w + r * l->fw->ld + l->col;

@@ -1061,8 +1061,10 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             }
         }
         if (lora) {  // y += u B^T once all columns (and u) are done, before the bias and residual add
+            if (!two_part) {  // (the two parts' sum above ended with a barrier)
 #pragma omp barrier
-            lora_up(lora, lu, m, y, ldy, n_total);
+            }
+            lora_up(lora, lu, m, y, ldy, n_total);  // no barrier: the epilogue's or the region's end follows
         }
         if (o && (o->bias || o->residual)) {  // rows are independent: in parallel once all columns are done
 #pragma omp barrier
