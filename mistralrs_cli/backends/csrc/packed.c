@@ -412,15 +412,18 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, i
 #endif
 }
 
-// ---- Q8_0 against 16-bit activations (builds without VNNI) ----
-// Without dpbusd a byte code (0..255) times an int8 does not fit maddubs' int16 pair sums, so
-// the bytes are widened to int16 instead (vpmovzxbw) and multiplied by int16 activation codes
-// (vpmaddwd: exact int32 pair sums, |code| <= 32767 times <= 255, 32 of them within int32).
-// qmatmul.c then rounds a row once to 16 bits (precise) where the 8-bit kernels take two 8-bit
-// parts, or widens its 8-bit codes (fast: the same integers and f32 steps, so the same bits).
-// Precise rows take a scale per 16 (H = 2 halves per block of 32, each its own integer sum and
-// f32 step): with 16-bit codes that is what makes the rounding finer than the two 8-bit parts'
-// (whose second part adapts to each block's largest remainder).
+// ---- packed weights against 16-bit activations (builds without VNNI) ----
+// Without dpbusd a byte code (0..255) times an int8 does not fit maddubs' int16 pair sums, and
+// precise's finer rounding would need two 8-bit parts (twice the products, twice the f32 steps,
+// a second rounding pass and a sum of the two outputs). Here the weight codes are widened to
+// int16 instead (vpmovzxbw; nibbles masked or shifted out of the widened bytes) and multiplied
+// by int16 activation codes (vpmaddwd: exact int32 pair sums, |code| <= 32767 times <= 255, 16
+// of them within int32). qmatmul.c rounds a row once to 16 bits with a scale per 16 (H = 2
+// halves per block of 32, each its own integer sum and f32 step: finer than the two 8-bit
+// parts, whose second part adapts to each block's largest remainder). Q8_0 also takes its fast
+// rows here (H = 1: the 8-bit codes widened, the 8-bit tiles' integers and f32 steps, so the
+// same bits); the other types (packed_wide_precise) only their precise rows: their 8-bit tiles
+// are cheaper for fast. The K types' tiles are after packed_k_rows.
 // With VNNI the byte tiles above stay (one dpbusd per chunk); tests build -DWIDE_Q8=0 to compare.
 #ifndef WIDE_Q8
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -430,7 +433,18 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, i
 #endif
 #endif
 
-int packed_wide(int type) { return WIDE_Q8 && type == T_Q8_0; }
+enum { T_Q4_K = 12, T_Q6_K = 14 };
+
+int packed_wide(int type) { return WIDE_Q8 && type == T_Q8_0; }  // fast and precise rows
+
+int packed_wide_precise(int type) {  // precise rows only
+    return WIDE_Q8 && (type == T_Q8_0 || type == T_Q5_0 || type == T_Q4_0 || type == T_Q4_1 || type == T_Q4_K ||
+                       type == T_Q6_K);
+}
+
+static int wide_off(int type) {  // the unsigned codes' offset
+    return type == T_Q8_0 ? 128 : type == T_Q6_K ? 32 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
+}
 
 #if defined(__AVX2__) && WIDE_Q8
 static inline __m256i bcast8(const int16_t *p) {  // 4 int16 codes in every 64-bit lane
@@ -439,88 +453,156 @@ static inline __m256i bcast8(const int16_t *p) {  // 4 int16 codes in every 64-b
     return _mm256_set1_epi64x(v);
 }
 
-// One group of 8 Q8_0 rows against RN 16-bit activation rows from r0. A chunk's 32 bytes widen
-// to rows 0-3 and rows 4-7 (4 int16 each); madd gives 2 int32 lanes per row, and one hadd of
-// the two sums per block gives lane i the row PERM[i] = 0, 1, 4, 5, 2, 3, 6, 7: the d scales are
-// permuted to match and the outputs back once (PERM is its own inverse). Per lane the f32 steps
-// are tile()'s (H = 1), one such step per half (H = 2). RN <= 4: 2 * RN integer sums, RN
-// outputs, d and the weights fill the 16 ymm.
-static inline __attribute__((always_inline)) void wtile(const int RN, const int H, const uint8_t *w, int64_t n,
-        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y, int64_t ldy) {
-    const int64_t nb = k / 32, groups = (n + 7) / 8;
-    const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-    __m256 acc[4];
-    for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
-    gview gv = view8(T_Q8_0, w, groups, nb, g, 0);
-    const int64_t step = (int64_t)gv.cs / 32 * packed_block_bytes(T_Q8_0);  // block b + 1 is this far on
-    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.q += step) {
-        const __m256 d = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d)), perm);
-        for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
-            __m256i lo[4], hi[4];
-            for (int r = 0; r < RN; r++) lo[r] = hi[r] = _mm256_setzero_si256();
-            for (int c = e * 8 / H; c < (e + 1) * 8 / H; c++) {
-                const __m128i *p = (const __m128i *)(gv.q + c * gv.cs);
-                const __m256i wl = _mm256_cvtepu8_epi16(_mm_loadu_si128(p)), wh = _mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1));
-                for (int r = 0; r < RN; r++) {
-                    const __m256i xv = bcast8(xw + (r0 + r) * k + b * 32 + 4 * c);
-                    lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(wl, xv));
-                    hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(wh, xv));
-                }
-            }
-            for (int r = 0; r < RN; r++) {
-                const int64_t xb = ((r0 + r) * nb + b) * H + e;
-                const __m256i sm = _mm256_sub_epi32(_mm256_hadd_epi32(lo[r], hi[r]), _mm256_set1_epi32(xo[xb]));
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
+// NC chunks (chunk c at q + c * cs) of 8 rows' byte codes, nibble nib (-1: whole bytes; 2: both
+// nibbles, the low ones against x0 into s0, the high against x1 into s1), against RN rows' 4 *
+// NC activation codes (row r's at x0 + r * k; chunk c's 4 at + 4 * c). The unpacks widen each
+// 128-bit lane's bytes: rows 0, 1 | 4, 5 and rows 2, 3 | 6, 7 (4 int16 each); madd gives 2
+// int32 lanes per row, one hadd of the two sums lane i the row i.
+static inline __attribute__((always_inline)) void wsum16(const int RN, const int NC, const int nib, const uint8_t *q,
+        int cs, const int16_t *x0, const int16_t *x1, int64_t k, __m256i *s0, __m256i *s1) {
+    const int two = nib == 2;
+    __m256i a[4], b[4], c2[4], d2[4];
+    for (int r = 0; r < RN; r++) a[r] = b[r] = c2[r] = d2[r] = _mm256_setzero_si256();
+    for (int c = 0; c < NC; c++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs)), z = _mm256_setzero_si256();
+        __m256i wl = _mm256_unpacklo_epi8(wv, z), wh = _mm256_unpackhi_epi8(wv, z), hl = wl, hh = wh;
+        if (nib == 1 || two) {
+            hl = _mm256_srli_epi16(wl, 4);
+            hh = _mm256_srli_epi16(wh, 4);
+        }
+        if (nib == 0 || two) {
+            wl = _mm256_and_si256(wl, _mm256_set1_epi16(15));
+            wh = _mm256_and_si256(wh, _mm256_set1_epi16(15));
+        }
+        if (nib == 1) wl = hl, wh = hh;
+        for (int r = 0; r < RN; r++) {
+            const __m256i xv = bcast8(x0 + r * k + 4 * c);
+            a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(wl, xv));
+            b[r] = _mm256_add_epi32(b[r], _mm256_madd_epi16(wh, xv));
+            if (two) {
+                const __m256i xh = bcast8(x1 + r * k + 4 * c);
+                c2[r] = _mm256_add_epi32(c2[r], _mm256_madd_epi16(hl, xh));
+                d2[r] = _mm256_add_epi32(d2[r], _mm256_madd_epi16(hh, xh));
             }
         }
     }
-    for (int r = 0; r < RN; r++) acc[r] = _mm256_permutevar8x32_ps(acc[r], perm);
+    for (int r = 0; r < RN; r++) {
+        s0[r] = _mm256_hadd_epi32(a[r], b[r]);
+        if (two) s1[r] = _mm256_hadd_epi32(c2[r], d2[r]);
+    }
+}
+
+// one f32 step per row: acc[r] += d * xd * (s[r] - off * xo) (+ m * xd * xo for Q4_1), xb row
+// r0's index into xd / xo, rs the row stride of those
+static inline __attribute__((always_inline)) void wstep(const int type, const int RN, __m256 *acc, __m256 d, __m256 mm,
+        const __m256i *s, const float *xd, const int32_t *xo, int64_t xb, int64_t rs) {
+    const int off = wide_off(type);
+    for (int r = 0; r < RN; r++, xb += rs) {
+        const __m256i sm = off ? _mm256_sub_epi32(s[r], _mm256_set1_epi32(off * xo[xb])) : s[r];
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
+        if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xd[xb] * (float)xo[xb]), acc[r]);
+    }
+}
+
+// One group of 8 rows (Q4_0, Q4_1, Q5_0, Q8_0) against RN 16-bit activation rows from r0. Per
+// lane the f32 steps are tile()'s (H = 1), one such step per half (H = 2). In a block a half is
+// chunks 4e..4e+3 of the byte types, nibble e of chunks 0..3 of the nibble ones (low: weights
+// 0-15, high: 16-31; for up to 2 rows both nibbles from one pass over the chunks); H = 1 is for
+// Q8_0 (fast). RN <= 4: 2 * RN (4 * RN) integer sums, RN outputs, d and the weights fill the 16 ymm.
+static inline __attribute__((always_inline)) void wtile(const int type, const int RN, const int H, const uint8_t *w,
+        int64_t n, int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y,
+        int64_t ldy) {
+    const int64_t nb = k / 32, groups = (n + 7) / 8;
+    __m256 acc[4];
+    for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
+    gview gv = view8(type, w, groups, nb, g, 0);
+    const int64_t step = (int64_t)gv.cs / 32 * packed_block_bytes(type);  // block b + 1 is this far on
+    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.m += step, gv.q += step) {
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d));
+        const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.m)) : d;
+        const int16_t *x = xw + r0 * k + b * 32;
+        __m256i s[4], s1[4];
+        if (!bytewise(type) && RN <= 2) {
+            wsum16(RN, 4, 2, gv.q, gv.cs, x, x + 16, k, s, s1);
+            wstep(type, RN, acc, d, mm, s, xd, xo, (r0 * nb + b) * 2, nb * 2);
+            wstep(type, RN, acc, d, mm, s1, xd, xo, (r0 * nb + b) * 2 + 1, nb * 2);
+            continue;
+        }
+        for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
+            if (bytewise(type)) wsum16(RN, 8 / H, -1, gv.q + 4 * e * gv.cs, gv.cs, x + 16 * e, x, k, s, s1);
+            else wsum16(RN, 4, e, gv.q, gv.cs, x + 16 * e, x, k, s, s1);
+            wstep(type, RN, acc, d, mm, s, xd, xo, (r0 * nb + b) * H + e, nb * H);
+        }
+    }
     store_tile(acc, RN, n, g, r0, y, ldy);
 }
+
+#define WTILES(T, H, G)                                                                         \
+    {                                                                                           \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 4 <= m; r0 += 4) wtile(T, 4, H, w, n, k, G, r0, xw, xd, xo, y, ldy);         \
+        for (; r0 + 2 <= m; r0 += 2) wtile(T, 2, H, w, n, k, G, r0, xw, xd, xo, y, ldy);         \
+        for (; r0 < m; r0++) wtile(T, 1, H, w, n, k, G, r0, xw, xd, xo, y, ldy);                 \
+    }
 #endif
 
-// units [u0, u1) of a packed Q8_0 weight (packed_wide) against m rows of 16-bit activations:
-// codes xw (m, k), per 32 / h values (h = 1 or 2) an f32 scale xd and the unsigned codes' offset
-// xo = 128 * (sum of the codes); y[r * ldy + row].
+// weight row `lane` of a group's block (view gv): its code of value j (0..31), unsigned
+static inline int wcode(int type, const gview *gv, int lane, int j) {
+    if (bytewise(type)) return gv->q[(j / 4) * gv->cs + 4 * lane + j % 4];
+    const uint8_t v = gv->q[(j % 16 / 4) * gv->cs + 4 * lane + j % 4];
+    return j < 16 ? v & 15 : v >> 4;
+}
+
+static inline float fma_(float a, float b, float c) {
+#if defined(__FMA__)  // the vector tiles' fmadd (the 8-bit scalar loop's product and add, contracted)
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+void packed_k_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
+                     const int16_t *xw, const float *xd, const int32_t *xo, float *y, int64_t ldy);
+
+// units [u0, u1) of a packed weight (packed_wide, or packed_wide_precise for h = 2) against m
+// rows of 16-bit activations: codes xw (m, k), per 32 / h values (h = 1 or 2) an f32 scale xd
+// and the sum of the codes xo; y[r * ldy + row].
 void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
                    const int16_t *xw, const float *xd, const int32_t *xo, int h, float *y, int64_t ldy) {
     const int64_t groups = (n + 7) / 8;
-    (void)type;
+    if (type == T_Q4_K || type == T_Q6_K) {
+        packed_k_rows_w(type, w, n, k, u0, u1, m, xw, xd, xo, y, ldy);
+        return;
+    }
 #if defined(__AVX2__) && WIDE_Q8
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
-        int64_t r0 = 0;
-        if (h == 2) {
-            for (; r0 + 4 <= m; r0 += 4) wtile(4, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
-            for (; r0 + 2 <= m; r0 += 2) wtile(2, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
-            for (; r0 < m; r0++) wtile(1, 2, w, n, k, g, r0, xw, xd, xo, y, ldy);
-        } else {
-            for (; r0 + 4 <= m; r0 += 4) wtile(4, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
-            for (; r0 + 2 <= m; r0 += 2) wtile(2, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
-            for (; r0 < m; r0++) wtile(1, 1, w, n, k, g, r0, xw, xd, xo, y, ldy);
-        }
+        if (h == 1) WTILES(T_Q8_0, 1, g)
+        else if (type == T_Q8_0) WTILES(T_Q8_0, 2, g)
+        else if (type == T_Q5_0) WTILES(T_Q5_0, 2, g)
+        else if (type == T_Q4_0) WTILES(T_Q4_0, 2, g)
+        else WTILES(T_Q4_1, 2, g)
     }
 #else  // the same integers and, per output, the same f32 steps
     const int64_t nb = k / 32;
+    const int off = wide_off(type);
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++)
         for (int64_t r = 0; r < m; r++)
             for (int lane = 0; lane < 8 && g * 8 + lane < n; lane++) {
                 float acc = 0.0f;
                 for (int64_t b = 0; b < nb; b++)
                     for (int e = 0; e < h; e++) {
-                        const gview gv = view8(T_Q8_0, w, groups, nb, g, b);
+                        const gview gv = view8(type, w, groups, nb, g, b);
                         const int16_t *xr = xw + r * k + b * 32;
                         const int64_t xb = (r * nb + b) * h + e;
                         int32_t sum = 0;
-                        for (int c = e * 8 / h; c < (e + 1) * 8 / h; c++)
-                            for (int j = 0; j < 4; j++) sum += gv.q[c * gv.cs + 4 * lane + j] * xr[4 * c + j];
+                        for (int j = e * 32 / h; j < (e + 1) * 32 / h; j++) sum += wcode(type, &gv, lane, j) * xr[j];
                         uint16_t dh;
                         memcpy(&dh, gv.d + 2 * lane, 2);
-                        const float t = h2f_(dh) * xd[xb];
-#if defined(__FMA__)  // the vector tiles' fmadd (the 8-bit scalar loop's product and add, contracted)
-                        acc = fmaf(t, (float)(sum - xo[xb]), acc);
-#else
-                        acc += t * (float)(sum - xo[xb]);
-#endif
+                        acc = fma_(h2f_(dh) * xd[xb], (float)(sum - off * xo[xb]), acc);
+                        if (type == T_Q4_1) {
+                            memcpy(&dh, gv.m + 2 * lane, 2);
+                            acc = fma_(h2f_(dh), xd[xb] * (float)xo[xb], acc);
+                        }
                     }
                 y[r * ldy + g * 8 + lane] = acc;
             }
@@ -533,8 +615,6 @@ void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
 // nibbles: sub-block 2j, high: 2j+1). Q6_K: scale[16][8] f32 (d * sc), then byte chunks c
 // (0..63) = codes 4c..4c+3 (0..63, 32 above the value) of each row. In a pair every row of
 // scales and every chunk is 16 rows wide (the groups' 8 in turn): offsets scale by s.
-enum { T_Q4_K = 12, T_Q6_K = 14 };
-
 int packed_k_block_bytes(int type) {
     return type == T_Q4_K ? 512 + 1024 : type == T_Q6_K ? 512 + 2048 : 0;
 }
@@ -799,6 +879,120 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
             const int64_t rows = n - g * 8 < 8 ? n - g * 8 : 8;
             memcpy(y + r * ldy + g * 8, acc, sizeof(float) * (size_t)rows);
         }
+#endif
+}
+
+// ---- K types against 16-bit activations (precise rows of builds without VNNI) ----
+// The activations as packed_rows_w's (a scale per 16, the codes' sums): a Q6_K sub-block of 16
+// is 4 byte chunks (codes 0..63, 32 above the value), a Q4_K sub-block of 32 two halves of 4
+// chunks' nibbles (low: sub-block 2j of 64-group j, high: 2j + 1). Per 16 values and row one
+// integer sum, times the sub-block's scale (d * sc) and the half's scale; Q4_K's mins take
+// dmin * m times the half's scale times its codes' sum.
+#if defined(__AVX2__) && WIDE_Q8
+// acc[r] += sv * xd * s[r] (Q6_K: s[r] - 32 * xo), Q4_K: - mv * xd * xo; xb row r0's index
+static inline __attribute__((always_inline)) void wkstep(const int type, const int RN, __m256 *acc, __m256 sv, __m256 mv,
+        const __m256i *s, const float *xd, const int32_t *xo, int64_t xb, int64_t rs) {
+    for (int r = 0; r < RN; r++, xb += rs) {
+        const __m256i sm = type == T_Q6_K ? _mm256_sub_epi32(s[r], _mm256_set1_epi32(32 * xo[xb])) : s[r];
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
+        if (type == T_Q4_K) acc[r] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xd[xb] * (float)xo[xb]), acc[r]);
+    }
+}
+
+// One group of 8 K rows against RN 16-bit activation rows from r0 (Q4_K: for up to 2 rows both
+// nibbles, sub-blocks 2j and 2j + 1, from one pass over a half's chunks)
+static inline __attribute__((always_inline)) void wktile(const int type, const int RN, const uint8_t *w, int64_t n,
+        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y,
+        int64_t ldy) {
+    const int gb = packed_k_block_bytes(type);
+    const int64_t nb = k / 256, groups = (n + 7) / 8, n16 = k / 16;
+    __m256 a[4];
+    for (int r = 0; r < RN; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        int h, s;
+        const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + 512 * s + 32 * h;
+        const float *sc = (const float *)blk + 8 * h;
+        const int cs = 32 * s, ss = 8 * s;  // chunk stride (bytes), scale row stride (floats)
+        const int16_t *x = xw + r0 * k + b * 256;
+        const int64_t xb = r0 * n16 + b * 16;  // + the 16-value index i (0..15) in the block
+        __m256i s0[4], s1[4];
+        if (type == T_Q6_K) {
+            for (int i = 0; i < 16; i++) {
+                wsum16(RN, 4, -1, q + 4 * i * cs, cs, x + 16 * i, x, k, s0, s1);
+                wkstep(type, RN, a, _mm256_loadu_ps(sc + i * ss), a[0], s0, xd, xo, xb + i, n16);
+            }
+            continue;
+        }
+        for (int j = 0; j < 4; j++)  // 64-group j: sub-blocks 2j (low nibbles), 2j + 1 (high)
+            for (int e = 0; e < 2; e++) {
+                const uint8_t *qc = q + (j * 8 + 4 * e) * cs;
+                const __m256 sv0 = _mm256_loadu_ps(sc + 2 * j * ss), sv1 = _mm256_loadu_ps(sc + (2 * j + 1) * ss);
+                const __m256 mv0 = _mm256_loadu_ps(sc + 8 * ss + 2 * j * ss), mv1 = _mm256_loadu_ps(sc + 8 * ss + (2 * j + 1) * ss);
+                const int16_t *x0 = x + 64 * j + 16 * e;
+                if (RN <= 2) {
+                    wsum16(RN, 4, 2, qc, cs, x0, x0 + 32, k, s0, s1);
+                } else {
+                    wsum16(RN, 4, 0, qc, cs, x0, x0, k, s0, s1);
+                    wkstep(type, RN, a, sv0, mv0, s0, xd, xo, xb + 4 * j + e, n16);
+                    wsum16(RN, 4, 1, qc, cs, x0 + 32, x0, k, s1, s0);
+                    wkstep(type, RN, a, sv1, mv1, s1, xd, xo, xb + 4 * j + 2 + e, n16);
+                    continue;
+                }
+                wkstep(type, RN, a, sv0, mv0, s0, xd, xo, xb + 4 * j + e, n16);
+                wkstep(type, RN, a, sv1, mv1, s1, xd, xo, xb + 4 * j + 2 + e, n16);
+            }
+    }
+    store_tile(a, RN, n, g, r0, y, ldy);
+}
+
+#define WKTILES(T, G)                                                                           \
+    {                                                                                           \
+        int64_t r0 = 0;                                                                         \
+        for (; r0 + 4 <= m; r0 += 4) wktile(T, 4, w, n, k, G, r0, xw, xd, xo, y, ldy);           \
+        for (; r0 + 2 <= m; r0 += 2) wktile(T, 2, w, n, k, G, r0, xw, xd, xo, y, ldy);           \
+        for (; r0 < m; r0++) wktile(T, 1, w, n, k, G, r0, xw, xd, xo, y, ldy);                   \
+    }
+#endif
+
+// packed_rows_w for Q4_K / Q6_K (per 16 values xd, xo; k / 16 of them per row)
+void packed_k_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
+                     const int16_t *xw, const float *xd, const int32_t *xo, float *y, int64_t ldy) {
+    const int64_t groups = (n + 7) / 8;
+#if defined(__AVX2__) && WIDE_Q8
+    for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
+        if (type == T_Q4_K) WKTILES(T_Q4_K, g)
+        else WKTILES(T_Q6_K, g)
+    }
+#else  // the same integers and, per output, the same f32 steps
+    const int gb = packed_k_block_bytes(type);
+    const int64_t nb = k / 256, n16 = k / 16;
+    for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++)
+        for (int64_t r = 0; r < m; r++)
+            for (int lane = 0; lane < 8 && g * 8 + lane < n; lane++) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nb; b++) {
+                    int h, s;
+                    const uint8_t *blk = gblock(w, groups, nb, gb, g, b, &h, &s), *q = blk + 512 * s + 32 * h;
+                    const float *sc = (const float *)blk + 8 * h;
+                    const int cs = 32 * s, ss = 8 * s;
+                    for (int o = 0; o < 16; o++) {  // the tiles' order: Q4_K's 64-group, half, nibble
+                        const int i = type == T_Q6_K ? o : 2 * (o / 4 * 2 + o % 2) + o / 2 % 2;
+                        const int64_t xb = r * n16 + b * 16 + i;
+                        const int16_t *x = xw + r * k + b * 256 + 16 * i;
+                        const int sb = type == T_Q6_K ? i : i / 2;
+                        int32_t sum = 0;
+                        for (int j = 0; j < 16; j++) {
+                            const int c = type == T_Q6_K ? 4 * i + j / 4 : sb / 2 * 8 + i % 2 * 4 + j / 4;
+                            const uint8_t v = q[c * cs + 4 * lane + j % 4];
+                            sum += (type == T_Q6_K ? v : sb % 2 ? v >> 4 : v & 15) * x[j];
+                        }
+                        if (type == T_Q6_K) sum -= 32 * xo[xb];
+                        acc = fma_(sc[sb * ss + lane] * xd[xb], (float)sum, acc);
+                        if (type == T_Q4_K) acc = fma_(-sc[8 * ss + sb * ss + lane], xd[xb] * (float)xo[xb], acc);
+                    }
+                }
+                y[r * ldy + g * 8 + lane] = acc;
+            }
 #endif
 }
 

@@ -91,6 +91,7 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0,
 void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                  const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y, int64_t ldy);
 int packed_wide(int type);
+int packed_wide_precise(int type);
 void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t g0, int64_t g1, int64_t m,
                    const int16_t *xw, const float *xd, const int32_t *xi, int h, float *y, int64_t ldy);
 enum { PACKED = 0x100 };  // qpart.type flag: weights in packed.c's 8-row groups
@@ -185,7 +186,7 @@ static void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *
 }
 
 // x (K floats) -> 16-bit codes per 16 values: scale amax / 32767 (f32, not rounded to fp16),
-// codes rint(x * 32767 / amax), 128 * their sum (packed_rows_w's activations, precise). Per 16,
+// codes rint(x * 32767 / amax), their sum (packed_rows_w's activations, precise). Per 16,
 // not 32: the steps are then finer than the two 8-bit parts' (see packed.c).
 static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int32_t *off) {
     for (int64_t b = 0; b < k / 16; b++) {
@@ -211,7 +212,7 @@ static void quantize_row16(const float *x, int64_t k, int16_t *q, float *d, int3
         }
 #endif
         d[b] = amax / 32767.0f;
-        off[b] = 128 * sum;
+        off[b] = sum;
     }
 }
 
@@ -897,9 +898,10 @@ static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_
 // 2m rows, hi and lo side by side, so each weight block is still read once; y = y_hi + y_lo /
 // LO_SCALE. The activation error drops from 1/254 of a block's largest value to ~1/64500 of it
 // (about 16 bits), for twice the integer products and the same weight bytes.
-// A packed Q8_0 part where packed.c has no VNNI (packed_wide) takes 16-bit activations instead:
-// one row per input row, rounded once to 16 bits with a scale per 16 (precise: finer than the
-// two parts, half the products) or the 8-bit codes widened (fast); it writes y directly.
+// Where packed.c has no VNNI, a packed part takes 16-bit activations instead (is_wide): one row
+// per input row, rounded once to 16 bits with a scale per 16 (precise, every packed type of
+// packed_wide_precise: finer than the two parts, half the products or fewer) or, for Q8_0 only
+// (packed_wide), the 8-bit codes widened (fast); it writes y directly.
 #define LO_SCALE 256.0f
 
 typedef struct {  // where slot s (an activation row as the kernels see it) is rounded to
@@ -909,13 +911,16 @@ typedef struct {  // where slot s (an activation row as the kernels see it) is r
     int16_t *kbs;
     int64_t k, nb, nbk;
     int need_a, need_k, precise;
-    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, 128 * sum xwi
+    int16_t *xw;  // 16-bit rows (one per input row) for the wide parts, scale xwd, sum xwi
     float *xwd;   // (per 16 precise: 2 * nb per row; per 32 fast)
     int32_t *xwi;
     int need_w;
 } prep_t;
 
-static int is_wide(const qpart_t *p) { return (p->type & PACKED) && packed_wide(p->type & ~PACKED); }
+// a part that takes the 16-bit rows: packed Q8_0 (fast too), or precise and packed_wide_precise
+static int is_wide(const qpart_t *p, int precise) {
+    return (p->type & PACKED) && (precise ? packed_wide_precise : packed_wide)(p->type & ~PACKED);
+}
 
 static void prep_w(const prep_t *c, const float *row, int64_t r) {
     int16_t *q = c->xw + r * c->k;
@@ -925,7 +930,7 @@ static void prep_w(const prep_t *c, const float *row, int64_t r) {
     }
     for (int64_t j = 0; j < c->k; j++) q[j] = c->xq[r * c->k + j];  // slot r's 8-bit rounding (prep_a)
     memcpy(c->xwd + r * c->nb, c->xd + r * c->nb, sizeof(float) * (size_t)c->nb);
-    for (int64_t b = 0; b < c->nb; b++) c->xwi[r * c->nb + b] = 128 * c->xi[r * c->nb + b];
+    for (int64_t b = 0; b < c->nb; b++) c->xwi[r * c->nb + b] = c->xi[r * c->nb + b];
 }
 
 static void prep_a(const prep_t *c, const float *row, int64_t s) {
@@ -975,8 +980,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     int64_t n_total = 0;
     for (int p = 0; p < nparts; p++) {
         if (!block_bytes(parts[p].type)) return -1;
-        if (is_k(parts[p].type & ~PACKED)) need_k = 1;
-        else if (is_wide(&parts[p])) need_w = 1, need_a |= !precise;
+        if (is_wide(&parts[p], precise)) need_w = 1, need_a |= !precise;
+        else if (is_k(parts[p].type & ~PACKED)) need_k = 1;
         else need_a = 1;
         n_total += parts[p].rows;
     }
@@ -1032,7 +1037,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         int64_t col = 0;
         for (int p = 0; p < nparts; p++) {
             const qpart_t *pp = &parts[p];
-            if (is_wide(pp)) {
+            if (is_wide(pp, precise)) {
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t i = 0; i < units(pp); i++)
                     packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, xw, xwd, xwi, precise ? 2 : 1,
@@ -1054,7 +1059,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 float *out = y + r * ldy;
                 int64_t p0 = 0;  // the two-part parts' columns in [c0, c1): the wide ones wrote y
                 for (int p = 0; p < nparts; p0 += parts[p++].rows) {
-                    if (is_wide(&parts[p])) continue;
+                    if (is_wide(&parts[p], precise)) continue;
                     const int64_t a = p0 > c0 ? p0 : c0, e = p0 + parts[p].rows < c1 ? p0 + parts[p].rows : c1;
                     for (int64_t c = a; c < e; c++) out[c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
                 }
