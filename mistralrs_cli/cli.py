@@ -10,7 +10,7 @@ import typer
 
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec
+from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, XLoraSpec
 from .validation import Limits
 
 app = typer.Typer(
@@ -199,6 +199,70 @@ def lora_ggml(
 
 
 app.command("lora-plain", no_args_is_help=True, help="Alias of lora.")(lora)
+
+_XLORA_HELP = ("Directory or Hugging Face repo of the X-LoRA model: xlora_config.json, "
+               "xlora_classifier.safetensors and one PEFT adapter folder per name in the config's adapters.")
+_XORDER_HELP = ("Ordering file (JSON, orderings/README.md): its order must be the X-LoRA config's adapters; "
+                "its layers number each adapted module's scalings [default: peft's module order].")
+_TGT_HELP = ("Compute the scalings for the prompt and this many generated tokens, then reuse the last "
+             "ones and skip the scaling pass (faster, coarser) [default: every token].")
+
+
+@app.command("x-lora", no_args_is_help=True)
+def x_lora(
+    ctx: typer.Context,
+    model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json."),
+    xlora_model_id: str = typer.Option(..., "-x", "--xlora-model-id", help=_XLORA_HELP),
+    order: Optional[str] = typer.Option(None, "-o", "--order", help=_XORDER_HELP),
+    tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
+    tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
+    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
+) -> None:
+    """A safetensors checkpoint with an X-LoRA model (a classifier mixing LoRA adapters per token):
+    mistralrs --prompt 'Hi' x-lora -m org/model -x org/xlora-model"""
+    _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index))
+
+
+@app.command("x-lora-gguf", no_args_is_help=True)
+def x_lora_gguf(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGUF file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The .gguf file name in -m, or a path to a .gguf file when -m is not given."),
+    xlora_model_id: str = typer.Option(..., "-x", "--xlora-model-id", help=_XLORA_HELP),
+    order: Optional[str] = typer.Option(None, "-o", "--order", help=_XORDER_HELP),
+    tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+) -> None:
+    """A GGUF model with an X-LoRA model, its adapters beside the quantized weights:
+    mistralrs --prompt 'Hi' x-lora-gguf -f model.gguf -x xlora-model/"""
+    tokenizer_json = None
+    if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
+        tokenizer_json, tok_model_id = tok_model_id, None
+    base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
+
+
+@app.command("x-lora-ggml", no_args_is_help=True)
+def x_lora_ggml(
+    ctx: typer.Context,
+    quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGML file."),
+    quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The GGML v3 ('ggjt') llama .bin in -m, or a path to one when -m is not given."),
+    xlora_model_id: str = typer.Option(..., "-x", "--xlora-model-id", help=_XLORA_HELP),
+    order: Optional[str] = typer.Option(None, "-o", "--order", help=_XORDER_HELP),
+    tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer from (required: GGML vocabs have no merges)."),
+    tokenizer_json: Optional[str] = typer.Option(None, "--tokenizer-json", help="A tokenizer.json file (instead of -t)."),
+    gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
+    eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
+    rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+) -> None:
+    """A GGML v3 llama model with an X-LoRA model:
+    mistralrs --prompt 'Hi' x-lora-ggml -f model.bin -t tokenizer.json -x xlora-model/"""
+    base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
+
+
+app.command("x-lora-plain", no_args_is_help=True, help="Alias of x-lora.")(x_lora)
 
 
 def _run(ctx: typer.Context, spec) -> None:

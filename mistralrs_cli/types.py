@@ -105,3 +105,14 @@ class LoraSpec:
     base: PlainSpec | GGUFSpec | GGMLSpec
     adapters_model_id: str  # -a: a directory or repo holding one folder per adapter name
     order: str  # -o: the ordering JSON file
+
+
+@dataclass
+class XLoraSpec:
+    """`mistralrs x-lora` / `x-lora-gguf` / `x-lora-ggml`: a base model with an X-LoRA model
+    (xlora_config.json, xlora_classifier.safetensors, one PEFT folder per adapter)."""
+
+    base: PlainSpec | GGUFSpec | GGMLSpec
+    xlora_model_id: str  # -x: a directory or repo
+    order: str | None = None  # -o: an ordering JSON (its `order` must be the classifier's)
+    tgt_non_granular_index: int | None = None  # reuse the scalings after this many generated tokens

@@ -82,9 +82,9 @@ def base(tmp_path_factory):
     return {"root": root, "plain": plain, "gguf": gguf, "adapters": adapters, "hf": hf}
 
 
-def make_xlora(base, name: str, cfg: dict, classifier=None):
-    """An X-LoRA folder for `cfg` and peft's XLoraModel on the same files, with its classifier's
-    seeded weights saved the way mistral.rs reads them."""
+def make_xlora(base, name: str, cfg: dict, classifier=None, hf=None):
+    """An X-LoRA folder for `cfg` and peft's XLoraModel on the same files (on `hf`, default the
+    tiny llama), with its classifier's seeded weights saved from its state_dict."""
     from peft import XLoraConfig, get_peft_model
     from safetensors.torch import save_file
 
@@ -93,7 +93,7 @@ def make_xlora(base, name: str, cfg: dict, classifier=None):
         shutil.rmtree(folder)
     for n in NAMES:
         shutil.copytree(base["adapters"] / n, folder / n)
-    model = copy.deepcopy(base["hf"])
+    model = copy.deepcopy(base["hf"] if hf is None else hf)
     model.config.use_cache = False  # peft's X-LoRA refuses a base that caches
     xc = XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters={n: str(folder / n) for n in NAMES}, **cfg)
     xm = get_peft_model(model, xc).eval()
@@ -238,3 +238,47 @@ def test_tgt_non_granular_index(base, tgt):
     assert out[0] != peft_greedy(xm, IDS, 6)  # reusing the scalings changes this text: the rule is seen
     # the scaling pass ran for the prompt and the first tgt generated tokens only
     assert engine.xlora.scaling_rows == len(IDS) + tgt
+
+
+# ---- the native runtime and GGML bases ----
+def test_native_runtime_q8_0(base):
+    """A Q8_0 GGUF served by the native runtime (NativeModel: the scaling pass, the classifier and
+    the side paths without torch) against peft on the file's dequantized weights. "precise"
+    numerics round activations to 16 bits: measured here the base model alone is off by 1.3e-3,
+    the scalings by 6e-4 and the X-LoRA logits by 1.1e-2, while the adapters move them by 6.9."""
+    from gguf import GGMLQuantizationType as Q
+
+    from mistralrs_cli.backends.native_model import NativeModel
+    from test_ggml import q4_0_reference
+
+    path = gb.write_gguf(base["root"] / "q8.gguf", base["hf"], gb.gguf_vocab(gb.train_tokenizer()), qtype=Q.Q8_0)
+    deq = q4_0_reference(copy.deepcopy(base["hf"]), Q.Q8_0)  # what the file holds, as transformers runs it
+    folder, xm = make_xlora(base, "native", {"layerwise_scalings": True, "top_k_lora": 2}, hf=deq)
+    loaded = attach_xlora(load(GGUFSpec(str(path)), LoadOptions(token_source="none")), str(folder))
+    assert isinstance(loaded.model, NativeModel)
+    want_logits, want_scalings = peft_reference(xm, IDS)
+    logits, scalings = ours_chunked(loaded, IDS)
+    with torch.no_grad():
+        effect = np.abs(want_logits - deq(torch.tensor([IDS])).logits[0].numpy()).max()
+    assert effect > 1.0
+    assert np.abs(scalings - want_scalings).max() < 2e-3
+    assert np.abs(logits - want_logits).max() < 0.005 * effect
+    assert (logits.argmax(-1) == want_logits.argmax(-1)).all()
+
+
+def test_ggml_base(base, tmp_path):
+    """x-lora-ggml's loading path: a GGML v3 file (F32, exact numerics) against peft."""
+    from mistralrs_cli.types import GGMLSpec, XLoraSpec
+    from test_ggml import ROPE_THETA, write_ggjt
+
+    tok = gb.train_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path = write_ggjt(tmp_path / "tiny.bin", base["hf"], gb.gguf_vocab(tok).tokens)
+    folder, xm = make_xlora(base, "ggml", {"softmax_temperature": 0.5, "global_scaling_weight": 1.5})
+    spec = XLoraSpec(GGMLSpec(str(path), None, None, str(tmp_path / "tokenizer.json"), 2, 1e-5, ROPE_THETA),
+                     str(folder))
+    loaded = load(spec, LoadOptions(token_source="none", numerics="exact"))
+    want_logits, want_scalings = peft_reference(xm, IDS)
+    logits, scalings = ours_chunked(loaded, IDS)
+    assert np.abs(scalings - want_scalings).max() < SCALING_TOL
+    assert np.abs(logits - want_logits).max() < LOGIT_TOL

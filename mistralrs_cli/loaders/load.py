@@ -18,7 +18,7 @@ import numpy as np
 from .. import hub
 from ..errors import UserError
 from ..sampling_defaults import from_generation_config
-from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, XLoraSpec
 from .builtin_templates import builtin_template
 from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
@@ -159,7 +159,14 @@ def load_lora(spec: LoraSpec, opts: LoadOptions) -> Loaded:
     return load(spec, opts)
 
 
-LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain, LoraSpec: load_lora}
+def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
+    from .xlora import load_xlora as load
+
+    return load(spec, opts)
+
+
+LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain, LoraSpec: load_lora,
+           XLoraSpec: load_xlora}
 
 
 def _no_nvidia_device() -> bool:
@@ -207,7 +214,7 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     opts = _resolve_device(opts or LoadOptions())
     if opts.isq:
         from ..quant.isq import isq_model, parse_isq
-    base = spec.base if isinstance(spec, LoraSpec) else spec
+    base = spec.base if isinstance(spec, (LoraSpec, XLoraSpec)) else spec
     if opts.isq and parse_isq(opts.isq) and isinstance(base, (GGUFSpec, GGMLSpec)):  # as mistral.rs
         kind = "GGUF" if isinstance(base, GGUFSpec) else "GGML"
         raise UserError(f"--isq applies to plain (safetensors) models; this {kind} file is already "
@@ -221,7 +228,7 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
         from ..backends.native_decoder import NativeDecoder
 
         loaded.model.native = NativeDecoder.build(loaded.model)
-    if isinstance(spec, LoraSpec):  # adapters served unmerged go to the executor last
+    if isinstance(spec, (LoraSpec, XLoraSpec)):  # adapters served unmerged go to the executor last
         from .lora import attach
 
         loaded = attach(loaded, opts, lambda: load(spec, dataclasses.replace(opts, runtime="torch")))

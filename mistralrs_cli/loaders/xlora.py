@@ -1,28 +1,34 @@
-"""An X-LoRA model folder on a loaded base: its adapters as a bank (one scalings slot per adapted
-module), its classifier, and the side paths installed on whichever executor runs the base.
+"""The X-LoRA loading step (`x-lora`, `x-lora-gguf`, `x-lora-ggml`): an X-LoRA model folder on a
+base model: its adapters as a bank (one scalings slot per adapted module), its classifier, and the
+side paths on whichever executor runs the base.
 
 The folder (-x/--xlora-model-id, a directory or a hub repo) holds xlora_config.json,
 xlora_classifier.safetensors and one PEFT LoRA folder per adapter, named as in the config's
 `adapters` (the classifier's order). An ordering file (-o), when given, must list the same
-adapters in the same order; its `layers` map then numbers the slots, as in mistral.rs.
+adapters in the same order; its `layers` map then numbers the slots, as in mistral.rs. The
+folder's files are all read and checked before the base model loads.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from .. import hub
 from ..adapters import xlora
-from ..adapters.bank import AdapterBank
+from ..adapters.bank import AdapterBank, AdapterFactors
 from ..adapters.peft_files import CONFIG as ADAPTER_CONFIG
-from ..adapters.peft_files import read_adapter
+from ..adapters.peft_files import check_fits, read_adapter
 from ..errors import UserError
+from ..types import LoadOptions, XLoraSpec
 from .loaded import Loaded
 
 
-def xlora_dir(model_id: str, token_source: str = "cache") -> Path:
-    """Local-first, then the hub (a snapshot of the repo)."""
-    from ..hub import resolve_model_dir
-
-    return Path(resolve_model_dir(model_id, token_source, flag="-x/--xlora-model-id"))
+@dataclass
+class XLoraFiles:
+    folder: Path
+    config: xlora.XLoraConfig
+    adapters: list[AdapterFactors]
+    layers: dict[str, int] | None  # the ordering's module -> slot map, if one was given
 
 
 def adapter_folders(folder: Path, names: list[str]) -> list[Path]:
@@ -39,35 +45,21 @@ def adapter_folders(folder: Path, names: list[str]) -> list[Path]:
     return out
 
 
-def attach_xlora(loaded: Loaded, model_id: str, order: str | None = None,
-                 tgt_non_granular_index: int | None = None, token_source: str = "cache") -> Loaded:
-    """Load the X-LoRA model `model_id` onto `loaded` (its adapters, classifier, side paths)."""
-    if tgt_non_granular_index is not None and tgt_non_granular_index < 0:
-        raise UserError(f"--tgt-non-granular-index must be 0 or more, got {tgt_non_granular_index}.")
-    folder = xlora_dir(model_id, token_source)
+def read_xlora(model_id: str, order: str | None, base_ids: list[str], base_flag: str,
+               token_source: str = "cache") -> XLoraFiles:
+    """The X-LoRA folder's config and adapters, and the ordering's slots, all checked."""
+    folder = hub.resolve_model_dir(model_id, token_source, flag="-x/--xlora-model-id")
     cfg = xlora.read_config(folder)
-    hidden = loaded.config.hidden_size
-    if cfg.hidden_size != hidden:
-        raise UserError(f"{folder / xlora.CONFIG_FILE} says hidden_size {cfg.hidden_size} but the base model "
-                        f"has {hidden}; use the X-LoRA model trained for this base model.")
-    layers = _ordering_layers(order, cfg, loaded) if order else None
+    layers = _ordering_layers(order, cfg, base_ids, base_flag) if order else None
     adapters = [read_adapter(sub, name) for sub, name in zip(adapter_folders(folder, cfg.adapters), cfg.adapters)]
-    _check_fits(loaded, adapters, folder)
-    modules = sorted({m for a in adapters for m in a.factors})
-    slots = xlora.module_slots(modules, layers)
-    bank = AdapterBank(adapters, loaded.config.num_hidden_layers, slots)
-    clf = xlora.load_classifier(folder, cfg, bank.n_slots)
-    clf.tgt_non_granular_index = tgt_non_granular_index
-    _install(loaded.model, bank)
-    loaded.adapters, loaded.default_adapters, loaded.xlora = bank, [], clf
-    return loaded
+    return XLoraFiles(folder, cfg, adapters, layers)
 
 
-def _ordering_layers(order: str, cfg: xlora.XLoraConfig, loaded: Loaded) -> dict[str, int] | None:
+def _ordering_layers(order: str, cfg: xlora.XLoraConfig, base_ids: list[str], flag: str) -> dict[str, int] | None:
     from ..adapters.ordering import check_base, read_ordering
 
     ordering = read_ordering(order)
-    check_base(ordering, [loaded.model_id], "the base model option")
+    check_base(ordering, base_ids, flag)
     if ordering.order and ordering.order != cfg.adapters:
         raise UserError(f"the ordering file {ordering.path} lists adapters {ordering.order} but the X-LoRA "
                         f"model's {xlora.CONFIG_FILE} has {cfg.adapters}; the classifier needs that order, "
@@ -75,32 +67,48 @@ def _ordering_layers(order: str, cfg: xlora.XLoraConfig, loaded: Loaded) -> dict
     return ordering.layers or None
 
 
-def _check_fits(loaded: Loaded, adapters: list, folder: Path) -> None:
-    """Every adapted module's sizes against the base: the hidden/intermediate sizes of its config."""
-    c = loaded.config
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    h, inter = c.hidden_size, c.intermediate_size
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-              "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
-    for a in adapters:
-        for module, (A, B) in a.factors.items():
-            leaf = module.rsplit(".", 1)[-1]
-            want = shapes.get(leaf)
-            layer = int(module.split("layers.", 1)[1].split(".", 1)[0])
-            if layer >= c.num_hidden_layers:
-                raise UserError(f"adapter {a.name} in {folder} adapts {module} but the base model has "
-                                f"{c.num_hidden_layers} layers; use adapters trained for this base model.")
-            if want is not None and (B.shape[0], A.shape[1]) != want:
-                raise UserError(f"adapter {a.name} in {folder}: {module} maps {A.shape[1]} -> {B.shape[0]} "
-                                f"features but the base model's maps {want[1]} -> {want[0]}; the adapter was "
-                                "built for another model size.")
+def build(loaded: Loaded, files: XLoraFiles, tgt_non_granular_index: int | None) -> Loaded:
+    """The bank and classifier on a loaded base (Loaded.adapters / .xlora); the executor gets the
+    bank afterwards (loaders/lora.py attach)."""
+    from .lora import _shapes
+
+    if tgt_non_granular_index is not None and tgt_non_granular_index < 0:
+        raise UserError(f"--tgt-non-granular-index must be 0 or more, got {tgt_non_granular_index}.")
+    cfg, hidden = files.config, loaded.config.hidden_size
+    if cfg.hidden_size != hidden:
+        raise UserError(f"{files.folder / xlora.CONFIG_FILE} says hidden_size {cfg.hidden_size} but the base "
+                        f"model has {hidden}; use the X-LoRA model trained for this base model.")
+    shapes = _shapes(loaded.model, loaded.config)
+    for a, sub in zip(files.adapters, adapter_folders(files.folder, cfg.adapters)):
+        check_fits(a, sub, shapes, loaded.config.model_type)
+    modules = sorted({m for a in files.adapters for m in a.factors})
+    bank = AdapterBank(files.adapters, loaded.config.num_hidden_layers, xlora.module_slots(modules, files.layers))
+    clf = xlora.load_classifier(files.folder, cfg, bank.n_slots)
+    clf.tgt_non_granular_index = tgt_non_granular_index
+    loaded.adapters, loaded.default_adapters, loaded.xlora = bank, [], clf
+    return loaded
 
 
-def _install(model, bank: AdapterBank) -> None:
-    """The side paths on the executor that runs the base: the torch modules, or the native runtime."""
-    if hasattr(model, "named_modules"):
-        from ..adapters.torch_lora import install
+def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
+    from .load import LOADERS
+    from .lora import _base_ids
 
-        install(model, bank)  # (CausalLM.forward skips the fused native decoder for adapter rows)
-        return
-    model.set_adapters(bank)  # the native runtime (backends/native_lora.py)
+    ids, flag = _base_ids(spec.base)
+    files = read_xlora(spec.xlora_model_id, spec.order, ids, flag, opts.token_source)
+    loaded = LOADERS[type(spec.base)](spec.base, opts)
+    return build(loaded, files, spec.tgt_non_granular_index)
+
+
+def attach_xlora(loaded: Loaded, model_id: str, order: str | None = None,
+                 tgt_non_granular_index: int | None = None, token_source: str = "cache") -> Loaded:
+    """An X-LoRA model onto an already loaded base, side paths installed (the Python API's and
+    the tests' way; the subcommands go through load_xlora and load.py)."""
+    from .lora import attach
+
+    files = read_xlora(model_id, order, [loaded.model_id], "the base model", token_source)
+    build(loaded, files, tgt_non_granular_index)
+
+    def refuse():
+        raise UserError("the native runtime does not take this X-LoRA model's adapters; load the base "
+                        "on the torch path (LoadOptions(runtime=\"torch\")).")
+    return attach(loaded, LoadOptions(device="cpu"), refuse)
