@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..api import Runner
 from ..errors import UserError
-from ..validation import check_text
+from ..validation import check_adapters, check_text
 from ..loaders.load import cache_root
 from ..prompting import chat_ids, chat_prompt
 from ..sampling_defaults import sampling_params
@@ -30,8 +30,10 @@ HELP = r"""commands:
   \clear              forget the conversation (the system prompt stays)
   \system <text>      set the system prompt (\system alone removes it)
   \temperature <x>    set the sampling temperature, 0 or more (0 is greedy)
-keys: Enter sends; Alt+Enter (Esc, Enter) or a trailing \ starts a new line;
+{adapter}keys: Enter sends; Alt+Enter (Esc, Enter) or a trailing \ starts a new line;
       Ctrl-C stops a running answer"""
+
+ADAPTER_HELP = ("  \\adapter <names>    run this chat with these LoRA adapters (\\adapter alone lists them)\n")
 
 _COMMAND = re.compile(r"\\([A-Za-z_]+)(?:\s+(.*))?\Z", re.DOTALL)
 
@@ -90,7 +92,7 @@ class Chat:
         self.turns: list[dict[str, str]] = []
         self.commands: dict[str, Callable[[str], bool]] = {
             "help": self.cmd_help, "exit": self.cmd_exit, "clear": self.cmd_clear,
-            "system": self.cmd_system, "temperature": self.cmd_temperature,
+            "system": self.cmd_system, "temperature": self.cmd_temperature, "adapter": self.cmd_adapter,
         }
 
     def messages(self) -> list[dict[str, str]]:
@@ -138,7 +140,7 @@ class Chat:
         return handler(arg)
 
     def cmd_help(self, arg: str) -> bool:
-        _note(HELP)
+        _note(HELP.format(adapter=ADAPTER_HELP if self.runner.engine.adapter_names() else ""))
         return True
 
     def cmd_exit(self, arg: str) -> bool:
@@ -170,6 +172,27 @@ class Chat:
             return True
         self.params = replace(self.params, temperature=t)
         _note(f"temperature set to {t:g}.")
+        return True
+
+    def cmd_adapter(self, arg: str) -> bool:
+        """\\adapter NAME [NAME...]: this chat's adapters; alone: what the model serves and uses."""
+        served = self.runner.engine.adapter_names()
+        if not served:
+            _note("this model was loaded without LoRA adapters.")
+            return True
+        if not arg:
+            active = self.params.adapters
+            now = (", ".join(active) or "none (the base model)") if active is not None else (
+                ", ".join(self.runner.engine.active_adapters) or "none (the base model)") + " (the default)"
+            _note(f"adapters: {', '.join(served)}; this chat uses {now}.")
+            return True
+        try:
+            names = check_adapters(arg.split(), served, name=lambda k: "\\adapter")
+        except UserError as e:
+            _note(f"error: {e}")
+            return True
+        self.params = replace(self.params, adapters=names)
+        _note(f"this chat now uses {', '.join(names)}.")
         return True
 
     # ---- one turn ----

@@ -115,9 +115,10 @@ def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int,
 
 
 def served_adapters(loaded: Any) -> list[str]:
-    """The LoRA adapters a request may name (those of the loaded AdapterBank; none without one)."""
+    """The LoRA adapters a request may name, as the engine counts them (engine/adapter_rows.py):
+    the AdapterBank's, or with none the adapters merged into the weights at load."""
     bank = getattr(loaded, "adapters", None)
-    return list(bank.names) if bank is not None else []
+    return list(bank.names) if bank is not None else list(getattr(loaded, "default_adapters", None) or [])
 
 
 def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int,
