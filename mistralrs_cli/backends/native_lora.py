@@ -2,9 +2,9 @@
 
 native_model.py multiplies q|k|v as one weight, gate|up as one, then o and down. Each of those
 four projections of a layer gets one csrc/lora.c `qmm_lora`: the A rows of every Target that
-feeds it stacked (R x in), each rank column's B values for the output span of its own module only
-(q_proj's columns write the q rows, up_proj's the up half), and its first column in this
-forward's column-weight matrix. The matrix (T x all layers' columns) is computed per forward
+feeds it stacked (R x in), B as blocks (one adapter's columns of one module) that write the
+output span of their own module only (q_proj's columns the q rows, up_proj's the up half), and
+its first column in this forward's column-weight matrix. The matrix (T x all layers' columns) is computed per forward
 from the forward's adapter weights, as Target.column_weights does, and hung off one shared
 `lora_fw`; without adapter weights its pointer is NULL and qmm_parts runs exactly as without a
 bank. The rows a projection sees are its own (after the fused norm / gated activation), so the
@@ -32,8 +32,8 @@ class LoraFw(ctypes.Structure):
 
 class LoraPlan(ctypes.Structure):
     """csrc/lora.c's qmm_lora: one fused projection's side paths."""
-    _fields_ = [("R", ctypes.c_int64), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("lo", ctypes.c_void_p),
-                ("hi", ctypes.c_void_p), ("off", ctypes.c_void_p), ("fw", ctypes.c_void_p), ("col", ctypes.c_int64)]
+    _fields_ = [("R", ctypes.c_int64), ("A", ctypes.c_void_p), ("nblk", ctypes.c_int64), ("blk", ctypes.c_void_p),
+                ("B", ctypes.c_void_p), ("fw", ctypes.c_void_p), ("col", ctypes.c_int64)]
 
 
 @dataclass
@@ -65,11 +65,11 @@ class NativeAdapters:
         for (layer, name), targets in sorted(grouped.items()):
             proj = projections[layer][name]
             targets.sort(key=lambda st: st[0])  # q, k, v / gate, up: the projection's output order
-            plan = self._plan(proj, targets, col=len(slot_of))
+            plan, fold = self._plan(proj, targets, col=len(slot_of))
             for _, t in targets:
                 slot_of += [t.slot] * len(t.adapter)
                 adapter_of.append(t.adapter)
-                scale_of.append(t.scale)
+            scale_of.append(np.concatenate([t.scale for _, t in targets]) * fold)  # exact: powers of two
             self.plans.append(plan)
             self.opts.append(proj.opts)
         self.R = sum(len(a) for a in adapter_of)
@@ -78,25 +78,34 @@ class NativeAdapters:
         self.adapter_of = np.concatenate(adapter_of).astype(np.int64) if adapter_of else np.zeros(0, np.int64)
         self.scale_of = np.concatenate(scale_of).astype(np.float32) if scale_of else np.zeros(0, np.float32)
 
-    def _plan(self, proj: Projection, targets: list, col: int) -> LoraPlan:
+    def _plan(self, proj: Projection, targets: list, col: int) -> tuple[LoraPlan, np.ndarray]:
+        """The projection's qmm_lora, and per column the power of two its f16 factors were scaled by
+        (A's row times B's column), divided out of its column weight."""
         starts = np.cumsum([0] + proj.segments)
-        A, B, lo, hi = [], [], [], []
+        A, tiles, blocks, eb, c, off = [], [], [], [], 0, 0
         for seg, t in targets:
             out = proj.segments[seg]
             if t.A.shape[1] != proj.in_features or t.B.shape[0] != out:
                 raise ValueError(f"the adapter factors of {t.module} are {t.A.shape[1]} -> {t.B.shape[0]}; "
                                  f"the model's projection is {proj.in_features} -> {out}")
             A.append(t.A)
-            B.append(np.ascontiguousarray(t.B.T).reshape(-1))  # column by column
-            lo += [int(starts[seg])] * t.A.shape[0]
-            hi += [int(starts[seg]) + out] * t.A.shape[0]
-        a = np.ascontiguousarray(np.concatenate(A), dtype=np.float32)
-        b = np.ascontiguousarray(np.concatenate(B), dtype=np.float32)
-        lo_a, hi_a = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
-        off = np.concatenate([[0], np.cumsum(hi_a - lo_a)[:-1]]).astype(np.int64)
-        self._keep += [a, b, lo_a, hi_a, off]
-        return LoraPlan(len(lo), a.ctypes.data, b.ctypes.data, lo_a.ctypes.data, hi_a.ctypes.data, off.ctypes.data,
-                        ctypes.addressof(self.fw), col)
+            b_scaled, e = _to_half_range(t.B.T)  # per column of B
+            eb.append(e)
+            for a in dict.fromkeys(t.adapter.tolist()):  # each adapter's columns (contiguous in a Target)
+                cols = np.flatnonzero(t.adapter == a)
+                tile = _tiles(b_scaled[cols.min():cols.max() + 1].T)
+                blocks.append([c + cols.min(), c + cols.max() + 1, starts[seg], starts[seg] + out, off])
+                tiles.append(tile)
+                off += tile.size
+            c += t.A.shape[0]
+        a16, ea = _to_half_range(np.concatenate(A))
+        a = np.ascontiguousarray(a16.astype(np.float16))
+        b = np.ascontiguousarray(np.concatenate(tiles).astype(np.float16))
+        blk = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        self._keep += [a, b, blk]
+        fold = np.ldexp(np.float32(1.0), -(ea + np.concatenate(eb))).astype(np.float32)
+        return LoraPlan(c, a.ctypes.data, len(blocks), blk.ctypes.data, b.ctypes.data, ctypes.addressof(self.fw),
+                        col), fold
 
     def attach(self) -> None:
         for plan, opts in zip(self.plans, self.opts):
@@ -125,3 +134,21 @@ class NativeAdapters:
 
     def end(self) -> None:
         self.fw.w, self._cols = None, None
+
+
+def _tiles(B: np.ndarray) -> np.ndarray:
+    """B (out, r) as csrc/lora.c reads it: tiles of 8 outputs, [tile][column][8] (zeros past out)."""
+    out, r = B.shape
+    padded = np.zeros(((out + 7) // 8 * 8, r), dtype=np.float32)
+    padded[:out] = B
+    return np.ascontiguousarray(padded.reshape(-1, 8, r).transpose(0, 2, 1)).reshape(-1)
+
+
+def _to_half_range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """rows * 2^e per row (f32, exact), e putting each row's largest |value| in [2^14, 2^15): in
+    f16's normal range with room, so rounding to f16 keeps 11 significant bits of every value down
+    to 2^-28 of the row's largest (smaller ones lose bits as f16 subnormals)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(len(rows), np.float32)
+    e = np.where(peak > 0, 15 - np.frexp(peak)[1], 0).astype(np.int64)
+    return np.ldexp(rows, e[:, None].astype(np.int32)).astype(np.float32), e

@@ -2,13 +2,19 @@
 // parallel region when qmm_opts.lora is set and this forward has column weights:
 //   u[r, c] = (x_in[r] . A[c]) * w[r, c]     lora_down (x_in: the row the projection multiplies)
 //   y[r, j] += sum_c u[r, c] * B[j, c]       lora_up, before the bias / post-norm / residual add
-// all f32. A rank column c whose weight w[r, c] is 0 is skipped for row r (neither product is
-// computed), so a row's result depends on its own weights only (batch invariance) and a row that
-// uses no adapter keeps the base projection's bits. Every stacked adapter's columns of every
-// module fused into the projection (q|k|v, gate|up) are one R: column c writes only the outputs
-// [lo[c], hi[c]) of its module, and B keeps only those values (column by column, contiguous).
+// f32 arithmetic on factors stored as f16: A's rows and B's columns are scaled by powers of two
+// first (native_lora.py, folded back into w), so each value keeps 11 significant bits; the side
+// paths stream half the bytes (a decode step is memory bound: in f32 an r=16 adapter on all seven
+// targets of SmolLM2-135M adds 20 MB per token to its 66 MB of layer weights).
+// A rank column c whose weight w[r, c] is 0 is skipped for row r (neither product is
+// computed; in lora_up, a block whose columns all are), so a row's result depends on its own
+// weights only (batch invariance) and a row that uses no adapter keeps the base projection's
+// bits. Every stacked adapter's columns of every module fused into the projection (q|k|v,
+// gate|up) are one R; a block (one adapter's columns of one module) writes only the outputs
+// [lo, hi) of its module, and B keeps only those values.
+#include <math.h>
 #include <stdint.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -19,34 +25,60 @@ typedef struct {
 
 typedef struct {
     int64_t R;                        // rank columns
-    const float *A;                   // R x k
-    const float *B;                   // column c's outputs lo[c]..hi[c] at B + off[c]
-    const int64_t *lo, *hi, *off;
+    const uint16_t *A;                // R x k, f16
+    int64_t nblk;                     // blocks of columns: one adapter's columns of one module
+    const int64_t *blk;               // per block: c0, c1 (its columns), lo, hi (its outputs), off (in B)
+    const uint16_t *B;                // a block's B values in tiles of 8 outputs: [tile][column][8], 0-padded, f16
     const lora_fw *fw;                // shared by every projection of the model
     int64_t col;                      // this projection's first column in fw's rows
 } qmm_lora;
 
-#define SPAN 256  // output columns per unit of lora_up
+#define SPAN 64  // outputs per unit of lora_up (a multiple of 8)
 
 // qmatmul.c sees a qmm_lora as an opaque pointer
 int lora_active(const void *p) { const qmm_lora *l = p; return l->fw && l->fw->w != 0; }
 int64_t lora_rank(const void *p) { return ((const qmm_lora *)p)->R; }
 
-static float dot(const float *a, const float *b, int64_t k) {
+static inline float half(uint16_t h) {  // f16 -> f32, exact (subnormals included)
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t e = (h >> 10) & 31, f = h & 1023;
+    const float v = e == 0 ? ldexpf((float)f, -24) : e == 31 ? (f ? NAN : INFINITY) : ldexpf((float)(f | 1024), (int)e - 25);
+    return h & 0x8000 ? -v : v;
+#endif
+}
+
+static float dot(const float *a, const uint16_t *b, int64_t k) {
     int64_t j = 0;
     float s = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     for (; j + 16 <= k; j += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j))), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j + 8))),
+                             s1);
     }
     float t[8];
     _mm256_storeu_ps(t, _mm256_add_ps(s0, s1));
     s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 #endif
-    for (; j < k; j++) s += a[j] * b[j];
+    for (; j < k; j++) s += a[j] * half(b[j]);
     return s;
+}
+
+// s8[q] = sum_c u[c] * bt[c * 8 + q]: one tile of 8 outputs
+static inline void tile8(const float *u, const uint16_t *bt, int64_t rb, float *s8) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < rb; c++)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(u[c]), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bt + c * 8))), acc);
+    _mm256_storeu_ps(s8, acc);
+#else
+    for (int q = 0; q < 8; q++) s8[q] = 0.0f;
+    for (int64_t c = 0; c < rb; c++)
+        for (int q = 0; q < 8; q++) s8[q] += u[c] * half(bt[c * 8 + q]);
+#endif
 }
 
 // u (m x R) for rows x (m x k, row stride ldx); work-shared, no barrier at its end
@@ -61,27 +93,39 @@ void lora_down(const void *p, const float *x, int64_t ldx, int64_t k, int64_t m,
     }
 }
 
-// y (m x n, row stride ldy) += u B^T, in spans of SPAN output columns; work-shared, no barrier
+// y (m x n, row stride ldy) += u B^T in spans of SPAN outputs; work-shared, no barrier. B is read
+// front to back, 8 outputs at a time (one vector) times each of the block's columns.
 void lora_up(const void *p, const float *u, int64_t m, float *y, int64_t ldy, int64_t n) {
     const qmm_lora *l = p;
     const int64_t R = l->R, spans = (n + SPAN - 1) / SPAN;
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < m * spans; i++) {
-        const int64_t r = i / spans, c0 = (i % spans) * SPAN, c1 = c0 + SPAN < n ? c0 + SPAN : n;
-        const float *w = l->fw->w + r * l->fw->ld + l->col;
+        const int64_t r = i / spans, j0 = (i % spans) * SPAN, j1 = j0 + SPAN < n ? j0 + SPAN : n;
+        const float *w = l->fw->w + r * l->fw->ld + l->col, *ur = u + r * R;
         float acc[SPAN];
         int any = 0;
-        for (int64_t c = 0; c < R; c++) {
-            const int64_t a = l->lo[c] > c0 ? l->lo[c] : c0, e = l->hi[c] < c1 ? l->hi[c] : c1;
-            if (w[c] == 0.0f || a >= e) continue;
+        for (int64_t b = 0; b < l->nblk; b++) {
+            const int64_t *bk = l->blk + 5 * b, c0 = bk[0], c1 = bk[1], lo = bk[2], hi = bk[3];
+            const int64_t a = lo > j0 ? lo : j0, e = hi < j1 ? hi : j1;
+            if (a >= e) continue;
+            int used = 0;
+            for (int64_t c = c0; c < c1; c++) used |= w[c] != 0.0f;
+            if (!used) continue;
             if (!any) {
-                for (int64_t j = c0; j < c1; j++) acc[j - c0] = 0.0f;
+                for (int64_t j = 0; j < SPAN; j++) acc[j] = 0.0f;
                 any = 1;
             }
-            const float uc = u[r * R + c], *b = l->B + l->off[c] - l->lo[c];
-            for (int64_t j = a; j < e; j++) acc[j - c0] += uc * b[j];
+            const int64_t rb = c1 - c0;
+            for (int64_t t = (a - lo) / 8; lo + 8 * t < e; t++) {
+                float s8[8];
+                tile8(ur + c0, l->B + bk[4] + t * rb * 8, rb, s8);
+                for (int q = 0; q < 8; q++) {
+                    const int64_t j = lo + 8 * t + q;
+                    if (j >= a && j < e) acc[j - j0] += s8[q];
+                }
+            }
         }
         if (any)
-            for (int64_t j = c0; j < c1; j++) y[r * ldy + j] += acc[j - c0];
+            for (int64_t j = j0; j < j1; j++) y[r * ldy + j] += acc[j - j0];
     }
 }
