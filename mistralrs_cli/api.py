@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from . import validation
@@ -19,7 +19,7 @@ from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
-from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams
+from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams, XLoraSpec
 from .validation import Limits, ParamError, ParamTypeError
 
 
@@ -67,6 +67,37 @@ class Which:
         return LoraSpec(GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json,
                                  1 if gqa is None else int(gqa), eps, rope_theta), adapters_model_id, order)
 
+    @staticmethod
+    def XLora(xlora_model_id: str, order: str | None = None, tgt_non_granular_index: int | None = None,
+              model_id: str | None = None, tokenizer_json: str | None = None, arch: str | None = None,
+              **_ignored: Any) -> XLoraSpec:
+        """A plain checkpoint with an X-LoRA model; model_id defaults to the ordering's base_model_id."""
+        if model_id is None and order is not None:
+            from .adapters.ordering import read_ordering
+
+            model_id = read_ordering(order).base_model_id
+        if not model_id:
+            raise UserError("Which.XLora needs model_id (the base model), or an order file with a base_model_id.")
+        return XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index)
+
+    @staticmethod
+    def XLoraGGUF(quantized_model_id: str | None, quantized_filename: str, xlora_model_id: str,
+                  order: str | None = None, tgt_non_granular_index: int | None = None,
+                  tok_model_id: str | None = None, tokenizer_json: str | None = None, **_ignored: Any) -> XLoraSpec:
+        return XLoraSpec(GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json),
+                         xlora_model_id, order, tgt_non_granular_index)
+
+    @staticmethod
+    def XLoraGGML(xlora_model_id: str, order: str | None = None, tgt_non_granular_index: int | None = None,
+                  tok_model_id: str | None = None, quantized_model_id: str | None = None,
+                  quantized_filename: str | None = None, tokenizer_json: str | None = None, gqa: int = 1,
+                  eps: float = 1e-5, rope_theta: float = 10000.0, **_ignored: Any) -> XLoraSpec:
+        if not quantized_filename:
+            raise UserError("Which.XLoraGGML needs quantized_filename (the GGML .bin file).")
+        return XLoraSpec(GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json,
+                                  1 if gqa is None else int(gqa), eps, rope_theta),
+                         xlora_model_id, order, tgt_non_granular_index)
+
 
 # The loaders' messages name command-line flags; a Python caller set these fields instead.
 _COMMON_FIELDS = {"-c/--chat-template": "chat_template", "--chat-template": "chat_template",
@@ -84,13 +115,14 @@ _SPEC_FIELDS[GGMLSpec] = {**_SPEC_FIELDS[GGUFSpec], "-t/--tokenizer-json": "toke
                           "--eps": "eps", "--rope-theta": "rope_theta"}
 
 
-_ADAPTER_FIELDS = {"-a/--adapters-model-id": "adapters_model_id", "-o/--order": "order"}
+_ADAPTER_FIELDS = {"-a/--adapters-model-id": "adapters_model_id", "-o/--order": "order",
+                   "-x/--xlora-model-id": "xlora_model_id", "--tgt-non-granular-index": "tgt_non_granular_index"}
 
 
 def python_field_names(message: str, spec: Any) -> str:
     """message with each command-line flag it names replaced by the Python field it stands for."""
     names = {**_COMMON_FIELDS, **_SPEC_FIELDS.get(type(spec), {})}
-    if isinstance(spec, LoraSpec):  # the base's fields, and the adapters'
+    if isinstance(spec, (LoraSpec, XLoraSpec)):  # the base's fields, and the adapters'
         names.update({**_SPEC_FIELDS.get(type(spec.base), {}), **_ADAPTER_FIELDS})
     flags = "|".join(re.escape(f) for f in sorted(names, key=len, reverse=True))
     return re.sub(rf"(?<![\w/-])({flags})(?![\w/-])", lambda m: names[m.group(1)], message)
@@ -107,7 +139,7 @@ def _python_fields(spec: Any) -> Iterator[None]:
 
 
 def _check_which(which: Any) -> None:
-    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec)):
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec, XLoraSpec)):
         raise ParamTypeError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 
@@ -151,6 +183,9 @@ class _Sampling:
     top_logprobs: int | None = None
     stream: bool = False
     ignore_eos: bool = False
+    # LoRA adapters (names) this request runs with, beside other requests' own; None: the active
+    # set (Runner.activate_adapters), []: the base model alone
+    adapters: list[str] | None = None
 
     def sampling(self, index: int = 0, generation_config: dict[str, Any] | None = None, vocab: int | None = None,
                  max_context: int | None = None, limits: Limits | None = None) -> SamplingParams:
@@ -294,10 +329,22 @@ class Runner:
         return validation.check_sampling(values, vocab=self.loaded.tokenizer.vocab_size, max_context=ctx,
                                          limits=self.limits, limit_name=validation.python_limit)
 
+    # ---- adapters ----
+    def activate_adapters(self, adapter_names: list[str]) -> None:
+        """mistral.rs's call: the LoRA adapters of requests that name none (adapters=None) from
+        now on; [] runs the base model alone."""
+        names = validation.check_adapters(adapter_names, self.engine.adapter_names(), key="adapter_names")
+        if names is None:
+            raise ParamTypeError("adapter_names must be a list of adapter names (strings), got None.",
+                                 "adapter_names")
+        self.engine.set_active_adapters(names)
+
     def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
         cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
         self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
-        params = [request.sampling(i, cfg, vocab, ctx, self.limits) for i in range(request.n)]
+        adapters = validation.check_adapters(request.adapters, self.engine.adapter_names())
+        params = [replace(request.sampling(i, cfg, vocab, ctx, self.limits), adapters=adapters)
+                  for i in range(request.n)]
         with _python_fields(self.which):
             reqs = [self.engine.add_request(ids, p) for p in params]
         index = {r.id: i for i, r in enumerate(reqs)}

@@ -282,3 +282,102 @@ def test_ggml_base(base, tmp_path):
     logits, scalings = ours_chunked(loaded, IDS)
     assert np.abs(scalings - want_scalings).max() < SCALING_TOL
     assert np.abs(logits - want_logits).max() < LOGIT_TOL
+
+
+# ---- bad input: one sentence each, no traceback ----
+def _one_sentence(msg: str) -> None:
+    assert "\n" not in msg and msg.endswith(".") and "Traceback" not in msg, msg
+
+
+@pytest.fixture(scope="module")
+def good(base):
+    folder, _ = make_xlora(base, "good", {})
+    return folder
+
+
+def _broken(base, good, name: str) -> Path:
+    folder = base["root"] / f"bad_{name}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(good, folder)
+    return folder
+
+
+def _error(base, folder) -> str:
+    loaded = load(PlainSpec(str(base["plain"])), LoadOptions(token_source="none"))
+    with pytest.raises(UserError) as e:
+        attach_xlora(loaded, str(folder))
+    _one_sentence(str(e.value))
+    return str(e.value)
+
+
+def test_missing_config(base, good):
+    folder = _broken(base, good, "config")
+    (folder / "xlora_config.json").unlink()
+    assert "has no xlora_config.json; -x/--xlora-model-id must name an X-LoRA model folder" in _error(base, folder)
+
+
+def test_classifier_for_other_adapters(base, good):
+    """A classifier trained for two adapters, in a folder of three."""
+    from safetensors.torch import save_file
+
+    folder = _broken(base, good, "classifier")
+    save_file({"layers.0.weight": torch.zeros(2, 64), "layers.0.bias": torch.zeros(2)},
+              str(folder / "xlora_classifier.safetensors"))
+    msg = _error(base, folder)
+    assert "last layer gives 2 outputs but this X-LoRA model needs 3 (3 adapters in xlora_config.json)" in msg
+
+
+def test_missing_adapter_folder(base, good):
+    folder = _broken(base, good, "adapter")
+    shutil.rmtree(folder / "2")
+    msg = _error(base, folder)
+    assert "names adapter 2 but" in msg and "(adapter folders found: 0, 1)" in msg
+
+
+def test_bad_input_through_the_cli(base, good, tmp_path):
+    """The subcommand answers a bad X-LoRA folder with the sentence alone and a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    folder = _broken(base, good, "cli")
+    shutil.rmtree(folder / "1")
+    exe = Path(sys.executable).with_name("mistralrs")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MISTRALRS_CLI_CACHE": str(tmp_path)}
+    p = subprocess.run([str(exe), "--prompt", "hi", "x-lora", "-m", str(base["plain"]), "-x", str(folder)],
+                       env=env, text=True, capture_output=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "names adapter 1 but" in lines[0], p.stderr
+
+
+def test_cli_and_api_text_equal_peft(base, tmp_path):
+    """`mistralrs x-lora` and `x-lora-gguf` (F32) and Runner(Which.XLora(...)): peft's greedy text."""
+    import os
+    import subprocess
+    import sys
+
+    from mistralrs_cli import CompletionRequest, Runner, Which
+
+    folder, xm = make_xlora(base, "cli_text", {"top_k_lora": 2, "softmax_temperature": 0.7})
+    prompt, steps = "the quick brown fox", 6
+    exe = Path(sys.executable).with_name("mistralrs")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1", "MISTRALRS_CLI_CACHE": str(tmp_path)}
+    common = [str(exe), "--raw", "--temperature", "0", "--max-tokens", str(steps), "--prompt", prompt]
+    runs = {"plain": ["x-lora-plain", "-m", str(base["plain"]), "-x", str(folder)],
+            "gguf": ["x-lora-gguf", "-f", str(base["gguf"]), "-x", str(folder)]}
+    procs = {k: subprocess.Popen(common + v, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, v in runs.items()}  # bytes: the text may hold a carriage return
+    runner = Runner(Which.XLora(xlora_model_id=str(folder), order=None, model_id=str(base["plain"])),
+                    token_source="none")
+    tok = runner.loaded.tokenizer
+    want = tok.decode(peft_greedy(xm, tok.encode(prompt), steps))
+    res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
+    assert res.choices[0].text == want
+    gguf_tok = load(GGUFSpec(str(base["gguf"])), LoadOptions(token_source="none")).tokenizer
+    want_gguf = gguf_tok.decode(peft_greedy(xm, gguf_tok.encode(prompt), steps))
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert out.decode("utf-8") == (want if k == "plain" else want_gguf) + "\n", (k, out, err)
