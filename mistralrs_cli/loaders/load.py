@@ -156,7 +156,7 @@ def load_plain(spec: PlainSpec, opts: LoadOptions) -> Loaded:
 def load_lora(spec: LoraSpec, opts: LoadOptions) -> Loaded:
     from .lora import load_lora as load
 
-    return load(spec, opts)
+    return load(spec, opts, LOADERS[type(spec.base)])  # passed down: lora.py importing us would be a cycle
 
 
 def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:

@@ -74,12 +74,11 @@ def _shapes(model, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return config_shapes(cfg)
 
 
-def load_lora(spec: LoraSpec, opts: LoadOptions) -> Loaded:
-    from .load import LOADERS
-
+def load_lora(spec: LoraSpec, opts: LoadOptions, load_base: Callable[..., Loaded]) -> Loaded:
+    """load_base: the base spec's loader (load.LOADERS)."""
     ordering, adapters = read_adapters(spec, opts)
     merge = not ordering.preload and isinstance(spec.base, PlainSpec) and not opts.isq
-    loaded = LOADERS[type(spec.base)](spec.base, opts)
+    loaded = load_base(spec.base, opts)
     shapes = _shapes(loaded.model, loaded.config)
     for a, folder in adapters:
         check_fits(a, folder, shapes, loaded.config.model_type)
