@@ -207,3 +207,48 @@ def test_bad_banks_and_weights_are_refused(case):
     with pytest.raises(ValueError, match="adapter weights of shape"):
         case.native.forward(np.asarray([3]), np.asarray([0]), [SeqSlice(0, 1, cache_for(case.native))], None,
                             np.zeros((n, 2, 3), np.float32))
+
+
+@pytest.mark.parametrize("build", ["native", "scalar"])
+@pytest.mark.parametrize("T", [2, 5])  # one thread rounds the rows / the rows split between threads
+def test_one_projection_side_path_against_numpy(kernel_builds, build, T):
+    """The side path alone, in the build as used and the one without AVX2 (csrc/lora.c's scalar
+    loops): y(with adapters) - y(without) equals ((x_in A^T) * weights * scale) B^T in numpy,
+    x_in being the normed rows (fused q|k|v) or silu(gate) * up (down), within the f16 storage of
+    the factors (11 significant bits); rows with weight 0 keep the base's bits."""
+    from mistralrs_cli.backends import native
+    from mistralrs_cli.backends.native_lora import NativeAdapters, Projection
+
+    lib = kernel_builds[build]
+    rng = np.random.default_rng(5)
+    k, eps = 64, 1e-5
+    for name, segs, act in (("qkv", [48, 16, 16], 0), ("down", [64], 1)):
+        mods = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] if name == "qkv" else ["mlp.down_proj"]
+        w = rng.standard_normal((sum(segs), k)).astype(np.float32)
+        plan = native.Plan([(quantize(w, Q.Q8_0), Q.Q8_0, sum(segs))], lib)
+        nw = rng.uniform(0.5, 1.5, k).astype(np.float32)
+        opts = native.qmm_opts(None if act else nw, eps, act=act, precise=True)
+        bank = AdapterBank([AdapterFactors(f"a{i}", s, {f"model.layers.0.{m}": (
+            # A below f16's normal range, B above its largest value: each is scaled into range first
+            rng.standard_normal((r, k)).astype(np.float32) * 1e-6, rng.standard_normal((o, r)).astype(np.float32) * 1e5)
+            for m, o in zip(mods, segs)}) for i, (r, s) in enumerate([(4, 2.0), (3, 0.5)])], 1)
+        sides = NativeAdapters(bank, [{name: Projection(opts, k, segs)}])
+        sides.attach()
+        x = rng.standard_normal((T, 2 * k if act else k)).astype(np.float32)
+        weights = rng.uniform(0, 2, (1, T, 2)).astype(np.float32)
+        weights[0, 0] = 0.0  # row 0 uses no adapter
+        weights[0, 1, 1] = 0.0
+        sides.begin(None, T)
+        base = native.qmatmul(x, plan, lib, opts, n_threads=2)
+        sides.begin(weights, T)
+        got = native.qmatmul(x, plan, lib, opts, n_threads=2)
+        sides.end()
+        if act:
+            g = x[:, :k].astype(np.float64)
+            x_in = g / (1 + np.exp(-g)) * x[:, k:]
+        else:
+            x64 = x.astype(np.float64)
+            x_in = x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + eps) * nw
+        want = np.concatenate([bank.targets[f"model.layers.0.{m}"].delta(x_in, weights) for m in mods], axis=1)
+        assert np.array_equal(got[0], base[0])
+        assert np.abs((got - base)[1:] - want[1:]).max() < 2e-3 * np.abs(want).max()
