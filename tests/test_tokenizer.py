@@ -18,6 +18,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 import mistralrs_cli.loaders.tokenizer as tokmod
 from mistralrs_cli.errors import UserError
+from mistralrs_cli.loaders.spm_vocab import SpmVocab
 from mistralrs_cli.loaders.tokenizer import (Tokenizer, load_cache, tokenizer_from_file,
                                              tokenizer_from_gguf)
 
@@ -122,7 +123,7 @@ def test_stream_window_stays_small(real):
     assert len(sd._window) <= 2
 
 
-@pytest.mark.parametrize("name", ["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_runtime_reader_cold_build_and_cache(name, tmp_path):
     """The runtime's GGUF reader gives the same tokenizer; its cache reloads it identically."""
     from mistralrs_cli.loaders.gguf_file import GGUFFile
@@ -135,6 +136,7 @@ def test_runtime_reader_cold_build_and_cache(name, tmp_path):
         assert cached.encode(text) == case["ids"], text
     assert (cached.bos_id, cached.eos_id, cached.add_bos, cached.eos_ids) == (
         cold.bos_id, cold.eos_id, cold.add_bos, cold.eos_ids)
+    assert type(cached.hf) is type(cold.hf) is (SpmVocab if name == "gemma3" else HFTokenizer)
 
 
 # ---- tiny GGUF vocabs written here --------------------------------------------------------------
@@ -176,6 +178,7 @@ def test_tiny_spm_gguf(tmp_path, prefix):
     tok = tokenizer_from_gguf(gguf_meta(path))
     ids = {t: i for i, t in enumerate(tokens)}
     assert tok.add_bos and tok.strip_space == (prefix is None)  # SPM defaults: BOS, '▁' prefix
+    assert isinstance(tok.hf, SpmVocab)  # on the sentencepiece library
     lead = ["▁ab"] if prefix is None else ["ab"]
     assert tok.encode("ab") == [1] + [ids[t] for t in lead]
     assert tok.encode("<|user|>ab  b", False)[:1] == [ids["<|user|>"]]
@@ -190,6 +193,21 @@ def test_tiny_spm_gguf(tmp_path, prefix):
         assert "".join(stream_text(tok, got)) == tok.decode(got)
         assert not any("\ufffd" in d for d in stream_text(tok, got))
     assert tok.decode([ids[f"<0x{b:02X}>"] for b in "€".encode()]) == "€"
+
+
+def test_tiny_spm_vocab_sentencepiece_refuses(tmp_path):
+    """A duplicated piece (sentencepiece refuses it) still loads, as `tokenizers` BPE merges."""
+    tokens, scores, types = spm_vocab()
+    tokens, scores, types = tokens + ["▁he"], scores + [-99.0], types + [1]
+    path = write_gguf(tmp_path / "dup.gguf", tokens, types, model="llama", token_scores=scores,
+                      bos_token_id=1, eos_token_id=2)
+    tok = tokenizer_from_gguf(gguf_meta(path), tmp_path / "cache")
+    assert isinstance(tok.hf, HFTokenizer)
+    ids = {t: i for i, t in enumerate(tokens[:-1])}
+    # best-scored pair first: ▁h ll llo ▁he ▁hello (the duplicate ▁he scores -99), ▁a ▁ab
+    assert tok.encode("hello ab") == [1, ids["▁hello"], ids["▁ab"]]
+    assert tok.decode(tok.encode("hello ab")[1:]) == "hello ab"
+    assert load_cache(tmp_path / "cache").encode("hello ab") == tok.encode("hello ab")
 
 
 CORPUS = ["Hello world, this is a tiny corpus.", "Tokenizers build byte-level BPE merges.",

@@ -2,10 +2,11 @@
 
 Two GGUF vocab kinds are supported, as llama.cpp defines them:
   gpt2   byte-level BPE: ranked merges from `tokenizer.ggml.merges`, split regexes chosen by
-         `tokenizer.ggml.pre` (PRE_TOKENIZERS below), ByteLevel bytes<->chars.
+         `tokenizer.ggml.pre` (bpe_splits.py), ByteLevel bytes<->chars.
   llama  SentencePiece BPE: no merges in the file; a pair merges when its concatenation is a
-         token, best score first, so merges are derived from the scores. Spaces become '▁',
-         optional '▁' prefix, <0xNN> byte fallback.
+         token, best score first. Built on the `sentencepiece` library (spm_vocab.py); where
+         it refuses the vocabulary, as `tokenizers` BPE with merges derived from the scores.
+         Spaces become '▁', optional '▁' prefix, <0xNN> byte fallback.
 Control (type 3) and user-defined (type 4) tokens are added tokens matched on the raw text,
 the way llama.cpp partitions text before tokenizing (control ones are `special`).
 """
@@ -24,92 +25,19 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from mistralrs_cli.errors import UserError
 
+from .bpe_splits import PRE_TOKENIZERS, SPLITS, PreTokenizer
 from .gguf_values import BadValue, flag, numbers, strings, text, token_id
+from .spm_vocab import SpmVocab, spm_vocab
 
 log = logging.getLogger(__name__)
-
-# llama.cpp's split regexes (llama-vocab.cpp), applied in order; text between matches is kept.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
-_BLOOM = r" ?[^(\s|.,!?…。，、।۔،)]+"
-_CJK = "[一-龥ࠀ-一가-퟿]+"
-_UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
-_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
-           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
-          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# deepseek-llm's letter class, as code point ranges (escaped: several endpoints have canonical
-# equivalents that text normalization would silently swap).
-_DEEPSEEK_RANGES = (  # hex code points
-    "41-5A 61-7A B5 C0-D6 D8-F6 F8-1BA 1BC-1BF 1C4-293 295-2AF 370-373 376-377 37B-37D 37F 386 "
-    "388-38A 38C 38E-3A1 3A3-3F5 3F7-481 48A-52F 531-556 10A0-10C5 13A0-13F5 13F8-13FD "
-    "1C90-1CBA 1CBD-1CBF 1D00-1D2B 1D6B-1D77 1D79-1D9A 1E00-1F15 1F18-1F1D 1F20-1F45 1F48-1F4D "
-    "1F50-1F57 1F59 1F5B 1F5D 1F5F-1F7D 1F80-1FB4 1FB6-1FBC 1FBE 1FC2-1FC4 1FC6-1FCC 1FD0-1FD3 "
-    "1FD6-1FDB 1FE0-1FEC 1FF2-1FF4 1FF6-1FFC 2102 2107 210A-2113 2115 2119-211D 2124 2126 2128 "
-    "212A-212D 212F-2134 2139 213C-213F 2145-2149 214E 2183-2184 2C00-2C7B 2C7E-2CE4 2CEB-2CEE "
-    "2CF2-2CF3 A640-A66D A680-A69B A722-A76F A771-A787 A78B-A78E AB70-ABBF FB00-FB06 FB13-FB17 "
-    "FF21-FF3A FF41-FF5A 10400-1044F 104B0-104D3 104D8-104FB 10C80-10CB2 10CC0-10CF2 "
-    "118A0-118DF 1E900-1E943")
-_DEEPSEEK_LETTERS = "".join("-".join(f"\\x{{{h}}}" for h in r.split("-"))
-                            for r in _DEEPSEEK_RANGES.split())
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
-    "gpt2": (_GPT2,),
-    "starcoder": (r"\p{N}", _GPT2),
-    "llama3": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
-    "deepseek-llm": ("[\r\n]", rf"\s?[{_DEEPSEEK_LETTERS}]+", r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
-                     r"\s+$", _CJK, r"\p{N}+"),
-    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
-    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
-                    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"""
-                    r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-    "bloom": (_BLOOM,),
-    "viking": (_BLOOM, r"\p{N}"),
-    "tekken": (_TEKKEN,),
-    "gpt-4o": (_GPT4O,),
-}
-
-
-@dataclass(frozen=True)
-class PreTokenizer:
-    """One row of llama.cpp's `tokenizer.ggml.pre` table: which regexes, and its vocab flags."""
-    splits: str
-    ignore_merges: bool = False  # a word that is already a token is not merged (llama3 style)
-    add_bos: bool = False        # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
-
-
-_PRE_NAMES: dict[PreTokenizer, tuple[str, ...]] = {
-    PreTokenizer("default"): ("default",),
-    PreTokenizer("llama3", ignore_merges=True, add_bos=True): (
-        "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-        "smaug-bpe", "dbrx"),
-    PreTokenizer("gpt2"): ("gpt2", "gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "jais",
-                           "gigachat", "exaone4", "mellum", "trillion", "roberta-bpe", "jina-v1-en"),
-    PreTokenizer("starcoder"): ("starcoder", "refact", "command-r", "smollm", "codeshell",
-                                "exaone", "minerva-7b"),
-    PreTokenizer("qwen2"): ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"),
-    PreTokenizer("bloom"): ("bloom", "poro-chat", "gpt3-finnish"),
-    PreTokenizer("llama3"): ("chatglm-bpe", "glm4"),
-    PreTokenizer("gpt-4o"): ("gpt-4o", "llama4"),
-    PreTokenizer("tekken", ignore_merges=True, add_bos=True): ("tekken",),
-    PreTokenizer("default", add_bos=True): ("chameleon",),
-    **{PreTokenizer(n): (n,) for n in ("falcon", "deepseek-llm", "deepseek-coder", "deepseek-v3",
-                                       "viking")},
-}
-PRE_TOKENIZERS: dict[str, PreTokenizer] = {n: p for p, names in _PRE_NAMES.items() for n in names}
 
 # llama.cpp ends generation on these when the vocab has them, whatever the metadata says.
 EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
              "<|eom_id|>", "<|end_of_text|>")
 _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: SentencePiece vocabs cached as tokenizer.model
 _SIDECAR = "mistralrs_tokenizer.json"
+_SPM_FILE = "tokenizer.model"
 
 
 @dataclass
@@ -195,14 +123,24 @@ class StreamDecoder:
         return delta
 
 
-def _added_tokens(tokens: list[str], types: np.ndarray | None) -> list[AddedToken]:
-    """Control/unknown tokens (special) and user-defined ones, matched on raw text as llama.cpp."""
-    kinds = np.zeros(len(tokens), np.int64) if types is None else types
-    out = [AddedToken(tokens[i], special=int(kinds[i]) != _USER_DEFINED, normalized=False)
-           for i in np.flatnonzero(np.isin(kinds, (_CONTROL, _USER_DEFINED, _UNKNOWN)))]
+def _added_tokens(tokens: list[str], kinds: np.ndarray) -> dict[int, bool]:
+    """Control/unknown tokens (special: True) and user-defined ones (False) by id: the tokens
+    llama.cpp matches on the raw text before tokenizing the rest."""
+    out = {int(i): int(kinds[i]) != _USER_DEFINED
+           for i in np.flatnonzero(np.isin(kinds, (_CONTROL, _USER_DEFINED, _UNKNOWN)))}
     # llama.cpp promotes end-of-generation names to control even when typed normal.
-    missing = set(EOG_NAMES) & set(tokens) - {t.content for t in out}
-    return out + [AddedToken(t, special=True, normalized=False) for t in sorted(missing)]
+    missing = set(EOG_NAMES) & set(tokens) - {tokens[i] for i in out}
+    for name in sorted(missing):  # the last of duplicates, as a {text: id} vocab keeps it
+        out[len(tokens) - 1 - tokens[::-1].index(name)] = True
+    return out
+
+
+def _add_tokens(hf: HFTokenizer, tokens: list[str], added: dict[int, bool]) -> None:
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, s in added.items() if s]
+    hf.add_special_tokens(special)
+    # add_special_tokens marks all special
+    hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                   for i, s in added.items() if not s])
 
 
 def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
@@ -221,19 +159,26 @@ def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
     return [(m[3], m[4]) for m in found]
 
 
-def _build_spm(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer, bool]:
+def _build_spm(tokens: list[str], meta: Mapping[str, Any], kinds: np.ndarray,
+               added: dict[int, bool]) -> tuple[HFTokenizer | SpmVocab, bool]:
+    """On sentencepiece (fast to load), or as `tokenizers` BPE merges where it refuses the vocab."""
     scores = numbers(meta, "tokenizer.ggml.scores", len(tokens))
     scores = np.zeros(len(tokens), np.float32) if scores is None else scores.astype(np.float64)
-    vocab = {t: i for i, t in enumerate(tokens)}
     unk = token_id(meta, "tokenizer.ggml.unknown_token_id", 0, len(tokens))
+    prefix = flag(meta, "tokenizer.ggml.add_space_prefix", True)
+    spm = None if unk is None else spm_vocab(tokens, scores, kinds, added, unk, prefix)
+    if spm is not None:
+        return spm, prefix
+    log.info("sentencepiece refuses this vocabulary: building it as BPE merges (slower)")
+    vocab = {t: i for i, t in enumerate(tokens)}
     bpe = models.BPE(vocab, spm_merges(tokens, scores), byte_fallback=True, fuse_unk=True,
                      unk_token=tokens[unk] if unk is not None else None)
     hf = HFTokenizer(bpe)
-    prefix = flag(meta, "tokenizer.ggml.add_space_prefix", True)
     steps = [normalizers.Prepend("▁")] if prefix else []
     hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                     decoders.Fuse()])
+    _add_tokens(hf, tokens, added)
     return hf, prefix
 
 
@@ -260,7 +205,7 @@ def _build_gpt2(tokens: list[str], meta: Mapping[str, Any]) -> tuple[HFTokenizer
     # a merge naming a token the vocabulary lacks could never apply (and `tokenizers` refuses it)
     pairs = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
     hf = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
-    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in _SPLITS[pre.splits]]
+    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in SPLITS[pre.splits]]
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
@@ -272,7 +217,7 @@ def _special_ids(meta: Mapping[str, Any], kind: str, n: int) -> tuple[int | None
             token_id(meta, "tokenizer.ggml.eos_token_id", 2 if kind == "llama" else None, n))
 
 
-def _eos_ids(hf: HFTokenizer, meta: Mapping[str, Any], eos: int | None) -> set[int]:
+def _eos_ids(hf: HFTokenizer | SpmVocab, meta: Mapping[str, Any], eos: int | None) -> set[int]:
     n = hf.get_vocab_size(with_added_tokens=True)
     ids = {eos} | {token_id(meta, f"tokenizer.ggml.{k}_token_id", None, n) for k in ("eot", "eom")}
     ids |= {hf.token_to_id(name) for name in EOG_NAMES}
@@ -284,6 +229,9 @@ def _set_post_processor(tok: Tokenizer) -> None:
     list of pieces (a token's text may hold spaces); a text the template syntax would misread
     ('$...', ':'), or an id whose text a duplicate took, leaves hf.encode without them."""
     ids = [(tok.bos_id if tok.add_bos else None), (tok.eos_id if tok.add_eos else None)]
+    if isinstance(tok.hf, SpmVocab):
+        tok.hf.template = (ids[0], ids[1])
+        return
     texts = [None if i is None else tok.id_to_token(i) for i in ids]
     if any(i is not None and (t is None or t.startswith("$") or ":" in t) for i, t in zip(ids, texts)):
         log.warning("BOS/EOS token text %r cannot go in a post-processor template: tok.hf.encode "
@@ -312,18 +260,19 @@ def _build(meta: Mapping[str, Any], source: str) -> Tokenizer:
         raise UserError(f"{source} has no tokenizer.ggml.tokens; pass the model's tokenizer.json "
                         "with -t.")
     tokens = list(tokens)
+    kinds = numbers(meta, "tokenizer.ggml.token_type", len(tokens))
+    kinds = np.zeros(len(tokens), np.int64) if kinds is None else kinds
+    added = _added_tokens(tokens, kinds)
     if kind == "llama":
-        hf, strip = _build_spm(tokens, meta)
+        hf, strip = _build_spm(tokens, meta, kinds, added)
         add_bos_default = True
     elif kind == "gpt2":
         (hf, pre), strip = _build_gpt2(tokens, meta), False
+        _add_tokens(hf, tokens, added)
         add_bos_default = pre.add_bos
     else:
         raise UserError(f"{source}: tokenizer.ggml.model {str(kind)[:40]!r} is not supported (only "
                         "'llama' and 'gpt2'); pass the model's tokenizer.json with -t.")
-    added = _added_tokens(tokens, numbers(meta, "tokenizer.ggml.token_type", len(tokens)))
-    hf.add_special_tokens([t for t in added if t.special])
-    hf.add_tokens([t for t in added if not t.special])  # add_special_tokens marks all special
     bos, eos = _special_ids(meta, kind, len(tokens))
     tok = Tokenizer(hf, bos, eos, strip_space=strip, eos_ids=_eos_ids(hf, meta, eos),
                     add_bos=flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default),
@@ -333,18 +282,26 @@ def _build(meta: Mapping[str, Any], source: str) -> Tokenizer:
 
 
 def _sidecar(tok: Tokenizer) -> dict[str, Any]:
-    return {"format": _CACHE_FORMAT, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "add_bos": tok.add_bos, "add_eos": tok.add_eos, "strip_space": tok.strip_space,
-            "eos_ids": sorted(tok.eos_ids)}
+    side: dict[str, Any] = {
+        "format": _CACHE_FORMAT, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": tok.add_bos,
+        "add_eos": tok.add_eos, "strip_space": tok.strip_space, "eos_ids": sorted(tok.eos_ids)}
+    if isinstance(tok.hf, SpmVocab):
+        side["spm"] = {"prefix": tok.hf.prefix, "added": sorted(tok.hf.added_specials().items())}
+    return side
 
 
 def save_cache(tok: Tokenizer, cache_dir: Path) -> None:
-    """tokenizer.json + sidecar, each written to a temp name and renamed (safe vs. readers)."""
+    """The vocabulary (tokenizer.json, or tokenizer.model for SentencePiece) + sidecar, each
+    written to a temp name and renamed (safe vs. readers)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("tokenizer.json", tok.hf.to_str()), (_SIDECAR, json.dumps(_sidecar(tok)))):
+    spm = isinstance(tok.hf, SpmVocab)
+    vocab = (_SPM_FILE, tok.hf.proto) if spm else ("tokenizer.json", tok.hf.to_str().encode())
+    for name, data in (vocab, (_SIDECAR, json.dumps(_sidecar(tok)).encode())):
         tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         tmp.replace(cache_dir / name)
+    if spm:  # a format-1 cache's tokenizer.json (14 MB for Gemma-3) is never read again
+        (cache_dir / "tokenizer.json").unlink(missing_ok=True)
 
 
 def load_cache(cache_dir: Path) -> Tokenizer | None:
@@ -352,11 +309,18 @@ def load_cache(cache_dir: Path) -> Tokenizer | None:
         side = json.loads((cache_dir / _SIDECAR).read_text(encoding="utf-8"))
         if side.get("format") != _CACHE_FORMAT:
             return None
-        hf = HFTokenizer.from_file(str(cache_dir / "tokenizer.json"))
+        if "spm" in side:
+            hf = SpmVocab((cache_dir / _SPM_FILE).read_bytes(), dict(side["spm"]["added"]),
+                          side["spm"]["prefix"])
+        else:
+            hf = HFTokenizer.from_file(str(cache_dir / "tokenizer.json"))
+        tok = Tokenizer(hf, side["bos_id"], side["eos_id"], side["add_bos"], side["add_eos"],
+                        side["strip_space"], set(side["eos_ids"]))
     except Exception:  # a missing or broken cache is rebuilt, never fatal
         return None
-    return Tokenizer(hf, side["bos_id"], side["eos_id"], side["add_bos"], side["add_eos"],
-                     side["strip_space"], set(side["eos_ids"]))
+    if isinstance(hf, SpmVocab):  # tok.hf.encode's BOS/EOS (a tokenizer.json holds its own)
+        _set_post_processor(tok)
+    return tok
 
 
 def tokenizer_from_gguf(meta: Mapping[str, Any], cache_path: Path | None = None,
