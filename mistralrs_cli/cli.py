@@ -307,7 +307,8 @@ def bench_options(
     ctx.obj = BenchRun(opts, LoadOptions(token_source=token_source, dtype=dtype, isq=isq, numerics=numerics))
 
 
-for _name, _fn in (("gguf", gguf), ("ggml", ggml), ("plain", plain)):
+for _name, _fn in (("gguf", gguf), ("ggml", ggml), ("plain", plain), ("lora", lora), ("lora-gguf", lora_gguf),
+                   ("lora-ggml", lora_ggml)):
     bench_app.command(_name, no_args_is_help=True)(_fn)
 
 

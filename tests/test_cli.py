@@ -96,7 +96,8 @@ def test_help_lists_only_what_exists():
                  "--request-logging-file"):
         assert flag in p.stdout
     assert "plain" in commands and "ggml" in commands
-    for absent in ("lora", "speculative"):
+    assert {"lora", "lora-plain", "lora-gguf", "lora-ggml"} <= set(commands)
+    for absent in ("speculative",):
         assert absent not in commands
 
 

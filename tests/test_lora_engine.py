@@ -51,6 +51,10 @@ def loaded(request, env):
     base = PlainSpec(str(env["base"])) if kind == "plain" else GGUFSpec(str(env["gguf"]))
     out = load(LoraSpec(base, str(env["adapters"]), str(env["order"])), LoadOptions(token_source="none", isq=isq))
     out.bit_for_bit = exact
+    if kind == "gguf":  # a llama-family GGUF keeps the native runtime, its own side path
+        from mistralrs_cli.backends.native_model import NativeModel
+
+        assert isinstance(out.model, NativeModel) and out.model.adapter_bank is out.adapters
     return out
 
 
