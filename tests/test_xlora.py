@@ -353,7 +353,8 @@ def test_bad_input_through_the_cli(base, good, tmp_path):
 
 
 def test_cli_and_api_text_equal_peft(base, tmp_path):
-    """`mistralrs x-lora` and `x-lora-gguf` (F32) and Runner(Which.XLora(...)): peft's greedy text."""
+    """`mistralrs x-lora-plain` (the seed's command), Runner(Which.XLora(...)) and
+    Runner(Which.XLoraGGUF(...)) on the F32 GGUF: peft's greedy text."""
     import os
     import subprocess
     import sys
@@ -364,20 +365,44 @@ def test_cli_and_api_text_equal_peft(base, tmp_path):
     prompt, steps = "the quick brown fox", 6
     exe = Path(sys.executable).with_name("mistralrs")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "HF_HUB_OFFLINE": "1", "MISTRALRS_CLI_CACHE": str(tmp_path)}
-    common = [str(exe), "--raw", "--temperature", "0", "--max-tokens", str(steps), "--prompt", prompt]
-    runs = {"plain": ["x-lora-plain", "-m", str(base["plain"]), "-x", str(folder)],
-            "gguf": ["x-lora-gguf", "-f", str(base["gguf"]), "-x", str(folder)]}
-    procs = {k: subprocess.Popen(common + v, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k, v in runs.items()}  # bytes: the text may hold a carriage return
-    runner = Runner(Which.XLora(xlora_model_id=str(folder), order=None, model_id=str(base["plain"])),
-                    token_source="none")
-    tok = runner.loaded.tokenizer
-    want = tok.decode(peft_greedy(xm, tok.encode(prompt), steps))
-    res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
-    assert res.choices[0].text == want
-    gguf_tok = load(GGUFSpec(str(base["gguf"])), LoadOptions(token_source="none")).tokenizer
-    want_gguf = gguf_tok.decode(peft_greedy(xm, gguf_tok.encode(prompt), steps))
-    for k, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        assert out.decode("utf-8") == (want if k == "plain" else want_gguf) + "\n", (k, out, err)
+    proc = subprocess.Popen([str(exe), "--raw", "--temperature", "0", "--max-tokens", str(steps), "--prompt", prompt,
+                             "x-lora-plain", "-m", str(base["plain"]), "-x", str(folder)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # bytes: the text may hold a CR
+    texts = []
+    for which in (Which.XLora(xlora_model_id=str(folder), order=None, model_id=str(base["plain"])),
+                  Which.XLoraGGUF(None, str(base["gguf"]), xlora_model_id=str(folder), tgt_non_granular_index=None)):
+        runner = Runner(which, token_source="none")
+        tok = runner.loaded.tokenizer
+        want = tok.decode(peft_greedy(xm, tok.encode(prompt), steps))
+        res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
+        assert res.choices[0].text == want
+        texts.append(want)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.decode("utf-8") == texts[0] + "\n", (out, err)
+
+
+def test_ordering_file(base, tmp_path):
+    """-o: an ordering written by scripts/create_ordering.py numbers the modules as peft does (the
+    layerwise scalings land on the right modules); one listing the adapters in another order than
+    the classifier's is refused in one sentence."""
+    import subprocess
+    import sys
+
+    folder, xm = make_xlora(base, "ordered", {"layerwise_scalings": True})
+    order = tmp_path / "ordering.json"
+    subprocess.run([sys.executable, "scripts/create_ordering.py", "--model", str(base["plain"]),
+                    "--adapters", str(folder), "-o", str(order)], check=True, cwd=Path(__file__).parents[1])
+    loaded = load(PlainSpec(str(base["plain"])), LoadOptions(token_source="none"))
+    want_logits, want_scalings = peft_reference(xm, IDS)
+    logits, scalings = ours_chunked(attach_xlora(loaded, str(folder), order=str(order)), IDS)
+    assert np.abs(scalings - want_scalings).max() < SCALING_TOL
+    assert np.abs(logits - want_logits).max() < LOGIT_TOL
+    data = json.loads(order.read_text())
+    data["order"] = ["1", "0", "2"]
+    order.write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        attach_xlora(load(PlainSpec(str(base["plain"])), LoadOptions(token_source="none")), str(folder),
+                     order=str(order))
+    _one_sentence(str(e.value))
+    assert "lists adapters ['1', '0', '2'] but the X-LoRA model's xlora_config.json has ['0', '1', '2']" in str(e.value)
