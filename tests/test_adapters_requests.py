@@ -33,6 +33,7 @@ from mistralrs_cli.prompting import chat_ids
 from mistralrs_cli.types import EngineConfig, LoadOptions, SamplingParams
 from mistralrs_cli.validation import ParamError, ParamTypeError, check_adapters
 from test_server import MSGS, TEMPLATE, serve
+from test_xlora import base  # noqa: F401 - the X-LoRA test's fixture: a tiny llama and three peft adapters
 
 PROMPT = "seven wizards quietly hex jolly boxing frogs while the quick brown fox jumps over"
 NAMES = ["a", "b", "c"]
@@ -191,6 +192,26 @@ def engine_held(worker):
         t.join(30)
 
 
+def at_once(worker, calls: list) -> list:
+    """Run `calls` (each sends one request) in threads so that their requests all start in the
+    same engine step; their results, in order."""
+    results = [None] * len(calls)
+
+    def run(i):
+        results[i] = calls[i]()
+    with engine_held(worker):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while worker.pending < len(calls) and time.time() < deadline:
+            time.sleep(0.01)
+        assert worker.pending == len(calls)
+    for t in threads:
+        t.join(60)
+    return results
+
+
 @contextmanager
 def steps_seen(model):
     """Every forward pass's adapter weights (n_layers, T, n_adapters) or None."""
@@ -228,21 +249,8 @@ def test_six_adapter_sets_at_once_give_what_each_gives_alone(executor, request):
     tiny, srv = (request.getfixturevalue("tiny"), request.getfixturevalue("srv")) if executor == "torch-f32" \
         else request.getfixturevalue("native")
     exact = executor.startswith("native")
-    results = [None] * len(SETS)
-
-    def send(i):
-        results[i] = completion(srv.client, SETS[i])
     with steps_seen(tiny.loaded.model) as seen:
-        with engine_held(srv.worker):
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(SETS))]
-            for t in threads:
-                t.start()
-            deadline = time.time() + 30
-            while srv.worker.pending < len(SETS) and time.time() < deadline:
-                time.sleep(0.01)
-            assert srv.worker.pending == len(SETS)
-        for t in threads:
-            t.join(60)
+        results = at_once(srv.worker, [lambda names=names: completion(srv.client, names) for names in SETS])
     # one forward pass carried rows of all six sets: the default is c, so six distinct row patterns
     patterns = [len({tuple(w[:, t].ravel()) for t in range(w.shape[1])}) for w in seen if w is not None]
     assert max(patterns) == len(SETS)
@@ -380,3 +388,28 @@ def test_interactive_help_has_no_adapter_line_without_adapters(tmp_path, capsys)
     assert "adapter" not in err.split("this model")[0] and "\\temperature <x>" in err
     assert "this model was loaded without LoRA adapters." in err
 
+
+# ---- an X-LoRA model ----
+def test_xlora_model_serves_xlora_beside_named_adapter_sets(base):
+    """On an X-LoRA model a request naming no adapters runs X-LoRA and the others run what they
+    name: six at once equal each alone, and X-LoRA's tokens are peft's XLoraModel's; there is no
+    default set to activate."""
+    from test_xlora import IDS, load_x, make_xlora, peft_greedy
+
+    folder, xm = make_xlora(base, "served_http", {"top_k_lora": 2})
+    loaded = load_x(base, folder, "gguf")
+    sets = [None, [], ["0"], ["1"], ["0", "2"], ["0", "1", "2"]]
+    with serve(loaded, config=CONFIG) as s:
+        def send(names):
+            extra = {} if names is None else {"extra_body": {"adapters": names}}
+            r = s.client.completions.create(model="m", prompt=IDS, max_tokens=6, temperature=0, logprobs=1, **extra)
+            return r.choices[0].logprobs.tokens, r.choices[0].logprobs.token_logprobs
+        together = at_once(s.worker, [lambda names=names: send(names) for names in sets])
+        alone = [send(names) for names in sets]
+        r = httpx.post(s.url + "/activate_adapters", json={"adapter_names": ["0"]})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("this is an X-LoRA model: a request")
+    want = loaded.tokenizer.decode(peft_greedy(xm, IDS, 6))
+    assert "".join(alone[0][0]) == want
+    assert len({tuple(a[0]) for a in alone}) == len(sets)
+    for names, got, one in zip(sets, together, alone):
+        assert got[0] == one[0] and np.allclose(got[1], one[1], atol=TOL, rtol=0), names

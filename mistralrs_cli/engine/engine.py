@@ -122,6 +122,10 @@ class Engine:
         return list(self.adapter_rows.active)
 
     def set_active_adapters(self, names: list[str]) -> None:
+        """The adapters of requests that name none, from now on (requests added keep theirs)."""
+        if self.xlora is not None:  # such requests run X-LoRA; mistral.rs refuses this too
+            raise UserError("this is an X-LoRA model: a request naming no adapters runs X-LoRA, so there is no "
+                            "default set to activate; name the adapters in each request instead.")
         self.adapter_rows.active = self.adapter_rows.check(list(names), "the adapters to activate")
 
     def abort(self, request_id: str) -> None:

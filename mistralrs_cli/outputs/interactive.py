@@ -181,9 +181,9 @@ class Chat:
             _note("this model was loaded without LoRA adapters.")
             return True
         if not arg:
-            active = self.params.adapters
-            now = (", ".join(active) or "none (the base model)") if active is not None else (
-                ", ".join(self.runner.engine.active_adapters) or "none (the base model)") + " (the default)"
+            active, engine = self.params.adapters, self.runner.engine
+            default = "X-LoRA" if engine.xlora is not None else ", ".join(engine.active_adapters) or "none"
+            now = (", ".join(active) or "none") if active is not None else f"{default} (the default)"
             _note(f"adapters: {', '.join(served)}; this chat uses {now}.")
             return True
         try:
