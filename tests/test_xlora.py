@@ -228,6 +228,14 @@ def test_xlora_text_equals_peft_and_batching_changes_nothing(served):
     assert not engine.xlora.state  # every scaling-pass cache freed with its sequence
 
 
+@pytest.mark.parametrize("config", [EngineConfig(no_kv_cache=True), EngineConfig(paged_attn=False)],
+                         ids=["no-kv-cache", "contiguous-cache"])
+def test_other_caches(served, config):
+    """--no-kv-cache (every step recomputes the sequence, the scaling pass too) and --no-paged-attn."""
+    loaded, xm = served
+    assert generate(Engine(loaded, config), [(IDS, None), ([5, 77, 300], [])], 4)[0] == peft_greedy(xm, IDS, 4)
+
+
 @pytest.mark.parametrize("tgt", [0, 2])
 def test_tgt_non_granular_index(base, tgt):
     folder, xm = make_xlora(base, f"ng{tgt}", {"layerwise_scalings": True})
@@ -406,3 +414,32 @@ def test_ordering_file(base, tmp_path):
                      order=str(order))
     _one_sentence(str(e.value))
     assert "lists adapters ['1', '0', '2'] but the X-LoRA model's xlora_config.json has ['0', '1', '2']" in str(e.value)
+
+
+def test_classifier_layouts_by_hand():
+    """The classifier file in peft's layout (`layers.N`, a ReLU between linears) and in the X-LoRA
+    library's that mistral.rs reads (`inner.N`, `last`; ReLU only with enable_relu_and_dropout),
+    against the MLP and temperature softmax written here."""
+    from mistralrs_cli.adapters.xlora import XLoraClassifier, XLoraConfig
+
+    rng = np.random.default_rng(3)
+    w0, b0 = rng.normal(size=(16, 64)).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    w1, b1 = rng.normal(size=(3, 16)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    h = rng.normal(size=(5, 64)).astype(np.float32)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    cfg = dict(hidden_size=64, adapters=NAMES, xlora_depth=2, xlora_size=16, softmax_temperature=2.0)
+    with_relu = softmax((np.maximum(h @ w0.T + b0, 0) @ w1.T + b1) / 2.0)
+    without = softmax(((h @ w0.T + b0) @ w1.T + b1) / 2.0)
+    peft = XLoraClassifier(XLoraConfig(**cfg), {"layers.0.weight": w0, "layers.0.bias": b0,
+                                                "layers.3.weight": w1, "layers.3.bias": b1}, n_slots=4)
+    lib = {"inner.0.weight": w0, "inner.0.bias": b0, "last.weight": w1, "last.bias": b1}
+    relu = XLoraClassifier(XLoraConfig(**cfg, enable_relu_and_dropout=True), lib, n_slots=4)
+    plain = XLoraClassifier(XLoraConfig(**cfg), lib, n_slots=4)
+    for clf, want in ((peft, with_relu), (relu, with_relu), (plain, without)):
+        got = clf.scalings(h)
+        assert got.shape == (5, 4, 3)
+        assert np.abs(got - want[:, None, :]).max() < 1e-6
