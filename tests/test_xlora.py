@@ -213,18 +213,18 @@ def served(base):
 
 
 def test_xlora_text_equals_peft_and_batching_changes_nothing(served):
-    """An X-LoRA request gives peft's greedy tokens, alone and beside plain requests (one of them
-    on the same prompt: the prefix cache must not hand one the other's keys) in the same steps."""
+    """An X-LoRA request gives peft's greedy tokens, alone and in the same steps as requests naming
+    none, one or two of its adapters as plain LoRA (some on the same prompt: the prefix cache must
+    not hand one the other's keys); each of those gives what it gives alone."""
     loaded, xm = served
     engine = Engine(loaded, EngineConfig(block_size=4))
     other = [5, 77, 300, 12, 9, 250, 31]
-    want = peft_greedy(xm, IDS, 6)
-    alone = generate(engine, [(IDS, None)], 6)[0]
-    plain_alone = generate(engine, [(IDS, []), (other, [])], 6)
-    mixed = generate(engine, [(other, []), (IDS, None), (IDS, [])], 6)
-    assert alone == want
-    assert mixed == [plain_alone[1], alone, plain_alone[0]]
-    assert plain_alone[0] != alone  # the adapters change the text, or this proves little
+    jobs = [(IDS, None), (IDS, []), (other, ["0"]), (IDS, ["1", "2"]), (other, None), (other, [])]
+    alone = [generate(engine, [job], 6)[0] for job in jobs]
+    assert alone[0] == peft_greedy(xm, IDS, 6)
+    assert len({tuple(a) for a in alone[:4]}) == 4  # four adapter sets, four texts: the sets matter
+    assert generate(engine, jobs, 6) == alone
+    assert generate(engine, jobs[::-1], 6) == alone[::-1]
     assert not engine.xlora.state  # every scaling-pass cache freed with its sequence
 
 
