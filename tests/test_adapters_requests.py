@@ -30,7 +30,7 @@ from mistralrs_cli.api import ChatCompletionRequest, CompletionRequest, Runner, 
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.loaders.load import load
 from mistralrs_cli.prompting import chat_ids
-from mistralrs_cli.types import EngineConfig, LoadOptions, SamplingParams
+from mistralrs_cli.types import EngineConfig, LoadOptions, LoraSpec, PlainSpec, SamplingParams
 from mistralrs_cli.validation import ParamError, ParamTypeError, check_adapters
 from test_server import MSGS, TEMPLATE, serve
 from test_xlora import base  # noqa: F401 - the X-LoRA test's fixture: a tiny llama and three peft adapters
@@ -333,6 +333,27 @@ def test_a_model_without_adapters_says_so(tmp_path):
             "subcommand.")
         r = s.client.chat.completions.create(model="m", messages=MSGS, max_tokens=2, extra_body={"adapters": []})
         assert r.choices[0].finish_reason == "length"  # [] asks for no adapter: fine anywhere
+
+
+def test_adapters_merged_at_load_are_named_all_or_not_at_all(tmp_path):
+    """A float base with no preload_adapters has its adapters merged at load: always on."""
+    from test_lora_peft import SEVEN, save_adapters, save_base, write_ordering
+
+    hf = gb.tiny_llama(0)
+    base_dir, adapters = save_base(hf, tmp_path / "base"), save_adapters(hf, SEVEN, tmp_path / "adapters")
+    order = write_ordering(tmp_path / "o.json", base_dir, adapters, ["a1", "a2"])
+    loaded = load(LoraSpec(PlainSpec(str(base_dir)), str(adapters), str(order)), LoadOptions(token_source="none"))
+    assert loaded.adapters is None and loaded.default_adapters == ["a1", "a2"]
+    with serve(loaded) as s:
+        def send(names):
+            return s.client.completions.create(model="m", prompt="the quick", max_tokens=2,
+                                               extra_body={"adapters": names})
+        assert send(["a2", "a1"]).choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError) as e:
+            send(["a1"])
+        err = error_of(e.value)
+        assert err["param"] == "adapters" and err["message"].startswith("adapters leaves out a2, but the adapters are "
+                                                                          "merged into the weights")
 
 
 # ---- the Python API ----

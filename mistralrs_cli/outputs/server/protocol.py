@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ... import validation
+from ...engine.adapter_rows import AdapterRows
 from ...errors import UserError
 from ...prompting import chat_ids, completion_ids
 from ...sampling_defaults import sampling_params
@@ -115,20 +116,32 @@ def sampling(body: dict, vocab: int, max_context: int, top_logprobs: int,
 
 
 def served_adapters(loaded: Any) -> list[str]:
-    """The LoRA adapters a request may name, as the engine counts them (engine/adapter_rows.py):
-    the AdapterBank's, or with none the adapters merged into the weights at load."""
-    bank = getattr(loaded, "adapters", None)
-    return list(bank.names) if bank is not None else list(getattr(loaded, "default_adapters", None) or [])
+    """The LoRA adapters a request may name, as the engine counts them: the AdapterBank's, or with
+    none the adapters merged into the weights at load."""
+    return AdapterRows(loaded).names
+
+
+def _request_adapters(body: dict, loaded: Any) -> list[str] | None:
+    """The body's adapters by the shared rule, then by the engine's (adapters merged at load are
+    always on: a request may name all of them, not fewer)."""
+    rows = AdapterRows(loaded)
+    with _as_api_errors():
+        names = validation.check_adapters(body.get("adapters"), rows.names)
+    if names is not None:
+        try:
+            rows.check(names, "adapters")
+        except UserError as e:
+            raise ApiError(400, str(e), "adapters") from None
+    return names
 
 
 def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: int,
              limits: Limits) -> tuple[int, list[SamplingParams]]:
     with _as_api_errors():
         n = validation.check_sampling({"n": get(body, "n", int, 1)}, limits=limits)["n"]
-        adapters = validation.check_adapters(body.get("adapters"), served_adapters(loaded))
     base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs,
                     getattr(loaded, "generation_config", None), limits)
-    base.adapters = adapters  # None: the engine's active set when the request starts
+    base.adapters = _request_adapters(body, loaded)  # None: the engine's active set when it starts
     params = []
     for _ in prompts:
         for i in range(n):  # choice i: seed + i, so n choices differ and each is reproducible
