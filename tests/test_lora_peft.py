@@ -189,7 +189,8 @@ def _greedy_text(hf: torch.nn.Module, adapters: Path, prompt: str, steps: int) -
 
 def test_cli_and_api_greedy_text_equal_peft(tmp_path):
     """`mistralrs lora` (merged) and `lora-gguf` (F32, unmerged: the a1 of the ordering's order is
-    active by default), and Runner(Which.Lora(...)): peft's greedy continuation."""
+    active by default), Runner(Which.Lora(...)) and Runner(Which.LoraGGUF(...)): peft's greedy
+    continuation."""
     from mistralrs_cli import CompletionRequest, Runner, Which
 
     hf = gb.tiny_llama(0)
@@ -208,6 +209,11 @@ def test_cli_and_api_greedy_text_equal_peft(tmp_path):
                               stderr=subprocess.PIPE)]
     runner = Runner(Which.Lora(model_id=str(base), adapters_model_id=str(adapters), order=str(order)),
                     token_source="none")
+    res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
+    assert res.choices[0].text == want
+    runner = Runner(Which.LoraGGUF(quantized_model_id=None, quantized_filename=str(gguf_path),
+                                   adapters_model_id=str(adapters), order=str(order)), token_source="none",
+                    numerics="exact")
     res = runner.send_completion_request(CompletionRequest(prompt=prompt, max_tokens=steps, temperature=0.0))
     assert res.choices[0].text == want
     for p in procs:

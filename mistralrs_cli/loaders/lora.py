@@ -47,7 +47,9 @@ def read_adapters(spec: LoraSpec, opts: LoadOptions) -> tuple[Ordering, list[tup
     check_base(ordering, ids, flag)
     folders = []
     if ordering.order:
-        adapters_dir = hub.resolve_model_dir(spec.adapters_model_id, opts.token_source, flag="-a/--adapters-model-id")
+        wanted = [f"{n}/*" for n in ordering.order]  # from the Hub: only the folders the ordering names
+        adapters_dir = hub.resolve_model_dir(spec.adapters_model_id, opts.token_source, wanted,
+                                             flag="-a/--adapters-model-id")
         folders = [(n, adapter_folder(ordering, adapters_dir, n)) for n in ordering.order]
     folders += [(p.name, _preload_dir(ordering, p.name, p.adapter_model_id, opts)) for p in ordering.preload]
     adapters = [(read_adapter(folder, name), folder) for name, folder in folders]
