@@ -33,7 +33,7 @@ from mistralrs_cli.prompting import chat_ids
 from mistralrs_cli.types import EngineConfig, LoadOptions, LoraSpec, PlainSpec, SamplingParams
 from mistralrs_cli.validation import ParamError, ParamTypeError, check_adapters
 from test_server import MSGS, TEMPLATE, serve
-from test_xlora import base  # noqa: F401 - the X-LoRA test's fixture: a tiny llama and three peft adapters
+from xlora_models import IDS, build_base, load_x, make_xlora, peft_greedy
 
 PROMPT = "seven wizards quietly hex jolly boxing frogs while the quick brown fox jumps over"
 NAMES = ["a", "b", "c"]
@@ -318,11 +318,17 @@ def test_unknown_adapters_are_a_400_naming_them_and_the_server_goes_on(srv):
     assert ok.choices[0].finish_reason == "length"
 
 
-def test_a_model_without_adapters_says_so(tmp_path):
-    tok = gb.train_tokenizer()
-    path = gb.write_gguf(tmp_path / "plain.gguf", gb.tiny_llama(0), gb.gguf_vocab(tok), chat_template=TEMPLATE)
-    loaded = load(Which.GGUF(None, str(path)), LoadOptions(token_source="none"))
-    with serve(loaded) as s:
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The tiny llama with no adapters."""
+    path = gb.write_gguf(tmp_path_factory.mktemp("plain") / "plain.gguf", gb.tiny_llama(0),
+                         gb.gguf_vocab(gb.train_tokenizer()), chat_template=TEMPLATE)
+    spec = Which.GGUF(None, str(path))
+    return spec, load(spec, LoadOptions(token_source="none"))
+
+
+def test_a_model_without_adapters_says_so(plain):
+    with serve(plain[1]) as s:
         with pytest.raises(openai.BadRequestError) as e:
             s.client.chat.completions.create(model="m", messages=MSGS, max_tokens=2, extra_body={"adapters": ["a"]})
         assert error_of(e.value)["message"] == ("adapters names 'a', but this model was loaded without LoRA "
@@ -394,15 +400,11 @@ def test_interactive_adapter_command(tiny, capsys):
     assert out == reference_text(tiny, ["a", "b"], chat_ids(tiny.loaded, msgs), 5) + "\n"
 
 
-def test_interactive_help_has_no_adapter_line_without_adapters(tmp_path, capsys):
+def test_interactive_help_has_no_adapter_line_without_adapters(plain, capsys):
     from mistralrs_cli.outputs import interactive
     from mistralrs_cli.outputs.request_log import RequestLog
 
-    tok = gb.train_tokenizer()
-    path = gb.write_gguf(tmp_path / "plain.gguf", gb.tiny_llama(0), gb.gguf_vocab(tok), chat_template=TEMPLATE)
-    spec = Which.GGUF(None, str(path))
-    runner = Runner(spec, loaded=load(spec, LoadOptions(token_source="none")))
-    chat = interactive.Chat(runner, SamplingParams(), RequestLog(None), quiet=True)
+    chat = interactive.Chat(Runner(plain[0], loaded=plain[1]), SamplingParams(), RequestLog(None), quiet=True)
     lines = iter([r"\help", r"\adapter a", r"\exit"])
     chat.loop(lambda: next(lines))
     err = capsys.readouterr().err
@@ -411,12 +413,11 @@ def test_interactive_help_has_no_adapter_line_without_adapters(tmp_path, capsys)
 
 
 # ---- an X-LoRA model ----
-def test_xlora_model_serves_xlora_beside_named_adapter_sets(base):
+def test_xlora_model_serves_xlora_beside_named_adapter_sets(tmp_path):
     """On an X-LoRA model a request naming no adapters runs X-LoRA and the others run what they
     name: six at once equal each alone, and X-LoRA's tokens are peft's XLoraModel's; there is no
     default set to activate."""
-    from test_xlora import IDS, load_x, make_xlora, peft_greedy
-
+    base = build_base(tmp_path)  # a tiny llama and three peft adapters (xlora_models.py)
     folder, xm = make_xlora(base, "served_http", {"top_k_lora": 2})
     loaded = load_x(base, folder, "gguf")
     sets = [None, [], ["0"], ["1"], ["0", "2"], ["0", "1", "2"]]
