@@ -79,15 +79,11 @@ def test_six_sets_together_equal_alone(loaded):
     assert len(set(firsts[1:5])) == 4 and firsts[0] == firsts[2]
 
 
-def test_isq_fused_side_path_equals_peft(env):
-    """--isq Q8_0 --numerics exact: q|k|v and gate|up are fused quantized multiplies with the side
-    path added to their columns; peft on our dequantized weights gives the same logits."""
+def _peft_on_our_weights(env, loaded) -> None:
+    """Our logits (base, both adapters) equal peft's on transformers' model given our
+    dequantized quantized weights."""
     from test_lora_peft import our_logits
 
-    opts = LoadOptions(token_source="none", isq="Q8_0", numerics="exact")
-    loaded = load(LoraSpec(PlainSpec(str(env["base"])), str(env["adapters"]), str(env["order"])), opts)
-    attn = loaded.model.model.layers[0].self_attn
-    assert type(attn.qkv_proj).__name__ == "FusedLora"  # the fused multiply carries the adapters
     hf = copy.deepcopy(env["hf"])
     with torch.no_grad():
         for name, m in loaded.model.named_modules():
@@ -96,6 +92,30 @@ def test_isq_fused_side_path_equals_peft(env):
                 hf.get_submodule(name).weight.copy_(w)
     for s, ours in zip([[], ["a1", "a2"]], our_logits(loaded, [[], ["a1", "a2"]])):
         assert _diff(ours, peft_logits(hf, env["adapters"], s)) < 1e-4
+
+
+def test_isq_fused_side_path_equals_peft(env):
+    """--isq Q8_0 --numerics exact: q|k|v and gate|up are fused quantized multiplies with the side
+    path added to their columns."""
+    opts = LoadOptions(token_source="none", isq="Q8_0", numerics="exact")
+    loaded = load(LoraSpec(PlainSpec(str(env["base"])), str(env["adapters"]), str(env["order"])), opts)
+    attn = loaded.model.model.layers[0].self_attn
+    assert type(attn.qkv_proj).__name__ == "FusedLora"  # the fused multiply carries the adapters
+    _peft_on_our_weights(env, loaded)
+
+
+def test_re_isq_quantizes_adapted_layers(env):
+    """The server's /v1/re_isq (isq_model on the served model) after adapters were attached to a
+    float base: every adapted projection is quantized and the adapters still apply."""
+    from mistralrs_cli.quant.isq import isq_model
+    from mistralrs_cli.quant.qweight import QLinear
+
+    loaded = load(LoraSpec(PlainSpec(str(env["base"])), str(env["adapters"]), str(env["order"])),
+                  LoadOptions(token_source="none"))
+    isq_model(loaded.model, "Q8_0", "exact", progress=False)
+    wrapped = [m for m in loaded.model.modules() if isinstance(m, LoraLinear)]
+    assert len(wrapped) == 14 and all(isinstance(m.base, QLinear) for m in wrapped)
+    _peft_on_our_weights(env, loaded)
 
 
 def test_active_set_and_errors(env):

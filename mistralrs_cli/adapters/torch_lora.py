@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..loaders.weights import FUSIONS
+from ..loaders.weights import FUSIONS, FusedLinear
 from .bank import AdapterBank, AdapterFactors, Target, layer_of
 
 
@@ -127,7 +127,13 @@ def install(model: nn.Module, bank: AdapterBank) -> None:
             if fused is None or not hasattr(fused, "sizes") or any(getattr(parent, p, None) is None for p in parts):
                 continue  # not fused here (Phi-3's own qkv_proj is a plain adapted module)
             names = [f"{pname}.{p}" if pname else p for p in parts]
-            if any(n in sides for n in names):
+            if not any(n in sides for n in names):
+                continue
+            if isinstance(fused, FusedLinear):
+                # a float fusion is only a speed-up: drop it, so the adapted parts run (and a later
+                # /v1/re_isq quantizes them, which it could not do through a wrapped fusion)
+                setattr(parent, fused_name, None)
+            else:
                 setattr(parent, fused_name, FusedLora(fused, [sides.get(n) for n in names], ctx))
     for name, side in sides.items():
         _set(model, name, LoraLinear(model.get_submodule(name), side, ctx))
