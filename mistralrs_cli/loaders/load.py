@@ -211,7 +211,10 @@ def _place_on_gpu(model, opts: LoadOptions) -> None:
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
-    opts = _resolve_device(opts or LoadOptions())
+    opts = opts or LoadOptions()
+    if isinstance(spec, LoraSpec) and opts.device == "auto":  # the side paths run on the CPU executors
+        opts = dataclasses.replace(opts, device="cpu")
+    opts = _resolve_device(opts)
     if opts.isq:
         from ..quant.isq import isq_model, parse_isq
     base = spec.base if isinstance(spec, (LoraSpec, XLoraSpec)) else spec
