@@ -169,3 +169,35 @@ def test_api_errors_name_python_fields(bad):
         Runner(Which.Lora(model_id=str(bad["base"]), adapters_model_id=str(bad["adapters"]),
                           order=str(bad["orderings"]["other-base"])), token_source="none")
     assert "model_id loads" in str(e.value) and "--model-id" not in str(e.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"order": "a1"}, "`order` must be a list of adapter names"),
+    ({"order": ["a1", "a1"]}, "`order` names an adapter twice"),
+    ({"order": ["a1"], "layers": {"m": 1.5}}, "`layers` must map module names to integers"),
+    ({"order": ["a1"], "preload_adapters": [{"name": "b"}]}, "preload_adapters[0] needs a `name` and an `adapter_model_id`"),
+    ({"order": ["a1"], "preload_adapters": [{"name": "a1", "adapter_model_id": "x"}]}, "a1 is both in `order` and in `preload_adapters`"),
+    ({"order": [], "preload_adapters": []}, "names no adapters"),
+    ({"order": ["a1"], "base_model_id": 7}, "`base_model_id` must be a string"),
+    ([1, 2], "is not a JSON object"),
+], ids=["order-type", "order-repeat", "layers-type", "preload-fields", "order-preload-clash", "empty", "base-type", "not-object"])
+def test_ordering_field_errors(tmp_path, content, message):
+    from mistralrs_cli.adapters.ordering import read_ordering
+
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UserError) as e:
+        read_ordering(str(path))
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ordering_accepts_mistral_rs_spellings(tmp_path):
+    """layers as digit strings (mistral.rs's docs), no base_model_id, no order (preloads only)."""
+    from mistralrs_cli.adapters.ordering import read_ordering
+
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps({"layers": {"model.layers.0.self_attn.q_proj": "0"},
+                                "preload_adapters": [{"name": "x", "adapter_model_id": "org/x"}]}))
+    o = read_ordering(str(path))
+    assert o.layers == {"model.layers.0.self_attn.q_proj": 0} and o.order == [] and o.base_model_id is None
+    assert [(p.name, p.adapter_model_id) for p in o.preload] == [("x", "org/x")]

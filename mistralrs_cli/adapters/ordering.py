@@ -72,8 +72,12 @@ def read_ordering(path_str: str) -> Ordering:
         raise UserError(f"{path}: `base_model_id` must be a string (a model id); fix the file.")
     order = _strings(raw.get("order", []), path, "order")
     layers = raw.get("layers", {})
-    if not isinstance(layers, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers.values()):
+    # integers; digit strings too (mistral.rs's docs show `"layers": {"...": "123"}`)
+    ok = isinstance(layers, dict) and all((isinstance(v, int) and not isinstance(v, bool))
+                                          or (isinstance(v, str) and v.isdigit()) for v in layers.values())
+    if not ok:
         raise UserError(f"{path}: `layers` must map module names to integers; regenerate it with scripts/create_ordering.py.")
+    layers = {k: int(v) for k, v in layers.items()}
     preload = _preloads(raw.get("preload_adapters"), path)
     clash = set(order) & {p.name for p in preload}
     if clash:
