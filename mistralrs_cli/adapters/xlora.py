@@ -147,6 +147,8 @@ class XLoraClassifier:
 
     def __init__(self, config: XLoraConfig, tensors: dict[str, np.ndarray], n_slots: int, source: str = CLASSIFIER_FILE):
         self.config, self.n_slots, self.n_classes = config, n_slots, len(config.adapters)
+        # --tgt-non-granular-index, set by the loader: the engine reads it (engine/xlora_step.py)
+        self.tgt_non_granular_index: int | None = None
         self.layers, relu = _linears(tensors, config, source)
         self.relu = relu
         want = self.n_classes * (n_slots if config.layerwise_scalings else 1)

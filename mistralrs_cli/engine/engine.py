@@ -79,7 +79,12 @@ class Engine:
             from .xlora_step import XLoraStep
 
             self.xlora = XLoraStep(self.model, loaded.xlora, loaded.adapters, cfg.no_kv_cache,
-                                   getattr(loaded.xlora, "tgt_non_granular_index", None))
+                                   loaded.xlora.tgt_non_granular_index)
+        self.spec = None  # speculative decoding (speculative.py), with a draft model or --spec-ngram
+        if getattr(loaded, "speculative", None) is not None and not cfg.no_kv_cache:
+            from .speculative import Speculator
+
+            self.spec = Speculator(self, loaded.speculative)
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -163,6 +168,8 @@ class Engine:
         if isinstance(req.cache, PagedSeqCache):
             req.cache.release(keep_prefix)
         req.cache = None
+        if self.spec is not None:  # the draft's cache goes with it
+            self.spec.release(req)
         if self.xlora is not None:  # its scaling-pass cache goes with it
             self.xlora.release(req)
 
@@ -181,6 +188,13 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return outputs
+        if self.spec is not None:  # speculative decoding: drafts verified beside this step's work
+            return outputs + self.spec.step(work)
+        return outputs + self._run_work(work)
+
+    def _run_work(self, work: list[Scheduled]) -> list[RequestOutput]:
+        """Forward the scheduled chunks and sample every request whose prompt is all computed."""
+        outputs: list[RequestOutput] = []
         try:
             sampled = self._forward(work)
         except Exception as e:
@@ -260,7 +274,12 @@ class Engine:
     def _advance(self, req: Request, logits) -> RequestOutput:
         p = req.params
         start = max(0, req.n_known - p.repeat_last_n) if p.repeat_last_n > 0 else 0
-        s = sample(logits, req.tokens(start, req.n_known), p, req.generator)
+        return self._take(req, sample(logits, req.tokens(start, req.n_known), p, req.generator))
+
+    def _take(self, req: Request, s) -> RequestOutput:
+        """Append the sampled token; end the request at an end token, a stop string, max_tokens
+        or the context's end (speculative decoding takes an accepted run one token at a time)."""
+        p = req.params
         if req.t_first is None:
             req.t_first = time.perf_counter()
         tok = s.token

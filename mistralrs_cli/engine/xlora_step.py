@@ -117,14 +117,10 @@ class XLoraStep:
             if self.record is not None:
                 self.record.setdefault(req.id, []).append(scalings)
             w = self.clf.adapter_weights(scalings)  # (n_slots, k, n_classes)
-            sub = weights[:, row0:row0 + k]
-            sub[:, :, self.index] = w
-            weights[:, row0:row0 + k] = sub
+            weights[:, row0:row0 + k][:, :, self.index] = w  # (a view: written in place)
             if self.tgt is not None and start + k == len(req.prompt_ids) + self.tgt:
                 st.fixed = w[:, -1].copy()
         if k < n:
             if st.fixed is None:
                 raise RuntimeError(f"X-LoRA request {req.id} reached its non-granular scalings before computing them")
-            sub = weights[:, row0 + k:row0 + n]
-            sub[:, :, self.index] = st.fixed[:, None, :]
-            weights[:, row0 + k:row0 + n] = sub
+            weights[:, row0 + k:row0 + n][:, :, self.index] = st.fixed[:, None, :]
