@@ -201,3 +201,33 @@ def test_ordering_accepts_mistral_rs_spellings(tmp_path):
     o = read_ordering(str(path))
     assert o.layers == {"model.layers.0.self_attn.q_proj": 0} and o.order == [] and o.base_model_id is None
     assert [(p.name, p.adapter_model_id) for p in o.preload] == [("x", "org/x")]
+
+
+@pytest.mark.parametrize("config,files,message", [
+    ({"peft_type": "IA3", "r": 4, "lora_alpha": 8}, {}, "describes a IA3 adapter; only LoRA adapters"),
+    ({"r": 4, "lora_alpha": 8, "use_dora": True}, {}, "uses DoRA, which is not supported"),
+    ({"r": 0, "lora_alpha": 8}, {}, "r is 0, not a positive integer"),
+    ({"r": 4, "lora_alpha": "8"}, {}, "lora_alpha is '8', not a number"),
+    ({"r": 4, "lora_alpha": 8}, {"adapter_model.bin": b"x"}, "it holds adapter_model.bin: save it again with safe_serialization=True"),
+    ({"r": 4, "lora_alpha": 8}, {"adapter_model.safetensors": b"not safetensors"}, "cannot read"),
+], ids=["not-lora", "dora", "rank", "alpha", "bin-only", "damaged"])
+def test_adapter_file_errors(tmp_path, config, files, message):
+    from mistralrs_cli.adapters.peft_files import read_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError) as e:
+        read_adapter(tmp_path, "a")
+    assert message in str(e.value) and str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_adapter_scale_is_pefts():
+    """lora_alpha / r, and lora_alpha / sqrt(r) with rslora: peft's own scaling on a built layer."""
+    from mistralrs_cli.adapters.peft_files import scale_of
+
+    for rslora in (False, True):
+        pm = get_peft_model(gb.tiny_llama(0), LoraConfig(r=9, lora_alpha=5, target_modules=["q_proj"],
+                                                         use_rslora=rslora))
+        layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+        assert scale_of({"r": 9, "lora_alpha": 5, "use_rslora": rslora}) == pytest.approx(layer.scaling["default"])
