@@ -72,12 +72,6 @@ class Which:
               model_id: str | None = None, tokenizer_json: str | None = None, arch: str | None = None,
               **_ignored: Any) -> XLoraSpec:
         """A plain checkpoint with an X-LoRA model; model_id defaults to the ordering's base_model_id."""
-        if model_id is None and order is not None:
-            from .adapters.ordering import read_ordering
-
-            model_id = read_ordering(order).base_model_id
-        if not model_id:
-            raise UserError("Which.XLora needs model_id (the base model), or an order file with a base_model_id.")
         return XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index)
 
     @staticmethod

@@ -211,7 +211,7 @@ _TGT_HELP = ("Compute the scalings for the prompt and this many generated tokens
 @app.command("x-lora", no_args_is_help=True)
 def x_lora(
     ctx: typer.Context,
-    model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json."),
+    model_id: Optional[str] = typer.Option(None, "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors and tokenizer.json [default: the ordering's base_model_id]."),
     xlora_model_id: str = typer.Option(..., "-x", "--xlora-model-id", help=_XLORA_HELP),
     order: Optional[str] = typer.Option(None, "-o", "--order", help=_XORDER_HELP),
     tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
@@ -219,7 +219,7 @@ def x_lora(
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
 ) -> None:
     """A safetensors checkpoint with an X-LoRA model (a classifier mixing LoRA adapters per token):
-    mistralrs --prompt 'Hi' x-lora -m org/model -x org/xlora-model"""
+    mistralrs --prompt 'Hi' x-lora -m org/model -x org/xlora-model (or -o ordering.json for -m)"""
     _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index))
 
 

@@ -164,6 +164,11 @@ def test_ordering_file(base, tmp_path):
     logits, scalings = ours_chunked(attach_xlora(loaded, str(folder), order=str(order)), IDS)
     assert np.abs(scalings - want_scalings).max() < SCALING_TOL
     assert np.abs(logits - want_logits).max() < LOGIT_TOL
+    # no model_id: the base is the ordering's base_model_id (the seed's x-lora-plain command has no -m)
+    from mistralrs_cli.api import Which
+
+    spec = Which.XLora(xlora_model_id=str(folder), order=str(order))
+    assert np.abs(ours_chunked(load(spec, LoadOptions(token_source="none")), IDS)[0] - want_logits).max() < LOGIT_TOL
     data = json.loads(order.read_text())
     data["order"] = ["1", "0", "2"]
     order.write_text(json.dumps(data))

@@ -79,6 +79,11 @@ def test_bad_input_through_the_cli(base, tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "names adapter 1 but" in lines[0], p.stderr
+    p = subprocess.run([str(exe), "--prompt", "hi", "x-lora", "-x", str(folder)], env=env, text=True,
+                       capture_output=True, timeout=120)
+    assert p.returncode != 0 and p.stderr.strip().endswith(
+        "x-lora needs the base model: pass -m/--model-id, or an -o/--order file whose base_model_id names it."), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_cli_and_api_text_equal_peft(base, tmp_path):

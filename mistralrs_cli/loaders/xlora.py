@@ -10,7 +10,7 @@ folder's files are all read and checked before the base model loads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import hub
@@ -19,7 +19,7 @@ from ..adapters.bank import AdapterBank, AdapterFactors
 from ..adapters.peft_files import CONFIG as ADAPTER_CONFIG
 from ..adapters.peft_files import check_fits, read_adapter
 from ..errors import UserError
-from ..types import LoadOptions, XLoraSpec
+from ..types import LoadOptions, PlainSpec, XLoraSpec
 from .loaded import Loaded
 
 
@@ -89,10 +89,27 @@ def build(loaded: Loaded, files: XLoraFiles, tgt_non_granular_index: int | None)
     return loaded
 
 
+def _base_from_order(spec: XLoraSpec) -> XLoraSpec:
+    """x-lora without -m: the base is the ordering's base_model_id (as mistral.rs and the seed's
+    `x-lora-plain -o orderings/xlora-paper-ordering.json -x lamm-mit/x-lora`)."""
+    if not isinstance(spec.base, PlainSpec) or spec.base.model_id:
+        return spec
+    model_id = None
+    if spec.order:
+        from ..adapters.ordering import read_ordering
+
+        model_id = read_ordering(spec.order).base_model_id
+    if not model_id:
+        raise UserError("x-lora needs the base model: pass -m/--model-id, or an -o/--order file whose "
+                        "base_model_id names it.")
+    return replace(spec, base=replace(spec.base, model_id=model_id))
+
+
 def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
     from .load import LOADERS
     from .lora import _base_ids
 
+    spec = _base_from_order(spec)
     ids, flag = _base_ids(spec.base)
     files = read_xlora(spec.xlora_model_id, spec.order, ids, flag, opts.token_source)
     loaded = LOADERS[type(spec.base)](spec.base, opts)
