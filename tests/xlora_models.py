@@ -41,6 +41,8 @@ VARIANTS = {
     "layerwise_scalings": {"layerwise_scalings": True},
     "global_scaling_weight": {"global_scaling_weight": 0.6},
     "scaling_pass_value": {"scaling_pass_value": 0.4},
+    # peft weighs the scaling pass's adapters by global_scaling_weight too, after top-k
+    "scaling_pass_weighted": {"scaling_pass_value": 0.4, "global_scaling_weight": 0.5, "top_k_lora": 1},
     "deep_topk_softmax": {"xlora_depth": 3, "xlora_size": 16, "top_k_lora": 2, "enable_softmax_topk": True,
                           "enable_softmax": False},
 }
