@@ -2,7 +2,8 @@
 
 Tiny GGUF files of the llama family (Q8_0 and Q4_0 bases; qwen2 for a projection bias before the
 side path; gemma3 for the post-norms after it) are served by NativeModel with a bank of random
-peft adapters (init_lora_weights=False) on all seven linear targets. The reference is
+peft adapters (init_lora_weights=False) on all seven linear targets (one of them on q/v/down
+only, as many real adapters). The reference is
 transformers' model with the same peft adapters on the base's dequantized weights
 (gguf.quants.dequantize(quantize(w))): the native logits differ from it by the 16-bit activation
 rounding of "precise" numerics only, which the base model without adapters measures, while the
@@ -36,6 +37,7 @@ CASES = {
     "gemma3-q8_0": (lambda: gb.tiny_gemma3(14, num_hidden_layers=3), Q.Q8_0),
 }
 RANKS = [(4, 8.0), (8, 4.0), (2, 2.0)]  # (r, lora_alpha) of adapters a0, a1, a2
+MODULES = [TARGETS, TARGETS, ["q_proj", "v_proj", "down_proj"]]  # a2: some modules only, as many real adapters
 PROMPTS = [[5, 9, 14, 3, 22, 7], [40, 41, 2, 8], [17, 30, 6, 11, 12]]
 SETS = [[], [0], [1, 2]]  # the adapters each prompt's sequence runs with
 
@@ -84,7 +86,7 @@ class Case:
 
 def _config(i: int):
     r, alpha = RANKS[i]
-    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False,
+    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=MODULES[i], init_lora_weights=False,
                            lora_dropout=0.0)
 
 
