@@ -206,3 +206,22 @@ def test_classifier_layouts_by_hand():
         got = clf.scalings(h)
         assert got.shape == (5, 4, 3)
         assert np.abs(got - want[:, None, :]).max() < 1e-6
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"adapters": ["a"]}', "has no `hidden_size`; an X-LoRA config needs it"),
+    ('{"hidden_size": 64, "adapters": []}', "`adapters` must be a non-empty list or object of adapter names."),
+    ('{"hidden_size": "64", "adapters": ["a"]}', "`hidden_size` must be a number, got '64'."),
+    ('{"hidden_size": 64, "adapters": ["a", "b"], "top_k_lora": 3}',
+     "`top_k_lora` must be between 1 and the 2 adapters, got 3."),
+    ('{"hidden_size": 64, "adapters": ["a"], "layerwise_scalings": 1}', "`layerwise_scalings` must be true or false, got 1."),
+    ('{"hidden_size": 64,', "as JSON"),
+])
+def test_bad_config_fields(tmp_path, text, says):
+    from mistralrs_cli.adapters.xlora import read_config
+
+    (tmp_path / "xlora_config.json").write_text(text)
+    with pytest.raises(UserError) as e:
+        read_config(tmp_path)
+    _one_sentence(str(e.value))
+    assert says in str(e.value) and "xlora_config.json" in str(e.value)
