@@ -3,13 +3,13 @@
 Tiny GGUF files of the llama family (Q8_0 and Q4_0 bases; qwen2 for a projection bias before the
 side path; gemma3 for the post-norms after it) are served by NativeModel with a bank of random
 peft adapters (init_lora_weights=False) on all seven linear targets (one of them on q/v/down
-only, as many real adapters). The reference is
-transformers' model with the same peft adapters on the base's dequantized weights
-(gguf.quants.dequantize(quantize(w))): the native logits differ from it by the 16-bit activation
-rounding of "precise" numerics only, which the base model without adapters measures, while the
-adapters move the logits many times that. Also bit for bit: a row whose sequence uses no adapter
-equals the forward without adapter weights, a sequence alone equals itself in a mixed batch, and
-the all-layers-in-C path equals the per-layer loop.
+only, as many real adapters). The reference is transformers' model with the same peft adapters
+on the base's dequantized weights (gguf.quants.dequantize(quantize(w))): the native logits differ
+from it by the ~16-bit activation rounding of "precise" numerics, which the base model without
+adapters measures, and the f16 storage of the factors (11 significant bits, checked alone in
+the last test), while the adapters move the logits many times that. Also bit for bit: a row
+whose sequence uses no adapter equals the forward without adapter weights, a sequence alone
+equals itself in a mixed batch, and the all-layers-in-C path equals the per-layer loop.
 """
 from __future__ import annotations
 
