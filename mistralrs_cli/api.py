@@ -19,7 +19,8 @@ from .loaders.load import Loaded, load
 from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
-from .types import EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams, XLoraSpec
+from .types import (EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams,
+                    SpeculativeSpec, XLoraSpec)
 from .validation import Limits, ParamError, ParamTypeError
 
 
@@ -132,8 +133,17 @@ def _python_fields(spec: Any) -> Iterator[None]:
         raise
 
 
+def _speculative(which: Any, which_draft: Any, gamma: Any) -> SpeculativeSpec:
+    from .loaders.speculative import check_gamma
+
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec)) or not isinstance(which_draft, (GGUFSpec, GGMLSpec, PlainSpec)):
+        raise ParamTypeError("which and which_draft must each be Which.GGUF(...), Which.GGML(...) or Which.Plain(...) "
+                             "for speculative decoding.", "which_draft")
+    return SpeculativeSpec(which, which_draft, check_gamma(gamma, "speculative_gamma"))
+
+
 def _check_which(which: Any) -> None:
-    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec, XLoraSpec)):
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec, XLoraSpec, SpeculativeSpec)):
         raise ParamTypeError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 
@@ -271,8 +281,11 @@ class Runner:
                  in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
                  engine_config: EngineConfig | None = None, limits: Limits | None = None,
                  _flag_names: bool = False,  # the CLI's modes: messages keep naming the flags
+                 which_draft: Any = None, speculative_gamma: int = 5,
                  **_ignored: Any):
         _check_which(which)
+        if which_draft is not None:  # speculative decoding: which verifies what which_draft proposes
+            which = _speculative(which, which_draft, speculative_gamma)
         check_numerics(numerics, "numerics")
         config = engine_config or EngineConfig(max_seqs=max_seqs, truncate_sequence=truncate_sequence,
                                                no_kv_cache=no_kv_cache)

@@ -10,7 +10,7 @@ import typer
 
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, XLoraSpec
+from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
 from .validation import Limits
 
 app = typer.Typer(
@@ -263,6 +263,31 @@ def x_lora_ggml(
 
 
 app.command("x-lora-plain", no_args_is_help=True, help="Alias of x-lora.")(x_lora)
+
+
+@app.command("speculative", no_args_is_help=True)
+def speculative(
+    ctx: typer.Context,
+    model_id: Optional[str] = typer.Option(None, "-m", "--model-id", help="The target: a Hugging Face repo id or local directory (with -f: the directory or repo holding its GGUF file)."),
+    quantized_filename: Optional[str] = typer.Option(None, "-f", "--quantized-filename", help="The target is this .gguf file (in -m, or a path)."),
+    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="The target's architecture when it is a plain checkpoint [default: from config.json]."),
+    draft_model_id: Optional[str] = typer.Option(None, "-d", "--draft-model-id", help="The draft: a repo id or local directory of a smaller model with the target's vocabulary (with --draft-file: where its GGUF file is)."),
+    draft_file: Optional[str] = typer.Option(None, "--draft-file", help="The draft is this .gguf file (in -d, or a path)."),
+    gamma: int = typer.Option(5, "-n", "--gamma", help="Draft tokens proposed per step (the most, as gamma adapts per sequence)."),
+    gamma_fixed: bool = typer.Option(False, "--gamma-fixed", help="Always propose --gamma tokens (no adapting; for benchmarks)."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain target's linear layers at load (as the global --isq)."),
+    draft_isq: Optional[str] = typer.Option(None, "--draft-isq", help="Quantize a plain draft's linear layers at load."),
+) -> None:
+    """Speculative decoding: the draft proposes, the target verifies (the target's own output distribution):
+    mistralrs --prompt 'Hi' speculative -m target-dir -d draft-dir -n 5"""
+    if not model_id and not quantized_filename:
+        raise UserError("speculative needs the target: -m DIR_OR_REPO, or -f FILE.gguf.")
+    if not draft_model_id and not draft_file:
+        raise UserError("speculative needs the draft: -d DIR_OR_REPO, or --draft-file FILE.gguf.")
+    ctx.obj.load.isq = isq or ctx.obj.load.isq
+    target = GGUFSpec(quantized_filename, model_id) if quantized_filename else PlainSpec(model_id, arch)
+    draft = GGUFSpec(draft_file, draft_model_id) if draft_file else PlainSpec(draft_model_id)
+    _run(ctx, SpeculativeSpec(target, draft, gamma, draft_isq, gamma_fixed))
 
 
 def _run(ctx: typer.Context, spec) -> None:

@@ -116,3 +116,15 @@ class XLoraSpec:
     xlora_model_id: str  # -x: a directory or repo
     order: str | None = None  # -o: an ordering JSON (its `order` must be the classifier's)
     tgt_non_granular_index: int | None = None  # reuse the scalings after this many generated tokens
+
+
+@dataclass
+class SpeculativeSpec:
+    """`mistralrs speculative`: a target model and a smaller draft model of the same vocabulary
+    (each a plain, GGUF or GGML spec); the draft proposes gamma tokens per step."""
+
+    target: PlainSpec | GGUFSpec | GGMLSpec
+    draft: PlainSpec | GGUFSpec | GGMLSpec
+    gamma: int = 5
+    draft_isq: str | None = None
+    gamma_fixed: bool = False

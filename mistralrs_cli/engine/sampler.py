@@ -120,19 +120,37 @@ class Sampled:
     top: list[tuple[int, float]]  # top_logprobs (id, logprob)
 
 
+def biased(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
+    """The logits after penalties and logit_bias (what greedy takes the argmax of)."""
+    return apply_logit_bias(apply_penalties(_vec(logits), history, p), p.logit_bias)
+
+
+def greedy_token(logits, history: Sequence[int], p: SamplingParams) -> int:
+    return int(np.argmax(_finite(biased(logits, history, p))))
+
+
+def distribution(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
+    """The probabilities a non-greedy request draws from: every transform applied (speculative
+    decoding compares the target's and the draft's, engine/speculative.py)."""
+    with np.errstate(all="ignore"):  # a huge temperature is float32 inf: all logits 0, uniform
+        scaled = biased(logits, history, p) / np.float32(p.temperature)
+    return filter_probs(softmax(scaled), p)
+
+
 def sample(logits, history: Sequence[int], p: SamplingParams,
            generator: np.random.Generator | None = None) -> Sampled:
     """logits (vocab,) float32 -> one token. Log-probabilities are the model's own (natural
     log-softmax of the raw logits, before penalties, bias and temperature), as OpenAI reports."""
-    raw = _vec(logits)
-    logits = apply_logit_bias(apply_penalties(raw, history, p), p.logit_bias)
     if p.greedy:
-        token = int(np.argmax(_finite(logits)))
+        token = greedy_token(logits, history, p)
     else:
-        with np.errstate(all="ignore"):  # a huge temperature is float32 inf: all logits 0, uniform
-            scaled = logits / np.float32(p.temperature)
-        probs = filter_probs(softmax(scaled), p)
-        token = draw(probs, generator)
+        token = draw(distribution(logits, history, p), generator)
+    return with_logprobs(logits, token, p)
+
+
+def with_logprobs(logits, token: int, p: SamplingParams) -> Sampled:
+    """`token` with its log-probability (and the top ones) under the raw logits, if asked."""
+    raw = _vec(logits)
     logprob, top = 0.0, []
     if p.logprobs:
         lp = log_softmax(raw)

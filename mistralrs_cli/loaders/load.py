@@ -9,8 +9,9 @@ import dataclasses
 import hashlib
 import logging
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from .. import hub
 from ..errors import UserError
 from ..sampling_defaults import from_generation_config
-from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, XLoraSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
 from .builtin_templates import builtin_template
 from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
@@ -92,14 +93,15 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
 
     gguf_config(gf)
     _check_template(gf)
-    # the tokenizer first, the weights after: Gemma's 262k-token BPE passes through ~240 MB of
-    # heap that trim_heap hands back before the weights are repacked, so the two peaks do not add
-    # up. Repacking the layers on another thread meanwhile was measured slower here (2.42 s vs
-    # 2.20 s to Gemma-3's first token from process start, peak RSS 504 vs 459 MB): the tokenizer
-    # holds Python's lock and both cores, and the repack then runs alone on both cores anyway.
-    tok, tok_cfg, gen_cfg = _tokenizer(spec, gf, opts)
+    # the tokenizer on a second thread while the weights are repacked (C that does not hold
+    # Python's lock): its ~0.16 CPU-s (Gemma-3 on sentencepiece, SmolLM2's tokenizer.json) fills
+    # the repack's idle moments. It was slower with Gemma-3's old 515k-merge `tokenizers` build,
+    # whose ~240 MB of passing heap then added to the repack's peak.
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(_tokenizer, spec, gf, opts)
+        model = _native_model(gf, opts)
+        tok, tok_cfg, gen_cfg = job.result()
     trim_heap()
-    model = _native_model(gf, opts)
     if model is not None:
         cfg = model.config
     else:
@@ -211,6 +213,10 @@ def _place_on_gpu(model, opts: LoadOptions) -> None:
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
+    if isinstance(spec, SpeculativeSpec):  # two models, each loaded as its own spec
+        from .speculative import load_speculative
+
+        return load_speculative(spec, opts or LoadOptions(), load)
     opts = opts or LoadOptions()
     if isinstance(spec, LoraSpec) and opts.device == "auto":  # the side paths run on the CPU executors
         opts = dataclasses.replace(opts, device="cpu")

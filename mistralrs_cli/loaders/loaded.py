@@ -30,6 +30,8 @@ class Loaded:
     adapters: Any = None
     default_adapters: list[str] = field(default_factory=list)
     xlora: Any = None
+    # speculative decoding (engine/speculative.py SpecConfig: a draft model or n-gram lookup), or None
+    speculative: Any = None
 
     @property
     def max_context(self) -> int:

@@ -1,0 +1,112 @@
+"""Draft sources for speculative decoding (speculative.py): a draft model with its own KV cache
+per sequence, or n-gram lookup in the sequence itself (no model).
+
+A source proposes tokens for many sequences at once (`propose`), forgets positions the target
+rejected (`rollback`) and drops a finished sequence (`release`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..models.batch import SeqSlice
+from .kv_cache import cache_for
+from .request import Request
+from .sampler import distribution, draw, greedy_token
+
+
+class ModelDraft:
+    """A small model of the same vocabulary; each sequence has a contiguous cache of its own
+    that catches up with the sequence's known tokens in the first of the gamma draft passes."""
+
+    def __init__(self, loaded, vocab: int):
+        self.model, self.vocab = loaded.model, vocab  # the target's logit rows: q never exceeds them
+        self.max_context = loaded.max_context
+        self.caches: dict[Request, object] = {}
+
+    def room(self, req: Request) -> int:
+        return self.max_context - req.n_known
+
+    def release(self, req: Request) -> None:
+        self.caches.pop(req, None)
+
+    def rollback(self, req: Request, n: int) -> None:
+        cache = self.caches.get(req)
+        if cache is not None:  # every layer: a failed pass may have left them uneven
+            cache.truncate(n)
+
+    def propose(self, reqs: list[Request], gammas: list[int]) -> dict:
+        from .speculative import Draft
+
+        drafts = {r: Draft() for r in reqs}
+        feeds = {}
+        for r in reqs:
+            cache = self.caches.get(r)
+            if cache is None:
+                cache = self.caches[r] = cache_for(self.model)
+            if len(cache) >= r.n_known:  # always feed at least the last token: its logits are q
+                cache.truncate(r.n_known - 1)
+            feeds[r] = r.tokens(len(cache), r.n_known)
+        active = list(zip(reqs, gammas))
+        while active:  # pass 1 catches each cache up; later passes feed one draft token each
+            ids, positions, seqs, rows = [], [], [], []
+            for r, _ in active:
+                cache, toks, start = self.caches[r], feeds[r], len(ids)
+                ids.extend(toks)
+                positions.extend(range(len(cache), len(cache) + len(toks)))
+                seqs.append(SeqSlice(start, start + len(toks), cache))
+                rows.append(start + len(toks) - 1)
+            logits = self.model.step(ids, positions, seqs, rows)
+            more = []
+            for (r, g), row in zip(active, logits):
+                d = drafts[r]
+                tok, q = self._draw(r, row[: self.vocab], d.tokens)
+                d.tokens.append(tok)
+                d.probs.append(q)
+                if len(d.tokens) < g:
+                    feeds[r] = [tok]
+                    more.append((r, g))
+            active = more
+        return drafts
+
+    @staticmethod
+    def _draw(r: Request, logits, drafted: list[int]):
+        """The draft's token and the distribution q it was drawn from (None when greedy)."""
+        from .speculative import history
+
+        p, hist = r.params, history(r) + drafted
+        if p.greedy:
+            return greedy_token(logits, hist, p), None
+        q = distribution(logits, hist, p)
+        return draw(q, r.generator), q
+
+
+class NgramDraft:
+    """Prompt lookup: the continuation of the latest earlier occurrence of the last n tokens."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def room(self, req: Request) -> int:
+        return 1 << 30
+
+    def release(self, req: Request) -> None:
+        pass
+
+    def rollback(self, req: Request, n: int) -> None:
+        pass
+
+    def propose(self, reqs: list[Request], gammas: list[int]) -> dict:
+        from .speculative import Draft
+
+        return {r: Draft(*self._lookup(r.tokens(0, r.n_known), g)) for r, g in zip(reqs, gammas)}
+
+    def _lookup(self, toks: list[int], g: int) -> tuple[list[int], list]:
+        n = self.n
+        if len(toks) <= n:
+            return [], []
+        arr = np.asarray(toks, dtype=np.int64)
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # every earlier n-gram
+        hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+        if hits.size == 0:
+            return [], []
+        cont = toks[hits[-1] + n: hits[-1] + n + g]
+        return cont, [None] * len(cont)

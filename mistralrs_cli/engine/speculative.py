@@ -1,0 +1,205 @@
+"""Speculative decoding inside the engine's step: a draft proposes gamma tokens for each decoding
+sequence, the target scores them all in the step's one forward pass (each sequence's last token
+plus its drafts as one chunk, beside the other requests' prefills and decodes), and the longest
+acceptable prefix plus one target token is emitted. Rejected positions roll back in both caches.
+
+Acceptance is exact in distribution (Leviathan et al. 2023, Chen et al. 2023): with temperature
+> 0 a draft token x drawn from q is kept with probability min(1, p(x)/q(x)), else the token is
+drawn from norm(max(0, p - q)); when all gamma pass, a bonus token is drawn from the next p.
+p and q are the distributions after every transform the request asks for (sampler.distribution:
+penalties with the history so far, logit_bias, temperature, top-k/top-p/min-p). Greedy keeps a
+draft token while it is the target's argmax and then adds the target's own token, so the text is
+token for token the target's alone.
+
+gamma adapts per sequence unless fixed (SpecConfig.fixed): a run that accepted every draft token
+raises the sequence's gamma by 2, one that rejected some lowers it by 1, within 1..SpecConfig.gamma
+(Hugging Face's "heuristic" assistant schedule, bounded by the configured gamma).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..models.batch import SeqSlice
+from .paged import PagedSeqCache
+from .request import Request, RequestOutput
+from .sampler import _RNG, distribution, draw, greedy_token, sample, with_logprobs
+from .scheduler import Scheduled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpecConfig:
+    """What Loaded.speculative carries: the draft source and gamma."""
+
+    gamma: int = 5
+    draft: Any = None  # the draft model's Loaded, or None with n-gram drafting
+    ngram: int | None = None  # --spec-ngram N: draft from the sequence itself
+    fixed: bool = False  # keep gamma fixed (benchmarks) instead of adapting it per sequence
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[Any] = field(default_factory=list)  # q of each token (None: the draft was certain)
+
+
+def history(req: Request) -> list[int]:
+    """The tokens the penalties look at, as Engine._advance passes them."""
+    n, last = req.n_known, req.params.repeat_last_n
+    return req.tokens(max(0, n - last) if last > 0 else 0, n)
+
+
+class Speculator:
+    def __init__(self, engine, cfg: SpecConfig):
+        from .drafts import ModelDraft, NgramDraft
+
+        self.engine, self.cfg = engine, cfg
+        vocab = len_logits(engine.model)
+        self.source = ModelDraft(cfg.draft, vocab) if cfg.draft is not None else NgramDraft(cfg.ngram)
+        self.gammas: dict[Request, int] = {}
+        self.proposed = self.accepted = self.runs = 0  # since start, over every request
+
+    # ---- stats ----
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verified run (accepted drafts plus the target's own token)."""
+        return (self.accepted + self.runs) / self.runs if self.runs else 0.0
+
+    def release(self, req: Request) -> None:
+        self.source.release(req)
+        self.gammas.pop(req, None)
+
+    # ---- one step ----
+    def step(self, work: list[Scheduled]) -> list[RequestOutput]:
+        e = self.engine
+        gammas = {w.req: g for w in work if (g := self._gamma(w)) > 0}
+        if not gammas:
+            return e._run_work(work)
+        try:
+            drafts = self.source.propose(list(gammas), list(gammas.values()))
+            drafts = {r: d for r, d in drafts.items() if d.tokens}
+            logits = self._forward(work, drafts)
+        except Exception as err:  # the plain step decides who fails, as without speculation
+            log.warning("a speculative step failed (%s: %s); running it without drafts", type(err).__name__, err)
+            for req in gammas:
+                e._rewind(req)
+                self.source.rollback(req, req.n_computed)
+            return e._run_work(work)
+        return self._finish(work, drafts, logits)
+
+    def _gamma(self, w: Scheduled) -> int:
+        """Draft tokens for this sequence now: 0 unless it decodes with a KV cache and room."""
+        req, e = w.req, self.engine
+        if w.n != 1 or req.n_known - req.n_computed != 1 or req.cache is None or e.xlora is not None:
+            return 0
+        g = self.cfg.gamma if self.cfg.fixed else self.gammas.setdefault(req, self.cfg.gamma)
+        if req.params.max_tokens is not None:  # no draft past what may still be emitted
+            g = min(g, req.params.max_tokens - len(req.output_ids) - 1)
+        g = min(g, e.max_context - req.n_known, self.source.room(req))
+        if g > 0 and isinstance(req.cache, PagedSeqCache) and not req.cache.reserve(req.n_computed + 1 + g):
+            return 0  # the pool is full: decode plainly rather than preempt anyone for drafts
+        return max(g, 0)
+
+    def _forward(self, work: list[Scheduled], drafts: dict[Request, Draft]):
+        """Engine._forward with each drafted sequence's chunk extended by its drafts and a logits
+        row for every position of it."""
+        e = self.engine
+        ids, positions, seqs, rows, sizes = [], [], [], [], []
+        for w in work:
+            req, start = w.req, len(ids)
+            d = drafts.get(req)
+            toks = req.tokens(req.n_computed, req.n_computed + w.n) + (d.tokens if d else [])
+            ids.extend(toks)
+            positions.extend(range(req.n_computed, req.n_computed + len(toks)))
+            seqs.append(SeqSlice(start, start + len(toks), req.cache))
+            if d is not None:
+                rows.extend(range(start, start + len(toks)))
+            elif req.n_computed + w.n == req.n_known:
+                rows.append(start + len(toks) - 1)
+            sizes.append((len(toks), req.params.adapters or []))
+        weights = e.adapter_rows.weights(sizes)
+        kw = {} if weights is None else {"adapter_weights": weights}
+        return e.model.step(ids, positions, seqs, rows, **kw)
+
+    def _finish(self, work: list[Scheduled], drafts: dict[Request, Draft], logits) -> list[RequestOutput]:
+        e, outputs, i = self.engine, [], 0
+        e._computed([w for w in work if w.req not in drafts])
+        for w in work:
+            req = w.req
+            d = drafts.get(req)
+            if d is None and req.n_computed != req.n_known:
+                continue  # a prefill chunk: no logits row
+            n = len(d.tokens) + 1 if d is not None else 1
+            rows, i = logits[i:i + n], i + n
+            try:
+                outputs += self._accept(req, d, rows) if d is not None else [e._advance(req, rows[0])]
+            except Exception as err:  # this request's alone, as in Engine.step
+                outputs.append(e.fail(req, err))
+        return outputs
+
+    def _accept(self, req: Request, d: Draft, rows) -> list[RequestOutput]:
+        """Judge the drafts, emit the run one token at a time (stops and max_tokens cut it), and
+        roll both caches back to the tokens now known."""
+        e, known = self.engine, req.n_known
+        run = self.judge(req, d, rows)
+        accepted = len(run) - 1
+        outputs = []
+        for s in run:
+            outputs.append(e._take(req, s))
+            if req.finish_reason is not None:
+                break
+        req.n_computed = min(known + accepted, req.n_known)
+        e._rewind(req)
+        if isinstance(req.cache, PagedSeqCache):
+            req.cache.commit(req.tokens(0, req.n_computed))
+        self.source.rollback(req, req.n_computed)
+        self.proposed, self.accepted, self.runs = self.proposed + len(d.tokens), self.accepted + accepted, self.runs + 1
+        if req in self.gammas:
+            g = self.gammas[req] + 2 if accepted == len(d.tokens) else self.gammas[req] - 1
+            self.gammas[req] = min(max(g, 1), self.cfg.gamma)
+        log.debug("request %s: %d of %d draft tokens accepted", req.id, accepted, len(d.tokens))
+        return outputs
+
+    def judge(self, req: Request, d: Draft, rows) -> list:
+        """The emitted run: the accepted draft tokens, then the target's own token (Sampled each)."""
+        p, hist, gen = req.params, history(req), req.generator or _RNG
+        run = []
+        for i, tok in enumerate(d.tokens):
+            t = self.verdict(rows[i], hist, p, tok, d.probs[i], gen)
+            run.append(with_logprobs(rows[i], tok if t is None else t, p))
+            if t is not None:
+                return run
+            hist.append(tok)
+        run.append(sample(rows[len(d.tokens)], hist, p, req.generator))
+        return run
+
+    @staticmethod
+    def verdict(logits, hist: list[int], p, tok: int, q, gen) -> int | None:
+        """None: keep the draft token `tok`; else the token emitted in its place."""
+        if p.greedy:
+            t = greedy_token(logits, hist, p)
+            return None if t == tok else t
+        probs = distribution(logits, hist, p)
+        if q is None:  # a certain draft (n-gram): q is one-hot at tok
+            q = np.zeros_like(probs)
+            q[tok] = 1.0
+        elif q.size != probs.size:  # a draft with fewer logit rows: it never proposes the rest
+            q = np.pad(q, (0, probs.size - q.size))
+        if tok < probs.size and gen.random() * q[tok] < probs[tok]:  # with probability min(1, p/q)
+            return None
+        resid = np.maximum(probs - q, 0)
+        total = resid.sum()
+        return draw(resid / total if total > 0 else probs, gen)
+
+
+def len_logits(model) -> int:
+    return int(model.config.vocab_size)

@@ -1,0 +1,152 @@
+"""Speculative decoding (engine/speculative.py): greedy output is token for token the target's
+own, whatever the draft (an unrelated model, a noisy copy of the target, the target itself),
+alone and batched, on the paged and the contiguous cache, through the engine, the Python API and
+the CLI; bad gamma and a draft of another vocabulary are one clear sentence.
+
+The target runs on the native runtime (a Q8_0 tiny llama), whose verify chunks compute each row
+exactly as a decode step does (test_engine_batch.py), so "identical" is bit for bit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import gguf_builder as gb
+from mistralrs_cli.api import CompletionRequest, Runner, Which
+from mistralrs_cli.engine.engine import Engine
+from mistralrs_cli.errors import UserError
+from mistralrs_cli.loaders.load import load
+from mistralrs_cli.types import EngineConfig, GGUFSpec, LoadOptions, SamplingParams, SpeculativeSpec
+
+MISTRALRS = Path(sys.executable).parent / "mistralrs"
+OPTS = LoadOptions(token_source="none")
+TEXTS = ["the quick brown fox", "rain falls in spain mainly on plains", "why",
+         "models read tokens, tokens become vectors, vectors become logits. " * 2,
+         "12 or 345 numbers count too", "attention heads look back at keys and values",
+         "seven wizards quietly hex jolly boxing frogs", "a lazy dog"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=True)
+
+
+def noisy_copy(model: torch.nn.Module, std: float, seed: int) -> torch.nn.Module:
+    """The target with every weight perturbed: a draft that agrees often, not always."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(std * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec")
+    tok = gb.train_tokenizer()
+    vocab = gb.gguf_vocab(tok)
+    out = {"tok": tok, "target": gb.write_gguf(d / "target.gguf", gb.tiny_llama(0), vocab, qtype=Q.Q8_0),
+           "unrelated": gb.write_gguf(d / "unrelated.gguf", gb.tiny_llama(5, num_hidden_layers=1), vocab, qtype=Q.Q8_0),
+           "noisy": gb.write_gguf(d / "noisy.gguf", noisy_copy(gb.tiny_llama(0), 0.003, 1), vocab, qtype=Q.Q8_0)}
+    out["self"] = out["target"]
+    small = gb.train_tokenizer(400)
+    out["other_vocab"] = gb.write_gguf(d / "other.gguf", gb.tiny_llama(0, vocab_size=400), gb.gguf_vocab(small), qtype=Q.Q8_0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(files):
+    return load(GGUFSpec(str(files["target"])), OPTS)
+
+
+@pytest.fixture(scope="module")
+def prompts(files):
+    return [files["tok"].encode(t).ids for t in TEXTS]
+
+
+def _spec(files, draft: str, gamma: int = 4):
+    return load(SpeculativeSpec(GGUFSpec(str(files["target"])), GGUFSpec(str(files[draft])), gamma), OPTS)
+
+
+def _run(loaded, prompts, params=GREEDY, cfg: EngineConfig | None = None):
+    engine = Engine(loaded, cfg)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    outs = {r.id: [] for r in reqs}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.error is None, o.text
+            if o.token_id is not None:
+                outs[o.request_id].append((o.token_id, o.logprob))
+    return [outs[r.id] for r in reqs], engine
+
+
+@pytest.fixture(scope="module")
+def reference(target, prompts):
+    """Each prompt alone on the target, no draft: what speculation must reproduce."""
+    return [_run(target, [p])[0][0] for p in prompts]
+
+
+@pytest.mark.parametrize("draft", ["unrelated", "noisy", "self"])
+@pytest.mark.parametrize("paged", [True, False])
+def test_greedy_identity_alone_and_batched(files, prompts, reference, draft, paged):
+    loaded = _spec(files, draft)
+    cfg = EngineConfig(paged_attn=paged)
+    alone = [_run(loaded, [p], cfg=cfg)[0][0] for p in prompts[:3]]
+    assert alone == reference[:3]
+    batched, engine = _run(loaded, prompts, cfg=cfg)
+    assert batched == reference  # every token and log-probability
+    spec = engine.spec
+    assert spec.runs > 0
+    if draft == "self":
+        assert spec.acceptance_rate == 1.0
+    if draft == "noisy":  # a close copy: most of its tokens pass
+        assert spec.acceptance_rate > 0.5
+
+
+def test_gamma_fixed_and_max_tokens_exact(files, prompts, reference):
+    loaded = _spec(files, "self", gamma=5)
+    loaded.speculative.fixed = True
+    for n in (1, 2, 6, 7):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=True)
+        out, _ = _run(loaded, prompts[:2], params)
+        assert out == [r[:n] for r in reference[:2]]
+
+
+def test_api_runner(files, prompts, reference):
+    runner = Runner(Which.GGUF(None, str(files["target"])), token_source="none",
+                    which_draft=Which.GGUF(None, str(files["noisy"])), speculative_gamma=3)
+    plain = Runner(Which.GGUF(None, str(files["target"])), token_source="none")
+    req = CompletionRequest(prompt=TEXTS[0], max_tokens=20, temperature=0.0)
+    assert runner.send_completion_request(req).choices[0].text == plain.send_completion_request(req).choices[0].text
+    assert runner.engine.spec.runs > 0
+
+
+def test_cli(files):
+    args = ["--prompt", "the quick", "--max-tokens", "16", "--temperature", "0"]
+    base = subprocess.run([str(MISTRALRS), *args, "gguf", "-f", str(files["target"])], capture_output=True, text=True)
+    spec = subprocess.run([str(MISTRALRS), *args, "speculative", "-f", str(files["target"]),
+                           "--draft-file", str(files["noisy"]), "-n", "3"], capture_output=True, text=True)
+    assert base.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == base.stdout
+    assert "draft tokens accepted" in spec.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("gamma", ["0", "-2"])
+def test_bad_gamma_is_one_line(files, gamma):
+    r = subprocess.run([str(MISTRALRS), "--prompt", "x", "speculative", "-f", str(files["target"]),
+                        "--draft-file", str(files["noisy"]), "-n", gamma], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: -n/--gamma is {gamma}; give the number of draft tokens "
+                                             "per step, a whole number of 1 or more."]
+    with pytest.raises(UserError, match="speculative_gamma is 0"):
+        Runner(Which.GGUF(None, str(files["target"])), token_source="none",
+               which_draft=Which.GGUF(None, str(files["noisy"])), speculative_gamma=0)
+
+
+def test_vocab_mismatch_is_one_line(files):
+    r = subprocess.run([str(MISTRALRS), "--prompt", "x", "speculative", "-f", str(files["target"]),
+                        "--draft-file", str(files["other_vocab"])], capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING")]
+    assert len(lines) == 1 and "different vocabulary (400 tokens)" in lines[0] and "(512 tokens)" in lines[0], r.stderr
