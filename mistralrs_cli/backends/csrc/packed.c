@@ -479,10 +479,12 @@ static inline __attribute__((always_inline)) void wsum16(const int RN, const int
             const __m256i xv = bcast8(x0 + r * k + 4 * c);
             a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(wl, xv));
             b[r] = _mm256_add_epi32(b[r], _mm256_madd_epi16(wh, xv));
+            __asm__("" : "+x"(a[r]), "+x"(b[r]));  // keeps the sums in registers (no reassociated adds)
             if (two) {
                 const __m256i xh = bcast8(x1 + r * k + 4 * c);
                 c2[r] = _mm256_add_epi32(c2[r], _mm256_madd_epi16(hl, xh));
                 d2[r] = _mm256_add_epi32(d2[r], _mm256_madd_epi16(hh, xh));
+                __asm__("" : "+x"(c2[r]), "+x"(d2[r]));
             }
         }
     }
@@ -926,20 +928,19 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
         for (int j = 0; j < 4; j++)  // 64-group j: sub-blocks 2j (low nibbles), 2j + 1 (high)
             for (int e = 0; e < 2; e++) {
                 const uint8_t *qc = q + (j * 8 + 4 * e) * cs;
-                const __m256 sv0 = _mm256_loadu_ps(sc + 2 * j * ss), sv1 = _mm256_loadu_ps(sc + (2 * j + 1) * ss);
-                const __m256 mv0 = _mm256_loadu_ps(sc + 8 * ss + 2 * j * ss), mv1 = _mm256_loadu_ps(sc + 8 * ss + (2 * j + 1) * ss);
+                const float *s0p = sc + 2 * j * ss, *s1p = s0p + ss;  // the sub-blocks' scales; mins 8 rows on
                 const int16_t *x0 = x + 64 * j + 16 * e;
                 if (RN <= 2) {
                     wsum16(RN, 4, 2, qc, cs, x0, x0 + 32, k, s0, s1);
                 } else {
                     wsum16(RN, 4, 0, qc, cs, x0, x0, k, s0, s1);
-                    wkstep(type, RN, a, sv0, mv0, s0, xd, xo, xb + 4 * j + e, n16);
+                    wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xb + 4 * j + e, n16);
                     wsum16(RN, 4, 1, qc, cs, x0 + 32, x0, k, s1, s0);
-                    wkstep(type, RN, a, sv1, mv1, s1, xd, xo, xb + 4 * j + 2 + e, n16);
+                    wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xb + 4 * j + 2 + e, n16);
                     continue;
                 }
-                wkstep(type, RN, a, sv0, mv0, s0, xd, xo, xb + 4 * j + e, n16);
-                wkstep(type, RN, a, sv1, mv1, s1, xd, xo, xb + 4 * j + 2 + e, n16);
+                wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xb + 4 * j + e, n16);
+                wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xb + 4 * j + 2 + e, n16);
             }
     }
     store_tile(a, RN, n, g, r0, y, ldy);
