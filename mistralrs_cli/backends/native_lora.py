@@ -78,6 +78,17 @@ class NativeAdapters:
         self.adapter_of = np.concatenate(adapter_of).astype(np.int64) if adapter_of else np.zeros(0, np.int64)
         self.scale_of = np.concatenate(scale_of).astype(np.float32) if scale_of else np.zeros(0, np.float32)
 
+    @classmethod
+    def on_model(cls, bank: AdapterBank, model) -> "NativeAdapters":
+        """Attached to a NativeModel's fused projections (q|k|v, o, gate|up, down of each layer)."""
+        d, q, kv = model.config.hidden_size, model.nq * model.hd, model.nkv * model.hd
+        inter = model.gate_up_rows // 2
+        out = cls(bank, [{"qkv": Projection(L.qkv_opts, d, [q, kv, kv]), "o": Projection(L.o_opts, q, [d]),
+                          "gu": Projection(L.gate_up_opts, d, [inter, inter]),
+                          "down": Projection(L.down_opts, inter, [d])} for L in model.layers])
+        out.attach()
+        return out
+
     def _plan(self, proj: Projection, targets: list, col: int) -> tuple[LoraPlan, np.ndarray]:
         """The projection's qmm_lora, and per column the power of two its f16 factors were scaled by
         (A's row times B's column), divided out of its column weight."""

@@ -232,20 +232,14 @@ class NativeModel:
     def set_adapters(self, bank) -> None:
         """Serve an AdapterBank's LoRA side paths beside the quantized weights (None: none); a
         forward applies them with its adapter weights (native_lora.py, csrc/lora.c)."""
-        from .native_lora import NativeAdapters, Projection
+        from .native_lora import NativeAdapters
 
         if self._adapters is not None:
             self._adapters.detach()
         self.adapter_bank, self._adapters = None, None
-        if bank is None:
-            return
-        d, q, kv, inter = self.config.hidden_size, self.nq * self.hd, self.nkv * self.hd, self.gate_up_rows // 2
-        self._adapters = NativeAdapters(bank, [
-            {"qkv": Projection(L.qkv_opts, d, [q, kv, kv]), "o": Projection(L.o_opts, q, [d]),
-             "gu": Projection(L.gate_up_opts, d, [inter, inter]), "down": Projection(L.down_opts, inter, [d])}
-            for L in self.layers])
-        self._adapters.attach()
-        self.adapter_bank = bank
+        if bank is not None:
+            self._adapters = NativeAdapters.on_model(bank, self)
+            self.adapter_bank = bank
 
     # ---- weights from the file ----
     def _rows(self, name: str, cfg: ModelConfig) -> tuple[np.ndarray, bool]:
