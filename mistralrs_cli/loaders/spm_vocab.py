@@ -101,7 +101,7 @@ class SpmVocab:
 
     def __init__(self, proto: bytes, added: Mapping[int, bool], prefix: bool):
         """added: added token id -> special (control/unknown) or not (user-defined)."""
-        self.proto, self.prefix = proto, prefix
+        self.prefix = prefix  # the model's bytes are not kept: serialized_model_proto() has them
         self.sp = SentencePieceProcessor(model_proto=proto)
         self.size = self.sp.get_piece_size()
         self.added = {i: AddedToken(self.sp.id_to_piece(i), s) for i, s in added.items()}

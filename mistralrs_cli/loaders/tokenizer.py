@@ -295,7 +295,8 @@ def save_cache(tok: Tokenizer, cache_dir: Path) -> None:
     written to a temp name and renamed (safe vs. readers)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     spm = isinstance(tok.hf, SpmVocab)
-    vocab = (_SPM_FILE, tok.hf.proto) if spm else ("tokenizer.json", tok.hf.to_str().encode())
+    vocab = ((_SPM_FILE, tok.hf.sp.serialized_model_proto()) if spm
+             else ("tokenizer.json", tok.hf.to_str().encode()))
     for name, data in (vocab, (_SIDECAR, json.dumps(_sidecar(tok)).encode())):
         tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
         tmp.write_bytes(data)
