@@ -195,16 +195,18 @@ def test_tiny_spm_gguf(tmp_path, prefix):
     assert tok.decode([ids[f"<0x{b:02X}>"] for b in "€".encode()]) == "€"
 
 
-def test_tiny_spm_vocab_sentencepiece_refuses(tmp_path):
-    """A duplicated piece (sentencepiece refuses it) still loads, as `tokenizers` BPE merges."""
+@pytest.mark.parametrize("extra", [("▁he", 1), ("<" + "x" * 3000 + ">", 3)])
+def test_tiny_spm_vocab_sentencepiece_refuses(tmp_path, extra):
+    """A duplicated piece (sentencepiece refuses it), or an added token too long for the split
+    regex, still loads, as `tokenizers` BPE merges."""
     tokens, scores, types = spm_vocab()
-    tokens, scores, types = tokens + ["▁he"], scores + [-99.0], types + [1]
+    tokens, scores, types = tokens + [extra[0]], scores + [-99.0], types + [extra[1]]
     path = write_gguf(tmp_path / "dup.gguf", tokens, types, model="llama", token_scores=scores,
                       bos_token_id=1, eos_token_id=2)
     tok = tokenizer_from_gguf(gguf_meta(path), tmp_path / "cache")
     assert isinstance(tok.hf, HFTokenizer)
     ids = {t: i for i, t in enumerate(tokens[:-1])}
-    # best-scored pair first: ▁h ll llo ▁he ▁hello (the duplicate ▁he scores -99), ▁a ▁ab
+    # best-scored pair first: ▁h ll ▁he llo ▁hello (a duplicate ▁he: ▁he later), ▁a ▁ab
     assert tok.encode("hello ab") == [1, ids["▁hello"], ids["▁ab"]]
     assert tok.decode(tok.encode("hello ab")[1:]) == "hello ab"
     assert load_cache(tmp_path / "cache").encode("hello ab") == tok.encode("hello ab")

@@ -167,5 +167,5 @@ def spm_vocab(tokens: Sequence[str], scores: np.ndarray, types: np.ndarray, adde
     try:
         proto = model_proto(tokens, scores, types, unk, bool((types == _GGUF_BYTE).any()))
         return SpmVocab(proto, added, prefix)
-    except (RuntimeError, OSError, UnicodeError):
+    except (RuntimeError, OSError, UnicodeError, re.error):  # RecursionError: a huge added token
         return None
