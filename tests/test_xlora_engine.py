@@ -112,3 +112,16 @@ def test_cli_and_api_text_equal_peft(base, tmp_path):
     assert out.decode("utf-8") == texts[0] + "\n", (out, err)
 
 
+
+
+def test_prefix_cache_after_non_granular_tokens(base):
+    """A request whose prompt continues an earlier one's text (a chat's next turn) gives what it
+    gives on a fresh engine: the earlier keys past its --tgt-non-granular-index were computed with
+    reused scalings, so the prefix cache must not hand them over."""
+    folder, _ = make_xlora(base, "prefix", {"layerwise_scalings": True})
+    loaded = load_x(base, folder, tgt=1)
+    engine = Engine(loaded, EngineConfig(block_size=2))
+    first = generate(engine, [(IDS, None)], 8)[0]
+    follow = IDS + first[:6]
+    assert generate(engine, [(follow, None)], 4) == generate(Engine(loaded, EngineConfig(block_size=2)),
+                                                             [(follow, None)], 4)

@@ -160,7 +160,8 @@ class Engine:
         """What else than the tokens a sequence's keys/values depend on: its unmerged LoRA
         adapters, or X-LoRA; prefix-cache blocks are shared only between equal salts."""
         if self.xlora is not None and self.xlora.uses(req):
-            return ("x-lora",)
+            # past --tgt-non-granular-index a row's keys depend on where its prompt ended too
+            return ("x-lora", None if self.xlora.tgt is None else len(req.prompt_ids))
         names = req.params.adapters
         return ("lora", *sorted(names)) if names and self.adapter_rows.bank is not None else None
 
