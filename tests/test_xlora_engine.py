@@ -125,3 +125,27 @@ def test_prefix_cache_after_non_granular_tokens(base):
     follow = IDS + first[:6]
     assert generate(engine, [(follow, None)], 4) == generate(Engine(loaded, EngineConfig(block_size=2)),
                                                              [(follow, None)], 4)
+
+
+def test_server_with_the_openai_client(served):
+    """The server on an X-LoRA model: a completion naming no adapters is peft's X-LoRA text,
+    `extra_body={"adapters": []}` the base model's; /activate_adapters is refused in one sentence."""
+    import openai
+
+    from test_server import serve
+
+    loaded, xm = served
+    tok = loaded.tokenizer
+    prompt, steps = "the quick brown fox", 5
+    want = tok.decode(peft_greedy(xm, tok.encode(prompt), steps))
+    base_ids = generate(Engine(loaded, EngineConfig()), [(tok.encode(prompt), [])], steps)[0]
+    with serve(loaded) as srv:
+        res = srv.client.completions.create(model="x", prompt=prompt, max_tokens=steps, temperature=0)
+        assert res.choices[0].text == want
+        res = srv.client.completions.create(model="x", prompt=prompt, max_tokens=steps, temperature=0,
+                                            extra_body={"adapters": []})
+        assert res.choices[0].text == tok.decode(base_ids) != want
+        with pytest.raises(openai.BadRequestError) as e:
+            srv.client.post("/activate_adapters", body={"adapter_names": ["0"]}, cast_to=dict)
+        msg = e.value.response.json()["error"]["message"]
+        assert "X-LoRA" in msg and "\n" not in msg
