@@ -242,3 +242,59 @@ def test_wrong_rule_fails_the_same_test(sharp, files, filters, monkeypatch):
     monkeypatch.setattr(Speculator, "verdict", staticmethod(wrong_verdict))
     ps, _ = _p_values(sharp, files, filters)
     assert min(ps) < 0.01, ps
+
+
+# ---- the engine's other paths: prefix cache, preemption, stops, the server ----
+def test_prefix_cache_hits(files, prompts, reference):
+    loaded = _spec(files, "noisy")
+    engine = Engine(loaded, EngineConfig(block_size=4))
+    for _ in range(2):  # the second round finds every prompt's blocks in the prefix cache
+        reqs = [engine.add_request(p, GREEDY) for p in prompts]
+        outs = {r.id: [] for r in reqs}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.token_id is not None:
+                    outs[o.request_id].append((o.token_id, o.logprob))
+        assert [outs[r.id] for r in reqs] == reference
+    assert engine.kv.alloc.hits > 0 and engine.spec.accepted > 0
+
+
+def test_preemption(files, prompts, reference):
+    loaded = _spec(files, "noisy")
+    out, engine = _run(loaded, prompts, cfg=EngineConfig(block_size=4, kv_tokens=160, prefix_cache_n=0))
+    assert engine.scheduler.preemptions > 0 and engine.spec.accepted > 0
+    assert out == reference
+
+
+def test_stops_inside_an_accepted_run(files, prompts, target):
+    """The target itself as the draft: every token comes inside an accepted run; a stop string,
+    a stop token id and max_tokens still end the text exactly where the target alone ends it."""
+    loaded = _spec(files, "self", gamma=5)
+    loaded.speculative.fixed = True
+    tok = files["tok"]
+    ref = _run(target, prompts[:1])[0][0]
+    text = tok.decode([t for t, _ in ref])
+    cases = [SamplingParams(temperature=0.0, max_tokens=24, stop=[text[9:12]]),
+             SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[ref[7][0]])]
+    for params in cases:
+        want = list(Engine(target).generate(prompts[0], params))
+        got = list(Engine(loaded).generate(prompts[0], params))
+        assert [(o.token_id, o.text, o.finish_reason) for o in got] == \
+               [(o.token_id, o.text, o.finish_reason) for o in want]
+        assert want[-1].finish_reason == "stop" and len(want) < 20
+
+
+def test_server_streaming(files, target):
+    from test_server import serve
+
+    loaded = _spec(files, "noisy")
+    texts = []
+    for model in (target, loaded):
+        with serve(model) as srv:
+            stream = srv.client.completions.create(model="x", prompt=TEXTS[1], max_tokens=20, temperature=0.0,
+                                                   stream=True)
+            chunks = [c.choices[0].text for c in stream if c.choices]
+            texts.append(("".join(chunks), len(chunks)))
+            if model is loaded:
+                assert srv.worker.engine.spec.accepted > 0
+    assert texts[0] == texts[1]  # the same text, one chunk per token
