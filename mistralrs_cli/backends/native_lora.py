@@ -65,11 +65,10 @@ class NativeAdapters:
         for (layer, name), targets in sorted(grouped.items()):
             proj = projections[layer][name]
             targets.sort(key=lambda st: st[0])  # q, k, v / gate, up: the projection's output order
-            plan, fold = self._plan(proj, targets, col=len(slot_of))
-            for _, t in targets:
-                slot_of += [t.slot] * len(t.adapter)
-                adapter_of.append(t.adapter)
-            scale_of.append(np.concatenate([t.scale for _, t in targets]) * fold)  # exact: powers of two
+            plan, slots, adapters, scales = self._plan(proj, targets, col=len(slot_of))
+            slot_of += slots
+            adapter_of.append(adapters)
+            scale_of.append(scales)
             self.plans.append(plan)
             self.opts.append(proj.opts)
         self.R = sum(len(a) for a in adapter_of)
@@ -89,34 +88,39 @@ class NativeAdapters:
         out.attach()
         return out
 
-    def _plan(self, proj: Projection, targets: list, col: int) -> tuple[LoraPlan, np.ndarray]:
-        """The projection's qmm_lora, and per column the power of two its f16 factors were scaled by
-        (A's row times B's column), divided out of its column weight."""
+    def _plan(self, proj: Projection, targets: list, col: int) -> tuple:
+        """The projection's qmm_lora, and per column (adapter by adapter: an adapter's factors for
+        the whole projection lie together, so a forward using one of several reads one stretch)
+        its slot, adapter and scale, the scale divided by the powers of two its f16 factors were
+        scaled by (A's row times B's column: exact)."""
         starts = np.cumsum([0] + proj.segments)
-        A, tiles, blocks, eb, c, off = [], [], [], [], 0, 0
+        blocks = []  # (adapter, segment, target, its columns): one adapter's columns of one module
         for seg, t in targets:
-            out = proj.segments[seg]
-            if t.A.shape[1] != proj.in_features or t.B.shape[0] != out:
+            if t.A.shape[1] != proj.in_features or t.B.shape[0] != proj.segments[seg]:
                 raise ValueError(f"the adapter factors of {t.module} are {t.A.shape[1]} -> {t.B.shape[0]}; "
-                                 f"the model's projection is {proj.in_features} -> {out}")
-            A.append(t.A)
-            b_scaled, e = _to_half_range(t.B.T)  # per column of B
+                                 f"the model's projection is {proj.in_features} -> {proj.segments[seg]}")
+            blocks += [(a, seg, t, np.flatnonzero(t.adapter == a)) for a in dict.fromkeys(t.adapter.tolist())]
+        blocks.sort(key=lambda b: (b[0], b[1]))
+        A, tiles, blk, slots, adapters, scales, eb, c, off = [], [], [], [], [], [], [], 0, 0
+        for a, seg, t, cols in blocks:
+            A.append(t.A[cols])
+            b_scaled, e = _to_half_range(t.B[:, cols].T)  # per column of B
+            tiles.append(_tiles(b_scaled.T))
+            blk.append([c, c + len(cols), starts[seg], starts[seg] + proj.segments[seg], off])
+            slots += [t.slot] * len(cols)
+            adapters.append(t.adapter[cols])
+            scales.append(t.scale[cols])
             eb.append(e)
-            for a in dict.fromkeys(t.adapter.tolist()):  # each adapter's columns (contiguous in a Target)
-                cols = np.flatnonzero(t.adapter == a)
-                tile = _tiles(b_scaled[cols.min():cols.max() + 1].T)
-                blocks.append([c + cols.min(), c + cols.max() + 1, starts[seg], starts[seg] + out, off])
-                tiles.append(tile)
-                off += tile.size
-            c += t.A.shape[0]
+            c, off = c + len(cols), off + tiles[-1].size
         a16, ea = _to_half_range(np.concatenate(A))
-        a = np.ascontiguousarray(a16.astype(np.float16))
-        b = np.ascontiguousarray(np.concatenate(tiles).astype(np.float16))
-        blk = np.asarray(blocks, dtype=np.int64).reshape(-1)
-        self._keep += [a, b, blk]
+        a16 = np.ascontiguousarray(a16.astype(np.float16))
+        b16 = np.ascontiguousarray(np.concatenate(tiles).astype(np.float16))
+        blk_a = np.asarray(blk, dtype=np.int64).reshape(-1)
+        self._keep += [a16, b16, blk_a]
         fold = np.ldexp(np.float32(1.0), -(ea + np.concatenate(eb))).astype(np.float32)
-        return LoraPlan(c, a.ctypes.data, len(blocks), blk.ctypes.data, b.ctypes.data, ctypes.addressof(self.fw),
-                        col), fold
+        plan = LoraPlan(c, a16.ctypes.data, len(blk), blk_a.ctypes.data, b16.ctypes.data, ctypes.addressof(self.fw),
+                        col)
+        return plan, slots, np.concatenate(adapters), np.concatenate(scales) * fold
 
     def attach(self) -> None:
         for plan, opts in zip(self.plans, self.opts):
