@@ -281,7 +281,7 @@ class Runner:
                  in_situ_quant: str | None = None,  # mistral.rs's Python name for isq
                  engine_config: EngineConfig | None = None, limits: Limits | None = None,
                  _flag_names: bool = False,  # the CLI's modes: messages keep naming the flags
-                 which_draft: Any = None, speculative_gamma: int = 5,
+                 which_draft: Any = None, speculative_gamma: int = 5, speculative_ngram: int | None = None,
                  **_ignored: Any):
         _check_which(which)
         if which_draft is not None:  # speculative decoding: which verifies what which_draft proposes
@@ -292,8 +292,12 @@ class Runner:
         # the engine's settings, named as the caller set them (max_seqs=, or engine_config=...)
         validation.check_engine(vars(config), lambda k: f"engine_config.{k}" if engine_config else k)
         self.limits = (limits or Limits()).check(lambda k: f"limits.{k}")
+        if speculative_ngram is not None:  # draft-free speculation: checked before anything loads
+            from .loaders.speculative import ngram_config
+
+            ngram_config(speculative_ngram, "speculative_ngram")
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
-                           isq=isq or in_situ_quant)
+                           isq=isq or in_situ_quant, spec_ngram=speculative_ngram)
         self.which = which
         with _python_fields(which):
             self.loaded = loaded or load(which, opts)

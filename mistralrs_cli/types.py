@@ -52,6 +52,8 @@ class LoadOptions:
     # GGUF on the CPU: "auto" runs a file the native runtime serves without torch
     # (backends/native_model.py); "torch" always builds the torch model (tests compare the two)
     runtime: str = "auto"
+    # --spec-ngram N: speculative decoding with no draft model (n-gram lookup in the sequence)
+    spec_ngram: int | None = None
 
 
 @dataclass

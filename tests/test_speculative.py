@@ -298,3 +298,37 @@ def test_server_streaming(files, target):
             if model is loaded:
                 assert srv.worker.engine.spec.accepted > 0
     assert texts[0] == texts[1]  # the same text, one chunk per token
+
+
+# ---- n-gram speculation (no draft model) ----
+REPEAT = "the quick brown fox jumps over a lazy dog. " * 4
+
+
+def test_ngram_greedy_identity_and_acceptance(files, prompts, reference):
+    loaded = load(GGUFSpec(str(files["target"])), LoadOptions(token_source="none", spec_ngram=2))
+    out, engine = _run(loaded, prompts)
+    assert out == reference
+    tok = files["tok"]
+    rep = tok.encode(REPEAT).ids
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True)
+    target = load(GGUFSpec(str(files["target"])), OPTS)
+    want, _ = _run(target, [rep], params)
+    got, engine = _run(loaded, [rep], params)
+    assert got == want
+    assert engine.spec.accepted > 0
+
+
+def test_ngram_cli_and_api(files):
+    args = ["--prompt", REPEAT, "--max-tokens", "24", "--temperature", "0"]
+    base = subprocess.run([str(MISTRALRS), *args, "gguf", "-f", str(files["target"])], capture_output=True, text=True)
+    ngram = subprocess.run([str(MISTRALRS), "--spec-ngram", "2", *args, "gguf", "-f", str(files["target"])],
+                           capture_output=True, text=True)
+    assert ngram.returncode == 0 and ngram.stdout == base.stdout, ngram.stderr
+    bad = subprocess.run([str(MISTRALRS), "--spec-ngram", "0", *args, "gguf", "-f", str(files["target"])],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "error: --spec-ngram is 0; give how many trailing tokens to look up, a whole number of 1 or more.")
+    with pytest.raises(UserError, match="^speculative_ngram is -1;"):
+        Runner(Which.GGUF(None, str(files["target"])), token_source="none", speculative_ngram=-1)
+    runner = Runner(Which.GGUF(None, str(files["target"])), token_source="none", speculative_ngram=3)
+    assert runner.engine.spec is not None

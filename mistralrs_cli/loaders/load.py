@@ -241,4 +241,8 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
         from .lora import attach
 
         loaded = attach(loaded, opts, lambda: load(spec, dataclasses.replace(opts, runtime="torch")))
+    if opts.spec_ngram is not None:  # draft-free speculation (engine/drafts.py NgramDraft)
+        from .speculative import ngram_config
+
+        loaded.speculative = ngram_config(opts.spec_ngram)
     return loaded

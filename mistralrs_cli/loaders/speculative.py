@@ -19,6 +19,14 @@ def check_gamma(gamma: Any, name: str = "-n/--gamma") -> int:
     return gamma
 
 
+def ngram_config(n: Any, name: str = "--spec-ngram"):
+    from ..engine.speculative import SpecConfig
+
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise UserError(f"{name} is {n!r}; give how many trailing tokens to look up, a whole number of 1 or more.")
+    return SpecConfig(ngram=n)
+
+
 def _params(loaded: Loaded) -> int:
     c = loaded.config
     return c.num_hidden_layers * c.hidden_size
