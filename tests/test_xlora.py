@@ -225,3 +225,15 @@ def test_bad_config_fields(tmp_path, text, says):
         read_config(tmp_path)
     _one_sentence(str(e.value))
     assert says in str(e.value) and "xlora_config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("make", ["tiny_llama", "tiny_phi3", "tiny_phi2", "tiny_qwen2", "tiny_starcoder2"])
+def test_slots_follow_the_module_order(make):
+    """Without an ordering file each adapted module's scalings slot is its place in the model's
+    module order (how peft numbers its X-LoRA layers: model.modules())."""
+    from mistralrs_cli.adapters.xlora import module_slots
+
+    hf = getattr(gb, make)(0)
+    names = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    slots = module_slots(sorted(names))  # the order handed in does not matter
+    assert sorted(names, key=slots.get) == names

@@ -110,8 +110,8 @@ def _check(path: Path, cfg: XLoraConfig) -> None:
 # peft numbers its X-LoRA layers in model.modules() order: by decoder layer, then in the order the
 # architectures register their projections (Phi-3 registers o_proj before qkv_proj)
 _MODULE_ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "self_attn.qkv_proj", "self_attn.dense", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                 "mlp.gate_up_proj", "mlp.fc1", "mlp.fc2", "mlp.c_fc", "mlp.c_proj"]
+                 "self_attn.qkv_proj", "self_attn.dense", "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj",
+                 "mlp.down_proj", "mlp.fc1", "mlp.fc2", "mlp.c_fc", "mlp.c_proj"]
 _PHI3 = {"self_attn.o_proj": 3.5, "self_attn.qkv_proj": 3.6}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.*)$")
 
