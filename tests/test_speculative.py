@@ -332,3 +332,25 @@ def test_ngram_cli_and_api(files):
         Runner(Which.GGUF(None, str(files["target"])), token_source="none", speculative_ngram=-1)
     runner = Runner(Which.GGUF(None, str(files["target"])), token_source="none", speculative_ngram=3)
     assert runner.engine.spec is not None
+
+
+def test_gamma_adapts_per_sequence(files, prompts):
+    """A draft that is always right keeps gamma at its most; one rarely right falls to 1 draft
+    token; --gamma-fixed always proposes gamma."""
+    seen = {}
+    for draft, fixed in (("self", False), ("unrelated", False), ("unrelated", True)):
+        loaded = _spec(files, draft, gamma=4)
+        loaded.speculative.fixed = fixed
+        engine = Engine(loaded)
+        req = engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        proposed = []
+        while engine.has_unfinished():
+            before, room, decoding = engine.spec.proposed, 40 - len(req.output_ids) - 1, bool(req.output_ids)
+            engine.step()
+            if room >= 4 and decoding:  # decoding, and max_tokens does not cap the drafts
+                proposed.append(engine.spec.proposed - before)
+        seen[draft, fixed] = proposed
+        assert req.finish_reason == "length"
+    assert set(seen["self", False]) == {4}
+    assert seen["unrelated", False][-5:] == [1] * 5
+    assert set(seen["unrelated", True]) == {4}
