@@ -237,3 +237,16 @@ def test_slots_follow_the_module_order(make):
     names = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     slots = module_slots(sorted(names))  # the order handed in does not matter
     assert sorted(names, key=slots.get) == names
+
+
+@pytest.mark.parametrize("make, targets", [("tiny_phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+                                           ("tiny_qwen2", ["q_proj", "v_proj", "down_proj"])])
+def test_parity_other_architectures(tmp_path, make, targets):
+    """Phi-3 (fused qkv and gate_up, o_proj registered first) and Qwen2 (qkv bias, three targets),
+    layerwise scalings so every module's own slot matters."""
+    other = build_base(tmp_path, getattr(gb, make)(0), targets)
+    folder, xm = make_xlora(other, "arch", {"layerwise_scalings": True, "top_k_lora": 2})
+    want_logits, want_scalings = peft_reference(xm, IDS)
+    logits, scalings = ours_chunked(load_x(other, folder), IDS)
+    assert np.abs(scalings - want_scalings).max() < SCALING_TOL
+    assert np.abs(logits - want_logits).max() < LOGIT_TOL

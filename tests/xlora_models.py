@@ -52,11 +52,12 @@ def _hf():
     return gb.tiny_llama(0)
 
 
-def build_base(root: Path) -> dict:
-    """The tiny llama as a plain folder and an F32 GGUF, and three peft adapters of it, under root."""
+def build_base(root: Path, hf=None, targets: list[str] = TARGETS) -> dict:
+    """A tiny model (the llama by default) as a plain folder and an F32 GGUF, and three peft adapters
+    of it on `targets`, under root."""
     from peft import LoraConfig, get_peft_model
 
-    hf = _hf()
+    hf = _hf() if hf is None else hf
     plain = root / "plain"
     hf.save_pretrained(plain)
     tok = gb.train_tokenizer()
@@ -66,7 +67,7 @@ def build_base(root: Path) -> dict:
     adapters = root / "adapters"
     for i, name in enumerate(NAMES):
         torch.manual_seed(100 + i)
-        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2 + i, lora_alpha=4 + 2 * i, target_modules=TARGETS,
+        pm = get_peft_model(copy.deepcopy(hf), LoraConfig(r=2 + i, lora_alpha=4 + 2 * i, target_modules=targets,
                                                           init_lora_weights=False))
         with torch.no_grad():  # peft's random B is small: make each adapter move the logits clearly
             for n, p in pm.named_parameters():
