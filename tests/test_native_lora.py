@@ -211,17 +211,25 @@ def test_bad_banks_and_weights_are_refused(case):
                             np.zeros((n, 2, 3), np.float32))
 
 
-@pytest.mark.parametrize("build", ["native", "scalar"])
+@pytest.fixture(scope="module")
+def no_f16c(tmp_path_factory):
+    """The kernels built for a CPU without F16C (csrc/lora.c decodes f16 itself)."""
+    from mistralrs_cli.backends import native
+
+    return native.build(("-mno-f16c", "-mno-avx", "-mno-avx2", "-mno-avx512f"), tmp_path_factory.mktemp("no_f16c"))
+
+
+@pytest.mark.parametrize("build", ["native", "scalar", "no_f16c"])
 @pytest.mark.parametrize("T", [2, 5])  # one thread rounds the rows / the rows split between threads
-def test_one_projection_side_path_against_numpy(kernel_builds, build, T):
-    """The side path alone, in the build as used and the one without AVX2 (csrc/lora.c's scalar
-    loops): y(with adapters) - y(without) equals ((x_in A^T) * weights * scale) B^T in numpy,
-    x_in being the normed rows (fused q|k|v) or silu(gate) * up (down), within the f16 storage of
-    the factors (11 significant bits); rows with weight 0 keep the base's bits."""
+def test_one_projection_side_path_against_numpy(kernel_builds, no_f16c, build, T):
+    """The side path alone, in the build as used, one without AVX2 (csrc/lora.c's scalar loops)
+    and one without F16C: y(with adapters) - y(without) equals ((x_in A^T) * weights * scale) B^T
+    in numpy, x_in being the normed rows (fused q|k|v) or silu(gate) * up (down), within the f16
+    storage of the factors (11 significant bits); rows with weight 0 keep the base's bits."""
     from mistralrs_cli.backends import native
     from mistralrs_cli.backends.native_lora import NativeAdapters, Projection
 
-    lib = kernel_builds[build]
+    lib = no_f16c if build == "no_f16c" else kernel_builds[build]
     rng = np.random.default_rng(5)
     k, eps = 64, 1e-5
     for name, segs, act in (("qkv", [48, 16, 16], 0), ("down", [64], 1)):
