@@ -4,12 +4,13 @@ native_model.py multiplies q|k|v as one weight, gate|up as one, then o and down.
 four projections of a layer gets one csrc/lora.c `qmm_lora`: the A rows of every Target that
 feeds it stacked (R x in), B as blocks (one adapter's columns of one module) that write the
 output span of their own module only (q_proj's columns the q rows, up_proj's the up half), and
-its first column in this forward's column-weight matrix. The matrix (T x all layers' columns) is computed per forward
-from the forward's adapter weights, as Target.column_weights does, and hung off one shared
-`lora_fw`; without adapter weights its pointer is NULL and qmm_parts runs exactly as without a
-bank. The rows a projection sees are its own (after the fused norm / gated activation), so the
-side path is y += scale * B (A x) with x what the base weight multiplies, before any bias-free
-post-norm and residual add, as bank.py asks.
+per column its (slot, adapter) pair and scale. A forward's adapter weights (slots, T, adapters)
+hang off one shared `lora_fw` as (T, slots x adapters); C forms a column's weight as
+Target.column_weights does. Without adapter weights its pointer is NULL and qmm_parts runs
+exactly as without a bank. The rows a projection sees are its own (after the fused norm / gated
+activation), so the side path is y += scale * B (A x) with x what the base weight multiplies,
+before any bias-free post-norm and residual add, as bank.py asks. The factors are stored as f16
+after exact power-of-two scaling (see csrc/lora.c).
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ SEGMENTS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o
 
 
 class LoraFw(ctypes.Structure):
-    """csrc/lora.c's lora_fw: this forward's column weights (T x ld), or NULL."""
+    """csrc/lora.c's lora_fw: this forward's adapter weights as (T, slots x adapters), or NULL."""
     _fields_ = [("w", ctypes.c_void_p), ("ld", ctypes.c_int64)]
 
 
 class LoraPlan(ctypes.Structure):
     """csrc/lora.c's qmm_lora: one fused projection's side paths."""
     _fields_ = [("R", ctypes.c_int64), ("A", ctypes.c_void_p), ("nblk", ctypes.c_int64), ("blk", ctypes.c_void_p),
-                ("B", ctypes.c_void_p), ("fw", ctypes.c_void_p), ("col", ctypes.c_int64)]
+                ("B", ctypes.c_void_p), ("fw", ctypes.c_void_p), ("pair", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
 
 
 @dataclass
@@ -61,21 +62,12 @@ class NativeAdapters:
             name, seg = SEGMENTS[leaf]
             grouped.setdefault((t.layer, name), []).append((seg, t))
         self.plans, self.opts, self._keep = [], [], []
-        slot_of, adapter_of, scale_of = [], [], []  # per column: its index in the weights' axes
         for (layer, name), targets in sorted(grouped.items()):
             proj = projections[layer][name]
             targets.sort(key=lambda st: st[0])  # q, k, v / gate, up: the projection's output order
-            plan, slots, adapters, scales = self._plan(proj, targets, col=len(slot_of))
-            slot_of += slots
-            adapter_of.append(adapters)
-            scale_of.append(scales)
-            self.plans.append(plan)
+            self.plans.append(self._plan(proj, targets))
             self.opts.append(proj.opts)
-        self.R = sum(len(a) for a in adapter_of)
-        self.fw.ld = self.R
-        self.slot_of = np.asarray(slot_of, dtype=np.int64)
-        self.adapter_of = np.concatenate(adapter_of).astype(np.int64) if adapter_of else np.zeros(0, np.int64)
-        self.scale_of = np.concatenate(scale_of).astype(np.float32) if scale_of else np.zeros(0, np.float32)
+        self.fw.ld = bank.n_slots * len(bank.names)
 
     @classmethod
     def on_model(cls, bank: AdapterBank, model) -> "NativeAdapters":
@@ -88,11 +80,11 @@ class NativeAdapters:
         out.attach()
         return out
 
-    def _plan(self, proj: Projection, targets: list, col: int) -> tuple:
-        """The projection's qmm_lora, and per column (adapter by adapter: an adapter's factors for
-        the whole projection lie together, so a forward using one of several reads one stretch)
-        its slot, adapter and scale, the scale divided by the powers of two its f16 factors were
-        scaled by (A's row times B's column: exact)."""
+    def _plan(self, proj: Projection, targets: list) -> LoraPlan:
+        """The projection's qmm_lora: columns adapter by adapter (an adapter's factors for the
+        whole projection lie together, so a forward using one of several reads one stretch), each
+        with its (slot, adapter) pair and its scale divided by the powers of two its f16 factors
+        were scaled by (A's row times B's column: exact)."""
         starts = np.cumsum([0] + proj.segments)
         blocks = []  # (adapter, segment, target, its columns): one adapter's columns of one module
         for seg, t in targets:
@@ -101,14 +93,13 @@ class NativeAdapters:
                                  f"the model's projection is {proj.in_features} -> {proj.segments[seg]}")
             blocks += [(a, seg, t, np.flatnonzero(t.adapter == a)) for a in dict.fromkeys(t.adapter.tolist())]
         blocks.sort(key=lambda b: (b[0], b[1]))
-        A, tiles, blk, slots, adapters, scales, eb, c, off = [], [], [], [], [], [], [], 0, 0
+        A, tiles, blk, pairs, scales, eb, c, off = [], [], [], [], [], [], 0, 0
         for a, seg, t, cols in blocks:
             A.append(t.A[cols])
             b_scaled, e = _to_half_range(t.B[:, cols].T)  # per column of B
             tiles.append(_tiles(b_scaled.T))
             blk.append([c, c + len(cols), starts[seg], starts[seg] + proj.segments[seg], off])
-            slots += [t.slot] * len(cols)
-            adapters.append(t.adapter[cols])
+            pairs.append(t.slot * len(self.bank.names) + t.adapter[cols].astype(np.int64))
             scales.append(t.scale[cols])
             eb.append(e)
             c, off = c + len(cols), off + tiles[-1].size
@@ -116,11 +107,12 @@ class NativeAdapters:
         a16 = np.ascontiguousarray(a16.astype(np.float16))
         b16 = np.ascontiguousarray(np.concatenate(tiles).astype(np.float16))
         blk_a = np.asarray(blk, dtype=np.int64).reshape(-1)
-        self._keep += [a16, b16, blk_a]
         fold = np.ldexp(np.float32(1.0), -(ea + np.concatenate(eb))).astype(np.float32)
-        plan = LoraPlan(c, a16.ctypes.data, len(blk), blk_a.ctypes.data, b16.ctypes.data, ctypes.addressof(self.fw),
-                        col)
-        return plan, slots, np.concatenate(adapters), np.concatenate(scales) * fold
+        pair = np.ascontiguousarray(np.concatenate(pairs), dtype=np.int64)
+        scale = np.ascontiguousarray(np.concatenate(scales) * fold, dtype=np.float32)
+        self._keep += [a16, b16, blk_a, pair, scale]
+        return LoraPlan(c, a16.ctypes.data, len(blk), blk_a.ctypes.data, b16.ctypes.data, ctypes.addressof(self.fw),
+                        pair.ctypes.data, scale.ctypes.data)
 
     def attach(self) -> None:
         for plan, opts in zip(self.plans, self.opts):
@@ -130,26 +122,22 @@ class NativeAdapters:
         for opts in self.opts:
             opts.lora = None
 
-    def column_weights(self, weights: np.ndarray, T: int) -> np.ndarray:
-        """(T, R) float32: every projection's column weights side by side (Target.column_weights)."""
+    def begin(self, weights: np.ndarray | None, T: int) -> None:
+        """Point the side paths at this forward's weights (None: off) until end(); C reads a
+        column's weight as w[slot, row, adapter] * scale (Target.column_weights)."""
+        self.fw.w, self._w = None, None
+        if weights is None or not self.plans:
+            return
         w = np.asarray(weights, dtype=np.float32)
         want = (self.bank.n_slots, T, len(self.bank.names))
         if w.shape != want:
             raise ValueError(f"adapter weights of shape {w.shape}; this forward needs {want} "
                              "(slots, rows, adapters)")
-        # one take of (slot, adapter) pairs along the rows: 3x faster than w[slot_of, :, adapter_of]
-        pairs = w.transpose(1, 0, 2).reshape(T, -1)
-        return np.take(pairs, self.slot_of * len(self.bank.names) + self.adapter_of, axis=1) * self.scale_of
-
-    def begin(self, weights: np.ndarray | None, T: int) -> None:
-        """Point the side paths at this forward's weights (None: off) until end()."""
-        self.fw.w, self._cols = None, None
-        if weights is not None and self.R:
-            self._cols = self.column_weights(weights, T)
-            self.fw.w = self._cols.ctypes.data
+        self._w = np.ascontiguousarray(w.transpose(1, 0, 2)).reshape(T, -1)
+        self.fw.w = self._w.ctypes.data
 
     def end(self) -> None:
-        self.fw.w, self._cols = None, None
+        self.fw.w, self._w = None, None
 
 
 def _tiles(B: np.ndarray) -> np.ndarray:

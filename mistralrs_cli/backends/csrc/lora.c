@@ -19,7 +19,8 @@
 #endif
 
 typedef struct {
-    const float *w;  // this forward's column weights, (T x ld) row-major, or NULL: no adapter on any row
+    const float *w;  // this forward's adapter weights, (T x ld) row-major: T x (slot, adapter) pairs, or
+                     // NULL: no adapter on any row
     int64_t ld;
 } lora_fw;
 
@@ -30,10 +31,16 @@ typedef struct {
     const int64_t *blk;               // per block: c0, c1 (its columns), lo, hi (its outputs), off (in B)
     const uint16_t *B;                // a block's B values in tiles of 8 outputs: [tile][column][8], 0-padded, f16
     const lora_fw *fw;                // shared by every projection of the model
-    int64_t col;                      // this projection's first column in fw's rows
+    const int64_t *pair;              // per column: its (slot, adapter) pair's index in fw's rows
+    const float *scale;               // per column: its adapter's scaling
 } qmm_lora;
 
 #define SPAN 64  // outputs per unit of lora_up (a multiple of 8)
+
+// column c's weight on row r, w[r, c] above
+static inline float colw(const qmm_lora *l, int64_t r, int64_t c) {
+    return l->fw->w[r * l->fw->ld + l->pair[c]] * l->scale[c];
+}
 
 // qmatmul.c sees a qmm_lora as an opaque pointer
 int lora_active(const void *p) { const qmm_lora *l = p; return l->fw && l->fw->w != 0; }
@@ -120,7 +127,7 @@ void lora_down(const void *p, const float *x, int64_t ldx, int64_t k, int64_t m,
         const int64_t r0 = i / R * 4, c = i % R, nr = m - r0 < 4 ? m - r0 : 4;
         float d[4], w[4];
         int used = 0;
-        for (int64_t r = 0; r < nr; r++) used += (w[r] = l->fw->w[(r0 + r) * l->fw->ld + l->col + c]) != 0.0f;
+        for (int64_t r = 0; r < nr; r++) used += (w[r] = colw(l, r0 + r, c)) != 0.0f;
         if (used == 4) dot4(x + r0 * ldx, ldx, l->A + c * k, k, d);
         else
             for (int64_t r = 0; r < nr; r++) d[r] = w[r] != 0.0f ? dot(x + (r0 + r) * ldx, l->A + c * k, k) : 0.0f;
@@ -160,8 +167,7 @@ void lora_up(const void *p, const float *u, int64_t m, float *y, int64_t ldy, in
             if (a >= e) continue;
             int used[4] = {0, 0, 0, 0}, n_used = 0;
             for (int64_t r = 0; r < nr; r++) {
-                const float *w = l->fw->w + (r0 + r) * l->fw->ld + l->col;
-                for (int64_t c = c0; c < c1; c++) used[r] |= w[c] != 0.0f;
+                for (int64_t c = c0; c < c1; c++) used[r] |= colw(l, r0 + r, c) != 0.0f;
                 n_used += used[r];
                 if (used[r] && !any[r]) {
                     for (int64_t j = 0; j < SPAN; j++) acc[r][j] = 0.0f;
