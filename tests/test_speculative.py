@@ -354,3 +354,19 @@ def test_gamma_adapts_per_sequence(files, prompts):
     assert set(seen["self", False]) == {4}
     assert seen["unrelated", False][-5:] == [1] * 5
     assert set(seen["unrelated", True]) == {4}
+
+
+def test_usage_extra_fields(files):
+    """The server's usage counts the request's draft tokens and accepted ones; the target as its
+    own draft accepts every one."""
+    from test_server import serve
+
+    loaded = _spec(files, "self", gamma=4)
+    loaded.speculative.fixed = True
+    with serve(loaded) as srv:
+        r = srv.client.completions.create(model="x", prompt=TEXTS[1], max_tokens=11, temperature=0.0)
+    use = r.usage.model_dump()
+    # the first token from the prefill, then two runs of 4 drafts + 1: 10 tokens, 8 drafted
+    assert use["completion_tokens"] == 11
+    assert (use["speculative_draft_tokens"], use["speculative_accepted_tokens"]) == (8, 8)
+    assert use["speculative_acceptance_rate"] == 1.0 and use["speculative_mean_accepted_length"] == 5.0

@@ -319,7 +319,7 @@ class Engine:
             top_logprobs=s.top if s is not None else [],
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
-            prompt_time=pt, decode_time=dt,
+            prompt_time=pt, decode_time=dt, speculative=req.spec_counts,
         )
 
     def _final(self, req: Request) -> RequestOutput:

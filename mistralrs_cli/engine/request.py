@@ -23,6 +23,8 @@ class RequestOutput:
     prompt_time: float = 0.0  # seconds from scheduling to the first token
     decode_time: float = 0.0  # seconds from the first token to this one
     error: BaseException | None = None  # with finish_reason "error": what failed this request
+    # speculative decoding so far: (draft tokens proposed, accepted, verify runs), None without it
+    speculative: tuple[int, int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -42,6 +44,7 @@ class Request:
     final_sent: bool = False  # the output carrying finish_reason went out
     t_scheduled: float | None = None
     t_first: float | None = None
+    spec_counts: tuple[int, int, int] | None = None  # speculative decoding: RequestOutput.speculative
 
     @property
     def n_known(self) -> int:

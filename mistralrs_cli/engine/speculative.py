@@ -152,6 +152,8 @@ class Speculator:
         e, known = self.engine, req.n_known
         run = self.judge(req, d, rows)
         accepted = len(run) - 1
+        p0, a0, r0 = req.spec_counts or (0, 0, 0)
+        req.spec_counts = (p0 + len(d.tokens), a0 + accepted, r0 + 1)
         outputs = []
         for s in run:
             outputs.append(e._take(req, s))

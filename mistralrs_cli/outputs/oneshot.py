@@ -55,16 +55,18 @@ def run_oneshot(opts, spec, prompt: str, flags: dict, config: EngineConfig | Non
         print(length_notice(params, last.completion_tokens, loaded.max_context), file=sys.stderr)
     if last is not None and not opts.quiet:
         print(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time)
-              + f" | first token after {ttft:.2f} s" + spec_stats(runner.engine), file=sys.stderr)
+              + f" | first token after {ttft:.2f} s" + spec_stats(last), file=sys.stderr)
 
 
-def spec_stats(engine) -> str:
-    """Speculative decoding's share of the stats line ("" without it)."""
-    spec = getattr(engine, "spec", None)
-    if spec is None or not spec.runs:
+def spec_stats(out) -> str:
+    """Speculative decoding's share of the stats line ("" without it): the request's draft
+    tokens accepted, and tokens emitted per verifying forward pass."""
+    if not out.speculative:
         return ""
-    return (f" | speculative: {spec.accepted}/{spec.proposed} draft tokens accepted "
-            f"({spec.acceptance_rate:.0%}), {spec.mean_accepted_length:.2f} tokens per verify")
+    proposed, accepted, runs = out.speculative
+    rate = accepted / proposed if proposed else 0.0
+    return (f" | speculative: {accepted}/{proposed} draft tokens accepted "
+            f"({rate:.0%}), {(accepted + runs) / runs:.2f} tokens per verify")
 
 
 def _load(opts, spec):

@@ -23,11 +23,13 @@ class ChoiceState:
     prompt_time: float = 0.0
     decode_time: float = 0.0
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # chat-style entries
+    speculative: tuple[int, int, int] | None = None  # (draft tokens proposed, accepted, verify runs)
 
     def add(self, out: RequestOutput, entry: dict[str, Any] | None) -> None:
         self.text += out.text
         self.completion_tokens = out.completion_tokens
         self.prompt_time, self.decode_time = out.prompt_time, out.decode_time
+        self.speculative = out.speculative or self.speculative
         if entry is not None:
             self.logprobs.append(entry)
         if out.finish_reason is not None:
@@ -61,10 +63,17 @@ def usage(prompt_tokens: int, choices: list[ChoiceState]) -> dict[str, Any]:
     c = sum(ch.completion_tokens for ch in choices)
     pt = max((ch.prompt_time for ch in choices), default=0.0)
     dt = max((ch.decode_time for ch in choices), default=0.0)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c,
-            "avg_prompt_tok_per_sec": prompt_tokens / pt if pt else 0.0,
-            "avg_compl_tok_per_sec": c / dt if dt else 0.0,
-            "total_prompt_time_sec": pt, "total_completion_time_sec": dt, "total_time_sec": pt + dt}
+    use = {"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c,
+           "avg_prompt_tok_per_sec": prompt_tokens / pt if pt else 0.0,
+           "avg_compl_tok_per_sec": c / dt if dt else 0.0,
+           "total_prompt_time_sec": pt, "total_completion_time_sec": dt, "total_time_sec": pt + dt}
+    spec = [ch.speculative for ch in choices if ch.speculative]
+    if spec:  # speculative decoding's extra fields (engine/speculative.py)
+        proposed, accepted, runs = (sum(x) for x in zip(*spec))
+        use.update(speculative_draft_tokens=proposed, speculative_accepted_tokens=accepted,
+                   speculative_acceptance_rate=accepted / proposed if proposed else 0.0,
+                   speculative_mean_accepted_length=(accepted + runs) / runs if runs else 0.0)
+    return use
 
 
 def response(kind: str, rid: str, model: str, choices: list[ChoiceState], use: dict[str, Any],
