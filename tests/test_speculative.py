@@ -336,7 +336,7 @@ def test_ngram_cli_and_api(files):
 
 def test_gamma_adapts_per_sequence(files, prompts):
     """A draft that is always right keeps gamma at its most; one rarely right falls to 1 draft
-    token; --gamma-fixed always proposes gamma."""
+    token and pauses between tries; --gamma-fixed always proposes gamma."""
     seen = {}
     for draft, fixed in (("self", False), ("unrelated", False), ("unrelated", True)):
         loaded = _spec(files, draft, gamma=4)
@@ -352,7 +352,8 @@ def test_gamma_adapts_per_sequence(files, prompts):
         seen[draft, fixed] = proposed
         assert req.finish_reason == "length"
     assert set(seen["self", False]) == {4}
-    assert seen["unrelated", False][-5:] == [1] * 5
+    tries = seen["unrelated", False]
+    assert [n for n in tries if n][-5:] == [1] * 5 and tries.count(0) > 5
     assert set(seen["unrelated", True]) == {4}
 
 

@@ -13,7 +13,10 @@ token for token the target's alone.
 
 gamma adapts per sequence unless fixed (SpecConfig.fixed): a run that accepted every draft token
 raises the sequence's gamma by 2, one that rejected some lowers it by 1, within 1..SpecConfig.gamma
-(Hugging Face's "heuristic" assistant schedule, bounded by the configured gamma).
+(Hugging Face's "heuristic" assistant schedule, bounded by the configured gamma). A sequence whose
+single draft token is rejected pauses drafting for 1, 2, 4 ... 16 steps (doubling while it keeps
+failing, reset by an accepted token): a verify chunk costs more than a decode, so a draft that
+never agrees (n-gram lookup on text that does not repeat) should not keep paying for it.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class Speculator:
         vocab = len_logits(engine.model)
         self.source = ModelDraft(cfg.draft, vocab) if cfg.draft is not None else NgramDraft(cfg.ngram)
         self.gammas: dict[Request, int] = {}
+        self.waits: dict[Request, tuple[int, int]] = {}  # paused sequences: (steps left, pause length)
         self.proposed = self.accepted = self.runs = 0  # since start, over every request
 
     # ---- stats ----
@@ -77,6 +81,7 @@ class Speculator:
     def release(self, req: Request) -> None:
         self.source.release(req)
         self.gammas.pop(req, None)
+        self.waits.pop(req, None)
 
     # ---- one step ----
     def step(self, work: list[Scheduled]) -> list[RequestOutput]:
@@ -100,6 +105,10 @@ class Speculator:
         """Draft tokens for this sequence now: 0 unless it decodes with a KV cache and room."""
         req, e = w.req, self.engine
         if w.n != 1 or req.n_known - req.n_computed != 1 or req.cache is None or e.xlora is not None:
+            return 0
+        left, length = self.waits.get(req, (0, 0))
+        if left > 0:
+            self.waits[req] = (left - 1, length)
             return 0
         g = self.cfg.gamma if self.cfg.fixed else self.gammas.setdefault(req, self.cfg.gamma)
         if req.params.max_tokens is not None:  # no draft past what may still be emitted
@@ -165,11 +174,19 @@ class Speculator:
             req.cache.commit(req.tokens(0, req.n_computed))
         self.source.rollback(req, req.n_computed)
         self.proposed, self.accepted, self.runs = self.proposed + len(d.tokens), self.accepted + accepted, self.runs + 1
-        if req in self.gammas:
-            g = self.gammas[req] + 2 if accepted == len(d.tokens) else self.gammas[req] - 1
-            self.gammas[req] = min(max(g, 1), self.cfg.gamma)
+        if req in self.gammas and not self.cfg.fixed:
+            self._adapt(req, accepted, len(d.tokens))
         log.debug("request %s: %d of %d draft tokens accepted", req.id, accepted, len(d.tokens))
         return outputs
+
+    def _adapt(self, req: Request, accepted: int, proposed: int) -> None:
+        g = self.gammas[req] + 2 if accepted == proposed else self.gammas[req] - 1
+        self.gammas[req] = min(max(g, 1), self.cfg.gamma)
+        if accepted:
+            self.waits.pop(req, None)
+        elif proposed == 1:  # even one draft token fails: pause, longer each time
+            length = min(2 * self.waits.get(req, (0, 0))[1] or 1, 16)
+            self.waits[req] = (length, length)
 
     def judge(self, req: Request, d: Draft, rows) -> list:
         """The emitted run: the accepted draft tokens, then the target's own token (Sampled each)."""
