@@ -371,3 +371,25 @@ def test_usage_extra_fields(files):
     assert use["completion_tokens"] == 11
     assert (use["speculative_draft_tokens"], use["speculative_accepted_tokens"]) == (8, 8)
     assert use["speculative_acceptance_rate"] == 1.0 and use["speculative_mean_accepted_length"] == 5.0
+
+
+def test_plain_checkpoints_and_draft_isq(tmp_path, files):
+    """Plain (safetensors) target and draft, the draft quantized at load with --draft-isq; and a
+    GGUF target with a plain draft: the target's greedy text."""
+    import json
+
+    for name, model in (("target", gb.tiny_llama(0)), ("draft", noisy_copy(gb.tiny_llama(0), 0.003, 1))):
+        model.save_pretrained(tmp_path / name)
+        files["tok"].save(str(tmp_path / name / "tokenizer.json"))
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"bos_token": gb.BOS, "eos_token": gb.EOS}))
+    args = ["--raw", "--prompt", "the quick", "--max-tokens", "16", "--temperature", "0"]
+    runs = {"alone": ["plain", "-m", str(tmp_path / "target")],
+            "plain pair": ["speculative", "-m", str(tmp_path / "target"), "-d", str(tmp_path / "draft"),
+                           "--draft-isq", "Q8_0"],
+            "gguf + plain": ["speculative", "-f", str(files["target"]), "-d", str(tmp_path / "draft")],
+            "gguf alone": ["gguf", "-f", str(files["target"])]}
+    out = {k: subprocess.run([str(MISTRALRS), *args, *v], capture_output=True, text=True) for k, v in runs.items()}
+    assert all(r.returncode == 0 for r in out.values()), {k: r.stderr[-300:] for k, r in out.items()}
+    assert out["plain pair"].stdout == out["alone"].stdout
+    assert out["gguf + plain"].stdout == out["gguf alone"].stdout
+    assert "draft tokens accepted" in out["plain pair"].stderr
