@@ -164,7 +164,7 @@ def load_lora(spec: LoraSpec, opts: LoadOptions) -> Loaded:
 def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
     from .xlora import load_xlora as load
 
-    return load(spec, opts)
+    return load(spec, opts, lambda base, o: LOADERS[type(base)](base, o))  # as load_lora
 
 
 LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain, LoraSpec: load_lora,

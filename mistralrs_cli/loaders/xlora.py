@@ -105,14 +105,15 @@ def _base_from_order(spec: XLoraSpec) -> XLoraSpec:
     return replace(spec, base=replace(spec.base, model_id=model_id))
 
 
-def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
-    from .load import LOADERS
+def load_xlora(spec: XLoraSpec, opts: LoadOptions, load_base) -> Loaded:
+    """load_base: load.py's loader of the base's spec type, passed down (importing load.py here
+    would be an import cycle)."""
     from .lora import _base_ids
 
     spec = _base_from_order(spec)
     ids, flag = _base_ids(spec.base)
     files = read_xlora(spec.xlora_model_id, spec.order, ids, flag, opts.token_source)
-    loaded = LOADERS[type(spec.base)](spec.base, opts)
+    loaded = load_base(spec.base, opts)
     return build(loaded, files, spec.tgt_non_granular_index)
 
 
