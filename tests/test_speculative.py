@@ -393,3 +393,12 @@ def test_plain_checkpoints_and_draft_isq(tmp_path, files):
     assert out["plain pair"].stdout == out["alone"].stdout
     assert out["gguf + plain"].stdout == out["gguf alone"].stdout
     assert "draft tokens accepted" in out["plain pair"].stderr
+
+
+def test_larger_draft_is_a_warning(tmp_path, files, caplog):
+    big = gb.write_gguf(tmp_path / "big.gguf", gb.tiny_llama(7, num_hidden_layers=4), gb.gguf_vocab(files["tok"]),
+                        qtype=Q.Q8_0)
+    with caplog.at_level("WARNING"):
+        loaded = load(SpeculativeSpec(GGUFSpec(str(files["target"])), GGUFSpec(str(big)), 3), OPTS)
+    assert loaded.speculative.draft is not None
+    assert any("is larger than the target" in r.getMessage() for r in caplog.records)
