@@ -5,12 +5,27 @@ A source proposes tokens for many sequences at once (`propose`), forgets positio
 rejected (`rollback`) and drops a finished sequence (`release`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 
 from ..models.batch import SeqSlice
 from .kv_cache import cache_for
 from .request import Request
 from .sampler import distribution, draw, greedy_token
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[Any] = field(default_factory=list)  # q of each token (None: the draft was certain)
+
+
+def history(req: Request) -> list[int]:
+    """The tokens the penalties look at, as Engine._advance passes them."""
+    n, last = req.n_known, req.params.repeat_last_n
+    return req.tokens(max(0, n - last) if last > 0 else 0, n)
 
 
 class ModelDraft:
@@ -34,8 +49,6 @@ class ModelDraft:
             cache.truncate(n)
 
     def propose(self, reqs: list[Request], gammas: list[int]) -> dict:
-        from .speculative import Draft
-
         drafts = {r: Draft() for r in reqs}
         feeds = {}
         for r in reqs:
@@ -70,8 +83,6 @@ class ModelDraft:
     @staticmethod
     def _draw(r: Request, logits, drafted: list[int]):
         """The draft's token and the distribution q it was drawn from (None when greedy)."""
-        from .speculative import history
-
         p, hist = r.params, history(r) + drafted
         if p.greedy:
             return greedy_token(logits, hist, p), None
@@ -95,8 +106,6 @@ class NgramDraft:
         pass
 
     def propose(self, reqs: list[Request], gammas: list[int]) -> dict:
-        from .speculative import Draft
-
         return {r: Draft(*self._lookup(r.tokens(0, r.n_known), g)) for r, g in zip(reqs, gammas)}
 
     def _lookup(self, toks: list[int], g: int) -> tuple[list[int], list]:

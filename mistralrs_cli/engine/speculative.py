@@ -21,12 +21,13 @@ never agrees (n-gram lookup on text that does not repeat) should not keep paying
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..models.batch import SeqSlice
+from .drafts import Draft, ModelDraft, NgramDraft, history
 from .paged import PagedSeqCache
 from .request import Request, RequestOutput
 from .sampler import _RNG, distribution, draw, greedy_token, sample, with_logprobs
@@ -45,22 +46,8 @@ class SpecConfig:
     fixed: bool = False  # keep gamma fixed (benchmarks) instead of adapting it per sequence
 
 
-@dataclass
-class Draft:
-    tokens: list[int] = field(default_factory=list)
-    probs: list[Any] = field(default_factory=list)  # q of each token (None: the draft was certain)
-
-
-def history(req: Request) -> list[int]:
-    """The tokens the penalties look at, as Engine._advance passes them."""
-    n, last = req.n_known, req.params.repeat_last_n
-    return req.tokens(max(0, n - last) if last > 0 else 0, n)
-
-
 class Speculator:
     def __init__(self, engine, cfg: SpecConfig):
-        from .drafts import ModelDraft, NgramDraft
-
         self.engine, self.cfg = engine, cfg
         vocab = len_logits(engine.model)
         self.source = ModelDraft(cfg.draft, vocab) if cfg.draft is not None else NgramDraft(cfg.ngram)
