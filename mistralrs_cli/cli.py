@@ -334,7 +334,7 @@ def bench_options(
 
 
 for _name, _fn in (("gguf", gguf), ("ggml", ggml), ("plain", plain), ("lora", lora), ("lora-gguf", lora_gguf),
-                   ("lora-ggml", lora_ggml)):
+                   ("lora-ggml", lora_ggml), ("speculative", speculative)):
     bench_app.command(_name, no_args_is_help=True)(_fn)
 
 

@@ -405,3 +405,11 @@ def test_larger_draft_is_a_warning(tmp_path, files, caplog):
         loaded = load(SpeculativeSpec(GGUFSpec(str(files["target"])), GGUFSpec(str(big)), 3), OPTS)
     assert loaded.speculative.draft is not None
     assert any("is larger than the target" in r.getMessage() for r in caplog.records)
+
+
+def test_bench_reports_acceptance(files):
+    r = subprocess.run([str(MISTRALRS.parent / "mistralrs-bench"), "-p", "0", "-g", "8", "-r", "1", "speculative",
+                        "-f", str(files["target"]), "--draft-file", str(files["target"])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| tg 8 |" in r.stdout
+    assert "speculative: " in r.stderr and "(100%)" in r.stderr

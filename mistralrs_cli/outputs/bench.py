@@ -119,6 +119,10 @@ def run_tests(loaded, opts: BenchOptions, backend: str = "cpu") -> list[BenchRow
             mean, std = _stats(tps)
             rows.append(BenchRow(loaded.model_id, backend, f"{test} {n}", c, mean, std, 1e3 / mean,
                                  statistics.fmean(thr), statistics.fmean(ttft) if ttft else float("nan")))
+    spec = engine.spec
+    if spec is not None and spec.runs:  # speculative decoding: how much of the drafts the target kept
+        print(f"speculative: {spec.accepted}/{spec.proposed} draft tokens accepted ({spec.acceptance_rate:.0%}), "
+              f"{spec.mean_accepted_length:.2f} tokens per verify", file=sys.stderr)
     return rows
 
 
