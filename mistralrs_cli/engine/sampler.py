@@ -16,6 +16,7 @@ import numpy as np
 from ..types import SamplingParams
 
 _RNG = np.random.default_rng()  # requests without a seed
+_BIG = np.finfo(np.float32).max
 
 
 def new_generator(seed: int | None) -> np.random.Generator | None:
@@ -126,7 +127,11 @@ def biased(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
 
 
 def greedy_token(logits, history: Sequence[int], p: SamplingParams) -> int:
-    return int(np.argmax(_finite(biased(logits, history, p))))
+    x = biased(logits, history, p)
+    i = int(np.argmax(x))  # a NaN or +inf anywhere would be the argmax, so a finite maximum
+    if -_BIG < x[i] < np.inf:  # means _finite would change no candidate: skip its vocabulary-wide scan
+        return i
+    return int(np.argmax(_finite(x)))
 
 
 def distribution(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
