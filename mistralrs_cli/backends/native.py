@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from . import repack_cache
-
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c")]
@@ -273,12 +271,10 @@ class Plan:
         return out
 
 
-def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, n_threads: int | None = None,
-                  cache: tuple[Path, str] | None = None) -> list[Plan]:
+def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, n_threads: int | None = None) -> list[Plan]:
     """One single-part Plan per (raw rows, qtype, rows, from_file), every repack in one C call
     (repack_jobs) that does not hold Python's lock. A from_file slice's pages of the file mapping
-    are dropped once it is repacked (never pass a heap array as from_file). cache: (the GGUF
-    file, its numerics mode): the packed bytes are read from / kept in repack_cache."""
+    are dropped once it is repacked (never pass a heap array as from_file)."""
     slots, jobs = [], []
     for raw, qtype, rows, from_file in parts:
         t, code = _contiguous(raw), int(qtype)
@@ -292,7 +288,7 @@ def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, n_threads: int | None = 
         slots.append((t, code, rows, (packed, len(jobs))))
         jobs.append(RepackJob(how[0], code, ptr(t), rows, k, ptr(packed), t.nbytes, int(from_file), 0))
     arr = (RepackJob * len(jobs))(*jobs)
-    _repack(lib, arr, [s[3][0] for s in slots if s[3] is not None], n_threads, cache)
+    lib.repack_jobs(arr, len(jobs), n_threads or threads())
     plans = []
     for t, code, rows, job in slots:
         if job is not None and arr[job[1]].rc == 0:
@@ -301,19 +297,6 @@ def plans_at_once(parts: list[tuple], lib: ctypes.CDLL, n_threads: int | None = 
         plan._fill([(t, code, rows)])
         plans.append(plan)
     return plans
-
-
-def _repack(lib: ctypes.CDLL, arr, outs: list[np.ndarray], n_threads: int | None, cache) -> None:
-    """repack_jobs, or its output read back from repack_cache (every job's rc stays 0 then)."""
-    where = None
-    if cache is not None and sum(o.nbytes for o in outs) >= repack_cache.MIN_BYTES:
-        layout = [(j.k_kind, j.type, j.n, j.k, o.nbytes) for j, o in zip(arr, outs)]
-        where = repack_cache.locate(Path(cache[0]), cache[1], getattr(lib, "_name", ""), layout, _cache_dir())
-    if where is not None and repack_cache.read(*where, outs):
-        return
-    lib.repack_jobs(arr, len(arr), n_threads or threads())
-    if where is not None and all(j.rc == 0 for j in arr):
-        repack_cache.write(*where, outs)
 
 
 def library() -> ctypes.CDLL | None:

@@ -164,9 +164,7 @@ class NativeModel:
             slices += [(name, (raw[r0:r0 + step], t[name].qtype, len(raw[r0:r0 + step]), from_file))
                        for r0 in range(0, raw.shape[0], step)]
         parts: dict[str, list] = {}
-        # a later start reads the repacked bytes back from the cache dir (backends/repack_cache.py)
-        cache = (gf.path, numerics) if getattr(gf, "path", None) else None
-        for (name, _), plan in zip(slices, native.plans_at_once([part for _, part in slices], lib, cache=cache)):
+        for (name, _), plan in zip(slices, native.plans_at_once([part for _, part in slices], lib)):
             parts.setdefault(name, []).append(plan)
         for name, ps in parts.items():
             plans[name] = ps[0] if len(ps) == 1 else native.Plan.join(ps)
