@@ -10,6 +10,7 @@ The target runs on the native runtime (a Q8_0 tiny llama), whose verify chunks c
 exactly as a decode step does (test_engine_batch.py), so "identical" is bit for bit."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,16 @@ def test_gamma_fixed_and_max_tokens_exact(files, prompts, reference):
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=True)
         out, _ = _run(loaded, prompts[:2], params)
         assert out == [r[:n] for r in reference[:2]]
+
+
+def test_no_kv_cache_turns_speculation_off_with_a_warning(files, prompts, reference, caplog):
+    """Verifying drafts rolls the cache back, so without one the engine says it runs no drafts."""
+    loaded = _spec(files, "self")
+    with caplog.at_level(logging.WARNING, logger="mistralrs_cli.engine.engine"):
+        out, engine = _run(loaded, prompts[:1], cfg=EngineConfig(no_kv_cache=True))
+    assert engine.spec is None
+    assert "speculative decoding is off: it does not run with --no-kv-cache" in caplog.text
+    assert [t for t, _ in out[0]] == [t for t, _ in reference[0]]
 
 
 def test_api_runner(files, prompts, reference):

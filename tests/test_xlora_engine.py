@@ -5,6 +5,8 @@ tests/xlora_models.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mistralrs_cli.engine.engine import Engine
+from mistralrs_cli.loaders.speculative import ngram_config
 from mistralrs_cli.types import EngineConfig
 from xlora_models import IDS, build_base, generate, load_x, make_xlora, peft_greedy
 
@@ -53,6 +56,18 @@ def test_other_caches(served, config):
     """--no-kv-cache (every step recomputes the sequence, the scaling pass too) and --no-paged-attn."""
     loaded, xm = served
     assert generate(Engine(loaded, config), [(IDS, None), ([5, 77, 300], [])], 4)[0] == peft_greedy(xm, IDS, 4)
+
+
+def test_speculation_is_off_on_an_xlora_model_with_a_warning(served, caplog):
+    """--spec-ngram on an x-lora subcommand: drafts would need the scaling pass rolled back too, so
+    the engine runs none and says so; the text stays peft's."""
+    loaded, xm = served
+    loaded = dataclasses.replace(loaded, speculative=ngram_config(2))
+    with caplog.at_level(logging.WARNING, logger="mistralrs_cli.engine.engine"):
+        engine = Engine(loaded, EngineConfig(block_size=4))
+    assert engine.spec is None
+    assert "speculative decoding is off: it does not run on an X-LoRA model" in caplog.text
+    assert generate(engine, [(IDS, None)], 4)[0] == peft_greedy(xm, IDS, 4)
 
 
 @pytest.mark.parametrize("tgt", [0, 2])

@@ -81,10 +81,14 @@ class Engine:
             self.xlora = XLoraStep(self.model, loaded.xlora, loaded.adapters, cfg.no_kv_cache,
                                    loaded.xlora.tgt_non_granular_index)
         self.spec = None  # speculative decoding (speculative.py), with a draft model or --spec-ngram
-        if getattr(loaded, "speculative", None) is not None and not cfg.no_kv_cache:
-            from .speculative import Speculator
+        if getattr(loaded, "speculative", None) is not None:
+            if cfg.no_kv_cache or self.xlora is not None:  # verifying drafts needs a cache to roll back
+                log.warning("speculative decoding is off: it does not run %s",
+                            "with --no-kv-cache" if cfg.no_kv_cache else "on an X-LoRA model")
+            else:
+                from .speculative import Speculator
 
-            self.spec = Speculator(self, loaded.speculative)
+                self.spec = Speculator(self, loaded.speculative)
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
