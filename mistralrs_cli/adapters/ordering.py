@@ -9,14 +9,13 @@ all read `zephyr-7b-beta`). An absent or null base_model_id is not checked.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .peft_files import CONFIG
+from .peft_files import CONFIG, read_json_object
 
 
 @dataclass
@@ -61,12 +60,8 @@ def read_ordering(path_str: str) -> Ordering:
     if not path.is_file():
         raise UserError(f"ordering file {path} does not exist; pass one with -o/--order "
                         "(scripts/create_ordering.py writes one).")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read ordering file {path} as JSON ({e}); fix the file.") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"ordering file {path} is not a JSON object; see orderings/README.md for its fields.")
+    raw = read_json_object(path, "fix the file.", f"ordering file {path} is not a JSON object; see "
+                           "orderings/README.md for its fields.", what="ordering file ")
     base = raw.get("base_model_id")
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: `base_model_id` must be a string (a model id); fix the file.")

@@ -24,17 +24,26 @@ _UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks (rank_patt
                 "alpha_pattern": "per-module alphas (alpha_pattern)", "lora_bias": "LoRA biases (lora_bias)"}
 
 
+def read_json_object(path: Path, fix: str, not_object: str, what: str = "") -> dict[str, Any]:
+    """An adapter-side JSON file (adapter config, ordering, xlora_config.json) as a dict: one that
+    does not parse is "cannot read <what><path> as JSON (...); <fix>", one that is not an object
+    is not_object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what}{path} as JSON ({e}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise UserError(not_object)
+    return raw
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     if not path.is_file():
         raise UserError(f"{path} does not exist; an adapter folder needs peft's {CONFIG} and {WEIGHTS} "
                         "(written by save_pretrained).")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as JSON ({e}); fix the file or save the adapter again.") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} is not a JSON object; save the adapter again with peft.")
+    cfg = read_json_object(path, "fix the file or save the adapter again.",
+                           f"{path} is not a JSON object; save the adapter again with peft.")
     kind = cfg.get("peft_type", "LORA")
     if str(kind).upper() != "LORA":
         raise UserError(f"{path} describes a {kind} adapter; only LoRA adapters (peft_type LORA) load here.")

@@ -11,7 +11,6 @@ every LoRA-wrapped linear layer its own scalings when `layerwise_scalings` is se
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .peft_files import read_json_object
 
 CONFIG_FILE, CLASSIFIER_FILE = "xlora_config.json", "xlora_classifier.safetensors"
 
@@ -57,12 +57,7 @@ def read_config(folder: Path) -> XLoraConfig:
     if not path.is_file():
         raise UserError(f"{folder} has no {CONFIG_FILE}; -x/--xlora-model-id must name an X-LoRA model "
                         f"folder (xlora_config.json, {CLASSIFIER_FILE} and one folder per adapter).")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as JSON ({e}); fix the file.") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a JSON object.")
+    raw = read_json_object(path, "fix the file.", f"{path} must hold a JSON object.")
     known = {f.name for f in fields(XLoraConfig)}
     kw: dict[str, Any] = {}
     for key, value in raw.items():
