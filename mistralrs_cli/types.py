@@ -56,6 +56,15 @@ class LoadOptions:
     spec_ngram: int | None = None
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on a sequence's output. kind: "regex", "lark", "json_schema" or "llguidance"
+    (mistral.rs's request field `grammar`); value: the regex, the Lark text, the JSON schema as JSON
+    text, or an llguidance grammar as JSON text."""
+    kind: str
+    value: str
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # < 1e-7: greedy
@@ -77,6 +86,8 @@ class SamplingParams:
     # LoRA adapters (by name) this request runs with; None: the engine's active set
     # (adapters/bank.py; a request field `adapters` on the server, mistral.rs's name)
     adapters: list[str] | None = None
+    # a constraint on the output (grammar/; masks computed by llguidance); None: free text
+    grammar: "Grammar | None" = None
 
     @property
     def greedy(self) -> bool:
