@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
+from .cli_help import GroupedHelp, print_version
 from .errors import UserError
 from .run import RunOptions, run
 from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
 from .validation import Limits
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    cls=GroupedHelp, add_completion=True, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Fast LLM inference: mistral.rs's command line, in Python.\n\n"
          "Global options go before the subcommand: mistralrs --prompt 'Hi' gguf -f model.gguf",
@@ -33,6 +34,7 @@ NUMERICS_HELP = ("Arithmetic on quantized weights (GGUF, GGML, --isq): precise (
 @app.callback()
 def global_options(
     ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=print_version, help="Print the version and exit."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: complete TEXT ('-' reads stdin), print to stdout, stats to stderr."),
     interactive: bool = typer.Option(False, "-i", "--interactive", help="Interactive chat in the terminal."),
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as a plain completion (no chat template; BOS per the tokenizer)."),
