@@ -37,6 +37,16 @@ class PlainSpec:
 
 
 @dataclass
+class VisionSpec:
+    """`mistralrs vision-plain`: a Hugging Face vision-language checkpoint (config.json with a
+    vision_config, safetensors, preprocessor_config.json), local or a repo."""
+
+    model_id: str
+    arch: str | None = None  # llava; default: config.json's architectures[0]
+    tokenizer_json: str | None = None
+
+
+@dataclass
 class LoadOptions:
     """Global options that shape loading."""
 

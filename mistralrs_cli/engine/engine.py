@@ -19,6 +19,7 @@ from ..models.batch import SeqSlice
 from ..types import EngineConfig, SamplingParams
 from ..validation import check_kv_pool
 from .adapter_rows import AdapterRows
+from .image_rows import ImageRows
 from .kv_cache import cache_for
 from .paged import PagedKV, PagedSeqCache, PoolShape
 from .request import Request, RequestOutput
@@ -92,25 +93,30 @@ class Engine:
 
     # ---- requests in ----
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, images=None) -> Request:
+        """images: vision/prompt.py PromptImages for a prompt whose placeholders were expanded."""
         rid = request_id or f"req-{next(_ids)}"
-        prompt_ids = self._fit_prompt(list(prompt_ids))
+        prompt_ids = self._fit_prompt(list(prompt_ids), images)
         if params.adapters is not None or self.xlora is None:  # None on an X-LoRA model: X-LoRA
             adapters = self.adapter_rows.resolve(params.adapters)
             if adapters != params.adapters:  # fixed now: a later set_active_adapters leaves it alone
                 params = dataclasses.replace(params, adapters=adapters)
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
         req.generator = new_generator(params.seed)
+        req.images = images
         if params.max_tokens == 0:  # nothing to generate: finish without computing
             req.finish_reason = "length"
         self.scheduler.add(req)
         return req
 
-    def _fit_prompt(self, ids: list[int]) -> list[int]:
+    def _fit_prompt(self, ids: list[int], images=None) -> list[int]:
         if not ids:
             raise UserError("the prompt is empty after tokenization; send some text.")
+        if images is not None and self.loaded.vision is None:
+            raise UserError(f"model {self.loaded.model_id} takes no images; send text only, or load a "
+                            "vision model with vision-plain.")
         if len(ids) >= self.max_context:
-            if not self.cfg.truncate_sequence:
+            if not self.cfg.truncate_sequence or images is not None:  # cutting would split an image
                 raise UserError(f"the prompt has {len(ids)} tokens but the model's context is "
                                 f"{self.max_context}; shorten it or pass --truncate-sequence.")
             ids = ids[-(self.max_context - 1):]
@@ -167,7 +173,10 @@ class Engine:
             # past --tgt-non-granular-index a row's keys depend on where its prompt ended too
             return ("x-lora", None if self.xlora.tgt is None else len(req.prompt_ids))
         names = req.params.adapters
-        return ("lora", *sorted(names)) if names and self.adapter_rows.bank is not None else None
+        salt = ("lora", *sorted(names)) if names and self.adapter_rows.bank is not None else None
+        if req.images is not None:  # image rows' keys depend on the image: key them by its content
+            salt = ("images", req.images.digests, salt)
+        return salt
 
     def _release(self, req: Request, keep_prefix: bool = False) -> None:
         if isinstance(req.cache, PagedSeqCache):
@@ -215,6 +224,7 @@ class Engine:
         """One flattened forward pass over the scheduled chunks -> (request, logits row) for each
         request whose prompt is now all computed."""
         ids, positions, seqs, rows, sampled = [], [], [], [], []
+        embeds = ImageRows(self.loaded.vision)
         for w in work:
             req, start = w.req, len(ids)
             if req.t_scheduled is None:
@@ -222,6 +232,7 @@ class Engine:
             ids.extend(req.tokens(req.n_computed, req.n_computed + w.n))
             positions.extend(range(req.n_computed, req.n_computed + w.n))
             seqs.append(SeqSlice(start, start + w.n, req.cache))
+            embeds.add(req.images, req.n_computed, w.n, start)
             if req.n_computed + w.n == req.n_known:
                 sampled.append(req)
                 rows.append(start + w.n - 1)
@@ -229,6 +240,8 @@ class Engine:
         if self.xlora is not None:  # the scaling pass of this step's X-LoRA sequences
             weights = self.xlora.fill(weights, work, len(ids))
         kw = {} if weights is None else {"adapter_weights": weights}
+        if embeds:
+            kw["input_embeds"] = embeds.joined()
         logits = self.model.step(ids, positions, seqs, rows, **kw)
         self._computed(work)
         return list(zip(sampled, logits))
@@ -330,8 +343,8 @@ class Engine:
         return self._emit(req, None, None, flush=False)
 
     # ---- convenience: run one request to the end on this thread ----
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        req = self.add_request(prompt_ids, params)
+    def generate(self, prompt_ids: list[int], params: SamplingParams, images=None) -> Iterator[RequestOutput]:
+        req = self.add_request(prompt_ids, params, images=images)
         try:
             while True:
                 for out in self.step():

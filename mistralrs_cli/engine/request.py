@@ -45,6 +45,7 @@ class Request:
     t_scheduled: float | None = None
     t_first: float | None = None
     spec_counts: tuple[int, int, int] | None = None  # speculative decoding: RequestOutput.speculative
+    images: Any = None  # vision/prompt.py PromptImages: the prompt rows that are image features
 
     @property
     def n_known(self) -> int:

@@ -52,9 +52,10 @@ class EngineThread:
 
     # ---- any thread ----
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink,
-               request_id: str | None = None) -> str:
-        """Queue a request; raises UserError for a prompt the engine cannot take."""
-        ids = self.engine._fit_prompt(list(prompt_ids))  # pure: safe off the engine thread
+               request_id: str | None = None, images=None) -> str:
+        """Queue a request; raises UserError for a prompt the engine cannot take. images: the
+        prompt's PromptImages (vision/prompt.py), for a vision model."""
+        ids = self.engine._fit_prompt(list(prompt_ids), images)  # pure: safe off the engine thread
         rid = request_id or f"r{next(_ids)}"
         with self._lock:  # put under the lock: a failing thread drains the inbox under it
             self._check_alive()
@@ -63,7 +64,7 @@ class EngineThread:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests are already queued")
             self._pending += 1
-            self._inbox.put(("add", rid, ids, params, sink))
+            self._inbox.put(("add", rid, ids, params, sink, images))
         return rid
 
     def _check_alive(self) -> None:
@@ -88,10 +89,10 @@ class EngineThread:
             raise value
         return value
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams, images=None) -> Iterator[RequestOutput]:
         """A blocking iterator over one request's deltas; closing it early aborts the request."""
         q: queue.Queue = queue.Queue()
-        rid = self.submit(prompt_ids, params, q.put)
+        rid = self.submit(prompt_ids, params, q.put, images=images)
         finished = False
         try:
             while not finished:
@@ -172,10 +173,10 @@ class EngineThread:
     def _handle(self, msg: tuple) -> bool:
         kind = msg[0]
         if kind == "add":
-            _, rid, ids, params, sink = msg
+            _, rid, ids, params, sink, images = msg
             self._sinks[rid] = sink
             try:  # add_request puts the request in the scheduler last: on error it holds nothing
-                self.engine.add_request(ids, params, rid)
+                self.engine.add_request(ids, params, rid, images=images)
             except Exception as e:  # a UserError is the client's mistake, anything else a bug
                 if not isinstance(e, UserError):
                     log.error("adding request %s failed", rid, exc_info=e)

@@ -19,7 +19,7 @@ import numpy as np
 from .. import hub
 from ..errors import UserError
 from ..sampling_defaults import from_generation_config
-from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, VisionSpec, XLoraSpec
 from .builtin_templates import builtin_template
 from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
@@ -167,8 +167,14 @@ def load_xlora(spec: XLoraSpec, opts: LoadOptions) -> Loaded:
     return load(spec, opts, lambda base, o: LOADERS[type(base)](base, o))  # as load_lora
 
 
+def load_vision(spec: VisionSpec, opts: LoadOptions) -> Loaded:
+    from .vision import load_vision as load
+
+    return load(spec, opts)
+
+
 LOADERS = {GGUFSpec: load_gguf, GGMLSpec: load_ggml, PlainSpec: load_plain, LoraSpec: load_lora,
-           XLoraSpec: load_xlora}
+           XLoraSpec: load_xlora, VisionSpec: load_vision}
 
 
 def _no_nvidia_device() -> bool:

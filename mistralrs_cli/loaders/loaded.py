@@ -32,6 +32,8 @@ class Loaded:
     xlora: Any = None
     # speculative decoding (engine/speculative.py SpecConfig: a draft model or n-gram lookup), or None
     speculative: Any = None
+    # a vision model's image encoder and processor (vision/prompt.py Vision), or None
+    vision: Any = None
 
     @property
     def max_context(self) -> int:

@@ -53,14 +53,17 @@ class CausalLM(nn.Module):
         return self.kv_dtype if self.kv_dtype != self.dtype and self.dtype == torch.float32 else None
 
     def step(self, ids: list[int], positions: list[int], seqs: list, rows: list[int], hidden: bool = False,
-             adapter_weights=None):
+             adapter_weights=None, input_embeds=None):
         """The engine's call: one flattened batch -> logits of `rows` as a float32 numpy array.
         hidden=True (X-LoRA's scaling pass): the final hidden states of every row instead, after
         the final norm (transformers' hidden_states[-1], what peft's XLoraClassifier reads).
-        adapter_weights: the LoRA weights of each row (adapters/bank.py), or None."""
+        adapter_weights: the LoRA weights of each row (adapters/bank.py), or None.
+        input_embeds: (rows, vectors) given in place of those rows' token embeddings (vision), or None."""
         with torch.inference_mode():
-            batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows),
+            batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows, dtype=torch.long),
                           adapter_weights=adapter_weights)
+            if input_embeds is not None:
+                batch.input_embeds = (torch.as_tensor(input_embeds[0]), input_embeds[1])
             if hidden:
                 batch.memo["hidden"] = True
             logits = self(torch.tensor(ids), batch)
@@ -72,12 +75,16 @@ class CausalLM(nn.Module):
         if lora is not None:
             lora.begin(batch.adapter_weights)
         # the fused native layers know no adapters: a batch with adapter rows takes the modules
-        if self.native is not None and batch.adapter_weights is None and self.native.handles(batch):
+        if (self.native is not None and batch.adapter_weights is None and batch.input_embeds is None
+                and self.native.handles(batch)):
             return self.native(input_ids, batch)
         h = self.model.embed_tokens(input_ids).to(self.dtype)  # (T, hidden)
         mult = self.embed_multiplier()
         if mult is not None:
             h = h * torch.tensor(mult, dtype=h.dtype)
+        if batch.input_embeds is not None:  # image features are not scaled (as transformers)
+            rows, vectors = batch.input_embeds
+            h[rows] = vectors.to(h.dtype)
         for layer in self.model.layers:
             h = layer(h, batch)
         if batch.logits_rows is not None:

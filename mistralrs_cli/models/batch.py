@@ -24,3 +24,6 @@ class Batch:
     # LoRA / X-LoRA: (n_layers, T, n_adapters) float32 weight of each adapter for each row, or None
     # (no adapter on any row); see adapters/bank.py
     adapter_weights: Any = None
+    # vision: (rows (K,), vectors (K, hidden)): these rows' input embeddings are the given vectors
+    # (image features) in place of their tokens' embeddings; None: every row embeds its token
+    input_embeds: Any = None

@@ -1,0 +1,92 @@
+"""vision-plain, the mechanism: transformers' CLIPImageProcessor (its PIL backend) against ours
+on five odd images (pixels within 1e-5), and a tiny random LlavaForConditionalGeneration
+against our llama text model + CLIP tower + projector (logits within 1e-4 for prompts with one
+and two images, and greedy text through the engine equal to transformers' generate)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vision_models as vm
+from mistralrs_cli.engine.engine import Engine
+from mistralrs_cli.errors import UserError
+from mistralrs_cli.loaders.load import load
+from mistralrs_cli.models.layers import SeqSlice
+from mistralrs_cli.types import EngineConfig, LoadOptions, SamplingParams, VisionSpec
+from mistralrs_cli.vision import images as vi
+from mistralrs_cli.vision.processors import processor_from_config
+
+F32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava")
+    hf = vm.tiny_llava(0)
+    vm.save_llava(hf, path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        loaded = load(VisionSpec(str(path)), LoadOptions(token_source="none"))
+    return path, hf, loaded
+
+
+@pytest.mark.parametrize("sizes", [(40, 32), (24, 32), (32, 32)])  # shortest edge, crop (24: padded)
+def test_pixels_match_transformers(tmp_path, sizes):
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    edge, crop = sizes
+    CLIPImageProcessorPil(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop}).save_pretrained(tmp_path)
+    ref = CLIPImageProcessorPil.from_pretrained(tmp_path)
+    ours = processor_from_config(json.loads((tmp_path / "preprocessor_config.json").read_text()), "test")
+    for name, data in vm.odd_images().items():
+        want = ref(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"][0]
+        got = ours(vi.decode(data, name).pil)
+        assert got.shape == want.shape and got.dtype == np.float32, name
+        assert np.abs(got - want).max() <= 1e-5, name
+
+
+def _prompt(loaded, n_images: int, text: str) -> list[int]:
+    parts = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    rendered = loaded.chat_template.render([{"role": "user", "content": parts}], bos_token=loaded.bos_token,
+                                           eos_token=loaded.eos_token, flatten_content=False)
+    return loaded.tokenizer.encode(rendered, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("names", [["tall"], ["rgba", "wide"]])
+def test_logits_match_transformers(llava, names):
+    _, hf, loaded = llava
+    imgs = [vi.decode(vm.odd_images()[n], n) for n in names]
+    ids, mm = loaded.vision.expand(_prompt(loaded, len(imgs), "the quick brown fox"), imgs, "test")
+    assert ids.count(loaded.vision.image_token_id) == 16 * len(imgs)
+    want = vm.hf_logits(hf, ids, np.stack(mm.pixels)).numpy()
+    n = len(ids)
+    got = loaded.model.step(ids, list(range(n)), [SeqSlice(0, n, None)], list(range(n)),
+                            input_embeds=(mm.positions.tolist(), loaded.vision.encode(mm.pixels)))
+    assert np.abs(got - want).max() <= F32_TOL
+
+
+def test_engine_greedy_matches_transformers_generate(llava):
+    """Chunked prefill (8-token chunks split the image rows across steps) and cached decoding."""
+    _, hf, loaded = llava
+    imgs = [vi.decode(vm.odd_images()[n], n) for n in ("gray", "tiny")]
+    ids, mm = loaded.vision.expand(_prompt(loaded, 2, "rain falls in spain"), imgs, "test")
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(np.stack(mm.pixels)),
+                          max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)
+    want = out[0, len(ids):].tolist()
+    engine = Engine(loaded, EngineConfig(max_batch_tokens=8))
+    got = [o.token_id for o in engine.generate(ids, SamplingParams(max_tokens=8, ignore_eos=True), images=mm)
+           if o.token_id is not None]
+    assert got == want
+
+
+def test_placeholder_count_must_match(llava):
+    _, _, loaded = llava
+    img = vi.decode(vm.odd_images()["tiny"], "tiny")
+    with pytest.raises(UserError, match="0 image placeholder"):
+        loaded.vision.expand(_prompt(loaded, 0, "no image here"), [img], "messages")

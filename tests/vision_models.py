@@ -1,0 +1,84 @@
+"""Tiny random vision-language checkpoints built with transformers inside the tests, and odd
+test images (RGBA, grayscale, tall, wide, tiny) made with Pillow."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tiny_models as tm
+
+IMAGE_TOKEN = "<image>"
+# a llava-style template: image parts become <image> lines before the text, as llava-hf's does
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def odd_images() -> dict[str, bytes]:
+    """Five PNG/JPEG files of odd sizes and modes, seeded."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+
+    def enc(img, fmt="PNG") -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return buf.getvalue()
+
+    def noise(h, w, c):
+        return rng.integers(0, 256, size=(h, w, c), dtype=np.uint8)
+
+    return {
+        "rgba": enc(Image.fromarray(noise(45, 61, 4), "RGBA")),
+        "gray": enc(Image.fromarray(noise(50, 40, 1)[..., 0], "L")),
+        "tall": enc(Image.fromarray(noise(300, 37, 3), "RGB"), "JPEG"),
+        "wide": enc(Image.fromarray(noise(29, 211, 3), "RGB")),
+        "tiny": enc(Image.fromarray(noise(3, 5, 3), "RGB")),
+    }
+
+
+def tiny_llava(seed: int = 0, image_size: int = 32, patch: int = 8, **text: object):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=image_size, patch_size=patch, projection_dim=32)
+    tc = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=tm.VOCAB + 1, max_position_embeddings=512,
+                               rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False,
+                               bos_token_id=0, eos_token_id=1), **text})
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tm.VOCAB))
+    tm.randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def save_llava(model, path: Path, crop: int = 32, shortest_edge: int = 40) -> Path:
+    """The checkpoint, a tokenizer with <image> at id VOCAB, the template and the CLIP processor."""
+    from transformers import CLIPImageProcessorPil
+
+    model.save_pretrained(path)
+    tok = tm.train_tokenizer()
+    tok.add_special_tokens([IMAGE_TOKEN])
+    tok.save(str(path / "tokenizer.json"))
+    tok_cfg = {"bos_token": tm.BOS, "eos_token": tm.EOS, "add_bos_token": True, "chat_template": TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    CLIPImageProcessorPil(size={"shortest_edge": shortest_edge},
+                          crop_size={"height": crop, "width": crop}).save_pretrained(path)
+    return path
+
+
+def hf_processor(path: Path):
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(path)
+
+
+def hf_logits(model, ids: list[int], pixels: np.ndarray | None) -> torch.Tensor:
+    with torch.no_grad():
+        kw = {} if pixels is None else {"pixel_values": torch.from_numpy(pixels)}
+        return model(input_ids=torch.tensor([ids]), **kw).logits[0]
