@@ -19,6 +19,7 @@ from ...engine.worker import EngineFailed, EngineThread, QueueFull
 from ...errors import UserError
 from ...validation import Limits
 from ..request_log import RequestLog
+from ...tools.deltas import DeltaStream
 from . import shapes
 from .body import OffLoop, parse_json, read_body
 from .protocol import ApiError, Parsed, parse_activation, parse_chat, parse_completion
@@ -151,7 +152,7 @@ class Routes:
         choices = await self.collect(request, parsed, pending)
         use = shapes.usage(sum(map(len, parsed.prompts)), choices)
         body = shapes.response(parsed.kind, rid, self.loaded.model_id, choices, use, parsed.echo,
-                               parsed.n, parsed.logprobs is not None)
+                               parsed.n, parsed.logprobs is not None, parsed.tools)
         self.log.write("response", body)
         return body
 
@@ -214,16 +215,34 @@ class _Events:
         self.p, self.rid, self.model = parsed, rid, model
         self.lp = parsed.logprobs is not None
         self.offsets = [len(parsed.echo[j // parsed.n]) if parsed.echo else 0 for j in range(len(parsed.params))]
+        # tools: each choice's text split into content and tool_calls deltas as it streams
+        self.tools = [DeltaStream(parsed.tools) for _ in parsed.params] if parsed.tools else None
 
     @staticmethod
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def chunk(self, j: int, text: str | None, finish: str | None = None, entry=None, role: bool = False) -> str:
+    def chunk(self, j: int, text: str | None, finish: str | None = None, entry=None, role: bool = False,
+              delta: dict | None = None) -> str:
         return self.sse(shapes.chunk(self.p.kind, self.rid, self.model, j, text, finish, entry, self.lp,
-                                     role=role, include_usage=self.p.include_usage, offset=self.offsets[j]))
+                                     role=role, include_usage=self.p.include_usage, offset=self.offsets[j],
+                                     delta=delta))
+
+    def tool_token(self, j: int, out, entry) -> list[str]:
+        """With tools: content and tool_calls deltas (markup held back), then the finish reason
+        ("tool_calls" when the answer called tools)."""
+        stream = self.tools[j]
+        deltas = stream.feed(out.text) + (stream.finish() if out.finish_reason is not None else [])
+        events = [self.chunk(j, None, entry=entry if k == 0 else None, delta=d) for k, d in enumerate(deltas)]
+        if not deltas and entry is not None:
+            events.append(self.chunk(j, None, entry=entry))
+        if out.finish_reason is not None:
+            events.append(self.chunk(j, None, stream.finish_reason(out.finish_reason)))
+        return events
 
     def token(self, j: int, out, entry) -> list[str]:
+        if self.tools is not None:
+            return self.tool_token(j, out, entry)
         events = []
         if out.text or entry is not None:
             events.append(self.chunk(j, out.text, entry=entry))

@@ -14,8 +14,11 @@ from typing import Any, Iterator
 from ... import validation
 from ...engine.adapter_rows import AdapterRows
 from ...errors import UserError
-from ...prompting import chat_ids, completion_ids
+from ...prompting import completion_ids
 from ...sampling_defaults import sampling_params
+from ...tools.messages import tool_fields
+from ...tools.plan import prepare as prepare_tools
+from ...tools.spec import parse_tools
 from ...types import SamplingParams
 from ...validation import Limits, ParamError
 
@@ -40,6 +43,7 @@ class Parsed:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; else how many top logprobs
     echo: list[str] = field(default_factory=list)  # completions: the prompt text to prepend
+    tools: Any = None  # chat: a tools.plan.ToolPlan (tools, or tool messages), else None
 
 
 @contextmanager
@@ -83,7 +87,7 @@ def _unsupported(body: dict) -> None:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "response_format (structured output) is not supported by this server yet.",
                        "response_format")
-    for name in ("grammar", "suffix", "tools"):
+    for name in ("grammar", "suffix"):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this server.", name)
 
@@ -184,7 +188,8 @@ def _message_text(m: Any, i: int) -> dict[str, str]:
         content = ""
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or an array of parts.", "messages")
-    return {"role": m["role"], "content": content}
+    with _as_api_errors():  # assistant tool_calls, a tool result's tool_call_id
+        return {"role": m["role"], "content": content, **tool_fields(m, i)}
 
 
 def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
@@ -196,13 +201,24 @@ def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
     _unsupported(body)
     logprobs = get(body, "logprobs", bool, False)
     top = _top_logprobs(body, "top_logprobs", limits) or 0
+    with _as_api_errors():
+        tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
     try:
-        ids = chat_ids(loaded, msgs)
+        ids, plan = prepare_tools(loaded, msgs, tools)
+    except ParamError as e:
+        raise ApiError(400, str(e), e.field) from None
     except UserError as e:
         raise ApiError(400, str(e), "messages") from None
     n, params = _choices(body, [ids], loaded, top if logprobs else -1, limits)
+    if plan is not None and plan.grammar is not None:  # the call is generated under its grammar
+        if any(p.grammar is not None for p in params):
+            raise ApiError(400, "tool_choice \"required\" or a named function constrains the answer to a "
+                                "tool call; send grammar/response_format without it, or tool_choice \"auto\".",
+                           "tool_choice")
+        for p in params:
+            p.grammar = plan.grammar
     stream, usage = _stream_opts(body)
-    return Parsed("chat", [ids], params, n, stream, usage, top if logprobs else None)
+    return Parsed("chat", [ids], params, n, stream, usage, top if logprobs else None, tools=plan)
 
 
 def _prompts(body: dict, loaded: Any) -> tuple[list[list[int]], list[str]]:

@@ -77,13 +77,15 @@ def usage(prompt_tokens: int, choices: list[ChoiceState]) -> dict[str, Any]:
 
 
 def response(kind: str, rid: str, model: str, choices: list[ChoiceState], use: dict[str, Any],
-             echo: list[str], n: int, want_logprobs: bool) -> dict[str, Any]:
+             echo: list[str], n: int, want_logprobs: bool, tools: Any = None) -> dict[str, Any]:
+    """tools: the request's tools.plan.ToolPlan; the text is then split into content and tool_calls."""
     out = []
     for i, ch in enumerate(choices):
         if kind == "chat":
             lp = {"content": ch.logprobs} if want_logprobs else None
-            out.append({"index": i, "message": {"role": "assistant", "content": ch.text},
-                        "logprobs": lp, "finish_reason": ch.finish})
+            message, finish = ({"role": "assistant", "content": ch.text}, ch.finish) if tools is None \
+                else tools.message(ch.text, ch.finish)
+            out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             head = echo[i // n] if echo else ""
             lp = completion_logprobs(ch.logprobs, len(head)) if want_logprobs else None
@@ -95,10 +97,13 @@ def response(kind: str, rid: str, model: str, choices: list[ChoiceState], use: d
 
 def chunk(kind: str, rid: str, model: str, index: int, text: str | None, finish: str | None,
           entry: dict[str, Any] | None, want_logprobs: bool, role: bool = False,
-          include_usage: bool = False, offset: int = 0) -> dict[str, Any]:
-    """One streamed event for one choice (text None: no content in this event)."""
+          include_usage: bool = False, offset: int = 0, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed event for one choice (text None: no content in this event; a chat `delta`
+    given, e.g. tool_calls, is sent as it is)."""
     if kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        delta = dict(delta or {})
+        if role:
+            delta = {"role": "assistant", **delta}
         if text is not None:
             delta["content"] = text
         lp = {"content": [entry] if entry else []} if want_logprobs and entry else None

@@ -1,0 +1,38 @@
+"""A choice's streamed output as OpenAI's chat deltas: reply text as {"content": ...}; each call
+as {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]} followed by
+its arguments {"tool_calls": [{"index", "function": {"arguments": ...}}]} (the call is sent once
+it is complete, so its arguments come in one fragment). Joined, they are the non-streamed
+message of plan.ToolPlan.message."""
+from __future__ import annotations
+
+from typing import Any
+
+from .calls import ToolCall
+from .plan import ToolPlan
+
+
+class DeltaStream:
+    def __init__(self, plan: ToolPlan):
+        self.plan, self.splitter, self.index = plan, plan.splitter(), 0
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._deltas(self.splitter.feed(text)) if text else []
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._deltas(self.splitter.finish())
+
+    def finish_reason(self, finish: str | None) -> str | None:
+        return self.plan.finish_reason(finish, self.index)
+
+    def _deltas(self, events: list) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for e in events:
+            if isinstance(e, ToolCall):
+                head = {"index": self.index, "id": e.id, "type": "function",
+                        "function": {"name": e.name, "arguments": ""}}
+                out += [{"tool_calls": [head]},
+                        {"tool_calls": [{"index": self.index, "function": {"arguments": e.arguments}}]}]
+                self.index += 1
+            elif e:
+                out.append({"content": e})
+        return out

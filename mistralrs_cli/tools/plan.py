@@ -1,0 +1,109 @@
+"""How one chat request uses tools, decided once for the server and the Python API alike:
+the prompt (tools through the template, or the fallback's system message), the grammar the
+call is generated under, and how the output is split into reply text and tool calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..types import Grammar
+from . import fallback, formats, grammars
+from .calls import ToolCall
+from .messages import for_plain_template
+from .spec import ToolRequest
+from .stream import Splitter
+
+# a tool a template either renders (its name appears in the prompt) or ignores
+_PROBE = [{"type": "function", "function": {"name": "probe_tool_7f3a", "description": "probe",
+                                            "parameters": {"type": "object", "properties": {}}}}]
+_PROBE_MSGS = [{"role": "user", "content": "hi"}]
+_renders: dict[str, bool] = {}
+
+
+def renders_tools(template: Any) -> bool:
+    """Whether a chat template shows `tools` to the model: rendered with a probe tool and
+    without, the prompts differ and the probe's name is in it. Cached per template text."""
+    key = template.source
+    if key not in _renders:
+        from ..errors import UserError
+        try:
+            with_tools = template.render(_PROBE_MSGS, tools=_PROBE)
+            without = template.render(_PROBE_MSGS, tools=None)
+            _renders[key] = with_tools != without and "probe_tool_7f3a" in with_tools
+        except UserError:  # a template that fails on tools does not render them
+            _renders[key] = False
+    return _renders[key]
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    request: ToolRequest | None  # None: tools off (tool_choice "none"), history only
+    format: str  # "hermes" | "llama3" | "mistral" | "fallback" | "text"
+    grammar: Grammar | None  # what the call is generated under; None: free text
+
+    def splitter(self) -> Splitter:
+        if self.request is None:
+            return Splitter()
+        if self.format == "fallback":
+            return fallback.FallbackSplitter()
+        return formats.FORMATS[self.format].splitter()
+
+    @staticmethod
+    def finish_reason(finish: str | None, calls: int) -> str | None:
+        """OpenAI's "tool_calls" when the answer called tools and ended by itself."""
+        return "tool_calls" if calls and finish == "stop" else finish
+
+    def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        """The non-streamed message for a whole output (the same splitter a stream uses)."""
+        s = self.splitter()
+        events = s.feed(text) + s.finish()
+        content = "".join(e for e in events if isinstance(e, str))
+        calls = [e.to_dict() for e in events if isinstance(e, ToolCall)]
+        msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            msg["tool_calls"] = calls
+        return msg, self.finish_reason(finish, len(calls))
+
+
+def _specials(tokenizer: Any):
+    """marker text -> its id where the vocabulary has it as one special (control) token."""
+    added = tokenizer.hf.get_added_tokens_decoder()
+
+    def special_id(text: str) -> int | None:
+        tid = tokenizer.hf.token_to_id(text)
+        return tid if tid is not None and tid in added and added[tid].special else None
+    return special_id
+
+
+def _native_grammar(fmt: str, req: ToolRequest, tokenizer: Any) -> Grammar | None:
+    """The grammar for "required" or a named function in the template's own format; "auto"
+    stays free (a model may think or write text before it calls), its calls parsed."""
+    if req.choice == "auto":
+        return None
+    if fmt == "llama3":
+        return grammars.llama3_grammar(req)
+    build = grammars.mistral_grammar if fmt == "mistral" else grammars.hermes_grammar
+    return build(req, _specials(tokenizer))
+
+
+def prepare(loaded: Any, messages: list[dict[str, Any]], req: ToolRequest | None) -> tuple[list[int], ToolPlan | None]:
+    """The prompt ids for a chat request and its tool plan (None: no tools and no tool
+    messages, a plain chat)."""
+    from ..prompting import chat_ids
+
+    has_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if req is None and not has_history:
+        return chat_ids(loaded, messages), None
+    active = req if req is not None and req.active else None
+    template = loaded.chat_template
+    if template is not None and renders_tools(template):
+        ids = chat_ids(loaded, messages, tools=active.tools if active else None)
+        if active is None:
+            return ids, ToolPlan(None, "text", None)
+        fmt = formats.detect(template.source).name
+        return ids, ToolPlan(active, fmt, _native_grammar(fmt, active, loaded.tokenizer))
+    plain = for_plain_template(messages)
+    if active is None:
+        return chat_ids(loaded, plain), ToolPlan(None, "text", None)
+    return chat_ids(loaded, fallback.with_tools(plain, active)), ToolPlan(active, "fallback", fallback.grammar(active))
+

@@ -1,0 +1,129 @@
+"""Splitting a model's output, as it streams, into reply text and tool calls.
+
+A splitter is fed text deltas and returns events: a string (reply text to send now) or a
+ToolCall (complete, with its arguments). The non-streamed answer is the same splitter fed the
+whole text at once, so a stream's deltas always reassemble to the non-streamed message. Text
+that might be the start of a tool-call marker is held back until it is known not to be one, so
+no markup leaks into the reply; whitespace next to a call is dropped."""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+from .calls import ToolCall
+
+Event = Union[str, ToolCall]
+
+
+class Splitter:
+    """Plain text: everything is reply text (tool_choice "none", or no tools)."""
+
+    def __init__(self) -> None:
+        self.calls = 0  # how many calls were emitted
+
+    def feed(self, text: str) -> list[Event]:
+        return [text] if text else []
+
+    def finish(self) -> list[Event]:
+        return []
+
+    def _count(self, events: list[Event]) -> list[Event]:
+        self.calls += sum(isinstance(e, ToolCall) for e in events)
+        return [e for e in events if not (isinstance(e, str) and not e)]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of text that is a proper start of marker."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class MarkerSplitter(Splitter):
+    """Reply text with calls between an opening marker and a closing one (Hermes/Qwen
+    "<tool_call>{...}</tool_call>"), or after an opening marker up to the end (close None:
+    Mistral's "[TOOL_CALLS] [...]"). `parse` turns a call's text into calls, or None when it is
+    not one: then it stays reply text, markers and all."""
+
+    def __init__(self, open_: str, close: str | None, parse: Callable[[str], list[ToolCall] | None]):
+        super().__init__()
+        self.open, self.close, self.parse = open_, close, parse
+        self.buf, self.in_call, self.after_call = "", False, False
+
+    def feed(self, text: str) -> list[Event]:
+        self.buf += text
+        events: list[Event] = []
+        while True:
+            if self.after_call and not self.in_call:  # whitespace after a call is dropped
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    break
+                self.after_call = False
+            if not self.in_call:
+                at = self.buf.find(self.open)
+                if at < 0:
+                    events.append(self._release())
+                    break
+                events.append(self.buf[:at].rstrip())
+                self.buf, self.in_call = self.buf[at + len(self.open):], True
+            elif self.close is not None and (at := self.buf.find(self.close)) >= 0:
+                events += self._block(self.buf[:at], self.close)
+                self.buf, self.in_call, self.after_call = self.buf[at + len(self.close):], False, True
+            else:
+                break
+        return self._count(events)
+
+    def _release(self) -> str:
+        """The text that cannot begin a marker; held back: a partial marker and the whitespace
+        before it (dropped if a call follows)."""
+        keep = _partial_suffix(self.buf, self.open)
+        head = self.buf[:len(self.buf) - keep]
+        body = head.rstrip()
+        self.buf = self.buf[len(body):]
+        return body
+
+    def _block(self, inner: str, close: str) -> list[Event]:
+        calls = self.parse(inner)
+        return list(calls) if calls else [self.open + inner + close]
+
+    def finish(self) -> list[Event]:
+        if self.in_call:
+            events = self._block(self.buf, "")
+        elif self.calls and not self.buf.strip():
+            events = []
+        else:
+            events = [self.buf]
+        self.buf, self.in_call = "", False
+        return self._count(events)
+
+
+class LeadingSplitter(Splitter):
+    """A whole answer that is calls when it starts with one of `starts` (after whitespace), as
+    Llama 3 answers with a JSON object (or "<|python_tag|>" and one); anything else is reply
+    text, streamed as it comes. Calls are parsed when the answer ends."""
+
+    def __init__(self, starts: tuple[str, ...], parse: Callable[[str], list[ToolCall] | None]):
+        super().__init__()
+        self.starts, self.parse = starts, parse
+        self.buf, self.mode = "", "undecided"  # -> "text" | "calls"
+
+    def feed(self, text: str) -> list[Event]:
+        if self.mode == "text":
+            return self._count([text])
+        self.buf += text
+        head = self.buf.lstrip()
+        if any(head.startswith(s) for s in self.starts):
+            self.mode = "calls"
+        elif not head or any(s.startswith(head) for s in self.starts):
+            return []
+        else:
+            self.mode, out, self.buf = "text", self.buf, ""
+            return self._count([out])
+        return []
+
+    def finish(self) -> list[Event]:
+        text, self.buf = self.buf, ""
+        if self.mode != "calls":
+            return self._count([text])
+        calls = self.parse(text)
+        return self._count(list(calls) if calls else [text])
