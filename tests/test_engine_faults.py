@@ -69,10 +69,10 @@ def poison_the_sampler(monkeypatch) -> None:
     """Sampling raises for the request whose seed is POISON_SEED (a fault no validation catches)."""
     real = engine_mod.sample
 
-    def sample(logits, recent, params, gen):
+    def sample(logits, recent, params, gen, mask=None):
         if params.seed == POISON_SEED:
             raise RuntimeError("injected sampler fault")
-        return real(logits, recent, params, gen)
+        return real(logits, recent, params, gen, mask)
     monkeypatch.setattr(engine_mod, "sample", sample)
 
 

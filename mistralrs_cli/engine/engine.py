@@ -104,6 +104,10 @@ class Engine:
         req = Request(rid, prompt_ids, params, detok=self.tokenizer.stream())
         req.generator = new_generator(params.seed)
         req.images = images
+        if params.grammar is not None:  # compiled (or taken from the cache) before it is queued
+            from ..grammar import seq_grammar
+
+            req.grammar = seq_grammar(self.loaded, params.grammar)
         if params.max_tokens == 0:  # nothing to generate: finish without computing
             req.finish_reason = "length"
         self.scheduler.add(req)
@@ -292,7 +296,8 @@ class Engine:
     def _advance(self, req: Request, logits) -> RequestOutput:
         p = req.params
         start = max(0, req.n_known - p.repeat_last_n) if p.repeat_last_n > 0 else 0
-        return self._take(req, sample(logits, req.tokens(start, req.n_known), p, req.generator))
+        mask = req.grammar.allowed() if req.grammar is not None else None
+        return self._take(req, sample(logits, req.tokens(start, req.n_known), p, req.generator, mask))
 
     def _take(self, req: Request, s) -> RequestOutput:
         """Append the sampled token; end the request at an end token, a stop string, max_tokens
@@ -310,6 +315,9 @@ class Engine:
         if self._match_stop(req):
             req.finish_reason = "stop"
             return self._emit(req, tok, s, flush=False)
+        if req.grammar is not None and req.grammar.consume(tok):  # complete: only EOS could follow
+            req.finish_reason = "stop"
+            return self._emit(req, tok, s, flush=True)
         if (p.max_tokens is not None and len(req.output_ids) >= p.max_tokens) or req.n_known >= self.max_context:
             req.finish_reason = "length"
             return self._emit(req, tok, s, flush=True)

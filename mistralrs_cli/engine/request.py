@@ -46,6 +46,7 @@ class Request:
     t_first: float | None = None
     spec_counts: tuple[int, int, int] | None = None  # speculative decoding: RequestOutput.speculative
     images: Any = None  # vision/prompt.py PromptImages: the prompt rows that are image features
+    grammar: Any = None  # grammar/matcher.SeqGrammar when params.grammar is set
 
     @property
     def n_known(self) -> int:

@@ -1,5 +1,5 @@
 """Sampling as small pure functions over numpy vectors, in mistral.rs's order:
-penalties -> logit_bias -> temperature -> top-k -> top-p -> min-p -> draw.
+penalties -> logit_bias -> grammar mask -> temperature -> top-k -> top-p -> min-p -> draw.
 
 numpy, not torch: the engine serves the torch-free native runtime too, and one vocabulary-sized
 vector per request per step is cheaper to handle without torch's per-op dispatch. Inputs may be
@@ -66,6 +66,17 @@ def apply_logit_bias(logits, bias: dict[int, float]) -> np.ndarray:
     return out
 
 
+def apply_mask(logits, allowed: np.ndarray | None) -> np.ndarray:
+    """Tokens a grammar disallows (allowed[i] False, or past the mask's end) set to -inf."""
+    logits = _vec(logits)
+    if allowed is None:
+        return logits
+    n = min(allowed.size, logits.size)
+    out = np.full(logits.shape, -np.inf, dtype=np.float32)
+    np.copyto(out[:n], logits[:n], where=allowed[:n])
+    return out
+
+
 def filter_probs(probs, p: SamplingParams) -> np.ndarray:
     """top-k, then top-p (nucleus), then min-p over a probability vector; renormalized."""
     probs = _vec(probs)
@@ -121,35 +132,37 @@ class Sampled:
     top: list[tuple[int, float]]  # top_logprobs (id, logprob)
 
 
-def biased(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
-    """The logits after penalties and logit_bias (what greedy takes the argmax of)."""
-    return apply_logit_bias(apply_penalties(_vec(logits), history, p), p.logit_bias)
+def biased(logits, history: Sequence[int], p: SamplingParams, mask: np.ndarray | None = None) -> np.ndarray:
+    """The logits after penalties, logit_bias and a grammar's mask (what greedy takes the argmax
+    of); mask: the tokens the request's grammar allows (grammar/matcher.py), None without one."""
+    return apply_mask(apply_logit_bias(apply_penalties(_vec(logits), history, p), p.logit_bias), mask)
 
 
-def greedy_token(logits, history: Sequence[int], p: SamplingParams) -> int:
-    x = biased(logits, history, p)
+def greedy_token(logits, history: Sequence[int], p: SamplingParams, mask: np.ndarray | None = None) -> int:
+    x = biased(logits, history, p, mask)
     i = int(np.argmax(x))  # a NaN or +inf anywhere would be the argmax, so a finite maximum
     if -_BIG < x[i] < np.inf:  # means _finite would change no candidate: skip its vocabulary-wide scan
         return i
     return int(np.argmax(_finite(x)))
 
 
-def distribution(logits, history: Sequence[int], p: SamplingParams) -> np.ndarray:
+def distribution(logits, history: Sequence[int], p: SamplingParams, mask: np.ndarray | None = None) -> np.ndarray:
     """The probabilities a non-greedy request draws from: every transform applied (speculative
     decoding compares the target's and the draft's, engine/speculative.py)."""
     with np.errstate(all="ignore"):  # a huge temperature is float32 inf: all logits 0, uniform
-        scaled = biased(logits, history, p) / np.float32(p.temperature)
+        scaled = biased(logits, history, p, mask) / np.float32(p.temperature)
     return filter_probs(softmax(scaled), p)
 
 
 def sample(logits, history: Sequence[int], p: SamplingParams,
-           generator: np.random.Generator | None = None) -> Sampled:
+           generator: np.random.Generator | None = None, mask: np.ndarray | None = None) -> Sampled:
     """logits (vocab,) float32 -> one token. Log-probabilities are the model's own (natural
-    log-softmax of the raw logits, before penalties, bias and temperature), as OpenAI reports."""
+    log-softmax of the raw logits, before penalties, bias, grammar and temperature), as OpenAI
+    reports."""
     if p.greedy:
-        token = greedy_token(logits, history, p)
+        token = greedy_token(logits, history, p, mask)
     else:
-        token = draw(distribution(logits, history, p), generator)
+        token = draw(distribution(logits, history, p, mask), generator)
     return with_logprobs(logits, token, p)
 
 

@@ -93,6 +93,10 @@ class Speculator:
         req, e = w.req, self.engine
         if w.n != 1 or req.n_known - req.n_computed != 1 or req.cache is None or e.xlora is not None:
             return 0
+        if req.grammar is not None:  # drafts are not checked against a grammar: decode plainly
+            if not req.output_ids:
+                log.debug("request %s has a grammar: no speculative drafts for it", req.id)
+            return 0
         left, length = self.waits.get(req, (0, 0))
         if left > 0:
             self.waits[req] = (left - 1, length)
