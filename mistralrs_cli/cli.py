@@ -56,6 +56,8 @@ def global_options(
     dtype: str = typer.Option("auto", "--dtype", help="Activation dtype: auto (f32 on the CPU), f32, bf16, f16."),
     numerics: str = typer.Option("precise", "--numerics", help=NUMERICS_HELP),
     isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain model's linear layers at load: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2K Q3K Q4K Q5K Q6K Q8K HQQ4 HQQ8."),
+    tp: int = typer.Option(1, "--tp", "--tensor-parallel-size", help="Tensor parallelism: split the model over N processes (torch.distributed; this host starts them, or run under torchrun). Uses the torch executor, not the native runtime."),
+    dist_backend: Optional[str] = typer.Option(None, "--dist-backend", help="With --tp: gloo or nccl [default: nccl with --device cuda, else gloo]."),
     spec_ngram: Optional[int] = typer.Option(None, "--spec-ngram", help="Speculative decoding with no draft model: propose the tokens that followed the latest earlier occurrence of the last N tokens (same output, faster on text that repeats its prompt)."),
     truncate_sequence: bool = typer.Option(False, "--truncate-sequence", help="Keep the end of a prompt longer than the context instead of refusing it."),
     log: Optional[str] = typer.Option(None, "--log", help="A log level (off, error, warn, info, debug, trace), or a FILE to append every request and response to as JSON lines."),
@@ -85,7 +87,8 @@ def global_options(
     ctx.obj = RunOptions(
         prompt=prompt, interactive=interactive, raw=raw,
         load=LoadOptions(token_source=token_source, chat_template=chat_template, device=device, dtype=dtype, isq=isq,
-                         num_device_layers=num_device_layers, numerics=numerics, spec_ngram=spec_ngram),
+                         num_device_layers=num_device_layers, numerics=numerics, spec_ngram=spec_ngram,
+                         tp=tp, dist_backend=dist_backend),
         sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       min_p=min_p, repetition_penalty=repetition_penalty,
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

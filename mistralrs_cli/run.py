@@ -113,6 +113,10 @@ def run(opts: RunOptions, spec: Any) -> None:
         raise UserError(f"--dtype {opts.load.dtype!r} is not one of auto, f32, bf16, f16.")
     check_numerics(opts.load.numerics)
     _check_device(opts.load.device)
+    if opts.load.tp != 1:  # before anything starts (distributed/launch.py)
+        from .distributed.launch import check
+
+        check(opts.load, spec)
     opts.limits.check()
     config = engine_config(opts)
     params = sampling_flags(opts)

@@ -64,6 +64,9 @@ class LoadOptions:
     runtime: str = "auto"
     # --spec-ngram N: speculative decoding with no draft model (n-gram lookup in the sequence)
     spec_ngram: int | None = None
+    # --tp N: tensor parallelism over N ranks (distributed/); --dist-backend: gloo or nccl
+    tp: int = 1
+    dist_backend: str | None = None
 
 
 @dataclass(frozen=True)

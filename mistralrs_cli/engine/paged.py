@@ -196,6 +196,7 @@ class PagedKV:
         # needed); more when the model computes short chunks with other kernels than whole
         # prompts, so that a cached prompt's tail takes the same arithmetic as the whole prompt
         self.min_tail = 1
+        self.on_copy = None  # --tp: rank 0 passes these copies on to the other ranks (distributed/step.py)
 
     @property
     def capacity_tokens(self) -> int:
@@ -236,6 +237,8 @@ class PagedKV:
             pool[:, s0:s0 + n] = pool[:, src]
         for b in found:
             alloc.decref(b)
+        if self.on_copy is not None:
+            self.on_copy(found, fresh)
         return fresh
 
 

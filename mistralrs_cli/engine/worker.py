@@ -48,6 +48,9 @@ class EngineThread:
         self._stopping = False
         self.failure: str | None = None  # why the engine thread failed; None while it is healthy
         self.on_failure: Callable[[str], None] | None = None  # called once, on the engine thread
+        hooks = getattr(engine.model, "fault_hooks", None)  # --tp: a lost rank (distributed/comm.py)
+        if hooks is not None:
+            hooks.append(self._fail_from_outside)
         self._thread.start()
 
     # ---- any thread ----
@@ -113,6 +116,20 @@ class EngineThread:
     @property
     def pending(self) -> int:
         return self._pending
+
+    def _fail_from_outside(self, reason: str) -> None:
+        """Another thread found that the engine cannot go on (--tp: a rank was lost; the engine
+        thread may be stuck in a collective): refuse new work now (the server answers 503) and
+        tell the owner; the process exits soon after."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure, self._stopping = reason, True
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+            except Exception:
+                log.exception("the engine's on_failure callback failed")
 
     # ---- the engine thread ----
     def _loop(self) -> None:

@@ -110,7 +110,8 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
 
         model, cfg = load_gguf_model(gf, opts.numerics)
         set_dtype(model, opts.dtype)
-        prepare_weights(model, release=gf.release)
+        if opts.tp == 1:  # with --tp, each rank prepares its own slices once they are cut
+            prepare_weights(model, release=gf.release)
     template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
     if template is None:
         template = builtin_template(gf.architecture, lambda t: tok.hf.token_to_id(t) is not None, path.name)
@@ -219,6 +220,14 @@ def _place_on_gpu(model, opts: LoadOptions) -> None:
 
 
 def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
+    if opts is not None and opts.tp != 1:  # every rank loads, then shards (distributed/launch.py)
+        from ..distributed.launch import load_sharded
+
+        return load_sharded(spec, opts, _load_one)
+    return _load_one(spec, opts)
+
+
+def _load_one(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     if isinstance(spec, SpeculativeSpec):  # two models, each loaded as its own spec
         from .speculative import load_speculative
 
@@ -239,7 +248,7 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
         isq_model(loaded.model, opts.isq, opts.numerics)
     if opts.device == "cuda":
         _place_on_gpu(loaded.model, opts)
-    elif getattr(loaded.model, "native", False) is None:  # a torch model: GGML files and ISQ'd checkpoints qualify as GGUF ones do
+    elif getattr(loaded.model, "native", False) is None and opts.tp == 1:  # a torch model: GGML files and ISQ'd checkpoints qualify as GGUF ones do
         from ..backends.native_decoder import NativeDecoder
 
         loaded.model.native = NativeDecoder.build(loaded.model)

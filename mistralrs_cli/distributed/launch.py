@@ -1,0 +1,66 @@
+"""load(spec) with --tp N: join (or start) the ranks, load, shard, and either hand rank 0's
+model to the engine or follow rank 0's steps until it stops."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from ..errors import UserError
+
+BACKENDS = ("gloo", "nccl")
+
+
+def check(opts, spec: Any, field: Callable[[str], str] = lambda f: f"--{f.replace('_', '-')}") -> str:
+    """The --tp options, checked before anything starts; returns the backend to use."""
+    from ..types import LoraSpec, SpeculativeSpec, XLoraSpec
+
+    if not isinstance(opts.tp, int) or isinstance(opts.tp, bool) or opts.tp < 1:
+        raise UserError(f"{field('tp')} must be a whole number of ranks, 1 or more; got {opts.tp!r}.")
+    if isinstance(spec, (LoraSpec, XLoraSpec, SpeculativeSpec)) or opts.spec_ngram is not None:
+        what = {LoraSpec: "LoRA adapters", XLoraSpec: "X-LoRA"}.get(type(spec), "speculative decoding")
+        raise UserError(f"{field('tp')} {opts.tp}: {what} cannot run tensor-parallel yet; run without {field('tp')}.")
+    backend = opts.dist_backend or ("nccl" if opts.device.startswith("cuda") else "gloo")
+    if backend not in BACKENDS:
+        raise UserError(f"{field('dist_backend')} {backend!r} is not one of {', '.join(BACKENDS)}.")
+    return backend
+
+
+def _pin_gpu(opts) -> None:
+    """--device cuda: one GPU per rank on a host (LOCAL_RANK), before anything touches CUDA."""
+    if opts.device.startswith("cuda") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
+
+
+def load_sharded(spec: Any, opts, load_one: Callable) -> Any:
+    """Every rank loads and shards the model; rank 0 returns a Loaded whose model sends each
+    step to the others (step.TPModel), the others follow and exit when rank 0 stops."""
+    from .comm import join
+    from .step import TPModel, follow
+    from .tp_layers import shard_model
+
+    backend = check(opts, spec)
+    level = logging.getLogger().getEffectiveLevel()
+    comm = join(opts.tp, backend, (spec, opts, level))
+    _pin_gpu(opts)
+    try:
+        loaded = load_one(spec, dataclasses.replace(opts, runtime="torch"))
+        if not hasattr(loaded.model, "named_modules"):
+            raise UserError(f"--tp {opts.tp}: this model runs on the native runtime only, which is not sharded.")
+        shard_model(loaded.model, comm.rank, comm.world)
+        from ..loaders.weights import prepare_weights
+
+        prepare_weights(loaded.model)  # the compute forms of this rank's slices only
+    except UserError:
+        comm.stopping = True  # every rank hit it: each stops on its own
+        comm._stop_children(wait=5)
+        raise
+    if comm.rank == 0:
+        loaded.model = TPModel(loaded.model, comm)
+        return loaded
+    follow(loaded.model, comm)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
