@@ -20,8 +20,9 @@ from .prompting import chat_ids, completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
 from .types import (EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams,
-                    SpeculativeSpec, XLoraSpec)
+                    SpeculativeSpec, VisionSpec, XLoraSpec)
 from .validation import Limits, ParamError, ParamTypeError
+from .vision.chat import chat_with_images, has_images
 
 
 class Which:
@@ -45,6 +46,13 @@ class Which:
     def Plain(model_id: str, arch: str | None = None, tokenizer_json: str | None = None,
               **_ignored: Any) -> PlainSpec:
         return PlainSpec(model_id, arch, tokenizer_json)
+
+    @staticmethod
+    def VisionPlain(model_id: str, arch: Any = None, tokenizer_json: str | None = None,
+                    **_ignored: Any) -> VisionSpec:
+        """A vision-language checkpoint (llava); arch may be a name or an enum with that value."""
+        arch = getattr(arch, "value", arch)
+        return VisionSpec(model_id, None if arch is None else str(arch), tokenizer_json)
 
     @staticmethod
     def Lora(model_id: str, adapters_model_id: str, order: str, arch: str | None = None,
@@ -106,6 +114,7 @@ _SPEC_FIELDS = {
     PlainSpec: {"-m/--model-id": "model_id", "--model-id": "model_id", "-m": "model_id",
                 "-t/--tokenizer-json": "tokenizer_json", "-a/--arch": "arch", "--arch": "arch"},
 }
+_SPEC_FIELDS[VisionSpec] = _SPEC_FIELDS[PlainSpec]
 _SPEC_FIELDS[GGMLSpec] = {**_SPEC_FIELDS[GGUFSpec], "-t/--tokenizer-json": "tokenizer_json", "--gqa": "gqa",
                           "--eps": "eps", "--rope-theta": "rope_theta"}
 
@@ -143,7 +152,7 @@ def _speculative(which: Any, which_draft: Any, gamma: Any) -> SpeculativeSpec:
 
 
 def _check_which(which: Any) -> None:
-    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec, XLoraSpec, SpeculativeSpec)):
+    if not isinstance(which, (GGUFSpec, GGMLSpec, PlainSpec, LoraSpec, XLoraSpec, SpeculativeSpec, VisionSpec)):
         raise ParamTypeError(f"which must be a model source made by Which.GGUF(...), Which.GGML(...) or "
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 
@@ -282,7 +291,7 @@ class Runner:
                  engine_config: EngineConfig | None = None, limits: Limits | None = None,
                  _flag_names: bool = False,  # the CLI's modes: messages keep naming the flags
                  which_draft: Any = None, speculative_gamma: int = 5, speculative_ngram: int | None = None,
-                 **_ignored: Any):
+                 allow_local_images: bool = False, **_ignored: Any):
         _check_which(which)
         if which_draft is not None:  # speculative decoding: which verifies what which_draft proposes
             which = _speculative(which, which_draft, speculative_gamma)
@@ -297,7 +306,8 @@ class Runner:
 
             ngram_config(speculative_ngram, "speculative_ngram")
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
-                           isq=isq or in_situ_quant, spec_ngram=speculative_ngram)
+                           isq=isq or in_situ_quant, spec_ngram=speculative_ngram,
+                           allow_local_images=bool(allow_local_images))
         self.which = which
         with _python_fields(which):
             self.loaded = loaded or load(which, opts)
@@ -321,19 +331,24 @@ class Runner:
         if isinstance(msgs, str):
             msgs = [{"role": "user", "content": msgs}]
         msgs = [m.to_dict() if isinstance(m, Message) else m for m in msgs]
+        images = None
         with _python_fields(self.which):
-            ids = chat_ids(self.loaded, msgs)
-        return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}")
+            if has_images(msgs) or self.loaded.vision is not None:  # image parts: paths, data: URIs, URLs
+                ids, images = chat_with_images(self.loaded, msgs, allow_paths=True)
+            else:
+                ids = chat_ids(self.loaded, msgs)
+        return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}", images)
 
     def send_completion_request(self, request: CompletionRequest):
         ids = completion_ids(self.loaded, request.prompt)
         return self._run(ids, request, "text_completion", f"cmpl-{uuid.uuid4().hex}")
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        """The engine's deltas for one request (the CLI's one-shot and interactive modes)."""
+    def stream(self, prompt_ids: list[int], params: SamplingParams, images=None) -> Iterator[RequestOutput]:
+        """The engine's deltas for one request (the CLI's one-shot and interactive modes);
+        images: the prompt's PromptImages (vision/chat.py chat_with_images)."""
         validation.check_token_ids("prompt_ids", prompt_ids, self.loaded.tokenizer.vocab_size)
         self._check(vars(params), context_bounds_max_tokens=False)  # the CLI's "until the context is full"
-        return self.engine.generate(prompt_ids, params)
+        return self.engine.generate(prompt_ids, params, images=images)
 
     def _check(self, values: dict[str, Any], context_bounds_max_tokens: bool = True) -> dict[str, Any]:
         ctx = self.loaded.max_context if context_bounds_max_tokens else None
@@ -350,14 +365,14 @@ class Runner:
                                  "adapter_names")
         self.engine.set_active_adapters(names)
 
-    def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str):
+    def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str, images=None):
         cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
         self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
         adapters = validation.check_adapters(request.adapters, self.engine.adapter_names())
         params = [replace(request.sampling(i, cfg, vocab, ctx, self.limits), adapters=adapters)
                   for i in range(request.n)]
         with _python_fields(self.which):
-            reqs = [self.engine.add_request(ids, p) for p in params]
+            reqs = [self.engine.add_request(ids, p, images=images) for p in params]
         index = {r.id: i for i, r in enumerate(reqs)}
         gen = self._drain(index)
         if request.stream:

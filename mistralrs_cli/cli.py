@@ -11,7 +11,7 @@ import typer
 from .cli_help import GroupedHelp, print_version
 from .errors import UserError
 from .run import RunOptions, run
-from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
+from .types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, VisionSpec, XLoraSpec
 from .validation import Limits
 
 app = typer.Typer(
@@ -38,6 +38,8 @@ def global_options(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: complete TEXT ('-' reads stdin), print to stdout, stats to stderr."),
     interactive: bool = typer.Option(False, "-i", "--interactive", help="Interactive chat in the terminal."),
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as a plain completion (no chat template; BOS per the tokenizer)."),
+    image: Optional[list[str]] = typer.Option(None, "--image", metavar="PATH_OR_URL", help="Vision models: an image for --prompt (a file, an http(s) URL or a data: URI); repeat for several."),
+    allow_local_images: bool = typer.Option(False, "--allow-local-images", help="Vision models: let image URLs reach loopback, private and link-local addresses (refused otherwise)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after N new tokens [default: until EOS or the context is full].", rich_help_panel=_SAMPLING),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy (and then no default repetition penalty) [default: 0.8].", rich_help_panel=_SAMPLING),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the K likeliest tokens; 0 keeps all [default: 40].", rich_help_panel=_SAMPLING),
@@ -101,6 +103,8 @@ def global_options(
         limits=Limits(max_body_bytes, max_json_depth, max_stop_strings, max_stop_length, max_n, max_top_logprobs,
                       max_logit_bias, max_stop_token_ids),
     )
+    ctx.obj.load.allow_local_images = allow_local_images
+    ctx.obj.images = list(image or [])
 
 
 @app.command("gguf", no_args_is_help=True)
@@ -143,6 +147,19 @@ def plain(
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
     _run(ctx, PlainSpec(model_id, arch, tokenizer_json))
+
+
+@app.command("vision-plain", no_args_is_help=True)
+def vision_plain(
+    ctx: typer.Context,
+    model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors, tokenizer.json and preprocessor_config.json."),
+    tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
+    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Vision architecture: llava [default: from config.json's architectures]."),
+    isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq: quantizes the language model (the vision tower stays as it is)."),
+) -> None:
+    """Run a vision-language checkpoint: mistralrs --prompt 'What is this?' --image cat.png vision-plain -m llava-hf/llava-1.5-7b-hf"""
+    ctx.obj.load.isq = isq or ctx.obj.load.isq
+    _run(ctx, VisionSpec(model_id, arch, tokenizer_json))
 
 
 _ADAPTERS_HELP = ("Directory or Hugging Face repo holding one PEFT adapter folder (adapter_config.json + "

@@ -43,6 +43,7 @@ class RunOptions:
     pa_ctxt_len: int | None = None
     prefix_cache_n: int = 16
     limits: Limits = field(default_factory=Limits)  # what one request may ask for (--max-n, ...)
+    images: list[str] = field(default_factory=list)  # --image: for --prompt, with a vision model
 
     @property
     def request_log(self) -> str | None:
@@ -117,6 +118,9 @@ def run(opts: RunOptions, spec: Any) -> None:
         from .distributed.launch import check
 
         check(opts.load, spec)
+    if opts.images and opts.prompt is None:
+        raise UserError("--image goes with --prompt; in -i type \\image PATH_OR_URL text, and the server "
+                        "takes image_url parts.")
     opts.limits.check()
     config = engine_config(opts)
     params = sampling_flags(opts)

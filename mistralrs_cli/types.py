@@ -64,6 +64,8 @@ class LoadOptions:
     runtime: str = "auto"
     # --spec-ngram N: speculative decoding with no draft model (n-gram lookup in the sequence)
     spec_ngram: int | None = None
+    # vision: image URLs may point at loopback / private / link-local addresses (off: SSRF guard)
+    allow_local_images: bool = False
     # --tp N: tensor parallelism over N ranks (distributed/); --dist-backend: gloo or nccl
     tp: int = 1
     dist_backend: str | None = None

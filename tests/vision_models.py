@@ -82,3 +82,29 @@ def hf_logits(model, ids: list[int], pixels: np.ndarray | None) -> torch.Tensor:
     with torch.no_grad():
         kw = {} if pixels is None else {"pixel_values": torch.from_numpy(pixels)}
         return model(input_ids=torch.tensor([ids]), **kw).logits[0]
+
+
+def hf_llava_processor(path: Path):
+    """transformers' own LlavaProcessor over the saved checkpoint: the independent reference for
+    the prompt (template + <image> expansion) and the pixels."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                          patch_size=8, vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                          num_additional_image_tokens=1)
+
+
+def hf_greedy(model, processor, text: str, images: list[bytes], n: int) -> list[int]:
+    """transformers' greedy continuation (n tokens, end tokens ignored) of a one-turn chat with
+    the images first, as our CLI and server place them."""
+    from PIL import Image
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    pil = [Image.open(io.BytesIO(b)) for b in images] or None
+    enc = processor(text=prompt, images=pil, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
+    return out[0, enc["input_ids"].shape[1]:].tolist()

@@ -98,5 +98,6 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     placeholder = PLACEHOLDERS[arch]
     tid = _image_token_id(raw, loaded.tokenizer, placeholder, config_path)
     loaded.vision = Vision(encoder, processor, tid, loaded.tokenizer.id_to_token(tid) or placeholder,
-                           encoder.tokens_per_image, arch, dtype=loaded.model.dtype)
+                           encoder.tokens_per_image, arch, dtype=loaded.model.dtype,
+                           allow_local_images=opts.allow_local_images)
     return loaded

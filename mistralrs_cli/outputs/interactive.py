@@ -33,6 +33,7 @@ HELP = r"""commands:
 {adapter}keys: Enter sends; Alt+Enter (Esc, Enter) or a trailing \ starts a new line;
       Ctrl-C stops a running answer"""
 
+IMAGE_HELP = "  \\image <path or URL> <text>  ask about an image (vision models)\n"
 ADAPTER_HELP = ("  \\adapter <names>    run this chat with these LoRA adapters (\\adapter alone lists them)\n")
 
 _COMMAND = re.compile(r"\\([A-Za-z_]+)(?:\s+(.*))?\Z", re.DOTALL)
@@ -93,6 +94,7 @@ class Chat:
         self.commands: dict[str, Callable[[str], bool]] = {
             "help": self.cmd_help, "exit": self.cmd_exit, "clear": self.cmd_clear,
             "system": self.cmd_system, "temperature": self.cmd_temperature, "adapter": self.cmd_adapter,
+            "image": self.cmd_image,
         }
 
     def messages(self) -> list[dict[str, str]]:
@@ -140,7 +142,9 @@ class Chat:
         return handler(arg)
 
     def cmd_help(self, arg: str) -> bool:
-        _note(HELP.format(adapter=ADAPTER_HELP if self.runner.engine.adapter_names() else ""))
+        extra = (ADAPTER_HELP if self.runner.engine.adapter_names() else "") + (
+            IMAGE_HELP if self.runner.loaded.vision is not None else "")
+        _note(HELP.format(adapter=extra))
         return True
 
     def cmd_exit(self, arg: str) -> bool:
@@ -195,12 +199,30 @@ class Chat:
         _note(f"this chat now uses {', '.join(names)}.")
         return True
 
+    def cmd_image(self, arg: str) -> bool:
+        """\\image PATH_OR_URL text: a turn with that image before the text."""
+        ref, _, text = arg.partition(" ")
+        if not ref:
+            _note("\\image needs a path or URL, then your text: \\image cat.png What is this?")
+            return True
+        parts = [{"type": "image_url", "image_url": {"url": ref}}, {"type": "text", "text": text.strip()}]
+        self.ask(text.strip(), parts)
+        return True
+
     # ---- one turn ----
-    def ask(self, text: str) -> None:
-        self.turns.append({"role": "user", "content": text})
+    def _prompt(self, msgs: list[dict]) -> tuple[list[int], object]:
+        from ..vision.chat import chat_with_images, has_images
+
+        loaded = self.runner.loaded
+        if loaded.vision is None and not has_images(msgs):
+            return chat_ids(loaded, msgs), None
+        return chat_with_images(loaded, msgs, allow_paths=True, where="\\image")
+
+    def ask(self, text: str, content: list | None = None) -> None:
+        self.turns.append({"role": "user", "content": text if content is None else content})
         msgs = self.messages()
         try:
-            answer, last, stopped = self._stream(chat_ids(self.runner.loaded, msgs), msgs)
+            answer, last, stopped = self._stream(*self._prompt(msgs), msgs)
         except UserError as e:
             self.turns.pop()
             self.log.write("error", {"messages": msgs, "error": str(e)})
@@ -220,11 +242,11 @@ class Chat:
         if last is not None and not self.quiet:
             _note(stats_line(last.prompt_tokens, last.prompt_time, last.completion_tokens, last.decode_time))
 
-    def _stream(self, ids: list[int], msgs: list[dict[str, str]]):
+    def _stream(self, ids: list[int], images, msgs: list[dict[str, str]]):
         """Stream one answer to stdout. Returns (text, last delta, stopped by Ctrl-C)."""
         self.log.write("request", {"messages": msgs, "prompt_tokens": len(ids)})
         parts, last, stopped = [], None, False
-        gen = self.runner.stream(ids, self.params)
+        gen = self.runner.stream(ids, self.params, images=images)
         with _Streaming() as sigint:
             try:
                 for out in gen:

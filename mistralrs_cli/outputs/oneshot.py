@@ -37,10 +37,16 @@ def run_oneshot(opts, spec, prompt: str, flags: dict, config: EngineConfig | Non
                     _flag_names=True)
     loaded = runner.loaded
     params = sampling_params(flags, loaded.generation_config)
-    ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
+    images = None
+    if opts.images or loaded.vision is not None:
+        from ..vision.chat import cli_prompt
+
+        ids, images = cli_prompt(loaded, prompt, opts.images, opts.raw)
+    else:
+        ids = completion_ids(loaded, prompt) if opts.raw else chat_ids(loaded, [{"role": "user", "content": prompt}])
     log.write("request", {"prompt": prompt, "raw": opts.raw, "prompt_tokens": len(ids)})
     text, last, ttft = [], None, None
-    for out in runner.stream(ids, params):
+    for out in runner.stream(ids, params, images=images):
         if ttft is None:
             ttft = time.perf_counter() - t0
         if out.text:

@@ -43,6 +43,7 @@ class Vision:
     arch: str
     max_images: int | None = None
     dtype: Any = None  # the text model's activation dtype
+    allow_local_images: bool = False  # --allow-local-images: URLs may reach private addresses
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, pixels: list[np.ndarray]):

@@ -342,7 +342,8 @@ class Pending:
             for j, params in enumerate(parsed.params):
                 ids = parsed.prompts[j // parsed.n]
                 sink = (lambda out, j=j: box.post(self.q, (j, out)))
-                self.rids.append(worker.submit(ids, params, sink))
+                images = parsed.images[j // parsed.n] if parsed.images else None
+                self.rids.append(worker.submit(ids, params, sink, images=images))
                 self.open.add(j)
         except (UserError, QueueFull, EngineFailed) as e:
             self.abort()

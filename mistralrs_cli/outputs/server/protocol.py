@@ -21,6 +21,7 @@ from ...tools.plan import prepare as prepare_tools
 from ...tools.spec import parse_tools
 from ...types import SamplingParams
 from ...validation import Limits, ParamError
+from ...vision.chat import chat_with_images, has_images
 
 
 class ApiError(Exception):
@@ -43,6 +44,7 @@ class Parsed:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; else how many top logprobs
     echo: list[str] = field(default_factory=list)  # completions: the prompt text to prepend
+    images: list[Any] = field(default_factory=list)  # vision: each prompt's PromptImages (or None)
     tools: Any = None  # chat: a tools.plan.ToolPlan (tools, or tool messages), else None
 
 
@@ -197,6 +199,8 @@ def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "messages must be a non-empty array of messages.", "messages")
+    if has_images(msgs) or getattr(loaded, "vision", None) is not None:
+        return _parse_vision_chat(body, msgs, loaded, limits)
     msgs = [_message_text(m, i) for i, m in enumerate(msgs)]
     _unsupported(body)
     logprobs = get(body, "logprobs", bool, False)
@@ -219,6 +223,24 @@ def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
             p.grammar = plan.grammar
     stream, usage = _stream_opts(body)
     return Parsed("chat", [ids], params, n, stream, usage, top if logprobs else None, tools=plan)
+
+
+def _parse_vision_chat(body: dict, msgs: list, loaded: Any, limits: Limits) -> Parsed:
+    """A chat with image_url parts (data: URIs, http(s) URLs fetched under vision/fetch.py's
+    guard; never local paths), or any chat with a vision model."""
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a role and content.", "messages")
+    _unsupported(body)
+    logprobs = get(body, "logprobs", bool, False)
+    top = _top_logprobs(body, "top_logprobs", limits) or 0
+    try:
+        ids, images = chat_with_images(loaded, msgs, allow_paths=False)
+    except UserError as e:
+        raise ApiError(400, str(e), "messages") from None
+    n, params = _choices(body, [ids], loaded, top if logprobs else -1, limits)
+    stream, usage = _stream_opts(body)
+    return Parsed("chat", [ids], params, n, stream, usage, top if logprobs else None, images=[images])
 
 
 def _prompts(body: dict, loaded: Any) -> tuple[list[list[int]], list[str]]:
