@@ -86,6 +86,28 @@ def _native_grammar(fmt: str, req: ToolRequest, tokenizer: Any) -> Grammar | Non
     return build(req, _specials(tokenizer))
 
 
+def checked(loaded: Any, grammar: Grammar | None, req: ToolRequest) -> Grammar | None:
+    """The grammar compiled for this model once (the engine reuses it); a function whose
+    parameters schema cannot be enforced is a ParamError naming it."""
+    if grammar is None:
+        return None
+    from ..errors import UserError
+    from ..grammar import check
+    from ..validation import ParamError
+
+    try:
+        check(loaded, grammar, "tools")
+    except UserError as e:
+        for i, f in enumerate(req.functions):
+            where = f"tools[{i}].function.parameters"
+            try:
+                check(loaded, Grammar("json_schema", f.schema_text()), where)
+            except UserError as bad:
+                raise ParamError(str(bad), where) from None
+        raise ParamError(str(e), "tools") from None
+    return grammar
+
+
 def prepare(loaded: Any, messages: list[dict[str, Any]], req: ToolRequest | None) -> tuple[list[int], ToolPlan | None]:
     """The prompt ids for a chat request and its tool plan (None: no tools and no tool
     messages, a plain chat)."""
@@ -101,9 +123,10 @@ def prepare(loaded: Any, messages: list[dict[str, Any]], req: ToolRequest | None
         if active is None:
             return ids, ToolPlan(None, "text", None)
         fmt = formats.detect(template.source).name
-        return ids, ToolPlan(active, fmt, _native_grammar(fmt, active, loaded.tokenizer))
+        return ids, ToolPlan(active, fmt, checked(loaded, _native_grammar(fmt, active, loaded.tokenizer), active))
     plain = for_plain_template(messages)
     if active is None:
         return chat_ids(loaded, plain), ToolPlan(None, "text", None)
-    return chat_ids(loaded, fallback.with_tools(plain, active)), ToolPlan(active, "fallback", fallback.grammar(active))
+    grammar = checked(loaded, fallback.grammar(active), active)
+    return chat_ids(loaded, fallback.with_tools(plain, active)), ToolPlan(active, "fallback", grammar)
 
