@@ -313,6 +313,17 @@ def speculative(
     _run(ctx, SpeculativeSpec(target, draft, gamma, draft_isq, gamma_fixed))
 
 
+@app.command("toml", no_args_is_help=True)
+def toml(
+    ctx: typer.Context,
+    file: str = typer.Option(..., "-f", "--file", help="The .toml selector (mistral.rs's schema: [model], optional [speculative] with gamma and [speculative.draft_model]; see examples/toml-selectors/)."),
+) -> None:
+    """Select the model with a TOML file, as mistral.rs's toml subcommand: mistralrs -i toml -f selector.toml"""
+    from .toml_selector import for_command_line
+
+    _run(ctx, for_command_line(ctx, file))
+
+
 def _run(ctx: typer.Context, spec) -> None:
     """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it."""
     if hasattr(ctx.obj, "bench"):
