@@ -130,3 +130,20 @@ def prepare(loaded: Any, messages: list[dict[str, Any]], req: ToolRequest | None
     grammar = checked(loaded, fallback.grammar(active), active)
     return chat_ids(loaded, fallback.with_tools(plain, active)), ToolPlan(active, "fallback", grammar)
 
+
+
+def from_fields(loaded: Any, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
+                parallel_tool_calls: Any) -> tuple[list[int], ToolPlan | None]:
+    """prepare() for callers holding the raw fields (the Python API): the fields and the
+    messages' tool parts checked the server's way (ParamError naming the field)."""
+    from .messages import tool_fields
+    from .spec import parse_tools
+
+    req = parse_tools(tools, tool_choice, parallel_tool_calls)
+    checked_msgs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            from ..validation import ParamError
+            raise ParamError(f"messages[{i}] must be a dict with a role and content.", "messages")
+        checked_msgs.append({**m, "content": m.get("content") or "", **tool_fields(m, i)})
+    return prepare(loaded, checked_msgs, req)
