@@ -133,8 +133,10 @@ def test_sequences_in_one_batch_equal_each_alone(files):
 
 
 def test_files_the_native_runtime_does_not_serve_load_as_torch_models(tmp_path, vocab):
-    """F16 projections (no native kernel), phi2 (another block), --numerics exact, --dtype bf16."""
-    f16 = gb.write_gguf(tmp_path / "f16.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.F16)
+    """F16 projections beside a Q8_0 one (float and quantized are not mixed in one forward), phi2
+    (another block), --numerics exact, --dtype bf16."""
+    k_q8 = {f"blk.{i}.attn_k.weight": Q.Q8_0 for i in range(2)}
+    f16 = gb.write_gguf(tmp_path / "f16.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.F16, tensor_types=k_q8)
     phi2 = gb.write_gguf(tmp_path / "phi2.gguf", gb.tiny_phi2(1), vocab=vocab, qtype=Q.Q8_0)
     q8 = gb.write_gguf(tmp_path / "q8.gguf", gb.tiny_llama(1), vocab=vocab, qtype=Q.Q8_0)
     for path, opts in ((f16, {}), (phi2, {}), (q8, {"numerics": "exact"}), (q8, {"dtype": "bf16"})):

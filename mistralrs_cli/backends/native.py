@@ -26,9 +26,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c")]
+           for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c", "floatmm.c")]
 HEADERS = [Path(__file__).with_name("csrc") / "attention.h"]  # part of the build's identity
 TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS})
+FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})  # floatmm.c: f32 arithmetic on the file's values
 K_TYPES = frozenset({Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS})  # rows must be whole 256-blocks
 ACTS = {"silu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # hidden_act -> qmm_opts.act
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet

@@ -16,6 +16,9 @@ loader builds this model straight from the file instead of a torch module tree:
   h   += [post-norm] act(gate) * up @ Wdown                 qmm_parts, activation fused before
   logits = norm(h[rows]) @ Wout [softcapped]                qmm_parts
 
+Projections stored as F32, F16 or BF16 (a full- or half-precision file) are multiplied in f32 by
+csrc/floatmm.c behind the same qmm_parts calls, with an f32 KV cache.
+
 Everything else falls back to the torch models (the loader asks `NativeModel.build`, which says
 None): other architectures, weight types without a native kernel, --numerics exact, --dtype
 other than f32, a GPU, no C compiler. Its reference is that torch path: tests compare the two,
@@ -140,14 +143,21 @@ class NativeModel:
                 "ffn_gate": (inter, d), "ffn_up": (inter, d), "ffn_down": (d, inter)}
         for name in names + [head]:
             info = t.get(name)
-            if info is None or info.qtype not in native.TYPES or len(info.shape) != 2:
+            if info is None or info.qtype not in native.TYPES | native.FLOAT_TYPES or len(info.shape) != 2:
                 raise _Unfit(name)
-            if info.shape[1] % (256 if info.qtype in native.K_TYPES else 32):
+            if info.qtype not in native.FLOAT_TYPES and info.shape[1] % (256 if info.qtype in native.K_TYPES else 32):
                 raise _Unfit(name)
             # a shape that disagrees with the metadata: the torch loader names it in its error
             expect = want.get(name.split(".")[-2], (cfg.vocab_size, d))
             if tuple(info.shape) != expect:
                 raise _Unfit(name)
+        # F32 / F16 / BF16 projections (csrc/floatmm.c): f32 arithmetic end to end, so an f32
+        # KV cache too (the torch path's); a file mixing them with quantized ones goes to torch
+        self.float_weights = t[names[0]].qtype in native.FLOAT_TYPES
+        if any((t[n].qtype in native.FLOAT_TYPES) != self.float_weights for n in names):
+            raise _Unfit("float and quantized projections mixed")
+        if self.float_weights:
+            self.cache_dtype, self.kv16 = _F32, 0
         embd = t.get("token_embd.weight")
         if embd is None or tuple(embd.shape) != (cfg.vocab_size, d):
             raise _Unfit("token_embd.weight")

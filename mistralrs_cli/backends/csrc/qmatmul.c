@@ -970,11 +970,17 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
     }
 }
 
+// floatmm.c: parts of F32 / F16 / BF16 weights (same parts and opts)
+int fmm_type(int type);
+int fmm_parts(const void *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m, float *y,
+              int64_t ldy, int n_threads, const void *opts);
+
 // y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
 // parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
 // Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
 int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
               float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
+    if (nparts > 0 && fmm_type(parts[0].type)) return fmm_parts(parts, nparts, k, x, ldx, m, y, ldy, n_threads, o);
     const int precise = o && o->precise;
     int need_a = 0, need_k = 0, need_w = 0;  // 8-bit rows (fast: also the wide parts'), q8_K, 16-bit
     int64_t n_total = 0;
