@@ -199,6 +199,13 @@ class _Sampling:
     # LoRA adapters (names) this request runs with, beside other requests' own; None: the active
     # set (Runner.activate_adapters), []: the base model alone
     adapters: list[str] | None = None
+    # a constraint on the output (grammar/request.py): a types.Grammar, {"type": "regex"|"lark"|
+    # "json_schema"|"llguidance", "value": ...}, or a string with grammar_type (mistral.rs's shape;
+    # "yacc" is Lark); response_format: OpenAI's {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name", "schema"}}
+    grammar: Any = None
+    grammar_type: str | None = None
+    response_format: dict[str, Any] | None = None
 
     def sampling(self, index: int = 0, generation_config: dict[str, Any] | None = None, vocab: int | None = None,
                  max_context: int | None = None, limits: Limits | None = None) -> SamplingParams:
@@ -365,11 +372,25 @@ class Runner:
                                  "adapter_names")
         self.engine.set_active_adapters(names)
 
+    def _grammar(self, request: _Sampling):
+        """The request's grammar / response_format, compiled for this model (ParamError naming
+        the field when it is wrong)."""
+        from .grammar.request import checked
+
+        g = request.grammar
+        if isinstance(g, str):  # mistral.rs: grammar="...", grammar_type="regex" | "yacc" | ...
+            if request.grammar_type is None:
+                raise ParamError("grammar is a string: say what kind it is with grammar_type (regex, lark, "
+                                 "json_schema or llguidance).", "grammar_type")
+            g = {"type": request.grammar_type, "value": g}
+        return checked(self.loaded, g, request.response_format)
+
     def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str, images=None):
         cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
         self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
         adapters = validation.check_adapters(request.adapters, self.engine.adapter_names())
-        params = [replace(request.sampling(i, cfg, vocab, ctx, self.limits), adapters=adapters)
+        grammar = self._grammar(request)
+        params = [replace(request.sampling(i, cfg, vocab, ctx, self.limits), adapters=adapters, grammar=grammar)
                   for i in range(request.n)]
         with _python_fields(self.which):
             reqs = [self.engine.add_request(ids, p, images=images) for p in params]

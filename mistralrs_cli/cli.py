@@ -24,6 +24,7 @@ app = typer.Typer(
 _SAMPLING = "Sampling (for --prompt and -i; unset: the model's generation_config.json, else the defaults shown)"
 _SERVER = "Server and engine"
 _LIMITS = "Limits (what one request may ask for; raise them for trusted clients)"
+_STRUCTURED = "Structured output (--prompt and -i; the server takes grammar / response_format per request)"
 NUMERICS_HELP = ("Arithmetic on quantized weights (GGUF, GGML, --isq): precise (activations kept to ~16 bits: "
                  "the exact path's top-1 token at 100% of 512 teacher-forced positions on the test models), fast "
                  "(activations rounded once to 8-bit blocks, as llama.cpp's CPU kernels round: faster, most in "
@@ -40,6 +41,10 @@ def global_options(
     raw: bool = typer.Option(False, "--raw", help="Send --prompt as a plain completion (no chat template; BOS per the tokenizer)."),
     image: Optional[list[str]] = typer.Option(None, "--image", metavar="PATH_OR_URL", help="Vision models: an image for --prompt (a file, an http(s) URL or a data: URI); repeat for several."),
     allow_local_images: bool = typer.Option(False, "--allow-local-images", help="Vision models: let image URLs reach loopback, private and link-local addresses (refused otherwise)."),
+    grammar_regex: Optional[str] = typer.Option(None, "--grammar-regex", metavar="RE", help="Constrain the output of --prompt / -i to text fully matching RE (llguidance regex syntax).", rich_help_panel=_STRUCTURED),
+    grammar_lark: Optional[str] = typer.Option(None, "--grammar-lark", metavar="FILE", help="Constrain the output of --prompt / -i to a Lark grammar read from FILE.", rich_help_panel=_STRUCTURED),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="FILE", help="Constrain the output of --prompt / -i to JSON valid under the JSON schema in FILE.", rich_help_panel=_STRUCTURED),
+    json_mode: bool = typer.Option(False, "--json", help="Constrain the output of --prompt / -i to a JSON object.", rich_help_panel=_STRUCTURED),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after N new tokens [default: until EOS or the context is full].", rich_help_panel=_SAMPLING),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 is greedy (and then no default repetition penalty) [default: 0.8].", rich_help_panel=_SAMPLING),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the K likeliest tokens; 0 keeps all [default: 40].", rich_help_panel=_SAMPLING),
@@ -105,6 +110,8 @@ def global_options(
     )
     ctx.obj.load.allow_local_images = allow_local_images
     ctx.obj.images = list(image or [])
+    ctx.obj.grammar_flags = {"--grammar-regex": grammar_regex, "--grammar-lark": grammar_lark,
+                             "--json-schema": json_schema, "--json": json_mode or None}
 
 
 @app.command("gguf", no_args_is_help=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import validation
@@ -44,6 +45,8 @@ class RunOptions:
     prefix_cache_n: int = 16
     limits: Limits = field(default_factory=Limits)  # what one request may ask for (--max-n, ...)
     images: list[str] = field(default_factory=list)  # --image: for --prompt, with a vision model
+    # --grammar-regex RE, --grammar-lark FILE, --json-schema FILE, --json (None: not given)
+    grammar_flags: dict[str, Any] = field(default_factory=dict)
 
     @property
     def request_log(self) -> str | None:
@@ -86,6 +89,35 @@ def read_prompt(prompt: str) -> str:
     return validation.check_text(prompt, "--prompt")
 
 
+def grammar_flag(flags: dict[str, Any], modes: list[str]):
+    """The one grammar flag given, read and checked for syntax before the model loads (its
+    vocabulary check comes with the first request); None without one."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} are different grammars; give one.")
+    (name, value), = given.items()
+    if not any(m in ("--prompt", "-i/--interactive") for m in modes):
+        raise UserError(f"{name} goes with --prompt or -i; the server takes the grammar or response_format "
+                        "field in each request.")
+    from .grammar import json_object, syntax_check
+    from .types import Grammar
+
+    if name == "--json":
+        return json_object()
+    if name == "--grammar-regex":
+        g = Grammar("regex", value)
+    else:
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{name} {value}: cannot read the file ({e}); give a readable UTF-8 file.") from None
+        g = Grammar("lark" if name == "--grammar-lark" else "json_schema", text)
+    syntax_check(g, f"{name} {value}")
+    return g
+
+
 def _setup_logging(opts: RunOptions) -> None:
     level = logging.WARNING
     if opts.log and opts.log.lower() in LOG_LEVELS:
@@ -124,6 +156,9 @@ def run(opts: RunOptions, spec: Any) -> None:
     opts.limits.check()
     config = engine_config(opts)
     params = sampling_flags(opts)
+    grammar = grammar_flag(opts.grammar_flags, modes)
+    if grammar is not None:
+        params["grammar"] = grammar
     if not modes or opts.port is not None:
         from .outputs.server import run_server
 

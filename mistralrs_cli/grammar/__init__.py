@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..types import Grammar
-from .compile import KINDS, json_object
+from .compile import KINDS, json_object, syntax_check
 
 
 def check(loaded: Any, grammar: Grammar, where: str = "grammar") -> None:
@@ -33,4 +33,4 @@ def seq_grammar(loaded: Any, grammar: Grammar, where: str = "grammar"):
     return SeqGrammar(compiled(grammar, lltok, where), lltok.vocab_size)
 
 
-__all__ = ["Grammar", "KINDS", "check", "json_object", "seq_grammar"]
+__all__ = ["Grammar", "KINDS", "check", "json_object", "seq_grammar", "syntax_check"]

@@ -53,7 +53,7 @@ def _refuse(g: Grammar, where: str, err: str) -> UserError:
     if "Unimplemented keys" in detail or "Unknown format" in detail:
         return UserError(f"{where} uses a JSON-schema keyword or format that is not supported ({detail}); "
                          "remove it or describe the value another way.")
-    return UserError(f"{where} is not {_what(g.kind)} ({detail}); fix it and send it again.")
+    return UserError(f"{where} is not {_what(g.kind)} ({detail}); fix it.")
 
 
 def grammar_text(g: Grammar, where: str) -> str:
@@ -77,6 +77,16 @@ def grammar_text(g: Grammar, where: str) -> str:
     if not isinstance(value, (dict, bool)):
         raise UserError(f"{where} must be a JSON schema (an object), got {type(value).__name__}.")
     return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=_JSON_DEFAULTS)
+
+
+def syntax_check(g: Grammar, where: str) -> None:
+    """The checks that need no vocabulary (regex / Lark syntax, schema keywords), e.g. before a
+    model loads; UserError naming `where`."""
+    import llguidance
+
+    err = llguidance.LLMatcher.validate_grammar(grammar_text(g, where))
+    if err:
+        raise _refuse(g, where, err)
 
 
 def compiled(g: Grammar, lltok: Any, where: str = "grammar"):

@@ -85,11 +85,7 @@ def get(body: dict, name: str, kind: Any, default: Any = None, lo: float | None 
 
 
 def _unsupported(body: dict) -> None:
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise ApiError(400, "response_format (structured output) is not supported by this server yet.",
-                       "response_format")
-    for name in ("grammar", "suffix"):
+    for name in ("suffix",):
         if body.get(name):
             raise ApiError(400, f"{name} is not supported by this server.", name)
 
@@ -148,12 +144,24 @@ def _choices(body: dict, prompts: list[list[int]], loaded: Any, top_logprobs: in
     base = sampling(body, loaded.tokenizer.vocab_size, loaded.max_context, top_logprobs,
                     getattr(loaded, "generation_config", None), limits)
     base.adapters = _request_adapters(body, loaded)  # None: the engine's active set when it starts
+    base.grammar = _request_grammar(body, loaded)
     params = []
     for _ in prompts:
         for i in range(n):  # choice i: seed + i, so n choices differ and each is reproducible
             seed = None if base.seed is None else base.seed + i
             params.append(SamplingParams(**{**base.__dict__, "seed": seed}))
     return n, params
+
+
+def _request_grammar(body: dict, loaded: Any):
+    """grammar / response_format -> a Grammar compiled for this model (each choice gets its own
+    matcher in the engine); a bad one is a 400 naming the field."""
+    if body.get("grammar") is None and body.get("response_format") is None:
+        return None
+    from ...grammar.request import checked
+
+    with _as_api_errors():
+        return checked(loaded, body.get("grammar"), body.get("response_format"))
 
 
 def _top_logprobs(body: dict, key: str, limits: Limits) -> int | None:
