@@ -298,6 +298,7 @@ class Runner:
                  engine_config: EngineConfig | None = None, limits: Limits | None = None,
                  _flag_names: bool = False,  # the CLI's modes: messages keep naming the flags
                  which_draft: Any = None, speculative_gamma: int = 5, speculative_ngram: int | None = None,
+                 tensor_parallel_size: int = 1, dist_backend: str | None = None,  # --tp, --dist-backend
                  allow_local_images: bool = False, **_ignored: Any):
         _check_which(which)
         if which_draft is not None:  # speculative decoding: which verifies what which_draft proposes
@@ -314,6 +315,7 @@ class Runner:
             ngram_config(speculative_ngram, "speculative_ngram")
         opts = LoadOptions(token_source=token_source, chat_template=chat_template, numerics=numerics,
                            isq=isq or in_situ_quant, spec_ngram=speculative_ngram,
+                           tp=tensor_parallel_size, dist_backend=dist_backend,
                            allow_local_images=bool(allow_local_images))
         self.which = which
         with _python_fields(which):
