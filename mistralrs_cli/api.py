@@ -16,7 +16,7 @@ from .engine.request import RequestOutput
 from .engine.token_text import TokenText
 from .errors import UserError
 from .loaders.load import Loaded, load
-from .prompting import chat_ids, completion_ids
+from .prompting import completion_ids
 from .sampling_defaults import sampling_params
 from .numerics import check_numerics
 from .types import (EngineConfig, GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SamplingParams,
@@ -234,6 +234,12 @@ class _Sampling:
 class ChatCompletionRequest(_Sampling):
     messages: list[dict[str, Any] | Message] | str = field(default_factory=list)
     model: str = "default"
+    # OpenAI tool calling (tools/): [{"type": "function", "function": {"name", "description",
+    # "parameters"}}]; tool_choice "auto" | "none" | "required" | {"type": "function", "function":
+    # {"name": ...}}; the response's message carries tool_calls
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -259,7 +265,8 @@ class Usage:
 @dataclass
 class ResponseMessage:
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's {"id", "type", "function": {"name", "arguments"}}
 
 
 @dataclass
@@ -345,7 +352,11 @@ class Runner:
             if has_images(msgs) or self.loaded.vision is not None:  # image parts: paths, data: URIs, URLs
                 ids, images = chat_with_images(self.loaded, msgs, allow_paths=True)
             else:
-                ids = chat_ids(self.loaded, msgs)
+                from .tools.plan import from_fields
+
+                ids, tools = from_fields(self.loaded, msgs, request.tools, request.tool_choice,
+                                         request.parallel_tool_calls)
+                return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}", tools=tools)
         return self._run(ids, request, "chat.completion", f"chatcmpl-{uuid.uuid4().hex}", images)
 
     def send_completion_request(self, request: CompletionRequest):
@@ -387,11 +398,17 @@ class Runner:
             g = {"type": request.grammar_type, "value": g}
         return checked(self.loaded, g, request.response_format)
 
-    def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str, images=None):
+    def _run(self, ids: list[int], request: _Sampling, kind: str, rid: str, images=None, tools=None):
+        """tools: the request's tools.plan.ToolPlan (its grammar, its output split into tool_calls)."""
         cfg, vocab, ctx = self.loaded.generation_config, self.loaded.tokenizer.vocab_size, self.loaded.max_context
         self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
         adapters = validation.check_adapters(request.adapters, self.engine.adapter_names())
         grammar = self._grammar(request)
+        if tools is not None and tools.grammar is not None:
+            if grammar is not None:
+                raise ParamError("tool_choice \"required\" or a named function constrains the answer to a tool "
+                                 "call; set grammar/response_format without it, or tool_choice \"auto\".", "tool_choice")
+            grammar = tools.grammar
         params = [replace(request.sampling(i, cfg, vocab, ctx, self.limits), adapters=adapters, grammar=grammar)
                   for i in range(request.n)]
         with _python_fields(self.which):
@@ -399,7 +416,7 @@ class Runner:
         index = {r.id: i for i, r in enumerate(reqs)}
         gen = self._drain(index)
         if request.stream:
-            return self._chunks(gen, kind, rid)
+            return self._chunks(gen, kind, rid, tools)
         texts, last, lps = [""] * len(reqs), {}, [[] for _ in reqs]
         for i, out in gen:
             texts[i] += out.text
@@ -407,11 +424,28 @@ class Runner:
                 lps[i].append(self._logprob(out))
             if out.finish_reason is not None:
                 last[i] = out
-        choices = [self._choice(kind, i, texts[i], last[i].finish_reason) for i in range(len(reqs))]
+        choices = [self._choice(kind, i, texts[i], last[i].finish_reason, tools=tools) for i in range(len(reqs))]
         if request.logprobs:
             for c, entries in zip(choices, lps):
                 c.logprobs = {"content": entries}
         return Response(rid, kind, int(time.time()), self.loaded.model_id, choices, _usage(list(last.values())))
+
+    def _tool_chunks(self, gen, obj: str, rid: str, tools) -> Iterator[Response]:
+        """Chat chunks with tools: content and tool_calls deltas as the server streams them
+        (tools/deltas.py), the finish reason "tool_calls" when the answer called tools."""
+        from .tools.deltas import DeltaStream
+
+        streams: dict[int, DeltaStream] = {}
+        for i, out in gen:
+            ds = streams.setdefault(i, DeltaStream(tools))
+            deltas = ds.feed(out.text) + (ds.finish() if out.finish_reason is not None else [])
+            for d in deltas:
+                msg = ResponseMessage("assistant", d.get("content"), d.get("tool_calls"))
+                yield Response(rid, obj, int(time.time()), self.loaded.model_id, [Choice(i, None, delta=msg)])
+            if out.finish_reason is not None:
+                msg = ResponseMessage("assistant", None)
+                yield Response(rid, obj, int(time.time()), self.loaded.model_id,
+                               [Choice(i, ds.finish_reason(out.finish_reason), delta=msg)], _usage([out]))
 
     def _drain(self, index: dict[str, int]) -> Iterator[tuple[int, RequestOutput]]:
         pending = set(index)
@@ -435,14 +469,20 @@ class Runner:
         return {"token": tok, "logprob": out.logprob, "bytes": raw, "top_logprobs": top}
 
     @staticmethod
-    def _choice(kind: str, i: int, text: str, finish: str | None, chunk: bool = False) -> Choice:
+    def _choice(kind: str, i: int, text: str, finish: str | None, chunk: bool = False, tools=None) -> Choice:
         if kind == "text_completion":
             return Choice(i, finish, text=text)
         msg = ResponseMessage("assistant", text)
+        if tools is not None:  # the server's split (tools/plan.py): content and tool_calls
+            message, finish = tools.message(text, finish)
+            msg = ResponseMessage("assistant", message["content"], message.get("tool_calls"))
         return Choice(i, finish, delta=msg) if chunk else Choice(i, finish, message=msg)
 
-    def _chunks(self, gen, kind: str, rid: str) -> Iterator[Response]:
+    def _chunks(self, gen, kind: str, rid: str, tools=None) -> Iterator[Response]:
         obj = "chat.completion.chunk" if kind == "chat.completion" else kind
+        if tools is not None:
+            yield from self._tool_chunks(gen, obj, rid, tools)
+            return
         for i, out in gen:
             if out.text or out.finish_reason is not None:
                 usage = _usage([out]) if out.finish_reason is not None else None

@@ -96,6 +96,12 @@ def test_fallback(text, content, calls):
     assert both_ways("fallback", text) == (content, calls)
 
 
+def test_fallback_reply_streams_as_written():
+    s = fallback.FallbackSplitter()
+    assert s.feed('{"content": "Hel') == ["Hel"] and s.feed('lo \\u00') == ["lo "] and s.feed('e9!"}') == ["é!"]
+    assert s.finish() == []
+
+
 def test_format_detection():
     assert formats.detect("{{ '<tool_call>' }}{% for t in tools %}").name == "hermes"
     assert formats.detect("[AVAILABLE_TOOLS] {{ tools|tojson }} [TOOL_CALLS]").name == "mistral"
@@ -155,3 +161,33 @@ def test_tool_messages_for_templates():
         {"role": "assistant", "content": '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'},
         {"role": "user", "content": '{"tool_response": {"tool_call_id": "call_1", "name": "get_weather", '
                                     '"content": "sunny"}}\n\nthanks'}]
+
+
+# ---- properties: built texts split back into what they were built from, in any chunking ----
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_args = st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=8), st.booleans()), max_size=3)
+_calls = st.lists(st.tuples(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), _args), max_size=3)
+
+
+def _chunked(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=st.text(max_size=30), calls=_calls, cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_hermes_property(content, calls, cuts):
+    if "<tool_call>" in content or not content.strip() and not calls:
+        return
+    blocks = [f'<tool_call>\n{json.dumps({"name": n, "arguments": a})}\n</tool_call>' for n, a in calls]
+    text = content + ("\n" + "\n".join(blocks) if calls else "")
+    want_content = content.rstrip() if calls else content
+    assert split(formats.FORMATS["hermes"].splitter(), _chunked(text, cuts)) == (want_content, calls)
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=st.text(max_size=40), ascii_only=st.booleans(), cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_fallback_content_property(content, ascii_only, cuts):
+    text = json.dumps({"content": content}, ensure_ascii=ascii_only)
+    assert split(fallback.FallbackSplitter(), _chunked(text, cuts)) == (content, [])

@@ -171,6 +171,7 @@ BAD = [
       "tool_choice": "required"}, "tools[0].function.parameters"),
     ({"messages": ASK + [{"role": "tool", "content": "orphan"}]}, "messages"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
 ]
 
 
