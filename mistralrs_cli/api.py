@@ -350,6 +350,9 @@ class Runner:
         images = None
         with _python_fields(self.which):
             if has_images(msgs) or self.loaded.vision is not None:  # image parts: paths, data: URIs, URLs
+                if request.tools:
+                    raise ParamError("tools are not supported with images or a vision model yet; send the "
+                                     "request without tools.", "tools")
                 ids, images = chat_with_images(self.loaded, msgs, allow_paths=True)
             else:
                 from .tools.plan import from_fields

@@ -172,6 +172,8 @@ BAD = [
     ({"messages": ASK + [{"role": "tool", "content": "orphan"}]}, "messages"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "tools"),
 ]
 
 

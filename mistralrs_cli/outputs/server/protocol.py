@@ -240,6 +240,9 @@ def _parse_vision_chat(body: dict, msgs: list, loaded: Any, limits: Limits) -> P
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, f"messages[{i}] must be an object with a role and content.", "messages")
     _unsupported(body)
+    if body.get("tools"):  # tools/ renders text-only chats; said, rather than dropped silently
+        raise ApiError(400, "tools are not supported with images or a vision model yet; send the request "
+                            "without tools.", "tools")
     logprobs = get(body, "logprobs", bool, False)
     top = _top_logprobs(body, "top_logprobs", limits) or 0
     try:
