@@ -202,3 +202,35 @@ def test_six_requests_mixing_images_and_text_batch_as_alone(ckpt):
     while engine.has_unfinished():
         engine.step()
     assert [r.output_ids for r in reqs] == alone
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([str(BIN / "mistralrs"), "--temperature", "0", "--ignore-eos", "--max-tokens", str(STEPS),
+                           *args], env=env, input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_interactive_image_command(ckpt):
+    """\\image PATH text in -i; a bad image is one error line and the chat goes on."""
+    path = ckpt[0]
+    out = _cli("-i", "vision-plain", "-m", str(path),
+               stdin=f"\\image {path / 'not-there.png'} hi\n\\image {path / 'tall.img'} {TEXT}\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == _want(ckpt, ["tall"])
+    assert "error: \\image: cannot read the image file" in out.stderr
+
+
+def test_cli_allow_local_images(ckpt, local_url):
+    args = ("--image", local_url + "/wide.img", "--prompt", TEXT, "vision-plain", "-m", str(ckpt[0]))
+    refused = _cli(*args)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--allow-local-images" in refused.stderr and "Traceback" not in refused.stderr
+    allowed = _cli("--allow-local-images", *args)
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout == _want(ckpt, ["wide"]) + "\n"
+
+
+def test_image_flag_without_prompt_is_one_error_line(ckpt):
+    out = _cli("--image", str(ckpt[0] / "tall.img"), "-i", "vision-plain", "-m", str(ckpt[0]))
+    assert out.returncode != 0 and out.stderr.strip() == (
+        "error: --image goes with --prompt; in -i type \\image PATH_OR_URL text, and the server takes image_url parts.")

@@ -214,7 +214,7 @@ class Chat:
         from ..vision.chat import chat_with_images, has_images
 
         loaded = self.runner.loaded
-        if loaded.vision is None and not has_images(msgs):
+        if getattr(loaded, "vision", None) is None and not has_images(msgs):
             return chat_ids(loaded, msgs), None
         return chat_with_images(loaded, msgs, allow_paths=True, where="\\image")
 
@@ -246,7 +246,7 @@ class Chat:
         """Stream one answer to stdout. Returns (text, last delta, stopped by Ctrl-C)."""
         self.log.write("request", {"messages": msgs, "prompt_tokens": len(ids)})
         parts, last, stopped = [], None, False
-        gen = self.runner.stream(ids, self.params, images=images)
+        gen = self.runner.stream(ids, self.params, **({} if images is None else {"images": images}))
         with _Streaming() as sigint:
             try:
                 for out in gen:
