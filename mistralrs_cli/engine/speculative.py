@@ -17,6 +17,11 @@ raises the sequence's gamma by 2, one that rejected some lowers it by 1, within 
 single draft token is rejected pauses drafting for 1, 2, 4 ... 16 steps (doubling while it keeps
 failing, reset by an accepted token): a verify chunk costs more than a decode, so a draft that
 never agrees (n-gram lookup on text that does not repeat) should not keep paying for it.
+On top of that (unless fixed or SpecConfig.cost_policy is off) the step's drafts are cut to the
+common gamma with the most expected tokens per second (spec_costs.py): forward costs measured
+once per model, acceptance estimated per sequence (shrunk toward the engine's pooled rate); 0,
+plain decoding, when batching already fills the cores. When the acceptance estimate alone turns
+drafting off, one draft token is tried again after 8, 16 .. 128 such steps.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from .paged import PagedSeqCache
 from .request import Request, RequestOutput
 from .sampler import _RNG, distribution, draw, greedy_token, sample, with_logprobs
 from .scheduler import Scheduled
+from .spec_costs import Costs, best_gamma
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class SpecConfig:
     draft: Any = None  # the draft model's Loaded, or None with n-gram drafting
     ngram: int | None = None  # --spec-ngram N: draft from the sequence itself
     fixed: bool = False  # keep gamma fixed (benchmarks) instead of adapting it per sequence
+    cost_policy: bool = True  # cut drafts to what pays for itself (spec_costs.py); off: adaptive gamma alone
 
 
 class Speculator:
@@ -54,6 +61,10 @@ class Speculator:
         self.gammas: dict[Request, int] = {}
         self.waits: dict[Request, tuple[int, int]] = {}  # paused sequences: (steps left, pause length)
         self.proposed = self.accepted = self.runs = 0  # since start, over every request
+        self.costs: tuple | None = None  # (target, draft or None) Costs, measured at first use
+        self.tally: dict[Request, tuple[int, int]] = {}  # per sequence: draft tokens passed, runs cut short
+        self.cut_short = 0  # runs with a rejected draft token, over every request
+        self.quiet, self.retry = 0, 8  # steps the acceptance estimate kept drafts off; when to try again
 
     # ---- stats ----
     @property
@@ -69,11 +80,14 @@ class Speculator:
         self.source.release(req)
         self.gammas.pop(req, None)
         self.waits.pop(req, None)
+        self.tally.pop(req, None)
 
     # ---- one step ----
     def step(self, work: list[Scheduled]) -> list[RequestOutput]:
         e = self.engine
         gammas = {w.req: g for w in work if (g := self._gamma(w)) > 0}
+        if gammas and self.cfg.cost_policy and not self.cfg.fixed:
+            gammas = self._budget(work, gammas)
         if not gammas:
             return e._run_work(work)
         try:
@@ -108,6 +122,32 @@ class Speculator:
         if g > 0 and isinstance(req.cache, PagedSeqCache) and not req.cache.reserve(req.n_computed + 1 + g):
             return 0  # the pool is full: decode plainly rather than preempt anyone for drafts
         return max(g, 0)
+
+    def _budget(self, work: list[Scheduled], gammas: dict[Request, int]) -> dict[Request, int]:
+        """The drafts cut to the step's best common gamma (spec_costs.best_gamma); {} when none pays."""
+        if self.costs is None:
+            self.costs = (Costs.measure(self.engine.model),
+                          Costs.measure(self.source.model) if isinstance(self.source, ModelDraft) else None)
+            log.debug("speculation costs (rows: seconds): target %s, draft %s", self.costs[0].points,
+                      self.costs[1].points if self.costs[1] else None)
+        rows = sum(w.n for w in work)
+        emitting = sum(w.req.n_computed + w.n == w.req.n_known for w in work)  # rows that yield a token
+        reqs, caps = list(gammas), list(gammas.values())
+        g = best_gamma(*self.costs, rows, [self._alpha(r) for r in reqs], caps, emitting - len(reqs))
+        if g == 0 and best_gamma(*self.costs, rows, [1.0] * len(reqs), caps, emitting - len(reqs)):
+            self.quiet += 1  # the acceptance estimate, not the cost, said no: try one token now and then
+            if self.quiet >= self.retry:
+                g, self.quiet, self.retry = 1, 0, min(2 * self.retry, 128)
+        elif g:
+            self.quiet, self.retry = 0, 8
+        return {r: min(c, g) for r, c in gammas.items()} if g else {}
+
+    def _alpha(self, req: Request) -> float:
+        """The chance a draft token passes: this sequence's record shrunk toward the engine's
+        (itself from a prior of 0.8 worth 4 tokens)."""
+        pooled = (self.accepted + 3.2) / (self.accepted + self.cut_short + 4)
+        passed, cut = self.tally.get(req, (0, 0))
+        return (passed + 2 * pooled) / (passed + cut + 2)
 
     def _forward(self, work: list[Scheduled], drafts: dict[Request, Draft]):
         """Engine._forward with each drafted sequence's chunk extended by its drafts and a logits
@@ -165,6 +205,9 @@ class Speculator:
             req.cache.commit(req.tokens(0, req.n_computed))
         self.source.rollback(req, req.n_computed)
         self.proposed, self.accepted, self.runs = self.proposed + len(d.tokens), self.accepted + accepted, self.runs + 1
+        passed, cut = self.tally.get(req, (0, 0))
+        self.tally[req] = (passed + accepted, cut + (accepted < len(d.tokens)))
+        self.cut_short += accepted < len(d.tokens)
         if req in self.gammas and not self.cfg.fixed:
             self._adapt(req, accepted, len(d.tokens))
         log.debug("request %s: %d of %d draft tokens accepted", req.id, accepted, len(d.tokens))

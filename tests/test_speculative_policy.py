@@ -1,0 +1,83 @@
+"""The speculative cost policy (engine/spec_costs.py): how many draft tokens a step carries.
+
+- Costs interpolates measured (rows, seconds) points linearly and extends the last slope.
+- best_gamma against hand-computed expected tokens per second, with forward costs measured here
+  for SmolLM2-135M (native F32 target, its Q4_1 file as the draft: ms at 1, 2, 4, 8 rows): at
+  batch 1 with 96% acceptance every draft token up to 5 pays; at batch 8 none does (the step
+  already fills the cores); free drafts (n-gram) pay whenever the target's cost is flat.
+- In the engine: costs that make drafting a loss keep every step plain (and the text is the
+  target's); costs that make it pay draft every step.
+"""
+from __future__ import annotations
+
+import pytest
+
+from mistralrs_cli.engine.engine import Engine
+from mistralrs_cli.engine.spec_costs import Costs, best_gamma, expected_tokens
+from mistralrs_cli.loaders.load import load
+from mistralrs_cli.types import GGUFSpec, SamplingParams, SpeculativeSpec
+
+from test_speculative import OPTS, files  # noqa: F401  (the tiny target and drafts)
+
+TARGET = Costs({1: 18.4, 2: 21.2, 4: 27.5, 8: 38.6})  # ms
+DRAFT = Costs({1: 9.2, 2: 11.6, 4: 20.8, 8: 37.7})
+
+
+def test_costs_interpolate_and_extend_the_last_slope():
+    c = Costs({1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4})
+    assert c(0) == 1.0 and c(1) == 1.0 and c(3) == pytest.approx(1.4) and c(6) == pytest.approx(2.0)
+    assert c(16) == pytest.approx(2.4 + 0.2 * 8)
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 3) == 1.0
+
+
+def test_batch_1_drafts_up_to_5():
+    """Tokens per ms by hand (first draft pass 2 rows: the draft cache catches up):
+    plain 1/18.4 = .0543; g=1 1.96/(11.6+21.2) = .0598; g=3 3.766/(11.6+2*9.2+27.5) = .0655;
+    g=5 5.431/(11.6+4*9.2+33.05) = .0667, the best."""
+    assert best_gamma(TARGET, DRAFT, 1, [0.96], [5]) == 5
+    assert best_gamma(TARGET, DRAFT, 1, [0.96], [3]) == 3
+    # a draft right 30% of the time: g=1 1.3/32.8 = .0396 < plain .0543
+    assert best_gamma(TARGET, DRAFT, 1, [0.3], [5]) == 0
+
+
+def test_batch_8_drafts_nothing():
+    """8 sequences: plain 8/38.6 = .207 tokens/ms; g=1 costs a draft pass of 16 rows (37.7 +
+    16.9 * 8 / 4 extended = 71.5) and a target forward of 16 rows (38.6 + 2.775 * 8 = 60.8): even
+    every draft passing gives 16/132.3 = .121."""
+    assert best_gamma(TARGET, DRAFT, 8, [1.0] * 8, [5] * 8) == 0
+    # 2 sequences: plain 2/21.2 = .0943; the best draft, g=5, 10.86/(20.8+4*11.6+49.7) = .0929
+    assert best_gamma(TARGET, DRAFT, 2, [0.96] * 2, [5] * 2) == 0
+
+
+def test_free_drafts_pay_on_a_flat_target():
+    flat = Costs({1: 10.0, 8: 10.5})
+    assert best_gamma(flat, None, 1, [0.5], [4]) == 4
+    assert best_gamma(flat, None, 8, [0.5] * 8, [4] * 8) > 0
+
+
+def _engine(files, costs):  # noqa: F811
+    loaded = load(SpeculativeSpec(GGUFSpec(str(files["target"])), GGUFSpec(str(files["self"])), 4), OPTS)
+    engine = Engine(loaded)
+    engine.spec.costs = costs
+    return engine
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_the_engine_follows_the_costs(files, pays):  # noqa: F811
+    target = Costs({1: 1.0, 8: 1.1})
+    engine = _engine(files, (target, Costs({1: 0.01 if pays else 5.0})))
+    prompt = files["tok"].encode("the quick brown fox").ids
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    req = engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    plain = Engine(load(GGUFSpec(str(files["target"])), OPTS))
+    ref = plain.add_request(prompt, params)
+    while plain.has_unfinished():
+        plain.step()
+    assert req.output_ids == ref.output_ids
+    assert (engine.spec.proposed > 0) == pays
