@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .types import GGMLSpec, GGUFSpec, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
+from .types import GGMLSpec, GGUFSpec, LoraSpec, PlainSpec, SpeculativeSpec, VisionSpec, XLoraSpec
 
 VISION_ARCHS = ("llava", "llava_next", "idefics2", "phi3v")  # mistral.rs's VisionLoaderType names
 GGML_ONLY = {"gqa", "eps", "rope_theta"}
@@ -148,7 +148,7 @@ def _model_spec(model: dict[str, Any], where: str, prefix: str, top_tok: str | N
     dtype = v.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"{where}: '{prefix}.dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    spec = _base_spec(base, v, tok_json, where, prefix)
+    spec = _base_spec(base, v, tok_json)
     if adapter == "lora":
         if isinstance(spec, PlainSpec) and spec.model_id is None:
             spec.model_id = _ordering_base(v["order"], where, prefix)
@@ -158,25 +158,15 @@ def _model_spec(model: dict[str, Any], where: str, prefix: str, top_tok: str | N
     return spec, dtype
 
 
-def _base_spec(base: str, v: dict[str, Any], tok_json: str | None, where: str, prefix: str) -> Any:
+def _base_spec(base: str, v: dict[str, Any], tok_json: str | None) -> Any:
     if base == "gguf":
         return GGUFSpec(v["quantized_filename"], v.get("quantized_model_id"), v.get("tok_model_id"), tok_json)
     if base == "ggml":
         return GGMLSpec(v["quantized_filename"], v.get("quantized_model_id"), v.get("tok_model_id"), tok_json,
                         v.get("gqa", 1), v.get("eps", 1e-5), v.get("rope_theta", 10000.0))
     if base == "vision-plain":
-        return _vision_spec(v, tok_json, where, prefix)
+        return VisionSpec(v["model_id"], v["arch"], tok_json)
     return PlainSpec(v.get("model_id"), v.get("arch"), tok_json)
-
-
-def _vision_spec(v: dict[str, Any], tok_json: str | None, where: str, prefix: str) -> Any:
-    from . import types
-
-    vision = getattr(types, "VisionSpec", None)
-    if vision is None:
-        raise UserError(f"{where}: [{prefix}] selects a vision model (arch = {v['arch']!r}); this build of "
-                        "mistralrs-cli has no vision-plain yet.")
-    return vision(v["model_id"], v["arch"], tok_json)
 
 
 def _ordering_base(order: str, where: str, prefix: str) -> str:

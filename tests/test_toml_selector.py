@@ -14,12 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 import gguf_builder as gb
+import vision_models as vm
 import xlora_models as xm
 from mistralrs_cli import cli
 from mistralrs_cli.api import CompletionRequest, Runner
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.toml_selector import read_selector
-from mistralrs_cli.types import GGMLSpec, GGUFSpec, LoraSpec, PlainSpec, SpeculativeSpec, XLoraSpec
+from mistralrs_cli.types import GGMLSpec, GGUFSpec, LoraSpec, PlainSpec, SpeculativeSpec, VisionSpec, XLoraSpec
 from test_ggml import write_ggjt
 from test_lora_peft import write_ordering
 
@@ -36,8 +37,10 @@ def tiny(tmp_path_factory):
     order_gguf = write_ordering(d / "order-gguf.json", base["plain"], base["adapters"], ["0"], base_id=str(base["gguf"]))
     xlora, _ = xm.make_xlora(base, "t", {})
     ggml = write_ggjt(d / "tiny.ggmlv3.f32.bin", base["hf"], gb.gguf_vocab(gb.train_tokenizer()).tokens)
+    vision = vm.save_llava(vm.tiny_llava(0), d / "llava")
     return {"dir": d, "plain": str(base["plain"]), "gguf": str(base["gguf"]), "adapters": str(base["adapters"]),
-            "order": str(order), "order_gguf": str(order_gguf), "xlora": str(xlora), "ggml": str(ggml)}
+            "order": str(order), "order_gguf": str(order_gguf), "xlora": str(xlora), "ggml": str(ggml),
+            "vision": str(vision)}
 
 
 # kind: (the [model] table / whole selector, the same model as subcommand arguments)
@@ -53,6 +56,7 @@ CASES = {
     "x-lora": ('[model]\nmodel_id = "{plain}"\nxlora_model_id = "{xlora}"', ["x-lora", "-m", "{plain}", "-x", "{xlora}"]),
     "x-lora-gguf": ('[model]\nquantized_filename = "{gguf}"\nxlora_model_id = "{xlora}"\ntgt_non_granular_index = 2',
                     ["x-lora-gguf", "-f", "{gguf}", "-x", "{xlora}", "--tgt-non-granular-index", "2"]),
+    "vision-plain": ('[model]\nmodel_id = "{vision}"\narch = "llava"', ["vision-plain", "-m", "{vision}", "-a", "llava"]),
     "speculative": ('[model]\nquantized_filename = "{gguf}"\n[speculative]\ngamma = 3\n'
                     '[speculative.draft_model]\nmodel_id = "{plain}"',
                     ["speculative", "-f", "{gguf}", "-d", "{plain}", "-n", "3"]),
@@ -84,7 +88,7 @@ def test_selector_builds_the_subcommands_spec(tiny, monkeypatch, kind):
 
 
 EXPECTED_TYPES = {"plain": PlainSpec, "gguf": GGUFSpec, "ggml": GGMLSpec, "lora": LoraSpec, "lora-gguf": LoraSpec,
-                  "x-lora": XLoraSpec, "x-lora-gguf": XLoraSpec, "speculative": SpeculativeSpec}
+                  "x-lora": XLoraSpec, "x-lora-gguf": XLoraSpec, "vision-plain": VisionSpec, "speculative": SpeculativeSpec}
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -117,7 +121,8 @@ def test_selector_settings(tiny, monkeypatch):
 
 
 EXAMPLE_KINDS = {"plain": PlainSpec, "gguf": GGUFSpec, "ggml": GGMLSpec, "lora": LoraSpec, "xlora": XLoraSpec,
-                 "xlora-gguf": XLoraSpec, "speculative-gguf": SpeculativeSpec, "speculative-same-gguf": SpeculativeSpec}
+                 "xlora-gguf": XLoraSpec, "speculative-gguf": SpeculativeSpec, "speculative-same-gguf": SpeculativeSpec,
+                 "vision-plain": VisionSpec}
 
 
 def test_shipped_examples_parse(monkeypatch):
