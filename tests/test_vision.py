@@ -90,3 +90,33 @@ def test_placeholder_count_must_match(llava):
     img = vi.decode(vm.odd_images()["tiny"], "tiny")
     with pytest.raises(UserError, match="0 image placeholder"):
         loaded.vision.expand(_prompt(loaded, 0, "no image here"), [img], "messages")
+
+
+def test_isq_text_model_runs_image_rows_on_the_native_executor(llava):
+    """--isq Q8_0: the language model's fused CPU executor (backends/native_decoder.py) takes the
+    image rows too; its logits equal the torch modules' on the same quantized weights."""
+    from mistralrs_cli.engine.kv_cache import SeqKVCache
+
+    path = llava[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        loaded = load(VisionSpec(str(path)), LoadOptions(token_source="none", isq="Q8_0"))
+    model, cfg = loaded.model, loaded.config
+    assert model.native is not None
+    img = vi.decode(vm.odd_images()["tall"], "tall")
+    ids, mm = loaded.vision.expand(_prompt(loaded, 1, "the quick brown fox"), [img], "test")
+    n = len(ids)
+
+    def logits(embeds):
+        cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        return model.step(ids, list(range(n)), [SeqSlice(0, n, cache)], list(range(n)), input_embeds=embeds)
+
+    embeds = (mm.positions.tolist(), loaded.vision.encode(mm.pixels))
+    native, executor = logits(embeds), model.native
+    model.native = None
+    try:
+        reference = logits(embeds)
+    finally:
+        model.native = executor
+    assert np.abs(native - reference).max() <= 1e-3 * np.abs(reference).max()
+    assert np.abs(native - logits(None)).max() > 0.1  # the image rows did reach the executor

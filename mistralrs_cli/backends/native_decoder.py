@@ -133,6 +133,9 @@ class NativeDecoder:
         mult = model.embed_multiplier()
         if mult is not None:
             h = h * torch.tensor(mult, dtype=h.dtype)
+        if batch.input_embeds is not None:  # vision: image features in place of placeholder rows
+            rows, vectors = batch.input_embeds
+            h[rows] = vectors.float()
         T, nq, nkv, hd = h.shape[0], self.nq, self.nkv, self.hd
         qkv = torch.empty(T, (nq + 2 * nkv) * hd)
         att = torch.empty(T, nq * hd)

@@ -75,8 +75,7 @@ class CausalLM(nn.Module):
         if lora is not None:
             lora.begin(batch.adapter_weights)
         # the fused native layers know no adapters: a batch with adapter rows takes the modules
-        if (self.native is not None and batch.adapter_weights is None and batch.input_embeds is None
-                and self.native.handles(batch)):
+        if self.native is not None and batch.adapter_weights is None and self.native.handles(batch):
             return self.native(input_ids, batch)
         h = self.model.embed_tokens(input_ids).to(self.dtype)  # (T, hidden)
         mult = self.embed_multiplier()
