@@ -6,7 +6,9 @@
 - the second rank killed (SIGKILL) mid-generation: /health answers 503 or the server is gone, the
   server exits non-zero within 30 s with one line naming rank 1, and no rank is left;
 - rank 0 killed: the rank it started is gone too;
-- two hosts (two network namespaces joined by a veth pair): only where `ip netns` is permitted.
+- rank 1 stopped (SIGSTOP, a hang): the same within 30 s, the line saying it stopped answering;
+- two hosts: two network namespaces joined by a veth pair, one rank in each, rendezvous over TCP
+  (skipped, saying why, where `ip netns` is not permitted).
 """
 from __future__ import annotations
 
@@ -185,16 +187,83 @@ def test_rank0_killed(tiny):
             proc.kill()
 
 
-def _netns_permitted() -> str | None:
+def test_rank_hung_mid_generation(tiny):
+    """SIGSTOP on rank 1: its heartbeat stops; rank 0 names it and every rank exits non-zero."""
+    path, _ = tiny
+    port = _port()
+    proc = _serve(path, port)
+    follower = None
     try:
-        r = subprocess.run(["ip", "netns", "add", "mistralrs-tp-probe"], capture_output=True, text=True, timeout=10)
+        _wait_healthy(proc, port)
+        (follower,) = _followers(proc.pid)
+        t0 = time.monotonic()
+        os.kill(follower, signal.SIGSTOP)
+        rc = proc.wait(30)
+        assert time.monotonic() - t0 < 30 and rc != 0
+        named = [line for line in proc.stderr.read().splitlines() if "tensor parallel: rank 1" in line]
+        assert len(named) == 1 and "stopped answering" in named[0], named
+        end = time.monotonic() + 10
+        while _alive(follower) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not _alive(follower)
+    finally:
+        if follower is not None and _alive(follower):
+            os.kill(follower, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair (10.77.N.1 and 10.77.N.2), deleted after."""
+    tag = os.getpid() % 200
+    a, b = f"mrs-tp-a{tag}", f"mrs-tp-b{tag}"
+    try:
+        probe = _ip("netns", "add", a)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`ip netns` cannot run here ({e})"
-    if r.returncode != 0:
-        return f"`ip netns add` is not permitted here ({r.stderr.strip() or r.returncode})"
-    subprocess.run(["ip", "netns", "delete", "mistralrs-tp-probe"], capture_output=True)
-    return "two network namespaces are permitted, but the two-host run is not written yet"
+        pytest.skip(f"`ip netns` cannot run here ({e})")
+    if probe.returncode != 0:
+        pytest.skip(f"`ip netns add` is not permitted here ({probe.stderr.strip()})")
+    try:
+        steps = [("netns", "add", b), ("link", "add", f"v{a}", "type", "veth", "peer", "name", f"v{b}"),
+                 ("link", "set", f"v{a}", "netns", a), ("link", "set", f"v{b}", "netns", b),
+                 ("-n", a, "addr", "add", f"10.77.{tag}.1/24", "dev", f"v{a}"),
+                 ("-n", b, "addr", "add", f"10.77.{tag}.2/24", "dev", f"v{b}"),
+                 ("-n", a, "link", "set", f"v{a}", "up"), ("-n", b, "link", "set", f"v{b}", "up"),
+                 ("-n", a, "link", "set", "lo", "up"), ("-n", b, "link", "set", "lo", "up")]
+        for step in steps:
+            r = _ip(*step)
+            if r.returncode != 0:
+                pytest.skip(f"`ip {' '.join(step)}` is not permitted here ({r.stderr.strip()})")
+        yield (a, f"v{a}", f"10.77.{tag}.1"), (b, f"v{b}", f"10.77.{tag}.2")
+    finally:
+        _ip("netns", "delete", a)
+        _ip("netns", "delete", b)
 
 
-def test_two_hosts_over_veth():
-    pytest.skip(_netns_permitted())
+def test_two_hosts_over_veth(tiny, two_hosts):
+    """Rank 0 in one namespace, rank 1 in the other, rendezvous over TCP across the veth pair
+    (RANK / WORLD_SIZE / MASTER_ADDR as torchrun sets them on each host)."""
+    path, hf = tiny
+    master = two_hosts[0][2]
+    procs = []
+    for rank, (ns, dev, _) in enumerate(two_hosts):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": master, "MASTER_PORT": "29611",
+               "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": dev}
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", ns, str(MISTRALRS), "--tp", "2", "--raw", "--prompt", PROMPT, "--temperature",
+             "0", "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "plain", "-m", str(path)],
+            env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert outs[0][0].rstrip("\n") == hf_greedy_text(hf, PROMPT, MAX_TOKENS)
+    assert outs[1][0] == ""  # rank 1 prints nothing: rank 0 owns the outputs

@@ -106,27 +106,39 @@ class Comm:
                 self.store.set("fault", line)
             except Exception:  # noqa: BLE001 - the store may be what was lost
                 pass
-        if self.rank == 0 or not self.spawned:  # rank 0 speaks for the ranks it started
-            print(f"error: {line}." if rank is not None else f"error: {line}.", file=sys.stderr, flush=True)
-        for hook in list(self.fault_hooks):
+        speak = self.rank == 0 or not self.spawned  # rank 0 speaks for the ranks it started
+        hooks = list(self.fault_hooks)
+        for hook in hooks:  # the engine fails: the server answers 503, then stops and says why
             try:
                 hook(line)
             except Exception:  # noqa: BLE001
                 log.exception("a tensor-parallel fault hook failed")
         self._stop_children()
-        if self.rank == 0:
-            threading.Timer(EXIT_GRACE, os._exit, args=(1,)).start()
+        if hooks:  # unless the owner of the engine has exited by then (daemon timer)
+            timer = threading.Timer(EXIT_GRACE, self._exit, args=(line if speak else None,))
+            timer.daemon = True
+            timer.start()
         else:
-            os._exit(1)
+            self._exit(line if speak else None)
+
+    @staticmethod
+    def _exit(line: str | None) -> None:
+        if line is not None:
+            print(f"error: {line}.", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def collective_failed(self, err: BaseException) -> None:
         """A collective raised: the watchdog names the lost rank within its timeout; wait for it
         (this call does not return), else report the error itself."""
-        for hook in list(self.fault_hooks):  # the server answers 503 from now on
-            try:
-                hook(f"tensor parallel: a collective failed ({type(err).__name__})")
-            except Exception:  # noqa: BLE001
-                pass
+        end = time.monotonic() + 2  # a rank that died: rank 0's child monitor names it at once
+        while self.faulted is None and time.monotonic() < end:
+            time.sleep(0.05)
+        if self.faulted is None:
+            for hook in list(self.fault_hooks):  # the server answers 503 while the watchdog looks
+                try:
+                    hook(f"tensor parallel: a collective failed ({type(err).__name__})")
+                except Exception:  # noqa: BLE001
+                    pass
         time.sleep(HEARTBEAT_TIMEOUT + 2 * HEARTBEAT_INTERVAL + 1)
         self.fault(None, f"tensor parallel: rank {self.rank}: a collective failed ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); every rank stops")
