@@ -143,8 +143,33 @@ def test_bad_grammars_are_one_sentence_naming_the_field(smol, g, says):
         Engine(smol).add_request([1, 2, 3], greedy(g))
 
 
-def test_gemma3_sentencepiece_vocabulary(gemma3_path):
-    loaded = Runner(Which.GGUF(None, str(gemma3_path)), token_source="none").loaded
+@pytest.fixture(scope="module")
+def gemma(gemma3_path):
+    return Runner(Which.GGUF(None, str(gemma3_path)), token_source="none").loaded
+
+
+TEXTS = ["plain words", "  two spaces, tabs\t and\nnewlines", "naïve café ☕ 日本語 🙂", '{"a": [1, 2.5e-3]}']
+
+
+@pytest.mark.parametrize("model", ["smol", "gemma"])
+def test_llguidance_sees_each_tokens_exact_bytes(request, model):
+    """llguidance's tokenizer (built from ours) turns our token ids back into the very text the
+    tokenizers / sentencepiece libraries encoded, and knows the EOS and special tokens."""
+    from mistralrs_cli.grammar.vocab import ll_tokenizer
+
+    loaded = request.getfixturevalue(model)
+    tok = loaded.tokenizer
+    lltok = ll_tokenizer(tok, loaded.eos_ids)
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert lltok.decode_bytes(ids) == tok.decode(ids).encode() == text.encode()
+    assert sorted(lltok.eos_tokens) == sorted(loaded.eos_ids) and lltok.vocab_size == tok.vocab_size
+    assert all(lltok.is_special_token(i) for i in loaded.eos_ids)
+    assert ll_tokenizer(tok, loaded.eos_ids) is lltok  # built once per model
+
+
+def test_gemma3_sentencepiece_vocabulary(gemma):
+    loaded = gemma
     engine = Engine(loaded)
     reqs = [(chat(loaded, "Describe a person as JSON."), SamplingParams(temperature=1.0, seed=s, max_tokens=60,
                                                                          grammar=Grammar("json_schema", json.dumps(PERSON))))

@@ -30,11 +30,38 @@ class _Wrapper:
         return self._tok.encode(text, add_special_tokens=False)
 
 
+def _pieces(tokenizer: Any) -> list[str]:
+    """Every id's vocabulary string, in one call per vocabulary rather than one per id."""
+    n, hf = tokenizer.vocab_size, tokenizer.hf
+    if hasattr(hf, "sp"):  # loaders/spm_vocab.SpmVocab
+        return list(hf.sp.id_to_piece(list(range(n))))
+    pieces = [""] * n
+    for piece, i in hf.get_vocab(with_added_tokens=True).items():
+        if 0 <= i < n:
+            pieces[i] = piece
+    return pieces
+
+
 def _token_bytes(tokenizer: Any) -> list[bytes]:
-    from ..engine.token_text import TokenText
+    """Each id's exact bytes, by engine/token_text.TokenText's rules (GPT-2 byte characters, or
+    SentencePiece's '▁' and <0xNN> pieces; special tokens as their text), at C speed per token:
+    Gemma-3's 262k pieces take ~0.2 s instead of ~1 s."""
+    from ..engine.token_text import _BYTE_PIECE, TokenText, _byte_decoder
 
     text_of = TokenText(tokenizer)
-    return [bytes(text_of(i)[1]) for i in range(tokenizer.vocab_size)]
+    pieces, special = _pieces(tokenizer), tokenizer._special
+    if text_of.byte_level:
+        table = {ord(c): chr(b) for c, b in _byte_decoder().items()}
+        chars = set(_byte_decoder())
+        out = [p.translate(table).encode("latin-1") if set(p) <= chars else bytes(text_of(i)[1])
+               for i, p in enumerate(pieces)]
+    else:
+        out = [bytes([int(p[3:5], 16)]) if _BYTE_PIECE.fullmatch(p) else p.replace("▁", " ").encode()
+               for p in pieces]
+    for i in special:
+        if 0 <= i < len(out):
+            out[i] = pieces[i].encode()
+    return out
 
 
 def ll_tokenizer(tokenizer: Any, eos_ids: Iterable[int]):
