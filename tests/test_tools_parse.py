@@ -9,6 +9,7 @@ import pytest
 
 from mistralrs_cli.tools import fallback, formats
 from mistralrs_cli.tools.calls import ToolCall
+from mistralrs_cli.tools.incremental import ArgsDelta, CallStart
 from mistralrs_cli.tools.messages import for_plain_template, tool_fields
 from mistralrs_cli.tools.spec import parse_tools
 from mistralrs_cli.validation import ParamError
@@ -19,13 +20,21 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 def split(splitter, pieces: list[str]) -> tuple[str, list[tuple[str, dict]]]:
-    """Feed pieces, then finish: (reply text, [(name, arguments as an object)])."""
+    """Feed pieces, then finish: (reply text, [(name, arguments as an object)]). A call comes
+    whole (ToolCall) or streamed: CallStart, then its arguments in ArgsDelta fragments."""
     events = [e for p in pieces for e in splitter.feed(p)] + splitter.finish()
-    text = "".join(e for e in events if isinstance(e, str))
-    calls = [e for e in events if isinstance(e, ToolCall)]
-    for c in calls:
-        assert c.id.startswith("call_") and len(c.id) > 10
-    return text, [(c.name, json.loads(c.arguments)) for c in calls]
+    text, calls = "", []
+    for e in events:
+        if isinstance(e, str):
+            text += e
+        elif isinstance(e, (ToolCall, CallStart)):
+            calls.append([e.id, e.name, getattr(e, "arguments", "")])
+        else:
+            assert isinstance(e, ArgsDelta) and calls
+            calls[-1][2] += e.text
+    for cid, _, _ in calls:
+        assert cid.startswith("call_") and len(cid) > 10
+    return text, [(name, json.loads(args)) for _, name, args in calls]
 
 
 def both_ways(fmt: str, text: str):
@@ -100,6 +109,17 @@ def test_fallback_reply_streams_as_written():
     s = fallback.FallbackSplitter()
     assert s.feed('{"content": "Hel') == ["Hel"] and s.feed('lo \\u00') == ["lo "] and s.feed('e9!"}') == ["é!"]
     assert s.finish() == []
+
+
+def test_calls_stream_as_written():
+    """A call is announced once its name is complete; its arguments follow as they are written."""
+    for s, head in ((formats.FORMATS["hermes"].splitter(), "<tool_call>\n"),
+                    (fallback.FallbackSplitter(), '{"tool_calls": [')):
+        assert s.feed(head + '{"name": "get_weather", "argu') == []
+        start, first = s.feed('ments": {"ci')
+        assert isinstance(start, CallStart) and start.name == "get_weather" and first == ArgsDelta('{"ci')
+        assert s.feed('ty": "Paris"}}') == [ArgsDelta('ty": "Paris"}')]
+        assert s.feed("\n</tool_call>" if head.startswith("<") else "]}") == [] and s.finish() == []
 
 
 def test_format_detection():

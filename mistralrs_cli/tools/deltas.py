@@ -1,13 +1,14 @@
 """A choice's streamed output as OpenAI's chat deltas: reply text as {"content": ...}; each call
 as {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]} followed by
-its arguments {"tool_calls": [{"index", "function": {"arguments": ...}}]} (the call is sent once
-it is complete, so its arguments come in one fragment). Joined, they are the non-streamed
-message of plan.ToolPlan.message."""
+its arguments {"tool_calls": [{"index", "function": {"arguments": ...}}]}, in fragments as the
+model writes them where the format allows (incremental.py), else in one once the call is
+complete. Joined, they are the non-streamed message of plan.ToolPlan.message."""
 from __future__ import annotations
 
 from typing import Any
 
 from .calls import ToolCall
+from .incremental import CallStart
 from .plan import ToolPlan
 
 
@@ -27,12 +28,18 @@ class DeltaStream:
     def _deltas(self, events: list) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for e in events:
-            if isinstance(e, ToolCall):
+            if isinstance(e, (ToolCall, CallStart)):
                 head = {"index": self.index, "id": e.id, "type": "function",
                         "function": {"name": e.name, "arguments": ""}}
-                out += [{"tool_calls": [head]},
-                        {"tool_calls": [{"index": self.index, "function": {"arguments": e.arguments}}]}]
+                out.append({"tool_calls": [head]})
                 self.index += 1
-            elif e:
+                if isinstance(e, ToolCall):
+                    out.append(self._args(e.arguments))
+            elif isinstance(e, str):
                 out.append({"content": e})
+            elif e.text:
+                out.append(self._args(e.text))
         return out
+
+    def _args(self, text: str) -> dict[str, Any]:
+        return {"tool_calls": [{"index": self.index - 1, "function": {"arguments": text}}]}

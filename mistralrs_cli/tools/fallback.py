@@ -17,6 +17,7 @@ from typing import Any
 
 from ..types import Grammar
 from .calls import ToolCall, calls_from
+from .incremental import CallScanner
 from .grammars import COMPACT, calls_array_schema
 from .spec import ToolRequest
 from .stream import Event, Splitter
@@ -89,21 +90,26 @@ def _string_prefix(s: str) -> tuple[str, bool]:
 
 
 class FallbackSplitter(Splitter):
-    """{"content": "..."} streams its string as it is written; {"tool_calls": [...]} is parsed
-    when the answer ends; anything else (an answer cut short) is reply text as written."""
+    """{"content": "..."} streams its string as it is written, {"tool_calls": [...]} each call
+    as it is written (incremental.py), else the calls are parsed when the answer ends; anything
+    else (an answer cut short before it said which) is reply text as written."""
 
     def __init__(self) -> None:
         super().__init__()
         self.buf, self.mode, self.sent = "", "undecided", 0  # mode -> "content" | "calls" | "text"
+        self.scanner = CallScanner()
 
     def feed(self, text: str) -> list[Event]:
         self.buf += text
         if self.mode == "undecided":
             m = _HEAD.match(self.buf)
             if m and m.group(1) == "tool_calls":
-                self.mode = "calls"
+                self.mode, self.start = "calls", m.end()
+                text = self.buf[m.end():]
             elif m and self.buf[m.end():m.end() + 1] == '"':
                 self.mode, self.start = "content", m.end() + 1
+        if self.mode == "calls":
+            return self._count(self.scanner.feed(text))
         if self.mode != "content":
             return []
         decoded, _ = _string_prefix(self.buf[self.start:])
@@ -115,8 +121,8 @@ class FallbackSplitter(Splitter):
             obj = json.loads(self.buf)
         except json.JSONDecodeError:
             obj = None
-        if self.mode == "content":
-            return []  # the string was sent as it came (all of it, or all there was)
+        if self.mode == "content" or self.scanner.started:
+            return []  # sent as it came (all of it, or all there was)
         calls = calls_from(obj.get("tool_calls")) if isinstance(obj, dict) and set(obj) == {"tool_calls"} else None
         if calls:
             return self._count(list(calls))
@@ -124,9 +130,3 @@ class FallbackSplitter(Splitter):
             return [obj["content"]]
         return [self.buf] if self.buf else []
 
-
-def split(text: str) -> tuple[str, list[ToolCall]]:
-    """A whole fallback answer as (reply text, calls)."""
-    s = FallbackSplitter()
-    events = s.feed(text) + s.finish()
-    return "".join(e for e in events if isinstance(e, str)), [e for e in events if isinstance(e, ToolCall)]

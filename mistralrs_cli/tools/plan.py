@@ -8,10 +8,9 @@ from typing import Any
 
 from ..types import Grammar
 from . import fallback, formats, grammars
-from .calls import ToolCall
 from .messages import for_plain_template
 from .spec import ToolRequest
-from .stream import Splitter
+from .stream import Splitter, assemble
 
 # a tool a template either renders (its name appears in the prompt) or ignores
 _PROBE = [{"type": "function", "function": {"name": "probe_tool_7f3a", "description": "probe",
@@ -56,9 +55,7 @@ class ToolPlan:
     def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
         """The non-streamed message for a whole output (the same splitter a stream uses)."""
         s = self.splitter()
-        events = s.feed(text) + s.finish()
-        content = "".join(e for e in events if isinstance(e, str))
-        calls = [e.to_dict() for e in events if isinstance(e, ToolCall)]
+        content, calls = assemble(s.feed(text) + s.finish())
         msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             msg["tool_calls"] = calls

@@ -1,7 +1,8 @@
 """Splitting a model's output, as it streams, into reply text and tool calls.
 
-A splitter is fed text deltas and returns events: a string (reply text to send now) or a
-ToolCall (complete, with its arguments). The non-streamed answer is the same splitter fed the
+A splitter is fed text deltas and returns events: a string (reply text to send now), a
+ToolCall (complete, with its arguments), or a call streamed as it is written: CallStart (id and
+name), then ArgsDelta fragments of its arguments (incremental.py). The non-streamed answer is the same splitter fed the
 whole text at once, so a stream's deltas always reassemble to the non-streamed message. Text
 that might be the start of a tool-call marker is held back until it is known not to be one, so
 no markup leaks into the reply; whitespace next to a call is dropped."""
@@ -10,8 +11,9 @@ from __future__ import annotations
 from typing import Callable, Union
 
 from .calls import ToolCall
+from .incremental import ArgsDelta, CallScanner, CallStart
 
-Event = Union[str, ToolCall]
+Event = Union[str, ToolCall, CallStart, ArgsDelta]
 
 
 class Splitter:
@@ -27,7 +29,7 @@ class Splitter:
         return []
 
     def _count(self, events: list[Event]) -> list[Event]:
-        self.calls += sum(isinstance(e, ToolCall) for e in events)
+        self.calls += sum(isinstance(e, (ToolCall, CallStart)) for e in events)
         return [e for e in events if not (isinstance(e, str) and not e)]
 
 
@@ -43,12 +45,15 @@ class MarkerSplitter(Splitter):
     """Reply text with calls between an opening marker and a closing one (Hermes/Qwen
     "<tool_call>{...}</tool_call>"), or after an opening marker up to the end (close None:
     Mistral's "[TOOL_CALLS] [...]"). `parse` turns a call's text into calls, or None when it is
-    not one: then it stays reply text, markers and all."""
+    not one: then it stays reply text, markers and all. With `stream_calls` a call between the
+    markers is streamed as it is written (incremental.py) and no longer parsed at its end."""
 
-    def __init__(self, open_: str, close: str | None, parse: Callable[[str], list[ToolCall] | None]):
+    def __init__(self, open_: str, close: str | None, parse: Callable[[str], list[ToolCall] | None],
+                 stream_calls: bool = False):
         super().__init__()
-        self.open, self.close, self.parse = open_, close, parse
+        self.open, self.close, self.parse, self.stream_calls = open_, close, parse, stream_calls
         self.buf, self.in_call, self.after_call = "", False, False
+        self.scanner, self.fed = CallScanner(), 0  # the current call's scanner, and what it was fed
 
     def feed(self, text: str) -> list[Event]:
         self.buf += text
@@ -66,12 +71,22 @@ class MarkerSplitter(Splitter):
                     break
                 events.append(self.buf[:at].rstrip())
                 self.buf, self.in_call = self.buf[at + len(self.open):], True
+                self.scanner, self.fed = CallScanner(), 0
             elif self.close is not None and (at := self.buf.find(self.close)) >= 0:
                 events += self._block(self.buf[:at], self.close)
                 self.buf, self.in_call, self.after_call = self.buf[at + len(self.close):], False, True
             else:
+                events += self._scan(len(self.buf) - _partial_suffix(self.buf, self.close or "\0"))
                 break
         return self._count(events)
+
+    def _scan(self, upto: int) -> list[Event]:
+        """The call's text so far (none of it a closing marker) to the scanner."""
+        if not self.stream_calls or upto <= self.fed:
+            return []
+        events = self.scanner.feed(self.buf[self.fed:upto])
+        self.fed = upto
+        return events
 
     def _release(self) -> str:
         """The text that cannot begin a marker; held back: a partial marker and the whitespace
@@ -83,6 +98,9 @@ class MarkerSplitter(Splitter):
         return body
 
     def _block(self, inner: str, close: str) -> list[Event]:
+        streamed = self._scan(len(inner))
+        if self.scanner.started:  # announced already: the rest of its arguments, no parse
+            return streamed
         calls = self.parse(inner)
         return list(calls) if calls else [self.open + inner + close]
 
@@ -127,3 +145,18 @@ class LeadingSplitter(Splitter):
             return self._count([text])
         calls = self.parse(text)
         return self._count(list(calls) if calls else [text])
+
+
+def assemble(events: list[Event]) -> tuple[str, list[dict]]:
+    """Events joined: the reply text and OpenAI's tool_calls list."""
+    text, calls = "", []
+    for e in events:
+        if isinstance(e, str):
+            text += e
+        elif isinstance(e, ToolCall):
+            calls.append(e.to_dict())
+        elif isinstance(e, CallStart):
+            calls.append({"id": e.id, "type": "function", "function": {"name": e.name, "arguments": ""}})
+        else:
+            calls[-1]["function"]["arguments"] += e.text
+    return text, calls
