@@ -9,6 +9,17 @@ from torch import nn
 from .shard import REDUCED, Plan, kind_of, slice_cols, slice_rows
 
 
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks; NCCL sums device tensors only, so a CPU tensor (an embedding or head
+    left on the CPU) makes the trip to this rank's GPU and back."""
+    if t.is_cuda or dist.get_backend() != "nccl":
+        dist.all_reduce(t)
+        return t
+    on_gpu = t.cuda()
+    dist.all_reduce(on_gpu)
+    return on_gpu.to(t.device)
+
+
 class RowParallel(nn.Module):
     """y = all_reduce(x_local W_local^T) + b: the bias once, after the sum."""
 
@@ -19,8 +30,7 @@ class RowParallel(nn.Module):
         self.in_features, self.out_features = getattr(inner, "in_features", None), getattr(inner, "out_features", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
-        dist.all_reduce(y)
+        y = all_reduce(self.inner(x))
         return y if self.bias is None else y + self.bias
 
 
@@ -33,9 +43,7 @@ class ReduceAfter(nn.Module):
         self.inner = inner
 
     def forward(self, *args):
-        y = self.inner(*args)
-        dist.all_reduce(y)
-        return y
+        return all_reduce(self.inner(*args))
 
 
 class VocabEmbedding(nn.Module):
@@ -52,10 +60,8 @@ class VocabEmbedding(nn.Module):
         local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
         x = self.inner(local) if self.stop > self.start else None
         if x is None:
-            x = torch.zeros(*ids.shape, self.embedding_dim)
-        x = x * mine[..., None].to(x.dtype)
-        dist.all_reduce(x)
-        return x
+            x = torch.zeros(*ids.shape, self.embedding_dim, device=ids.device)
+        return all_reduce(x * mine[..., None].to(x.dtype))
 
 
 class VocabHead(nn.Module):
@@ -70,9 +76,10 @@ class VocabHead(nn.Module):
         y = self.inner(x).float()
         if y.shape[-1] < self.per:  # the last rank's share may be shorter
             y = torch.nn.functional.pad(y, (0, self.per - y.shape[-1]))
+        home, y = y.device, (y.cuda() if dist.get_backend() == "nccl" else y).contiguous()
         parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y.contiguous())
-        return torch.cat(parts, dim=-1)[..., : self.vocab]
+        dist.all_gather(parts, y)
+        return torch.cat(parts, dim=-1)[..., : self.vocab].to(home)
 
 
 def _build(kind: str, mod: nn.Module, name: str, plan: Plan) -> nn.Module:
