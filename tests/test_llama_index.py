@@ -1,6 +1,8 @@
 """LlamaIndex: mistralrs_cli.integrations.llama_index.MistralRS (our engine in process) gives, for
 complete / stream_complete / chat / stream_chat and their async twins, what the Python API gives for
-the same settings (greedy, SmolLM2); any Which works (X-LoRA and speculative on tiny models made
+the same settings (greedy, SmolLM2); tool calls through llama-index's function-calling interface
+(chat_with_tools, its streamed form, predict_and_call, a tool result answered) are the Python API's
+for the same tools (arguments valid under the tool's JSON schema, by jsonschema); any Which works (X-LoRA and speculative on tiny models made
 here); a query engine and a chat engine over a two-document in-memory index (llama-index's own
 MockEmbedding, no download) answer from both documents; llama-index's OpenAILike against our
 server answers as the official openai client does, and calls a tool through llama-index's
@@ -69,18 +71,58 @@ def test_async_twins_equal_the_python_api(runner, llm):
     assert asyncio.run(run()) == (want_prompt, want_prompt, want_chat, want_chat)
 
 
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+Q = "What is the weather in Paris?"
+
+
+def test_function_calling_in_process(runner):
+    import jsonschema
+
+    from mistralrs_cli.integrations.llama_index_tools import to_messages
+
+    llm = MistralRS(runner=runner, temperature=0, max_new_tokens=64)
+    tool = FunctionTool.from_defaults(fn=get_weather)
+    spec = tool.metadata.to_openai_tool(skip_length_check=True)
+    ref = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": Q}], tools=[spec], tool_choice="required", parallel_tool_calls=False,
+        temperature=0, max_tokens=64)).choices[0].message.tool_calls
+    want = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in ref]
+    assert want[0][0] == "get_weather"
+    jsonschema.validate(want[0][1], spec["function"]["parameters"])
+    resp = llm.chat_with_tools([tool], user_msg=Q, tool_required=True)
+    calls = llm.get_tool_calls_from_response(resp)
+    assert [(c.tool_name, c.tool_kwargs) for c in calls] == want
+    last = list(llm.stream_chat_with_tools([tool], user_msg=Q, tool_required=True))[-1]
+    assert [(c.tool_name, c.tool_kwargs) for c in llm.get_tool_calls_from_response(last)] == want
+    assert str(llm.predict_and_call([tool], user_msg=Q, tool_required=True)) == get_weather(**want[0][1])
+    # the tool's result goes back; the answer is the Python API's to the same messages
+    history = [ChatMessage(role="user", content=Q), resp.message,
+               ChatMessage(role="tool", content=get_weather(**want[0][1]), additional_kwargs={"tool_call_id": calls[0].tool_id})]
+    assert [m["role"] for m in to_messages(history)] == ["user", "assistant", "tool"]
+    answer = llm.chat(history, tools=[spec], tool_choice="none")
+    ref2 = runner.send_chat_completion_request(ChatCompletionRequest(messages=to_messages(history), tools=[spec],
+                                                                     tool_choice="none", temperature=0, max_tokens=64))
+    assert answer.message.content == ref2.choices[0].message.content and answer.message.content
+    with pytest.raises(ValueError, match="without one"):
+        llm.get_tool_calls_from_response(llm.chat(MSGS))
+
+
 def test_metadata_and_request_fields(runner, smollm2_path):
     llm = MistralRS(which=Which.GGUF(None, str(smollm2_path)), runner_kwargs={"token_source": "none"},
                     temperature=0, max_new_tokens=N)
     meta = llm.metadata
-    assert meta.is_chat_model and meta.context_window == 8192 and meta.num_output == N  # SmolLM2's n_ctx_train
+    assert meta.is_chat_model and meta.is_function_calling_model and meta.context_window == 8192 and meta.num_output == N  # SmolLM2's n_ctx_train
     assert meta.model_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert MistralRS(runner=runner, context_window=2048).metadata.context_window == 2048
     # per-call fields as ChatCompletionRequest names them
     short = llm.complete("Name three colours.", max_tokens=3)
     assert short.raw["usage"]["completion_tokens"] == 3
     with pytest.raises(ValueError, match=r"messages\[0\]\.role"):
-        llm.chat([ChatMessage(role="tool", content="x")])
+        llm.chat([ChatMessage(role="function", content="x")])
 
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

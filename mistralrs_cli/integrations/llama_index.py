@@ -6,7 +6,8 @@
     print(llm.complete("Hello"))
 
 Any Which works (plain, GGUF, GGML, LoRA, X-LoRA, vision; speculative through which_draft=, as
-the Runner takes it). Requests go through the Python API's Runner (the same chat template,
+the Runner takes it). Tools: it is a FunctionCallingLLM (chat_with_tools, predict_and_call, agents)
+over the Python API's tool calling (llama_index_tools.py converts the messages). Requests go through the Python API's Runner (the same chat template,
 sampling defaults and validation), one at a time per MistralRS object: a lock serializes them,
 and the async methods run them on a worker thread so the event loop is not blocked. For many
 concurrent callers, run the server and point llama-index's OpenAILike at it (README).
@@ -29,30 +30,19 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 
 from ..api import ChatCompletionRequest, Runner
+from . import llama_index_tools as li_tools
 
 # the ChatCompletionRequest fields a call's **kwargs may set (max_tokens, stop, seed, adapters...)
 _REQUEST_FIELDS = {f.name for f in fields(ChatCompletionRequest)} - {"messages", "stream", "n", "model"}
-_ROLES = {MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",
-          MessageRole.ASSISTANT: "assistant", MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant"}
 _END = object()
 
 
-def to_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """llama-index ChatMessages as the API's message dicts (text content)."""
-    out = []
-    for i, m in enumerate(messages):
-        role = _ROLES.get(m.role)
-        if role is None:
-            raise ValueError(f"messages[{i}].role is {m.role.value!r}; MistralRS takes system, user and "
-                             "assistant messages.")
-        out.append({"role": role, "content": m.content or ""})
-    return out
-
-
-class MistralRS(CustomLLM):
-    """A llama-index LLM running mistralrs-cli's engine in this process."""
+class MistralRS(FunctionCallingLLM, CustomLLM):
+    """A llama-index LLM running mistralrs-cli's engine in this process; tools through llama-index's
+    function-calling interface (chat_with_tools, predict_and_call, agents)."""
 
     temperature: Optional[float] = Field(default=None, description="0 is greedy; None: the model's default.")
     max_new_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="New tokens per answer at most.")
@@ -90,7 +80,8 @@ class MistralRS(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self.context_window or self._runner.loaded.max_context,
-                           num_output=self.max_new_tokens, is_chat_model=True, model_name=self.model_name)
+                           num_output=self.max_new_tokens, is_chat_model=True, is_function_calling_model=True,
+                           model_name=self.model_name)
 
     # ---- requests ----
     def _request(self, messages: list[dict[str, str]], stream: bool, kwargs: dict[str, Any]) -> ChatCompletionRequest:
@@ -111,7 +102,7 @@ class MistralRS(CustomLLM):
             chunks = self._runner.send_chat_completion_request(self._request(messages, True, kwargs))
             try:
                 for chunk in chunks:
-                    yield chunk.choices[0].delta.content, chunk
+                    yield chunk.choices[0].delta.content or "", chunk
             finally:
                 chunks.close()  # an abandoned stream aborts its request
 
@@ -137,22 +128,34 @@ class MistralRS(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        resp = self._send(to_messages(messages), kwargs)
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=resp.choices[0].message.content)
-        return ChatResponse(message=message, raw=asdict(resp))
+        resp = self._send(li_tools.to_messages(messages), kwargs)
+        msg = resp.choices[0].message
+        return ChatResponse(message=li_tools.assistant(msg.content or "", msg.tool_calls), raw=asdict(resp))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        deltas = self._deltas(to_messages(messages), kwargs)
+        deltas = self._deltas(li_tools.to_messages(messages), kwargs)
 
         def gen() -> ChatResponseGen:
-            text = ""
+            text, calls = "", li_tools.CallDeltas()
             for delta, chunk in deltas:
                 text += delta
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta,
-                                   raw=asdict(chunk))
+                calls.add(chunk.choices[0].delta.tool_calls)
+                yield ChatResponse(message=li_tools.assistant(text, calls.calls()), delta=delta, raw=asdict(chunk))
 
         return gen()
+
+    # ---- llama-index's function-calling interface ----
+    def _prepare_chat_with_tools(self, tools: Sequence[Any], user_msg: Any = None,
+                                 chat_history: Optional[list[ChatMessage]] = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 tool_choice: Any = None, **kwargs: Any) -> dict[str, Any]:
+        return li_tools.chat_kwargs(tools, user_msg, chat_history, allow_parallel_tool_calls,
+                                             tool_required, tool_choice, kwargs)
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[Any]:
+        return li_tools.selections(response, error_on_no_tool_call)
 
     # ---- async twins: the same calls on a worker thread ----
     @llm_completion_callback()
