@@ -1,7 +1,7 @@
 """Tool calling end to end through the server with the official openai client: SmolLM2 (its
 template does not render tools: the generic JSON fallback) and a tiny random llama whose
-template renders tools Hermes/Qwen style (a random model calls validly only because the call
-is generated under the grammar). Arguments are checked with jsonschema against the function's
+template renders tools Hermes/Qwen, Llama 3 or Mistral style (a random model calls validly only
+because the call is generated under the grammar). Arguments are checked with jsonschema against the function's
 parameters; streamed deltas must reassemble to the non-streamed message."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 import gguf_builder as gb
 from mistralrs_cli.api import Runner, Which
+from mistralrs_cli.tools.formats import detect
 from mistralrs_cli.tools.plan import prepare, renders_tools
 from mistralrs_cli.tools.spec import parse_tools
 from test_server import serve
@@ -60,14 +61,40 @@ Return each call as <tool_call>
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+# Llama 3.1-style (calls as {"name", "parameters"}, results in the ipython role) and Mistral-style
+# ([AVAILABLE_TOOLS] before the last user turn, calls after [TOOL_CALLS]), cut down the same way
+LLAMA3 = """{%- if tools %}<|start_header_id|>system<|end_header_id|>
 
-@pytest.fixture(scope="module", params=["smollm2", "hermes"])
+Answer with JSON {"name": function name, "parameters": its arguments}.
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}<|eot_id|>{% endif %}
+{%- for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>
+
+{% for tc in m.tool_calls %}{"name": "{{ tc.function.name }}", "parameters": {{ tc.function.arguments | tojson }}}{% endfor %}<|eot_id|>
+{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>
+
+{{ m.content }}<|eot_id|>
+{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{{ m.content }}<|eot_id|>{% endif %}{% endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+MISTRAL = """{%- for m in messages %}{% if m.role == 'user' %}
+{%- if loop.last and tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m.content }}[/INST]
+{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] [{% for tc in m.tool_calls %}{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}{% if not loop.last %}, {% endif %}{% endfor %}]</s>
+{%- elif m.role == 'tool' %}[TOOL_RESULTS] {"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]
+{%- else %}{{ m.content }}</s>{% endif %}{% endfor %}"""
+TEMPLATES = {"hermes": HERMES, "llama3": LLAMA3, "mistral": MISTRAL}
+
+
+@pytest.fixture(scope="module", params=["smollm2", "hermes", "llama3", "mistral"])
 def model(request, tmp_path_factory):
     if request.param == "smollm2":
         runner = Runner(Which.GGUF(None, str(request.getfixturevalue("smollm2_path"))))
     else:
         path = gb.write_gguf(tmp_path_factory.mktemp("tools") / "tiny.gguf", gb.tiny_llama(0, max_position_embeddings=4096),
-                             gb.gguf_vocab(gb.train_tokenizer()), chat_template=HERMES)
+                             gb.gguf_vocab(gb.train_tokenizer()), chat_template=TEMPLATES[request.param])
         runner = Runner(Which.GGUF(None, str(path)))
     with serve(runner.loaded) as s:
         yield SimpleNamespace(name=request.param, loaded=runner.loaded, client=s.client)
@@ -87,7 +114,8 @@ def valid_calls(message, names=("get_weather", "get_time")) -> list:
 
 
 def test_template_detection(model):
-    assert renders_tools(model.loaded.chat_template) == (model.name == "hermes")
+    assert renders_tools(model.loaded.chat_template) == (model.name != "smollm2")
+    assert model.name == "smollm2" or detect(model.loaded.chat_template.source).name == model.name
 
 
 def test_required(model):

@@ -1,8 +1,8 @@
 """A choice's streamed output as OpenAI's chat deltas: reply text as {"content": ...}; each call
 as {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments": ""}}]} followed by
 its arguments {"tool_calls": [{"index", "function": {"arguments": ...}}]}, in fragments as the
-model writes them where the format allows (incremental.py), else in one once the call is
-complete. Joined, they are the non-streamed message of plan.ToolPlan.message."""
+model writes them (incremental.py), or in one once the call is complete where it could not be
+read as it came (arguments before the name, Mistral's name[ARGS]{...}). Joined, they are the non-streamed message of plan.ToolPlan.message."""
 from __future__ import annotations
 
 from typing import Any

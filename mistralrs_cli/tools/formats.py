@@ -68,7 +68,8 @@ FORMATS = {
     "hermes": Format("hermes", lambda: MarkerSplitter("<tool_call>", "</tool_call>", parse_hermes_block,
                                                       stream_calls=True), "<tool_call>"),
     "llama3": Format("llama3", lambda: LeadingSplitter(("{", PYTHON_TAG), parse_llama3), ""),
-    "mistral": Format("mistral", lambda: MarkerSplitter("[TOOL_CALLS]", None, parse_mistral), "[TOOL_CALLS]"),
+    "mistral": Format("mistral", lambda: MarkerSplitter("[TOOL_CALLS]", None, parse_mistral, stream_calls=True),
+                      "[TOOL_CALLS]"),
 }
 
 

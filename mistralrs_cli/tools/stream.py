@@ -118,31 +118,36 @@ class MarkerSplitter(Splitter):
 class LeadingSplitter(Splitter):
     """A whole answer that is calls when it starts with one of `starts` (after whitespace), as
     Llama 3 answers with a JSON object (or "<|python_tag|>" and one); anything else is reply
-    text, streamed as it comes. Calls are parsed when the answer ends."""
+    text, streamed as it comes. Calls stream as they are written (incremental.py), or are
+    parsed when the answer ends."""
 
     def __init__(self, starts: tuple[str, ...], parse: Callable[[str], list[ToolCall] | None]):
         super().__init__()
         self.starts, self.parse = starts, parse
-        self.buf, self.mode = "", "undecided"  # -> "text" | "calls"
+        self.buf, self.mode, self.scanner = "", "undecided", CallScanner()  # mode -> "text" | "calls"
 
     def feed(self, text: str) -> list[Event]:
         if self.mode == "text":
             return self._count([text])
         self.buf += text
+        if self.mode == "calls":
+            return self._count(self.scanner.feed(text))
         head = self.buf.lstrip()
-        if any(head.startswith(s) for s in self.starts):
+        start = next((s for s in self.starts if head.startswith(s)), None)
+        if start is not None:
             self.mode = "calls"
-        elif not head or any(s.startswith(head) for s in self.starts):
+            return self._count(self.scanner.feed(head[len(start):] if start != "{" else head))
+        if not head or any(s.startswith(head) for s in self.starts):
             return []
-        else:
-            self.mode, out, self.buf = "text", self.buf, ""
-            return self._count([out])
-        return []
+        self.mode, out, self.buf = "text", self.buf, ""
+        return self._count([out])
 
     def finish(self) -> list[Event]:
         text, self.buf = self.buf, ""
         if self.mode != "calls":
             return self._count([text])
+        if self.scanner.started:
+            return []
         calls = self.parse(text)
         return self._count(list(calls) if calls else [text])
 
