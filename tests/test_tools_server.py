@@ -82,7 +82,8 @@ Answer with JSON {"name": function name, "parameters": its arguments}.
 {% endif %}"""
 MISTRAL = """{%- for m in messages %}{% if m.role == 'user' %}
 {%- if loop.last and tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST] {{ m.content }}[/INST]
-{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] [{% for tc in m.tool_calls %}{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}{% if not loop.last %}, {% endif %}{% endfor %}]</s>
+{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] [{% for tc in m.tool_calls %}
+{%- if tc.id | length != 9 %}{{ raise_exception("Tool call IDs should be alphanumeric strings with length 9!") }}{% endif %}{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}{% if not loop.last %}, {% endif %}{% endfor %}]</s>
 {%- elif m.role == 'tool' %}[TOOL_RESULTS] {"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]
 {%- else %}{{ m.content }}</s>{% endif %}{% endfor %}"""
 TEMPLATES = {"hermes": HERMES, "llama3": LLAMA3, "mistral": MISTRAL}

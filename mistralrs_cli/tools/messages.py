@@ -7,6 +7,7 @@ string is parsed back into the object before rendering. Templates that do not re
 generic fallback's shapes (fallback.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -97,3 +98,21 @@ def for_plain_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return _merge_same_roles(out)
+
+
+def _nine(call_id: str) -> str:
+    return hashlib.sha1(call_id.encode()).hexdigest()[:9]
+
+
+def nine_char_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mistral's templates refuse tool-call ids that are not 9 letters or digits ("call_..."
+    from OpenAI clients, or ours): each id becomes the first 9 hex digits of its SHA-1, the
+    same in the call and in the tool result that answers it (as vLLM shortens them)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": _nine(c["id"])} if "id" in c else c for c in m["tool_calls"]]}
+        if m.get("role") == "tool":
+            m = {**m, "tool_call_id": _nine(m["tool_call_id"])}
+        out.append(m)
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..types import Grammar
 from . import fallback, formats, grammars
-from .messages import for_plain_template
+from .messages import for_plain_template, nine_char_ids
 from .spec import ToolRequest
 from .stream import Splitter, assemble
 
@@ -116,10 +116,12 @@ def prepare(loaded: Any, messages: list[dict[str, Any]], req: ToolRequest | None
     active = req if req is not None and req.active else None
     template = loaded.chat_template
     if template is not None and renders_tools(template):
+        fmt = formats.detect(template.source).name
+        if fmt == "mistral":
+            messages = nine_char_ids(messages)
         ids = chat_ids(loaded, messages, tools=active.tools if active else None)
         if active is None:
             return ids, ToolPlan(None, "text", None)
-        fmt = formats.detect(template.source).name
         return ids, ToolPlan(active, fmt, checked(loaded, _native_grammar(fmt, active, loaded.tokenizer), active))
     plain = for_plain_template(messages)
     if active is None:
