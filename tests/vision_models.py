@@ -108,3 +108,38 @@ def hf_greedy(model, processor, text: str, images: list[bytes], n: int) -> list[
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
     return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def tiny_llava_next(seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=32, patch_size=8, projection_dim=32)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=tm.VOCAB + 1, max_position_embeddings=1024,
+                     rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(vision_config=vc, text_config=tc,
+                                                              image_token_index=tm.VOCAB, image_grid_pinpoints=PINPOINTS))
+    tm.randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def save_llava_next(model, path: Path) -> Path:
+    from transformers import LlavaNextImageProcessorPil
+
+    save_llava(model, path)
+    LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                               image_grid_pinpoints=PINPOINTS).save_pretrained(path)
+    return path
+
+
+def hf_llava_next_processor(path: Path):
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
+    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                              patch_size=8, vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                              num_additional_image_tokens=1)

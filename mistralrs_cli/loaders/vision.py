@@ -14,10 +14,11 @@ from ..errors import UserError
 from ..types import LoadOptions, PlainSpec, VisionSpec
 
 # --arch / config.json architectures[0] -> (module under models/, encoder class)
-ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision")}
-CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava"}
+ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision"),
+                                     "llava_next": ("llava_next", "LlavaNextVision")}
+CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
 # the image placeholder text of each arch when the tokenizer config does not name one
-PLACEHOLDERS = {"llava": "<image>"}
+PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>"}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:

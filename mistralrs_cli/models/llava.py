@@ -45,11 +45,13 @@ class LlavaVision(nn.Module):
     def tokens_per_image(self) -> int:
         return self.vcfg.n_patches + (0 if self.strategy == "default" else 1)
 
-    def load(self, weights: dict[str, torch.Tensor]) -> None:
+    def state(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors under this module's names."""
         sd = {f"vision_tower.{k}": v for k, v in vision_weights(weights, TOWER_PREFIXES).items()}
-        sd |= {f"multi_modal_projector.{k}": v
-               for k, v in vision_weights(weights, PROJECTOR_PREFIXES).items()}
-        self.load_state_dict(sd, strict=True)
+        return sd | {f"multi_modal_projector.{k}": v for k, v in vision_weights(weights, PROJECTOR_PREFIXES).items()}
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(self.state(weights), strict=True)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = self.vcfg.num_hidden_layers

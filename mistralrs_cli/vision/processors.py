@@ -5,6 +5,7 @@ arithmetic (uint8 resize in Pillow, rescale in float64 then float32, normalize i
 the pixel tensors match transformers' to rounding."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +121,78 @@ def processor_from_config(d: dict[str, Any], source: str) -> Any:
         raise UserError(f"{source}: image_processor_type {kind} is not supported (supported: "
                         f"{', '.join(sorted(PROCESSORS))}).")
     return PROCESSORS[kind].from_dict(d)
+
+
+@dataclass
+class AnyresPixels:
+    """LLaVA-NeXT's pixels of one image: the whole image resized, then its tiles; and its size."""
+
+    patches: np.ndarray  # (1 + tiles, 3, crop, crop) float32
+    size: tuple[int, int]  # the original (height, width)
+
+
+def select_best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
+    """The grid resolution that keeps most of the image's pixels, then wastes least (transformers')."""
+    h, w = size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / w, ph / h)
+        eff = min(int(w * scale) * int(h * scale), w * h)
+        waste = pw * ph - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (ph, pw), eff, waste
+    return best
+
+
+def _fit_size(h: int, w: int, th: int, tw: int) -> tuple[int, int]:
+    if tw / w < th / h:
+        return min(math.ceil(h * tw / w), th), tw
+    return th, min(math.ceil(w * th / h), tw)
+
+
+@dataclass
+class LlavaNextProcessor(CLIPProcessor):
+    """transformers' LlavaNextImageProcessor ("anyres"): the image resized into the best grid
+    resolution, zero-padded around it, cut into crop-sized tiles; the whole image squashed to one
+    tile goes first; each tile then goes through CLIPProcessor's steps."""
+
+    image_grid_pinpoints: list = None  # type: ignore[assignment]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlavaNextProcessor":
+        base = CLIPProcessor.from_dict(d)
+        pins = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        return cls(**{**base.__dict__, "image_grid_pinpoints": [list(p) for p in pins]})
+
+    def tile(self, x: np.ndarray) -> np.ndarray:
+        from PIL import Image as PILImage
+
+        img = PILImage.fromarray(np.moveaxis(x, 0, -1)) if x.shape[0] == 3 else PILImage.fromarray(x[0])
+        if self.do_resize:
+            img = self.resize(img)
+        y = np.asarray(img)
+        y = y[None] if y.ndim == 2 else np.moveaxis(y, -1, 0)
+        if self.do_center_crop:
+            y = center_crop(y, int(self.crop_size["height"]), int(self.crop_size["width"]))
+        return rescale_normalize(y, self.rescale_factor if self.do_rescale else None,
+                                 self.image_mean if self.do_normalize else None, self.image_std)
+
+    def __call__(self, img: Any) -> AnyresPixels:
+        if self.do_convert_rgb:
+            img = to_rgb(img)
+        size = (img.height, img.width)
+        th, tw = select_best_resolution(size, self.image_grid_pinpoints)
+        nh, nw = _fit_size(img.height, img.width, th, tw)
+        x = np.moveaxis(np.asarray(img.resize((nw, nh), resample=self.resample)), -1, 0)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        padded = np.zeros((x.shape[0], th, tw), dtype=x.dtype)
+        padded[:, top:top + nh, left:left + nw] = x
+        edge = self.size.get("height") or self.size["shortest_edge"]
+        squash = (self.size.get("height") or edge, self.size.get("width") or edge)
+        whole = np.moveaxis(np.asarray(img.resize((squash[1], squash[0]), resample=self.resample)), -1, 0)
+        p = int(self.crop_size["height"])
+        tiles = [padded[:, i:i + p, j:j + p] for i in range(0, th, p) for j in range(0, tw, p)]
+        return AnyresPixels(np.stack([self.tile(t) for t in [whole, *tiles]]), size)
+
+
+PROCESSORS |= {"LlavaNextImageProcessor": LlavaNextProcessor, "LlavaNextImageProcessorFast": LlavaNextProcessor}

@@ -39,7 +39,7 @@ class Vision:
     processor: Callable[[Any], np.ndarray]
     image_token_id: int
     image_token: str  # the placeholder text the template (or a user) writes
-    tokens_per_image: int
+    tokens_per_image: int  # per image, unless the model's tokens_for(pixels) says (anyres)
     arch: str
     max_images: int | None = None
     dtype: Any = None  # the text model's activation dtype
@@ -50,8 +50,11 @@ class Vision:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.stack(pixels))
-            feats = self.model(x.to(next(self.model.parameters()).dtype))  # (N, tokens, hidden)
+            if hasattr(self.model, "encode_images"):  # images of different token counts (anyres)
+                feats = self.model.encode_images(pixels)
+            else:
+                x = torch.from_numpy(np.stack(pixels))
+                feats = self.model(x.to(next(self.model.parameters()).dtype))  # (N, tokens, hidden)
             return feats.reshape(-1, feats.shape[-1]).to(self.dtype or feats.dtype)
 
     def expand(self, ids: list[int], images: list, where: str) -> tuple[list[int], PromptImages | None]:
@@ -67,15 +70,17 @@ class Vision:
                             f"{self.max_images} per prompt.")
         if not images:
             return ids, None
+        pixels = [self.processor(img.pil) for img in images]
+        counts = [self.model.tokens_for(p) if hasattr(self.model, "tokens_for") else self.tokens_per_image
+                  for p in pixels]
         out: list[int] = []
         positions: list[int] = []
         prev = 0
-        for slot in slots:
+        for slot, n in zip(slots, counts):
             out.extend(ids[prev:slot])
-            positions.extend(range(len(out), len(out) + self.tokens_per_image))
-            out.extend([self.image_token_id] * self.tokens_per_image)
+            positions.extend(range(len(out), len(out) + n))
+            out.extend([self.image_token_id] * n)
             prev = slot + 1
         out.extend(ids[prev:])
-        pixels = [self.processor(img.pil) for img in images]
         return out, PromptImages(np.asarray(positions, dtype=np.int64), pixels,
                                  tuple(img.digest for img in images))
