@@ -374,7 +374,7 @@ def bench_options(
 
 
 for _name, _fn in (("gguf", gguf), ("ggml", ggml), ("plain", plain), ("lora", lora), ("lora-gguf", lora_gguf),
-                   ("lora-ggml", lora_ggml), ("speculative", speculative)):
+                   ("lora-ggml", lora_ggml), ("speculative", speculative), ("toml", toml)):
     bench_app.command(_name, no_args_is_help=True)(_fn)
 
 

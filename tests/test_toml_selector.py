@@ -184,3 +184,13 @@ def test_cli_answers_as_the_gguf_subcommand(tmp_path, smollm2_path):
     a, b = _mistralrs(*flags, "toml", "-f", str(path)), _mistralrs(*flags, "gguf", "-f", str(smollm2_path))
     assert a.returncode == b.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_bench_takes_selectors_too(tiny, monkeypatch):
+    """mistralrs-bench ... toml -f FILE, as mistral.rs's mistralrs-bench took it."""
+    path = _write(tiny, "bench", '[model]\nmodel_id = "{plain}"\ndtype = "bf16"')
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda ctx, spec: seen.append((ctx.obj, spec)))
+    result = CliRunner().invoke(cli.bench_app, ["-p", "8", "-g", "2", "toml", "-f", str(path)])
+    assert result.exit_code == 0, result.output
+    assert seen[0][1] == PlainSpec(tiny["plain"]) and seen[0][0].load.dtype == "bf16"
