@@ -129,6 +129,14 @@ def test_required(model):
         assert json.loads(calls[0].function.arguments)["city"] == "Paris"
 
 
+def test_n_choices_each_call(model):
+    """n > 1: each choice is its own sequence under its own grammar, each a valid call."""
+    r = create(model, tool_choice="required", parallel_tool_calls=False, n=2, temperature=0.8, seed=3)
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert len(valid_calls(c.message)) == 1 and c.finish_reason == "tool_calls"
+
+
 def test_named(model):
     r = create(model, tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False)
     calls = valid_calls(r.choices[0].message, names=("get_time",))
