@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Runner", "Which", "ChatCompletionRequest", "CompletionRequest", "Message", "Role"]
+__all__ = ["Runner", "Which", "ChatCompletionRequest", "CompletionRequest", "Message", "Role", "VisionArchitecture"]
 
 
 def __getattr__(name: str):

@@ -157,6 +157,12 @@ def _check_which(which: Any) -> None:
                          f"Which.Plain(...), got {type(which).__name__} {which!r:.80}.", "which")
 
 
+class VisionArchitecture(str, enum.Enum):
+    """mistral.rs's names for Which.VisionPlain(arch=...): the ones this build runs."""
+    LLaVA = "llava"
+    LLaVANext = "llava_next"
+
+
 class Role(str, enum.Enum):
     System = "system"
     User = "user"

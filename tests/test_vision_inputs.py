@@ -234,3 +234,16 @@ def test_image_flag_without_prompt_is_one_error_line(ckpt):
     out = _cli("--image", str(ckpt[0] / "tall.img"), "-i", "vision-plain", "-m", str(ckpt[0]))
     assert out.returncode != 0 and out.stderr.strip() == (
         "error: --image goes with --prompt; in -i type \\image PATH_OR_URL text, and the server takes image_url parts.")
+
+
+def test_vision_architecture_enum_and_grammar_with_images(ckpt):
+    """mistral.rs's Which.VisionPlain(arch=VisionArchitecture.LLaVA); a grammar constrains an
+    answer about an image as it does text (the image path feeds the same sampler)."""
+    from mistralrs_cli import VisionArchitecture
+
+    runner = Runner(Which.VisionPlain(str(ckpt[0]), arch=VisionArchitecture.LLaVA), token_source="none")
+    assert runner.loaded.vision.arch == "llava"
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": _parts([str(ckpt[0] / "tall.img")])}],
+        max_tokens=6, temperature=0.0, grammar={"type": "regex", "value": "[0-9]{3}"}))
+    assert len(res.choices[0].message.content) == 3 and res.choices[0].message.content.isdigit()
