@@ -74,6 +74,7 @@ class Engine:
         self.scheduler = Scheduler(cfg.max_seqs, cfg.max_batch_tokens, self._reserve, self._release,
                                    chunked=not cfg.no_kv_cache)
         self.finished: dict[str, int] = {}  # finish reason -> requests, since start
+        self.grammar_flush = None  # grammar/matcher.flush once a request has a grammar
         self.adapter_rows = AdapterRows(loaded)  # LoRA adapters per request (adapter_rows.py)
         self.xlora = None  # X-LoRA's scaling pass and classifier (xlora_step.py), with an X-LoRA model
         if getattr(loaded, "xlora", None) is not None:
@@ -83,9 +84,11 @@ class Engine:
                                    loaded.xlora.tgt_non_granular_index)
         self.spec = None  # speculative decoding (speculative.py), with a draft model or --spec-ngram
         if getattr(loaded, "speculative", None) is not None:
-            if cfg.no_kv_cache or self.xlora is not None:  # verifying drafts needs a cache to roll back
-                log.warning("speculative decoding is off: it does not run %s",
-                            "with --no-kv-cache" if cfg.no_kv_cache else "on an X-LoRA model")
+            # verifying drafts needs a cache to roll back; its passes carry no image rows
+            off = ("with --no-kv-cache" if cfg.no_kv_cache else "on an X-LoRA model" if self.xlora is not None
+                   else "on a vision model" if getattr(loaded, "vision", None) is not None else None)
+            if off is not None:
+                log.warning("speculative decoding is off: it does not run %s", off)
             else:
                 from .speculative import Speculator
 
@@ -106,8 +109,10 @@ class Engine:
         req.images = images
         if params.grammar is not None:  # compiled (or taken from the cache) before it is queued
             from ..grammar import seq_grammar
+            from ..grammar.matcher import flush
 
             req.grammar = seq_grammar(self.loaded, params.grammar)
+            self.grammar_flush = flush
         if params.max_tokens == 0:  # nothing to generate: finish without computing
             req.finish_reason = "length"
         self.scheduler.add(req)
@@ -207,8 +212,12 @@ class Engine:
         if not work:
             return outputs
         if self.spec is not None:  # speculative decoding: drafts verified beside this step's work
-            return outputs + self.spec.step(work)
-        return outputs + self._run_work(work)
+            outputs += self.spec.step(work)
+        else:
+            outputs += self._run_work(work)
+        if self.grammar_flush is not None:  # grammar masks for the next step, computed meanwhile
+            self.grammar_flush()
+        return outputs
 
     def _run_work(self, work: list[Scheduled]) -> list[RequestOutput]:
         """Forward the scheduled chunks and sample every request whose prompt is all computed."""
