@@ -129,13 +129,27 @@ def hf_greedy_text(hf: torch.nn.Module, prompt: str, n: int) -> str:
     return tok.decode(greedy)
 
 
+@pytest.fixture(scope="module")
+def cli_runs(models) -> dict:
+    """`mistralrs --tp 2` on every model at once (their start-ups overlap)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    procs = {name: subprocess.Popen(
+        [str(MISTRALRS), "--tp", "2", "--raw", "--prompt", PROMPT, "--temperature", "0", "--max-tokens",
+         str(MAX_TOKENS), "--ignore-eos", "plain", "-m", str(m["plain"])], env=env, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, m in models.items()}
+    try:
+        return {name: (*p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_cli_greedy_text(models, name):
-    m = models[name]
-    run = _cli("--tp", "2", "--raw", "--prompt", PROMPT, "--temperature", "0", "--max-tokens", str(MAX_TOKENS),
-               "--ignore-eos", "plain", "-m", str(m["plain"]))
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.rstrip("\n") == hf_greedy_text(m["hf"], PROMPT, MAX_TOKENS)
+def test_cli_greedy_text(models, cli_runs, name):
+    out, err, rc = cli_runs[name]
+    assert rc == 0, err
+    assert out.rstrip("\n") == hf_greedy_text(models[name]["hf"], PROMPT, MAX_TOKENS)
 
 
 def test_block_split_error(tmp_path):

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -115,18 +116,28 @@ def test_server_four_streams(tiny):
         assert not [p for p in _followers(proc.pid) if _alive(p)]
 
 
+LONG = " ".join(["rain falls in spain mainly on plains"] * 12)  # > 2 KV blocks of 32 tokens
+
+
 def test_python_api(tiny):
+    """The short prompt, then a long one twice: the second run's first blocks come from the
+    prefix cache, which every rank's pool holds in the same blocks."""
     path, hf = tiny
     script = textwrap.dedent(f"""
         from mistralrs_cli.api import Runner, Which, CompletionRequest
         r = Runner(which=Which.Plain(model_id={str(path)!r}), tensor_parallel_size=2)
-        out = r.send_completion_request(CompletionRequest(model="x", prompt={PROMPT!r}, max_tokens={MAX_TOKENS},
-                                                          temperature=0.0, ignore_eos=True))
-        print(out.choices[0].text, end="")
+        for prompt in ({PROMPT!r}, {LONG!r}, {LONG!r}):
+            out = r.send_completion_request(CompletionRequest(model="x", prompt=prompt, max_tokens={MAX_TOKENS},
+                                                              temperature=0.0, ignore_eos=True))
+            print(repr(out.choices[0].text))
+        print(r.engine.kv.alloc.hits)
     """)
     run = subprocess.run([sys.executable, "-c", script], env=ENV, text=True, capture_output=True, timeout=240)
     assert run.returncode == 0, run.stderr
-    assert run.stdout == hf_greedy_text(hf, PROMPT, MAX_TOKENS)
+    *texts, hits = run.stdout.splitlines()
+    want = [hf_greedy_text(hf, p, MAX_TOKENS) for p in (PROMPT, LONG, LONG)]
+    assert [ast.literal_eval(t) for t in texts] == want
+    assert int(hits) >= 2  # the second long prompt reused cached blocks
 
 
 def test_rank_killed_mid_generation(tiny):
@@ -198,8 +209,16 @@ def test_rank_hung_mid_generation(tiny):
         (follower,) = _followers(proc.pid)
         t0 = time.monotonic()
         os.kill(follower, signal.SIGSTOP)
-        rc = proc.wait(30)
+        statuses = set()
+        while proc.poll() is None and time.monotonic() - t0 < 30:  # meanwhile /health says 503
+            try:
+                statuses.add(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        rc = proc.wait(max(0.1, 30 - (time.monotonic() - t0)))
         assert time.monotonic() - t0 < 30 and rc != 0
+        assert 503 in statuses, statuses
         named = [line for line in proc.stderr.read().splitlines() if "tensor parallel: rank 1" in line]
         assert len(named) == 1 and "stopped answering" in named[0], named
         end = time.monotonic() + 10
@@ -211,6 +230,19 @@ def test_rank_hung_mid_generation(tiny):
             os.kill(follower, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_torchrun(tiny):
+    """`torchrun ... -m mistralrs_cli --tp 2 ...` as the README writes it: both ranks run the
+    command; rank 0 prints the text, rank 1 nothing."""
+    path, hf = tiny
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", f"127.0.0.1:{_port()}", "-m", "mistralrs_cli", "--tp", "2", "--raw",
+                          "--prompt", PROMPT, "--temperature", "0", "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+                          "plain", "-m", str(path)], env=ENV, text=True, capture_output=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.rstrip("\n") == hf_greedy_text(hf, PROMPT, MAX_TOKENS)
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
