@@ -120,3 +120,21 @@ def test_isq_text_model_runs_image_rows_on_the_native_executor(llava):
         model.native = executor
     assert np.abs(native - reference).max() <= 1e-3 * np.abs(reference).max()
     assert np.abs(native - logits(None)).max() > 0.1  # the image rows did reach the executor
+
+
+def test_spec_ngram_is_off_on_a_vision_model(llava, caplog):
+    """Speculative passes carry no image rows: --spec-ngram on a vision model is turned off with a
+    warning, and the answer is the plain one."""
+    import dataclasses
+
+    from mistralrs_cli.loaders.speculative import ngram_config
+
+    _, _, loaded = llava
+    img = vi.decode(vm.odd_images()["tall"], "tall")
+    ids, mm = loaded.vision.expand(_prompt(loaded, 1, "the quick brown fox"), [img], "test")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    plain = [o.token_id for o in Engine(loaded).generate(ids, params, images=mm) if o.token_id is not None]
+    with caplog.at_level("WARNING"):
+        engine = Engine(dataclasses.replace(loaded, speculative=ngram_config(2)))
+    assert engine.spec is None and "speculative decoding is off: it does not run on a vision model" in caplog.text
+    assert [o.token_id for o in engine.generate(ids, params, images=mm) if o.token_id is not None] == plain
