@@ -21,7 +21,7 @@ from llama_index.core.embeddings import MockEmbedding  # noqa: E402
 from llama_index.core.llms import ChatMessage  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
-from mistralrs_cli.api import ChatCompletionRequest, CompletionRequest, Runner, Which  # noqa: E402
+from mistralrs_cli.api import ChatCompletionRequest, Runner, Which  # noqa: E402
 from mistralrs_cli.integrations.llama_index import MistralRS  # noqa: E402
 from test_server import serve  # noqa: E402
 
@@ -112,8 +112,8 @@ def test_function_calling_in_process(runner):
 
 
 def test_metadata_and_request_fields(runner, smollm2_path):
-    llm = MistralRS(which=Which.GGUF(None, str(smollm2_path)), runner_kwargs={"token_source": "none"},
-                    temperature=0, max_new_tokens=N)
+    llm = MistralRS(which=Which.GGUF(None, str(smollm2_path)), token_source="none", temperature=0,
+                    max_new_tokens=N)  # Runner's arguments as keywords, as the seed's integration took them
     meta = llm.metadata
     assert meta.is_chat_model and meta.is_function_calling_model and meta.context_window == 8192 and meta.num_output == N  # SmolLM2's n_ctx_train
     assert meta.model_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -219,8 +219,3 @@ def test_openai_like_calls_a_tool(server):
     assert tool(**calls[0].tool_kwargs).content == f"sunny in {calls[0].tool_kwargs['city']}"
     json.dumps(calls[0].tool_kwargs)  # arguments arrived as JSON
 
-
-def test_completion_request_unaffected(runner):
-    """The integration sends chat requests only; a raw completion stays the API's own call."""
-    out = runner.send_completion_request(CompletionRequest(prompt="The sky is", temperature=0, max_tokens=3))
-    assert out.usage.completion_tokens == 3

@@ -38,6 +38,9 @@ from . import llama_index_tools as li_tools
 # the ChatCompletionRequest fields a call's **kwargs may set (max_tokens, stop, seed, adapters...)
 _REQUEST_FIELDS = {f.name for f in fields(ChatCompletionRequest)} - {"messages", "stream", "n", "model"}
 _END = object()
+# Runner arguments the seed's integration took directly (MistralRS(which=..., token_source=...))
+_RUNNER_ARGS = {"token_source", "chat_template", "in_situ_quant", "isq", "max_seqs", "no_kv_cache", "prefix_cache_n",
+                "numerics", "truncate_sequence", "which_draft", "speculative_gamma", "speculative_ngram"}
 
 
 class MistralRS(FunctionCallingLLM, CustomLLM):
@@ -64,11 +67,12 @@ class MistralRS(FunctionCallingLLM, CustomLLM):
     def __init__(self, which: Any = None, runner: Runner | None = None, runner_kwargs: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         """which: a Which.* model source (loaded here, with runner_kwargs passed to Runner: token_source,
-        chat_template, isq, which_draft, speculative_gamma, max_seqs...); or runner: a Runner built
-        already (no second load)."""
+        chat_template, isq, which_draft, speculative_gamma, max_seqs...; those names are also taken as
+        keyword arguments, as the seed's integration took them); or runner: a Runner built already."""
         if (which is None) == (runner is None):
             raise ValueError("MistralRS needs which=Which.GGUF(...) (or another Which), or runner=Runner(...).")
-        runner = runner or Runner(which=which, **(runner_kwargs or {}))
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUNNER_ARGS}
+        runner = runner or Runner(which=which, **given, **(runner_kwargs or {}))
         kwargs.setdefault("model_name", runner.loaded.model_id)
         super().__init__(**kwargs)
         self._runner, self._lock = runner, threading.Lock()
