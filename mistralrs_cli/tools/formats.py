@@ -61,15 +61,13 @@ def parse_mistral(rest: str) -> list[ToolCall] | None:
 class Format:
     name: str
     splitter: Callable[[], Splitter]
-    marker: str  # the text that opens a call ("" where a call is bare JSON)
 
 
 FORMATS = {
     "hermes": Format("hermes", lambda: MarkerSplitter("<tool_call>", "</tool_call>", parse_hermes_block,
-                                                      stream_calls=True), "<tool_call>"),
-    "llama3": Format("llama3", lambda: LeadingSplitter(("{", PYTHON_TAG), parse_llama3), ""),
-    "mistral": Format("mistral", lambda: MarkerSplitter("[TOOL_CALLS]", None, parse_mistral, stream_calls=True),
-                      "[TOOL_CALLS]"),
+                                                      stream_calls=True)),
+    "llama3": Format("llama3", lambda: LeadingSplitter(("{", PYTHON_TAG), parse_llama3)),
+    "mistral": Format("mistral", lambda: MarkerSplitter("[TOOL_CALLS]", None, parse_mistral, stream_calls=True)),
 }
 
 
