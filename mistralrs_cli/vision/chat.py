@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .fetch import FetchPolicy, load_image
 from .prompt import PromptImages
 
 IMAGE_TYPES = ("image_url", "image")
@@ -84,6 +83,8 @@ def chat_with_images(loaded: Any, messages: list[dict[str, Any]], allow_paths: b
     if vision.max_images is not None and len(refs) > vision.max_images:
         raise UserError(f"{where}: {len(refs)} images, but this {vision.arch} model takes at most "
                         f"{vision.max_images} per prompt.")
+    from .fetch import FetchPolicy, load_image  # here: ssl and http.client cost a text-only start ~20 ms
+
     policy = FetchPolicy(allow_paths=allow_paths, allow_local=vision.allow_local_images)
     images = [load_image(r, where, policy) for r in refs]
     ids = _render(loaded, with_parts)
@@ -104,6 +105,8 @@ def cli_prompt(loaded: Any, text: str, refs: list[str], raw: bool,
     vision = getattr(loaded, "vision", None)
     if vision is None:
         raise UserError(f"{where}: model {loaded.model_id} takes no images; load a vision model with vision-plain.")
+    from .fetch import FetchPolicy, load_image
+
     policy = FetchPolicy(allow_paths=True, allow_local=vision.allow_local_images)
     images = [load_image(r, f"{where} {r}", policy) for r in refs]
     return vision.expand(loaded.tokenizer.encode(text, add_special_tokens=True), images, where)
