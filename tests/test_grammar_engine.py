@@ -113,13 +113,27 @@ def test_batch_preemption_and_prefix_cache_keep_each_sequences_grammar(smol):
     assert cached.kv.alloc.hits > 0
 
 
-def test_speculative_ngram_leaves_grammar_sequences_alone(smol):
+@pytest.mark.parametrize("draft", ["ngram", "model"])
+def test_speculative_drafts_are_checked_against_the_grammar(smol, draft):
+    """Drafts (n-gram lookup, or SmolLM2 drafting for itself, unconstrained) are judged under the
+    grammar's mask at each position: greedy text is the plain engine's, drafts are accepted, and
+    sampled outputs still validate."""
     import dataclasses
 
-    spec = dataclasses.replace(smol, speculative=SpecConfig(gamma=4, ngram=3))
+    cfg = SpecConfig(gamma=4, ngram=2, cost_policy=False) if draft == "ngram" else \
+        SpecConfig(gamma=4, draft=smol, cost_policy=False)  # the draft drafts for itself: always worth it
+    spec = dataclasses.replace(smol, speculative=cfg)
     p = chat(smol, "Repeat: ab ab ab ab ab")
     reqs = [(p, greedy(Grammar("regex", "(ab ){3,6}"))), (p, greedy(Grammar("json_schema", json.dumps(PERSON))))]
-    assert run(Engine(spec), reqs) == run(Engine(smol), reqs)
+    engine = Engine(spec)
+    assert run(engine, reqs) == run(Engine(smol), reqs)
+    assert engine.spec.accepted > 0
+    sampled = [(chat(smol, "A person as JSON."), SamplingParams(temperature=1.0, seed=s, max_tokens=60,
+                                                                grammar=Grammar("json_schema", json.dumps(PERSON))))
+               for s in range(4)]
+    for text, reason, _ in run(engine, sampled):
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
 
 
 @pytest.mark.parametrize("g, says", [

@@ -107,10 +107,6 @@ class Speculator:
         req, e = w.req, self.engine
         if w.n != 1 or req.n_known - req.n_computed != 1 or req.cache is None or e.xlora is not None:
             return 0
-        if req.grammar is not None:  # drafts are not checked against a grammar: decode plainly
-            if not req.output_ids:
-                log.debug("request %s has a grammar: no speculative drafts for it", req.id)
-            return 0
         left, length = self.waits.get(req, (0, 0))
         if left > 0:
             self.waits[req] = (left - 1, length)
@@ -225,23 +221,26 @@ class Speculator:
     def judge(self, req: Request, d: Draft, rows) -> list:
         """The emitted run: the accepted draft tokens, then the target's own token (Sampled each)."""
         p, hist, gen = req.params, history(req), req.generator or _RNG
+        # a grammar's mask at each draft position (the target's distributions are masked: a draft
+        # token the grammar refuses has probability 0 and is rejected); none past a refused one
+        masks = req.grammar.draft_masks(d.tokens) if req.grammar is not None else [None] * (len(d.tokens) + 1)
         run = []
         for i, tok in enumerate(d.tokens):
-            t = self.verdict(rows[i], hist, p, tok, d.probs[i], gen)
+            t = self.verdict(rows[i], hist, p, tok, d.probs[i], gen, mask=masks[i])
             run.append(with_logprobs(rows[i], tok if t is None else t, p))
             if t is not None:
                 return run
             hist.append(tok)
-        run.append(sample(rows[len(d.tokens)], hist, p, req.generator))
+        run.append(sample(rows[len(d.tokens)], hist, p, req.generator, masks[len(d.tokens)]))
         return run
 
     @staticmethod
-    def verdict(logits, hist: list[int], p, tok: int, q, gen) -> int | None:
+    def verdict(logits, hist: list[int], p, tok: int, q, gen, mask=None) -> int | None:
         """None: keep the draft token `tok`; else the token emitted in its place."""
         if p.greedy:
-            t = greedy_token(logits, hist, p)
+            t = greedy_token(logits, hist, p, mask)
             return None if t == tok else t
-        probs = distribution(logits, hist, p)
+        probs = distribution(logits, hist, p, mask)
         if q is None:  # a certain draft (n-gram): q is one-hot at tok
             q = np.zeros_like(probs)
             q[tok] = 1.0

@@ -112,9 +112,33 @@ class SeqGrammar:
         self._check()
         return self._mask
 
+    def draft_masks(self, tokens: list[int]) -> list[np.ndarray]:
+        """Speculative decoding: the mask now and after each draft token, as far as the grammar
+        allows them (a disallowed draft token is rejected there, so no mask follows it); the
+        matcher is rolled back to where it was."""
+        masks, n = [self.allowed()], 0
+        for tok in tokens:
+            if not (0 <= tok < masks[-1].size and masks[-1][tok]) or not self.matcher.consume_token(int(tok)):
+                break  # checked against the mask first: a refused token would poison the matcher
+            n += 1
+            masks.append(self._now())
+        if n:
+            self.matcher.rollback(n)
+        return masks
+
+    def _now(self) -> np.ndarray:
+        words = np.empty(self.words, dtype=np.int32)
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)  # GIL released
+        return np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_)
+
     def consume(self, token: int) -> bool:
         """Advance by the sampled token; True when the grammar is finished (nothing but EOS may
         follow), else the sequence waits for the step's flush to compute its next mask."""
+        if self._state == "waiting":  # a run of accepted draft tokens: skip the masks between them
+            with _lock:
+                if self._state == "waiting":
+                    _batch.remove(self)
+                    self._state = "idle"
         self._collect()  # never touch the matcher while the worker computes with it
         if not self.matcher.consume_token(int(token)):
             self._check()
