@@ -138,3 +138,39 @@ def test_spec_ngram_is_off_on_a_vision_model(llava, caplog):
         engine = Engine(dataclasses.replace(loaded, speculative=ngram_config(2)))
     assert engine.spec is None and "speculative decoding is off: it does not run on a vision model" in caplog.text
     assert [o.token_id for o in engine.generate(ids, params, images=mm) if o.token_id is not None] == plain
+
+
+def _copy(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _drop_vision_tensor(d):
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(d / "model.safetensors")
+    w.pop(next(k for k in w if "post_layernorm" not in k and "vision_tower" in k and k.endswith("fc1.weight")))
+    save_file(w, d / "model.safetensors")
+
+
+def _text_config(d):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+
+
+@pytest.mark.parametrize("case,arch,words", [
+    ("no-processor", None, "preprocessor_config.json is missing"),
+    ("unknown-arch", "idefics2", "--arch idefics2 is not a vision architecture this build runs (supported: llava, llava_next)"),
+    ("text-model", None, "architecture LlamaForCausalLM is not a supported vision model"),
+    ("damaged", None, "the vision weights do not fit a llava encoder"),
+])
+def test_bad_checkpoints_are_one_user_error(llava, tmp_path, case, arch, words):
+    edits = {"no-processor": lambda d: (d / "preprocessor_config.json").unlink(), "unknown-arch": lambda d: None,
+             "text-model": _text_config, "damaged": _drop_vision_tensor}
+    d = _copy(llava[0], tmp_path / case, edits[case])
+    with pytest.raises(UserError) as e:
+        load(VisionSpec(str(d), arch), LoadOptions(token_source="none"))
+    assert words in str(e.value) and "\n" not in str(e.value)
