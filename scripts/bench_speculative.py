@@ -1,22 +1,16 @@
-"""Speculative decoding on a real pair with no hub: the target is SmolLM2-135M at full precision
-(an F32 GGUF written here from the Q4_1 file's dequantized tensors: the function the exact path
-computes), the draft is the Q4_1 file itself. Reports acceptance and decode tok/s against the
-target alone, greedy and at temperature 0.7, batch 1 and 8, and n-gram speculation on a
-summarise-this-text prompt; configurations interleaved in one process (the machine is shared).
+"""Speculative decoding on real pairs with no hub: the target is the model at full or half
+precision (a GGUF written here from the quantized file's dequantized tensors with gguf's
+GGUFWriter, metadata and tokenizer kept: SmolLM2-135M as F32, Gemma-3-270M as F16), served by the
+native runtime (csrc/floatmm.c); the draft is the quantized file itself, loaded as the
+`speculative` subcommand loads it (loaders/speculative.py). Reports acceptance
+and decode tok/s against the target alone, greedy and at temperature 0.7, batch 1 and 8, and
+n-gram speculation on a summarise-this-text prompt; variants interleaved round by round in one
+process (the machine is shared), medians with the spread (min-max) over rounds.
 
-    .venv/bin/python scripts/bench_speculative.py [--tokens 64] [--rounds 2]
+    .venv/bin/python scripts/bench_speculative.py --pair smollm2 [--tokens 48] [--rounds 3]
+    .venv/bin/python scripts/bench_speculative.py --pair gemma3
 
-Measured here (git d246583+, --tokens 32 --rounds 2, 2 shared cores at load average 2-5; the F32
-target runs on the torch path at ~10 tok/s, where a 6-token verify chunk costs ~3x a decode step):
-                              target alone   draft, gamma 5 (adaptive)   n-gram 3
-    greedy, batch 1             8.0 tok/s    11.8 (1.48x), 100% accepted    7.8 (0.97x), no match
-    greedy, batch 8             9.7          36.2 (3.71x), 100%            11.7 (1.21x), 14%
-    T=0.7, batch 1              6.8           9.2 (1.35x), 100%             6.8 (1.00x), no match
-    T=0.7, batch 8             11.0          29.1 (2.64x), 99%             12.1 (1.10x), 31%
-    summarise, greedy, batch 1 10.2          11.0 (1.08x), 100%            15.2 (1.50x), 91%
-The draft is the target's own weights quantized (the F32 file is the Q4_1 file dequantized), so it
-agrees almost always; what bounds the speed-up at batch 1 is the draft's cost (5 native decode
-steps) beside the torch target's verify chunk.
+Figures: README, "Speculative decoding".
 """
 from __future__ import annotations
 
@@ -31,13 +25,16 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 
 from mistralrs_cli.engine.engine import Engine
+from mistralrs_cli.engine.spec_costs import Costs
 from mistralrs_cli.engine.speculative import SpecConfig
 from mistralrs_cli.loaders.load import load
+from mistralrs_cli.loaders.speculative import load_speculative
 from mistralrs_cli.prompting import chat_ids
-from mistralrs_cli.types import EngineConfig, GGUFSpec, LoadOptions, SamplingParams
+from mistralrs_cli.types import EngineConfig, GGUFSpec, LoadOptions, SamplingParams, SpeculativeSpec
 
 MODELS = Path.home() / ".cache" / "mistralrs-cli" / "models"
-DRAFT = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAIRS = {"smollm2": (MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", Q.F32),
+         "gemma3": (MODELS / "gemma-3-270m-q4_k_m.gguf", Q.F16)}
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
            "List five facts about the moon.", "What is the capital of France and why?",
            "Describe a rainy day in a city.", "Give me a recipe for pancakes.",
@@ -47,13 +44,12 @@ ARTICLE = ("The town council met on Tuesday to discuss the new library. The new 
            "Council members said the new library is the town's largest project in ten years. ") * 3
 
 
-def write_f32(src: Path, dst: Path) -> Path:
-    """src's metadata and tensors, every tensor dequantized to F32."""
+def write_float(src: Path, dst: Path, qtype: Q) -> Path:
+    """src's metadata and tensors, every 2-D tensor dequantized and stored as qtype (1-D: F32)."""
     if dst.exists():
         return dst
     r = GGUFReader(str(src))
-    arch = r.fields["general.architecture"].contents()
-    w = GGUFWriter(str(dst), arch)
+    w = GGUFWriter(str(dst), r.fields["general.architecture"].contents())
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
@@ -62,12 +58,14 @@ def write_f32(src: Path, dst: Path) -> Path:
             w.add_key_value(name, f.contents(), vtype, sub_type=f.types[-1])
         else:
             w.add_key_value(name, f.contents(), vtype)
-    w.add_file_type(0)  # ALL_F32
+    w.add_file_type(0 if qtype == Q.F32 else 1)  # ALL_F32 / MOSTLY_F16
     for t in r.tensors:
         data = np.asarray(t.data)
-        if t.tensor_type not in (Q.F32,):
+        if t.tensor_type not in (Q.F32, Q.F16):
             data = dequantize(data, t.tensor_type)
-        w.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)]))
+        shape = [int(x) for x in reversed(t.shape)]
+        data = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+        w.add_tensor(t.name, data.astype(np.float16) if qtype == Q.F16 and len(shape) == 2 else data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -79,6 +77,8 @@ def decode_rate(loaded, prompts: list[list[int]], params: SamplingParams, spec: 
     """Generated tokens per second after each request's first token (all requests at once)."""
     loaded.speculative = spec
     engine = Engine(loaded, EngineConfig(prefix_cache_n=0))
+    if engine.spec is not None:  # measured once, before any timing (the engine would at its first step)
+        engine.spec.costs = COSTS[id(spec.draft)]
     reqs = [engine.add_request(p, dataclasses.replace(params, seed=i)) for i, p in enumerate(prompts)]
     while any(not r.output_ids for r in reqs):  # prefills (and first tokens) out of the timing
         engine.step()
@@ -87,20 +87,31 @@ def decode_rate(loaded, prompts: list[list[int]], params: SamplingParams, spec: 
         engine.step()
     dt = time.perf_counter() - t0
     rate = (sum(len(r.output_ids) for r in reqs) - n0) / dt
-    acc = (engine.spec.acceptance_rate, engine.spec.mean_accepted_length) if engine.spec else None
+    acc = (engine.spec.acceptance_rate, engine.spec.mean_accepted_length, engine.spec.runs) if engine.spec else None
     return rate, acc
+
+
+COSTS: dict = {}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--target", default="/tmp/SmolLM2-135M-Instruct.F32.gguf")
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="all", help="comma-separated case names, or all")
     args = ap.parse_args()
-    target_path = write_f32(DRAFT, Path(args.target))
+    src, qtype = PAIRS[args.pair]
+    target_path = write_float(src, Path("/tmp") / f"{src.stem}.{qtype.name}.gguf", qtype)
     opts = LoadOptions(token_source="none")
-    target, draft = load(GGUFSpec(str(target_path)), opts), load(GGUFSpec(str(DRAFT)), opts)
-    print(f"target {target_path.name}: {type(target.model).__name__}; draft {DRAFT.name}: {type(draft.model).__name__}")
+    pair = load_speculative(SpeculativeSpec(GGUFSpec(str(target_path)), GGUFSpec(str(src)), 5), opts, load)
+    target, draft = pair, pair.speculative.draft
+    print(f"target {target_path.name}: {type(target.model).__name__}; draft {src.name}: "
+          f"{type(draft.model).__name__} ({draft.model.numerics})")
+    tc = Costs.measure(target.model)
+    COSTS.update({id(draft): (tc, Costs.measure(draft.model)), id(None): (tc, None)})
+    print("forward ms at 1/2/4/8 rows: target", [f"{1e3 * t:.1f}" for _, t in tc.points], "draft",
+          [f"{1e3 * t:.1f}" for _, t in COSTS[id(draft)][1].points])
     ids = [chat_ids(target, [{"role": "user", "content": p}]) for p in PROMPTS]
     summ = chat_ids(target, [{"role": "user", "content": "Summarise this text:\n\n" + ARTICLE}])
     cases = []
@@ -108,9 +119,12 @@ def main() -> None:
         params = SamplingParams(temperature=temp, max_tokens=args.tokens, ignore_eos=True)
         for batch in (1, 8):
             cases.append((f"T={temp} batch {batch}", ids[:batch], params))
-    cases.append(("summarise, greedy, batch 1", [summ], SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)))
-    modes = {"target alone": None, "draft gamma 5": SpecConfig(gamma=5, draft=draft),
-             "draft gamma 5 fixed": SpecConfig(gamma=5, draft=draft, fixed=True), "ngram 3": SpecConfig(ngram=3)}
+    cases.append(("summarise greedy batch 1", [summ], SamplingParams(temperature=0.0, max_tokens=args.tokens,
+                                                                      ignore_eos=True)))
+    if args.cases != "all":
+        cases = [c for c in cases if c[0] in args.cases.split(",")]
+    modes = {"target alone": None, "draft (policy)": SpecConfig(gamma=5, draft=draft),
+             "draft gamma 5 fixed": SpecConfig(gamma=5, draft=draft, fixed=True), "ngram 3 (policy)": SpecConfig(ngram=3)}
     for name, prompts, params in cases:
         results: dict[str, list] = {m: [] for m in modes}
         for _ in range(args.rounds):  # interleaved: the shared machine's load hits every mode alike
@@ -118,10 +132,12 @@ def main() -> None:
                 results[mode].append(decode_rate(target, prompts, params, spec))
         base = np.median([r for r, _ in results["target alone"]])
         for mode, rs in results.items():
-            rate = float(np.median([r for r, _ in rs]))
+            rates = [r for r, _ in rs]
+            rate = float(np.median(rates))
             acc = rs[-1][1]
-            extra = f", accepted {acc[0]:.0%}, {acc[1]:.2f} tok/verify" if acc else ""
-            print(f"{name:28s} {mode:22s} {rate:7.1f} tok/s ({rate / base:.2f}x){extra}", flush=True)
+            extra = f", accepted {acc[0]:.0%}, {acc[1]:.2f} tok/verify, {acc[2]} verifies" if acc else ""
+            print(f"{name:26s} {mode:20s} {rate:6.1f} tok/s [{min(rates):.1f}-{max(rates):.1f}] "
+                  f"({rate / base:.2f}x){extra}", flush=True)
 
 
 if __name__ == "__main__":
