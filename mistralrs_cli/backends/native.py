@@ -148,6 +148,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.kv_store.argtypes = [ptr, i32, i64, i32, i32, i32, i32]
     so.repack_jobs.restype = i32
     so.repack_jobs.argtypes = [ptr, i32, i32]
+    so.native_prof.restype, so.native_prof.argtypes = i32, [ptr, i32]  # timers, in a -DNATIVE_PROF build
     so.decoder_layers.restype = i32
     so.decoder_layers.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, i64,
                                   i32, i32]
@@ -304,7 +305,8 @@ def library() -> ctypes.CDLL | None:
     global _LIB
     if _LIB is False:
         try:
-            _LIB = build()
+            # MISTRALRS_CLI_NATIVE_PROF=1: a build with the kernels' timers (scripts/decode_budget.py)
+            _LIB = build(("-DNATIVE_PROF",) if os.environ.get("MISTRALRS_CLI_NATIVE_PROF") else ())
         except OSError as e:
             log.info("native CPU kernels unavailable (%s); using torch", e)
             _LIB = None

@@ -381,14 +381,14 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
                 const attn_unit *x = &u[unit_of(u, nu, b)];
                 block_of(x, b - x->first, rep, hd, scale, softcap, kv16, p, st + b * sst);
             }
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < nu * rep; i++) {
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t i = 0; i < nu * rep; i++) {  // (nowait: the region's end waits)
                 const attn_unit *x = &u[i / rep];
                 const int r = (int)(i % rep);
                 combine(st + x->first * sst + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
             }
         } else {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < nu; i++) {
                 const attn_unit *x = &u[i];
                 for (int64_t b = 0; b < x->nb; b++) block_of(x, b, rep, hd, scale, softcap, kv16, p, mine + b * sst);

@@ -970,6 +970,32 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
     }
 }
 
+// ---- timers for scripts/decode_budget.py: only in a build with -DNATIVE_PROF (native.py makes
+// one when MISTRALRS_CLI_NATIVE_PROF=1), so the ordinary build has no trace of them ----
+// Per role (decoder.c says which projection a call is: PROF_QKV..; 0 for calls from Python, the
+// output head) and field: calls, wall, prologue (master: region start to the end of the rows'
+// rounding), kernel time summed over threads, the slowest thread's kernel time, epilogue
+// (master), threads, barrier wait before the epilogue summed over threads. decoder.c adds the
+// rope, kv_store and attention walls (calls, wall) and its own total.
+enum { PROF_ROLES = 9, PROF_FIELDS = 8 };
+#ifdef NATIVE_PROF
+double prof_acc[PROF_ROLES][PROF_FIELDS];
+int prof_role;
+#endif
+
+// Copies the timers into out (PROF_ROLES x PROF_FIELDS doubles), zeroes them when reset; returns
+// how many doubles, 0 in a build without them.
+int native_prof(double *out, int reset) {
+#ifdef NATIVE_PROF
+    if (out) memcpy(out, prof_acc, sizeof prof_acc);
+    if (reset) memset(prof_acc, 0, sizeof prof_acc);
+    return PROF_ROLES * PROF_FIELDS;
+#else
+    (void)out, (void)reset;
+    return 0;
+#endif
+}
+
 // floatmm.c: parts of F32 / F16 / BF16 weights (same parts and opts)
 int fmm_type(int type);
 int fmm_parts(const void *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m, float *y,
@@ -981,6 +1007,11 @@ int fmm_parts(const void *parts, int nparts, int64_t k, const float *x, int64_t 
 int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
               float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
     if (nparts > 0 && fmm_type(parts[0].type)) return fmm_parts(parts, nparts, k, x, ldx, m, y, ldy, n_threads, o);
+#ifdef NATIVE_PROF
+    const double p_t0 = omp_get_wtime();
+    double p_busy[64] = {0}, p_wait[64] = {0}, p_prep = 0, p_epi = 0;
+    int p_nt = 1;
+#endif
     const int precise = o && o->precise;
     int need_a = 0, need_k = 0, need_w = 0;  // 8-bit rows (fast: also the wide parts'), q8_K, 16-bit
     int64_t n_total = 0;
@@ -1020,8 +1051,13 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     // prologue (norm / activation, then rounding to 8 bits) row by row, a prompt chunk's rows in
     // parallel (its GELUs and SiLUs are a noticeable share of a prefill), a few rows on one
     // thread; then, after the barrier, the weight units, and the epilogue row by row
+    // a decode step's few rows against only 16-bit parts (precise), no LoRA: see own_prep below
+    const int own_prep = m < 4 && precise && need_w && !need_a && !need_k && !lora;
+    int own_fail = 0;
 #pragma omp parallel num_threads(n_threads)
     {
+        prep_t mine = pc;  // own_prep: this thread's rounded rows (thread 0 uses the shared ones)
+        float *own_tmp = tmp;
         if (m >= 4) {
             const int main_thread = omp_get_thread_num() == 0;
             float *row_tmp = main_thread ? tmp : malloc(sizeof(float) * (size_t)k);
@@ -1031,10 +1067,31 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 prep_row(&pc, input_row(x + r * ldx, k, o, xin ? xin + r * k : row_tmp), r, row_res);
             if (row_tmp != tmp) free(row_tmp);
             if (row_res != res) free(row_res);
+        } else if (own_prep) {
+            // every thread rounds the few rows itself, into its own buffers: the same function of
+            // the same input, so the same codes, with no barrier before the units (one thread did
+            // it while the others waited there: the same wall time, one barrier fewer per call)
+            if (omp_get_thread_num()) {
+                mine.xw = malloc(sizeof(int16_t) * (size_t)(m * k));
+                mine.xwd = malloc(sizeof(float) * (size_t)(2 * m * nb));
+                mine.xwi = malloc(sizeof(int32_t) * (size_t)(2 * m * nb));
+                own_tmp = malloc(sizeof(float) * (size_t)k);
+            }
+            if (!mine.xw || !mine.xwd || !mine.xwi || !own_tmp) {
+#pragma omp atomic write
+                own_fail = 1;  // (read after the region; this thread computes nothing)
+            } else {
+                for (int64_t r = 0; r < m; r++) prep_row(&mine, input_row(x + r * ldx, k, o, own_tmp), r, NULL);
+            }
         } else {
 #pragma omp single
             for (int64_t r = 0; r < m; r++) prep_row(&pc, input_row(x + r * ldx, k, o, xin ? xin + r * k : tmp), r, res);
         }
+#ifdef NATIVE_PROF
+        const int p_me = omp_get_thread_num() & 63;
+        const double p_b = omp_get_wtime();
+        if (p_me == 0) p_prep = p_b - p_t0, p_nt = omp_get_num_threads();
+#endif
         if (lora) lora_down(lora, xin ? xin : x, xin ? k : ldx, k, m, lu);  // no barrier: the units follow
         // units handed out in chunks as threads free up (guided: big chunks first, then smaller):
         // on a shared machine a thread the OS sets aside for a time slice then holds the others
@@ -1046,8 +1103,9 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             if (is_wide(pp, precise)) {
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t i = 0; i < units(pp); i++)
-                    packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, xw, xwd, xwi, precise ? 2 : 1,
-                                  y + col, ldy);
+                    if (!own_fail)
+                        packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, mine.xw, mine.xwd, mine.xwi,
+                                      precise ? 2 : 1, y + col, ldy);
             } else {
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t i = 0; i < units(pp); i++)
@@ -1055,6 +1113,10 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             }
             col += pp->rows;
         }
+#ifdef NATIVE_PROF
+        const double p_c = omp_get_wtime();
+        p_busy[p_me] = p_c - p_b;
+#endif
         if (two_part) {  // y = y_hi + y_lo / LO_SCALE, in column spans of 1024 (a decode step has one row)
 #pragma omp barrier
             const int64_t spans = (n_total + 1023) / 1024;
@@ -1079,10 +1141,27 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         }
         if (o && (o->bias || o->residual)) {  // rows are independent: in parallel once all columns are done
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < m; r++) epilogue_row(y, r, n_total, ldy, o);
+#ifdef NATIVE_PROF
+            const double p_d = omp_get_wtime();
+            p_wait[p_me] = p_d - p_c;
+#endif
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < m; r++) epilogue_row(y, r, n_total, ldy, o);  // (the region's end waits)
+#ifdef NATIVE_PROF
+            if (p_me == 0) p_epi = omp_get_wtime() - p_d;
+#endif
         }
+        if (mine.xw != xw) free(mine.xw), free(mine.xwd), free(mine.xwi), free(own_tmp);
     }
+    if (own_fail) rc = -1;
+#ifdef NATIVE_PROF
+    {
+        double *a = prof_acc[prof_role], mx = 0;
+        a[0] += 1, a[1] += omp_get_wtime() - p_t0, a[2] += p_prep, a[5] += p_epi, a[6] += p_nt;
+        for (int t = 0; t < p_nt && t < 64; t++) a[3] += p_busy[t], a[7] += p_wait[t], mx = p_busy[t] > mx ? p_busy[t] : mx;
+        a[4] += mx;
+    }
+#endif
 done:
     free(xq); free(kq); free(xd); free(xs); free(xi); free(kd); free(tmp); free(res); free(kbs); free(kms); free(yt);
     free(xw); free(xwd); free(xwi); free(xin); free(lu);
