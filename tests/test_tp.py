@@ -1,7 +1,8 @@
 """Tensor parallelism (--tp 2, gloo, CPU) on tiny llama, mistral, qwen2, gemma3, phi3 and mixtral:
 
 - the sharded model's logits (a 12-token prefill and 4 cached decode steps) within 1e-5 of the
-  same model unsharded, as plain F32, GGUF F32 and GGUF Q8_0 (both ranks in one spawned pair);
+  same model unsharded, as plain F32, GGUF F32, GGUF Q8_0 and (llama, phi3, mixtral) plain with
+  --isq Q8_0 (both ranks in one spawned pair);
   the plain F32 ones also within 1e-4 of transformers';
 - greedy text through the CLI (`mistralrs --tp 2`, which starts its second rank itself) equal to
   transformers' greedy tokens decoded by the model's tokenizer;
@@ -25,9 +26,12 @@ import gguf_builder as gb
 import parity
 
 ARCHS = {"llama": (gb.tiny_llama, 0), "mistral": (gb.tiny_mistral, 1), "qwen2": (gb.tiny_qwen2, 2),
-         "gemma3": (gb.tiny_gemma3, 3), "phi3": (gb.tiny_phi3, 4), "mixtral": (gb.tiny_mixtral, 5)}
+         "gemma3": (gb.tiny_gemma3, 3), "phi3": (gb.tiny_phi3, 4), "mixtral": (gb.tiny_mixtral, 5),
+         # one KV head for 2 ranks: each rank holds a copy of it
+         "llama-mqa": (lambda seed: gb.tiny_llama(seed, num_key_value_heads=1), 6)}
 IDS = [0, 37, 120, 301, 44, 9, 260, 77, 500, 18, 211, 3]  # BOS, then arbitrary ids
 STEPS = 4
+ISQ_ARCHS = ("llama", "phi3", "mixtral")  # --isq Q8_0 on the plain checkpoint, then sharded
 TP_TOL, HF_TOL = 1e-5, 1e-4
 MISTRALRS = Path(sys.executable).with_name("mistralrs")
 PROMPT = "the quick brown fox"
@@ -62,7 +66,7 @@ def _free_port() -> int:
 def _spec(fmt: str, path: Path):
     from mistralrs_cli.types import GGUFSpec, PlainSpec
 
-    return PlainSpec(str(path)) if fmt == "plain" else GGUFSpec(str(path.name), str(path.parent))
+    return PlainSpec(str(path)) if fmt in ("plain", "isq") else GGUFSpec(str(path.name), str(path.parent))
 
 
 def _rank(rank: int, world: int, port: int, cases: list, greedy: dict, out: str) -> None:
@@ -77,7 +81,8 @@ def _rank(rank: int, world: int, port: int, cases: list, greedy: dict, out: str)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for name, fmt, path in cases:
-        model = load(_spec(fmt, path), LoadOptions(device="cpu", runtime="torch", numerics="exact")).model
+        opts = LoadOptions(device="cpu", runtime="torch", numerics="exact", isq="Q8_0" if fmt == "isq" else None)
+        model = load(_spec(fmt, path), opts).model
         model.native = None
         cfg = model.config
         whole = parity.our_steps(model, cfg, IDS, greedy[name])
@@ -99,13 +104,14 @@ def tp_logits(models, tmp_path_factory) -> dict:
     for name, m in models.items():
         reference[name], greedy[name], _ = parity.hf_steps(m["hf"], IDS, STEPS)
     cases = [(name, fmt, m[fmt]) for name, m in models.items() for fmt in ("plain", "f32", "q8")]
+    cases += [(name, "isq", models[name]["plain"]) for name in ISQ_ARCHS]
     out = str(tmp_path_factory.mktemp("tp_out") / "logits.pt")
     mp.spawn(_rank, args=(2, _free_port(), cases, greedy, out), nprocs=2)
     return {"results": torch.load(out), "reference": reference}
 
 
-@pytest.mark.parametrize("fmt", ["plain", "f32", "q8"])
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("name,fmt", [(n, f) for n in ARCHS for f in ("plain", "f32", "q8")]
+                         + [(n, "isq") for n in ISQ_ARCHS])
 def test_two_ranks_match_one(tp_logits, name, fmt):
     whole, sharded = tp_logits["results"][(name, fmt)]
     diffs = [float((a - b).abs().max()) for a, b in zip(whole, sharded)]

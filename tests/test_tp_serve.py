@@ -2,7 +2,10 @@
 
 - the server (`mistralrs --tp 2 --port P plain -m DIR`) with the official openai client, 4
   concurrent streams: each greedy text equal to transformers' greedy tokens decoded;
-- the Python API (Runner(tensor_parallel_size=2)) in a fresh process: the same text;
+- the Python API (Runner(tensor_parallel_size=2)) in a fresh process: the same text, also for a
+  long prompt sent twice (the second reuses prefix-cache blocks);
+- `-i` from a pipe: the reply is transformers' greedy continuation;
+- torchrun as the README writes it; re_isq refused (400) under --tp;
 - the second rank killed (SIGKILL) mid-generation: /health answers 503 or the server is gone, the
   server exits non-zero within 30 s with one line naming rank 1, and no rank is left;
 - rank 0 killed: the rank it started is gone too;
@@ -110,6 +113,8 @@ def test_server_four_streams(tiny):
         for t in threads:
             t.join(120)
         assert texts == [want] * 4
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/re_isq", json={"ggml_type": "Q8_0"}, timeout=30)
+        assert r.status_code == 400 and "--isq" in r.json()["error"]["message"], r.text
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
@@ -138,6 +143,21 @@ def test_python_api(tiny):
     want = [hf_greedy_text(hf, p, MAX_TOKENS) for p in (PROMPT, LONG, LONG)]
     assert [ast.literal_eval(t) for t in texts] == want
     assert int(hits) >= 2  # the second long prompt reused cached blocks
+
+
+def test_interactive(tiny, tmp_path):
+    """-i from a pipe under --tp 2: the reply is transformers' greedy continuation; \\exit ends
+    every rank."""
+    _, hf = tiny
+    tok = gb.train_tokenizer()
+    path = gb.write_gguf(tmp_path / "chat.gguf", hf, gb.gguf_vocab(tok),
+                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    want = hf_greedy_text(hf, PROMPT, MAX_TOKENS)  # a chat template renders BOS itself; this one has none
+    r = subprocess.run([str(MISTRALRS), "--tp", "2", "--temperature", "0", "--max-tokens", str(MAX_TOKENS),
+                        "--ignore-eos", "-i", "gguf", "-f", str(path)], input=f"{PROMPT}\n\\exit\n",
+                       capture_output=True, text=True, env=ENV, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert want in r.stdout, (want, r.stdout)
 
 
 def test_rank_killed_mid_generation(tiny):

@@ -40,6 +40,14 @@ class TPModel:
     def __getattr__(self, name: str) -> Any:  # dtype, cache_dtype, kv_round_to, ...: the model's
         return getattr(self.inner, name)
 
+    def modules(self):
+        """Rewriting the modules in place (the server's re_isq) would change rank 0's slices only."""
+        from ..errors import UserError
+
+        raise UserError("quantizing in place is not available with --tp; load the model with --isq instead.")
+
+    named_modules = parameters = modules
+
     def step(self, ids, positions, seqs, rows, hidden: bool = False, adapter_weights=None):
         if adapter_weights is not None:
             raise Unsupported("LoRA adapters are not served with --tp")
