@@ -106,7 +106,8 @@ class Which:
 _COMMON_FIELDS = {"-c/--chat-template": "chat_template", "--chat-template": "chat_template",
                   "--token-source": "token_source", "--numerics": "numerics", "--isq": "isq",
                   "--dtype": "dtype", "--raw": "a CompletionRequest", "--truncate-sequence": "truncate_sequence",
-                  "--pa-gpu-mem": "engine_config.kv_mem_mb", "--pa-ctxt-len": "engine_config.kv_tokens"}
+                  "--pa-gpu-mem": "engine_config.kv_mem_mb", "--pa-ctxt-len": "engine_config.kv_tokens",
+                  "--tp": "tensor_parallel_size", "--dist-backend": "dist_backend"}
 _SPEC_FIELDS = {
     GGUFSpec: {"-m/-f": "quantized_model_id/quantized_filename", "-m/--quantized-model-id": "quantized_model_id",
                "-m": "quantized_model_id", "-f": "quantized_filename", "-t/--tok-model-id": "tok_model_id",

@@ -170,6 +170,16 @@ def test_block_split_error(tmp_path):
     assert re.search(r"--tp 2: model\.layers\.\d+\.mlp\.down_proj .* Q8_0 blocks of 32", lines[0]), lines[0]
 
 
+def test_api_names_its_fields(models):
+    from mistralrs_cli.api import Runner, Which
+    from mistralrs_cli.errors import UserError
+
+    with pytest.raises(UserError, match=r"^tensor_parallel_size must be a whole number of ranks"):
+        Runner(which=Which.Plain(model_id=str(models["llama"]["plain"])), tensor_parallel_size=0)
+    with pytest.raises(UserError, match=r"^dist_backend 'mpi' is not one of gloo, nccl"):
+        Runner(which=Which.Plain(model_id=str(models["llama"]["plain"])), tensor_parallel_size=2, dist_backend="mpi")
+
+
 def test_bad_tp_value():
     run = _cli("--tp", "0", "--prompt", "hi", "plain", "-m", "nowhere")
     assert run.returncode != 0 and "--tp must be a whole number of ranks" in run.stderr
