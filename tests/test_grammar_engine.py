@@ -75,6 +75,7 @@ def test_json_schema_regex_and_lark_outputs_are_valid(smol):
         assert reason == "stop", (p.grammar, text)
         if p.grammar.kind == "json_schema":
             jsonschema.validate(json.loads(text), PERSON)
+            assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", text))  # compact: no whitespace
         elif p.grammar.kind == "regex":
             assert re.fullmatch(p.grammar.value, text)
         else:

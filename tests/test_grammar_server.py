@@ -56,9 +56,12 @@ def test_response_format_json_schema_and_json_object(srv):
     for c in r.choices:
         assert c.finish_reason == "stop"
         jsonschema.validate(json.loads(c.message.content), PERSON)
-    s = srv.client.chat.completions.create(model="m", messages=MSGS, response_format={"type": "json_object"},
-                                           n=2, temperature=1.0, seed=4, max_tokens=60, stream=True)
-    for text, reason in streamed(s).values():
+    s = srv.client.completions.create(model="m", prompt="A JSON object describing a cat:", n=2, temperature=1.0,
+                                      seed=4, max_tokens=60, stream=True, extra_body={"response_format": {
+                                          "type": "json_object"}})
+    outs = streamed(s)
+    assert len(outs) == 2
+    for text, reason in outs.values():
         if reason == "stop":
             assert isinstance(json.loads(text), dict)
 
