@@ -95,12 +95,12 @@ def compiled(g: Grammar, lltok: Any, where: str = "grammar"):
     key = (id(lltok), g.kind, g.value)
     with _lock:
         hit = _cache.get(key)
-        if hit is not None:
+        if hit is not None and hit[0] is lltok:  # the entry keeps its tokenizer: the id is not reused
             _cache.move_to_end(key)
-            return hit.deep_copy()
+            return hit[1].deep_copy()
     matcher = _build(g, lltok, where)
     with _lock:
-        _cache[key] = matcher
+        _cache[key] = (lltok, matcher)
         while len(_cache) > _KEEP:
             _cache.popitem(last=False)
         return matcher.deep_copy()
