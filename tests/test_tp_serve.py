@@ -6,6 +6,7 @@
   long prompt sent twice (the second reuses prefix-cache blocks);
 - `-i` from a pipe: the reply is transformers' greedy continuation;
 - torchrun as the README writes it; re_isq refused (400) under --tp;
+- Ctrl-C (SIGINT) on rank 0 of a one-shot run mid-generation: exit 130, its rank gone;
 - the second rank killed (SIGKILL) mid-generation: /health answers 503 or the server is gone, the
   server exits non-zero within 30 s with one line naming rank 1, and no rank is left;
 - rank 0 killed: the rank it started is gone too;
@@ -158,6 +159,26 @@ def test_interactive(tiny, tmp_path):
                        capture_output=True, text=True, env=ENV, timeout=240)
     assert r.returncode == 0, r.stderr
     assert want in r.stdout, (want, r.stdout)
+
+
+def test_ctrl_c_one_shot(tiny):
+    """SIGINT on rank 0 mid-generation: it exits (130, as without --tp) and its rank is gone."""
+    path, _ = tiny
+    proc = subprocess.Popen([str(MISTRALRS), "--tp", "2", "--raw", "--prompt", PROMPT, "--temperature", "0",
+                             "--max-tokens", "400", "--ignore-eos", "plain", "-m", str(path)], env=ENV, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1)  # generating
+        (follower,) = _followers(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        end = time.monotonic() + 10
+        while _alive(follower) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not _alive(follower)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_rank_killed_mid_generation(tiny):

@@ -151,14 +151,16 @@ class Comm:
         if self.faulted is not None or self.stopping:
             return
         self.stopping = True
-        if self.lock.acquire(timeout=2):
+        sent = False
+        if self.lock.acquire(timeout=0.5):  # else the engine thread is mid-step (Ctrl-C): no waiting
             try:
                 self.send(("stop",))
+                sent = True
             except Exception:  # noqa: BLE001 - a rank already gone: the reaping below ends it
                 pass
             finally:
                 self.lock.release()
-        self._stop_children(wait=5)
+        self._stop_children(wait=5 if sent else 0)
 
     def _stop_children(self, wait: float = 0.0) -> None:
         self.stopping = True
