@@ -86,13 +86,20 @@ class Speculator:
     def step(self, work: list[Scheduled]) -> list[RequestOutput]:
         e = self.engine
         gammas = {w.req: g for w in work if (g := self._gamma(w)) > 0}
+        looked = None
+        if gammas and isinstance(self.source, NgramDraft):  # a free lookup: budget its actual proposals
+            looked = {r: d for r, d in self.source.propose(list(gammas), list(gammas.values())).items() if d.tokens}
+            gammas = {r: len(d.tokens) for r, d in looked.items()}
         if gammas and self.cfg.cost_policy and not self.cfg.fixed:
             gammas = self._budget(work, gammas)
         if not gammas:
             return e._run_work(work)
         try:
-            drafts = self.source.propose(list(gammas), list(gammas.values()))
-            drafts = {r: d for r, d in drafts.items() if d.tokens}
+            if looked is not None:
+                drafts = {r: Draft(looked[r].tokens[:g], looked[r].probs[:g]) for r, g in gammas.items()}
+            else:
+                drafts = self.source.propose(list(gammas), list(gammas.values()))
+                drafts = {r: d for r, d in drafts.items() if d.tokens}
             logits = self._forward(work, drafts)
         except Exception as err:  # the plain step decides who fails, as without speculation
             log.warning("a speculative step failed (%s: %s); running it without drafts", type(err).__name__, err)
