@@ -223,7 +223,8 @@ def load(spec: Any, opts: LoadOptions | None = None) -> Loaded:
     if opts is not None and opts.tp != 1:  # every rank loads, then shards (distributed/launch.py)
         from ..distributed.launch import load_sharded
 
-        return load_sharded(spec, opts, _load_one)
+        # the device first: --device auto on a GPU machine means NCCL, and every rank loads alike
+        return load_sharded(spec, _resolve_device(opts), _load_one)
     return _load_one(spec, opts)
 
 
