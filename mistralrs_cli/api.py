@@ -162,6 +162,7 @@ class VisionArchitecture(str, enum.Enum):
     """mistral.rs's names for Which.VisionPlain(arch=...): the ones this build runs."""
     LLaVA = "llava"
     LLaVANext = "llava_next"
+    Gemma3 = "gemma3"
 
 
 class Role(str, enum.Enum):

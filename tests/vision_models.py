@@ -143,3 +143,48 @@ def hf_llava_next_processor(path: Path):
     return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path), tokenizer=tok,
                               patch_size=8, vision_feature_select_strategy="default", chat_template=TEMPLATE,
                               num_additional_image_tokens=1)
+
+
+GEMMA3_TEMPLATE = TEMPLATE.replace("<image>\\n", "<start_of_image>")
+GEMMA3_SPECIALS = ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+
+
+def tiny_gemma3_mm(seed: int = 3):
+    """A multimodal Gemma 3: SigLIP (32 px, 8 px patches) pooled to 4 rows per image, a 7-layer
+    text model with an 8-token sliding window (a prompt with images already slides)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vc = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8)
+    tc = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=tm.VOCAB + 3,
+                          max_position_embeddings=512, sliding_window=8, rms_norm_eps=1e-6, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=4,
+                                                        boi_token_index=tm.VOCAB, image_token_index=tm.VOCAB + 1,
+                                                        eoi_token_index=tm.VOCAB + 2))
+    tm.randomize_(model, seed, std=0.15, norm_center=0.0, embed_std=0.15)
+    return model.eval()
+
+
+def save_gemma3_mm(model, path: Path) -> Path:
+    from transformers import Gemma3ImageProcessorPil
+
+    model.save_pretrained(path)
+    tok = tm.train_tokenizer()
+    tok.add_special_tokens(GEMMA3_SPECIALS)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
+                                                            "chat_template": GEMMA3_TEMPLATE}))
+    Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def hf_gemma3_processor(path: Path):
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    boi, soft, eoi = GEMMA3_SPECIALS
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS,
+                                  extra_special_tokens={"boi_token": boi, "image_token": soft, "eoi_token": eoi})
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                           chat_template=GEMMA3_TEMPLATE, image_seq_length=4)

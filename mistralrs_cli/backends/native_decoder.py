@@ -125,7 +125,9 @@ class NativeDecoder:
 
     def handles(self, batch: Batch) -> bool:
         # LoRA side paths are applied by the torch modules (models/), not by this executor
-        return batch.adapter_weights is None and all(s.cache is not None for s in batch.seqs)
+        # nor bidirectional image spans (Gemma 3's), which its causal attention kernel does not mask
+        return (batch.adapter_weights is None and batch.image_blocks is None
+                and all(s.cache is not None for s in batch.seqs))
 
     def __call__(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         model, cfg = self.model, self.model.config

@@ -245,7 +245,7 @@ class Engine:
             ids.extend(req.tokens(req.n_computed, req.n_computed + w.n))
             positions.extend(range(req.n_computed, req.n_computed + w.n))
             seqs.append(SeqSlice(start, start + w.n, req.cache))
-            embeds.add(req.images, req.n_computed, w.n, start)
+            embeds.add(req.images, req.n_computed, w.n, start, len(seqs) - 1)
             if req.n_computed + w.n == req.n_known:
                 sampled.append(req)
                 rows.append(start + w.n - 1)

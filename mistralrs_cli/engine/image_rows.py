@@ -12,20 +12,27 @@ class ImageRows:
         self.vision = vision
         self.rows: list[int] = []
         self.parts: list[Any] = []
+        self.blocks: dict[int, list[tuple[int, int]]] = {}  # sequence -> spans seen both ways
 
-    def add(self, images: Any, start: int, n: int, batch_start: int) -> None:
-        """The image rows among prompt positions [start, start + n) of one request's chunk."""
+    def add(self, images: Any, start: int, n: int, batch_start: int, seq: int) -> None:
+        """The image rows among prompt positions [start, start + n) of one request's chunk (the
+        batch's sequence `seq`)."""
         if images is None:
             return
         found = images.rows(start, n, batch_start, self.vision.encode)
         if found is not None:
             self.rows.extend(found[0])
             self.parts.append(found[1])
+        spans = images.blocks(start, n)
+        if spans:
+            self.blocks[seq] = spans
 
     def __bool__(self) -> bool:
         return bool(self.rows)
 
-    def joined(self) -> tuple[list[int], Any]:
+    def joined(self) -> tuple:
+        """(rows, their vectors), and the bidirectional spans by sequence when there are any."""
         import torch
 
-        return self.rows, self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+        vectors = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+        return (self.rows, vectors, self.blocks) if self.blocks else (self.rows, vectors)

@@ -97,7 +97,8 @@ class Scheduler:
         todo = req.n_known - req.n_computed
         if not self.chunked or todo == 1:
             return todo
-        return min(todo, budget)
+        images = getattr(req, "images", None)  # a chunk may not end inside an image seen both ways
+        return min(todo, budget) if images is None else images.chunk(req.n_computed, min(todo, budget))
 
     def _make_room(self, req: Request, n: int) -> bool:
         """Reserve blocks for req, preempting the newest other running requests if needed;

@@ -15,10 +15,12 @@ from ..types import LoadOptions, PlainSpec, VisionSpec
 
 # --arch / config.json architectures[0] -> (module under models/, encoder class)
 ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision"),
-                                     "llava_next": ("llava_next", "LlavaNextVision")}
-CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
+                                     "llava_next": ("llava_next", "LlavaNextVision"),
+                                     "gemma3": ("gemma3_vision", "Gemma3Vision")}
+CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
+                "Gemma3ForConditionalGeneration": "gemma3"}
 # the image placeholder text of each arch when the tokenizer config does not name one
-PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>"}
+PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>"}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -101,4 +103,19 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     loaded.vision = Vision(encoder, processor, tid, loaded.tokenizer.id_to_token(tid) or placeholder,
                            encoder.tokens_per_image, arch, dtype=loaded.model.dtype,
                            allow_local_images=opts.allow_local_images)
+    if getattr(encoder, "bidirectional", False):
+        _text_expanded(loaded.vision, raw, loaded.tokenizer, config_path)
     return loaded
+
+
+def _text_expanded(vision: Any, raw: dict[str, Any], tok: Any, config_path: Path) -> None:
+    """Gemma 3: the template writes <start_of_image>; its processor replaces that text with the
+    image's rows between begin and end markers, and those rows attend to each other both ways."""
+    names = [tok.id_to_token(raw.get(k)) if isinstance(raw.get(k), int) else None
+             for k in ("boi_token_index", "eoi_token_index")]
+    if None in names:
+        raise UserError(f"{config_path} lacks boi_token_index / eoi_token_index in the vocabulary; the "
+                        "checkpoint is incomplete.")
+    boi, eoi = names
+    rows = vision.image_token * vision.tokens_per_image
+    vision.image_token, vision.text_expansion, vision.bidirectional = boi, f"\n\n{boi}{rows}{eoi}\n\n", True

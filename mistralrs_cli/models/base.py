@@ -62,8 +62,9 @@ class CausalLM(nn.Module):
         with torch.inference_mode():
             batch = Batch(torch.tensor(positions), seqs, None if hidden else torch.tensor(rows, dtype=torch.long),
                           adapter_weights=adapter_weights)
-            if input_embeds is not None:
+            if input_embeds is not None:  # (rows, vectors[, bidirectional spans by sequence])
                 batch.input_embeds = (torch.as_tensor(input_embeds[0]), input_embeds[1])
+                batch.image_blocks = input_embeds[2] if len(input_embeds) > 2 else None
             if hidden:
                 batch.memo["hidden"] = True
             logits = self(torch.tensor(ids), batch)

@@ -27,3 +27,6 @@ class Batch:
     # vision: (rows (K,), vectors (K, hidden)): these rows' input embeddings are the given vectors
     # (image features) in place of their tokens' embeddings; None: every row embeds its token
     input_embeds: Any = None
+    # vision (Gemma 3): {sequence index: [(start, end) positions]}: each span's rows attend to each
+    # other both ways (an image's rows); None: causal everywhere
+    image_blocks: Any = None

@@ -200,6 +200,18 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.T
     return mask
 
 
+def image_mask(q_pos: torch.Tensor, n_keys: int, window: int | None, spans: list) -> torch.Tensor:
+    """causal_mask, with the keys of each span (start, end) visible to queries in it; a sliding
+    window still bounds it (transformers' Gemma 3: window AND (causal OR block))."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    for a, b in spans:
+        mask |= ((q_pos >= a) & (q_pos < b))[:, None] & ((k_pos >= a) & (k_pos < b))[None, :]
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool = False, norm_offset: float = 0.0,
                  qkv_bias: bool | None = None, o_bias: bool | None = None):
@@ -261,6 +273,12 @@ class Attention(nn.Module):
     def _mask(self, batch: Batch, i: int, s: SeqSlice, n_keys: int) -> torch.Tensor | None:
         """None when every key is visible (a decode step inside the window): SDPA's fast path."""
         q_pos = batch.positions[s.start:s.end]
+        spans = batch.image_blocks.get(i) if batch.image_blocks else None
+        if spans:  # vision (Gemma 3): an image's rows see each other both ways
+            key = ("image-mask", i, self.window, n_keys)
+            if key not in batch.memo:
+                batch.memo[key] = image_mask(q_pos, n_keys, self.window, spans)
+            return batch.memo[key]
         if s.end - s.start == 1 and (self.window is None or n_keys <= self.window):
             return None
         if n_keys == s.end - s.start and (self.window is None or n_keys <= self.window):

@@ -66,7 +66,8 @@ def _render(loaded: Any, messages: list[dict]) -> list[int]:
         raise UserError(f"model {loaded.model_id} has no chat template; pass one with -c/--chat-template.")
     text = loaded.chat_template.render(messages, add_generation_prompt=True, bos_token=loaded.bos_token,
                                        eos_token=loaded.eos_token, flatten_content=False)
-    return loaded.tokenizer.encode(text, add_special_tokens=False)
+    vision = getattr(loaded, "vision", None)
+    return loaded.tokenizer.encode(vision.prepare_text(text) if vision else text, add_special_tokens=False)
 
 
 def chat_with_images(loaded: Any, messages: list[dict[str, Any]], allow_paths: bool,
@@ -88,9 +89,9 @@ def chat_with_images(loaded: Any, messages: list[dict[str, Any]], allow_paths: b
     policy = FetchPolicy(allow_paths=allow_paths, allow_local=vision.allow_local_images)
     images = [load_image(r, where, policy) for r in refs]
     ids = _render(loaded, with_parts)
-    if ids.count(vision.image_token_id) != len(images):
+    if len(vision.slots(ids)) != len(images):
         typed = _render(loaded, text_only)  # mistral.rs style: the user typed the placeholders
-        if typed.count(vision.image_token_id) == len(images):
+        if len(vision.slots(typed)) == len(images):
             ids = typed
     return vision.expand(ids, images, where)
 
@@ -109,4 +110,4 @@ def cli_prompt(loaded: Any, text: str, refs: list[str], raw: bool,
 
     policy = FetchPolicy(allow_paths=True, allow_local=vision.allow_local_images)
     images = [load_image(r, f"{where} {r}", policy) for r in refs]
-    return vision.expand(loaded.tokenizer.encode(text, add_special_tokens=True), images, where)
+    return vision.expand(loaded.tokenizer.encode(vision.prepare_text(text), add_special_tokens=True), images, where)

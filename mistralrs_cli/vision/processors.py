@@ -195,4 +195,21 @@ class LlavaNextProcessor(CLIPProcessor):
         return AnyresPixels(np.stack([self.tile(t) for t in [whole, *tiles]]), size)
 
 
-PROCESSORS |= {"LlavaNextImageProcessor": LlavaNextProcessor, "LlavaNextImageProcessorFast": LlavaNextProcessor}
+@dataclass
+class SiglipProcessor(CLIPProcessor):
+    """transformers' SiglipImageProcessor / Gemma3ImageProcessor: RGB, resize to height x width,
+    rescale, normalize; no crop. (Gemma 3's pan-and-scan crops are not supported.)"""
+
+    do_center_crop: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiglipProcessor":
+        if d.get("do_pan_and_scan"):
+            raise UserError("preprocessor_config.json: do_pan_and_scan is not supported; set it to false.")
+        return cls(**{**CLIPProcessor.from_dict({"image_mean": (0.5,) * 3, "image_std": (0.5,) * 3, "resample": 2,
+                                                 **d}).__dict__, "do_center_crop": False})
+
+
+PROCESSORS |= {"LlavaNextImageProcessor": LlavaNextProcessor, "LlavaNextImageProcessorFast": LlavaNextProcessor,
+               "Gemma3ImageProcessor": SiglipProcessor, "Gemma3ImageProcessorFast": SiglipProcessor,
+               "SiglipImageProcessor": SiglipProcessor, "SiglipImageProcessorFast": SiglipProcessor}

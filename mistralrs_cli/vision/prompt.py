@@ -19,6 +19,19 @@ class PromptImages:
     pixels: list[np.ndarray]
     digests: tuple[str, ...]
     features: Any = None
+    spans: list[tuple[int, int]] | None = None  # each image's positions, when they attend both ways
+
+    def blocks(self, start: int, n: int) -> list[tuple[int, int]]:
+        """The bidirectional spans that reach into positions [start, start + n)."""
+        return [(a, b) for a, b in self.spans or () if a < start + n and b > start]
+
+    def chunk(self, start: int, n: int) -> int:
+        """A prefill chunk [start, start + n) cut (or stretched) so that it does not end inside
+        a bidirectional span: the span's first rows must see its last ones."""
+        for a, b in self.spans or ():
+            if a < start + n < b:
+                return a - start if a > start else b - start
+        return n
 
     def rows(self, start: int, n: int, batch_start: int, encode: Callable[[list], Any]):
         """The batch rows and feature rows of positions [start, start + n), or None if none."""
@@ -44,6 +57,20 @@ class Vision:
     max_images: int | None = None
     dtype: Any = None  # the text model's activation dtype
     allow_local_images: bool = False  # --allow-local-images: URLs may reach private addresses
+    # Gemma 3: the processor writes each image's rows into the text (this string replaces the
+    # placeholder before tokenizing), and an image's rows attend to each other both ways
+    text_expansion: str | None = None
+    bidirectional: bool = False
+
+    def prepare_text(self, text: str) -> str:
+        """The rendered prompt as it is tokenized."""
+        return text if self.text_expansion is None else text.replace(self.image_token, self.text_expansion)
+
+    def slots(self, ids: list[int]) -> list[int]:
+        """Where each image goes: its placeholder token, or (text-expanded) the start of its rows."""
+        if self.text_expansion is None:
+            return [i for i, t in enumerate(ids) if t == self.image_token_id]
+        return [i for i, t in enumerate(ids) if t == self.image_token_id and (i == 0 or ids[i - 1] != t)]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, pixels: list[np.ndarray]):
@@ -60,7 +87,7 @@ class Vision:
     def expand(self, ids: list[int], images: list, where: str) -> tuple[list[int], PromptImages | None]:
         """Each placeholder token in `ids` becomes tokens_per_image image rows; the count of
         placeholders must equal the count of images."""
-        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        slots = self.slots(ids)
         if len(slots) != len(images):
             raise UserError(f"{where}: the prompt has {len(slots)} image placeholder(s) ({self.image_token}) "
                             f"for {len(images)} image(s); give each image one placeholder (the chat "
@@ -77,10 +104,20 @@ class Vision:
         positions: list[int] = []
         prev = 0
         for slot, n in zip(slots, counts):
+            if self.text_expansion is not None:  # already n rows (checked)
+                if ids[slot:slot + n] != [self.image_token_id] * n or ids[slot + n:slot + n + 1] == [self.image_token_id]:
+                    raise UserError(f"{where}: an image's rows ({self.image_token_id}) were cut or typed by hand; "
+                                    f"write {self.image_token} once per image.")
+                positions.extend(range(slot, slot + n))
+                continue
             out.extend(ids[prev:slot])
             positions.extend(range(len(out), len(out) + n))
             out.extend([self.image_token_id] * n)
             prev = slot + 1
-        out.extend(ids[prev:])
+        out = list(ids) if self.text_expansion is not None else out + ids[prev:]
+        spans = None
+        if self.bidirectional:
+            starts = np.cumsum([0, *counts])
+            spans = [(positions[starts[k]], positions[starts[k]] + c) for k, c in enumerate(counts)]
         return out, PromptImages(np.asarray(positions, dtype=np.int64), pixels,
-                                 tuple(img.digest for img in images))
+                                 tuple(img.digest for img in images), spans=spans)
