@@ -9,7 +9,7 @@
 - Ctrl-C (SIGINT) on rank 0 of a one-shot run mid-generation: exit 130, its rank gone;
 - the second rank killed (SIGKILL) mid-generation: /health answers 503 or the server is gone, the
   server exits non-zero within 30 s with one line naming rank 1, and no rank is left;
-- rank 0 killed: the rank it started is gone too;
+- rank 0 killed: the rank it started is gone too (which shares the host's cores with it);
 - rank 1 stopped (SIGSTOP, a hang): the same within 30 s, the line saying it stopped answering;
 - two hosts: two network namespaces joined by a veth pair, one rank in each, rendezvous over TCP
   (skipped, saying why, where `ip netns` is not permitted).
@@ -228,6 +228,9 @@ def test_rank0_killed(tiny):
     try:
         _wait_healthy(proc, port)
         (follower,) = _followers(proc.pid)
+        if "OMP_NUM_THREADS" not in ENV:  # the two ranks share this host's cores
+            env = Path(f"/proc/{follower}/environ").read_bytes().split(b"\0")
+            assert f"OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}".encode() in env
         proc.kill()
         proc.wait()
         end = time.monotonic() + 30

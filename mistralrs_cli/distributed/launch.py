@@ -28,6 +28,18 @@ def check(opts, spec: Any, field: Callable[[str], str] = lambda f: f"--{f.replac
     return backend
 
 
+def _share_cores(opts) -> None:
+    """On the CPU, N ranks of one host share its cores (N x all cores oversubscribes them);
+    OMP_NUM_THREADS, when set (torchrun sets 1), decides instead. The ranks started here inherit it."""
+    if opts.device.startswith("cuda") or "OMP_NUM_THREADS" in os.environ or "RANK" in os.environ:
+        return
+    import torch
+
+    n = max(1, (os.cpu_count() or 1) // opts.tp)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
 def _pin_gpu(opts) -> None:
     """--device cuda: one GPU per rank on a host (LOCAL_RANK), before anything touches CUDA."""
     if opts.device.startswith("cuda") and "CUDA_VISIBLE_DEVICES" not in os.environ:
@@ -42,6 +54,7 @@ def load_sharded(spec: Any, opts, load_one: Callable) -> Any:
     from .tp_layers import shard_model
 
     backend = check(opts, spec)
+    _share_cores(opts)
     level = logging.getLogger().getEffectiveLevel()
     comm = join(opts.tp, backend, (spec, opts, level))
     _pin_gpu(opts)
