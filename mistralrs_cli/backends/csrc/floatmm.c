@@ -24,7 +24,13 @@
 #endif
 
 enum { F_F32 = 0, F_F16 = 1, F_BF16 = 30 };  // GGML ids
-enum { TW = 4, TX = 2, UNIT = 16 };            // tile: weight rows x activation rows; rows per unit of work
+#ifndef FMM_TW  // tile: weight rows x activation rows (at most 4 x 4)
+#define FMM_TW 4
+#endif
+#ifndef FMM_TX
+#define FMM_TX 2
+#endif
+enum { TW = FMM_TW, TX = FMM_TX, UNIT = 16 };  // UNIT: weight rows per unit of work
 
 typedef struct {  // qmatmul.c's qpart_t
     int type;
@@ -105,12 +111,12 @@ static inline float hsum8(__m256 v) {  // ((0+4) + (2+6)) + ((1+5) + (3+7))
 static inline __attribute__((always_inline)) void tile(int type, const uint8_t *w, int64_t ldw, int nw,
                                                        const float *x, int64_t ldx, int nx, int64_t k, float *y,
                                                        int64_t ldy) {
-    __m256 acc[TX][TW];
+    __m256 acc[4][4];
     for (int r = 0; r < nx; r++)
         for (int i = 0; i < nw; i++) acc[r][i] = _mm256_setzero_ps();
     const int64_t k8 = k & ~(int64_t)7, es = esize(type);
     for (int64_t j = 0; j < k8; j += 8) {
-        __m256 wv[TW];
+        __m256 wv[4];
         for (int i = 0; i < nw; i++) wv[i] = load8(type, w + i * ldw + j * es);
         for (int r = 0; r < nx; r++) {
             __m256 xv = _mm256_loadu_ps(x + r * ldx + j);
@@ -145,13 +151,21 @@ static void tile(int type, const uint8_t *w, int64_t ldw, int nw, const float *x
 #endif
 
 // the tile with its type and shape as constants (the accumulators stay in registers)
-#define TILE_CASE(T)                                                                                    \
-    case T:                                                                                             \
-        if (nw == 4 && nx == 2) tile(T, w, ldw, 4, x, ldx, 2, k, y, ldy);                                \
-        else if (nw == 4) tile(T, w, ldw, 4, x, ldx, 1, k, y, ldy);                                      \
-        else if (nx == 2) tile(T, w, ldw, nw == 3 ? 3 : nw == 2 ? 2 : 1, x, ldx, 2, k, y, ldy);            \
-        else tile(T, w, ldw, nw == 3 ? 3 : nw == 2 ? 2 : 1, x, ldx, 1, k, y, ldy);                       \
-        return;
+#define TILE_NX(T, NW)                                                                    \
+    switch (nx) {                                                                         \
+    case 1: tile(T, w, ldw, NW, x, ldx, 1, k, y, ldy); return;                            \
+    case 2: tile(T, w, ldw, NW, x, ldx, 2, k, y, ldy); return;                            \
+    case 3: tile(T, w, ldw, NW, x, ldx, 3, k, y, ldy); return;                            \
+    default: tile(T, w, ldw, NW, x, ldx, 4, k, y, ldy); return;                           \
+    }
+#define TILE_CASE(T)                                                                      \
+    case T:                                                                               \
+        switch (nw) {                                                                     \
+        case 1: TILE_NX(T, 1)                                                             \
+        case 2: TILE_NX(T, 2)                                                             \
+        case 3: TILE_NX(T, 3)                                                             \
+        default: TILE_NX(T, 4)                                                            \
+        }
 
 static void tile_any(int type, const uint8_t *w, int64_t ldw, int nw, const float *x, int64_t ldx, int nx,
                      int64_t k, float *y, int64_t ldy) {
@@ -160,6 +174,15 @@ static void tile_any(int type, const uint8_t *w, int64_t ldw, int nw, const floa
         TILE_CASE(F_F16)
         TILE_CASE(F_BF16)
     }
+}
+
+// k half-precision values to f32 (exact)
+static void widen(int type, const uint8_t *w, int64_t k, float *out) {
+    int64_t j = 0;
+#if FMM_SIMD
+    for (; j + 8 <= k; j += 8) _mm256_storeu_ps(out + j, load8(type, w + 2 * j));
+#endif
+    for (; j < k; j++) out[j] = elem(type, w, j);
 }
 
 // weight rows [i0, i1) of part p (output columns col + i) for all m activation rows; wide:
@@ -173,8 +196,7 @@ static void part_unit(const fpart_t *p, int64_t i0, int64_t i1, int64_t k, const
         int type = p->type;
         int64_t ld = ldw;
         if (type != F_F32 && m > TX) {
-            for (int t = 0; t < nw; t++)
-                for (int64_t j = 0; j < k; j++) wide[t * k + j] = elem(type, w + t * ldw, j);
+            for (int t = 0; t < nw; t++) widen(type, w + t * ldw, k, wide + t * k);
             w = (const uint8_t *)wide, type = F_F32, ld = 4 * k;
         }
         for (int64_t r = 0; r < m; r += TX) {
