@@ -464,7 +464,11 @@ static inline __attribute__((always_inline)) void wsum16(const int RN, const int
     __m256i a[4], b[4], c2[4], d2[4];
     for (int r = 0; r < RN; r++) a[r] = b[r] = c2[r] = d2[r] = _mm256_setzero_si256();
     for (int c = 0; c < NC; c++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs)), z = _mm256_setzero_si256();
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
+        const __m256i z = _mm256_setzero_si256();
+        // an opaque value: the compiler would otherwise share one pass's widened chunks with the
+        // next pass over the same chunks (the other nibble) and spill them all to the stack
+        __asm__("" : "+x"(wv));
         __m256i wl = _mm256_unpacklo_epi8(wv, z), wh = _mm256_unpackhi_epi8(wv, z), hl = wl, hh = wh;
         if (nib == 1 || two) {
             hl = _mm256_srli_epi16(wl, 4);
@@ -494,15 +498,16 @@ static inline __attribute__((always_inline)) void wsum16(const int RN, const int
     }
 }
 
-// one f32 step per row: acc[r] += d * xd * (s[r] - off * xo) (+ m * xd * xo for Q4_1), xb row
-// r0's index into xd / xo, rs the row stride of those
+// one f32 step per row: acc[r] += d * xd * (s[r] - off * xo) (+ m * xm for Q4_1, xm = xd * xo as
+// the rounding computed it: one load, not a conversion, a product and a broadcast), xb row r0's
+// index into xd / xo / xm, rs the row stride of those
 static inline __attribute__((always_inline)) void wstep(const int type, const int RN, __m256 *acc, __m256 d, __m256 mm,
-        const __m256i *s, const float *xd, const int32_t *xo, int64_t xb, int64_t rs) {
+        const __m256i *s, const float *xd, const int32_t *xo, const float *xm, int64_t xb, int64_t rs) {
     const int off = wide_off(type);
     for (int r = 0; r < RN; r++, xb += rs) {
         const __m256i sm = off ? _mm256_sub_epi32(s[r], _mm256_set1_epi32(off * xo[xb])) : s[r];
         acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
-        if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_set1_ps(xd[xb] * (float)xo[xb]), acc[r]);
+        if (type == T_Q4_1) acc[r] = _mm256_fmadd_ps(mm, _mm256_broadcast_ss(xm + xb), acc[r]);
     }
 }
 
@@ -512,8 +517,8 @@ static inline __attribute__((always_inline)) void wstep(const int type, const in
 // 0-15, high: 16-31; for up to 2 rows both nibbles from one pass over the chunks); H = 1 is for
 // Q8_0 (fast). RN <= 4: 2 * RN (4 * RN) integer sums, RN outputs, d and the weights fill the 16 ymm.
 static inline __attribute__((always_inline)) void wtile(const int type, const int RN, const int H, const uint8_t *w,
-        int64_t n, int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y,
-        int64_t ldy) {
+        int64_t n, int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo,
+        const float *xm, float *y, int64_t ldy) {
     const int64_t nb = k / 32, groups = (n + 7) / 8;
     __m256 acc[4];
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
@@ -526,14 +531,14 @@ static inline __attribute__((always_inline)) void wtile(const int type, const in
         __m256i s[4], s1[4];
         if (!bytewise(type) && RN <= 2) {
             wsum16(RN, 4, 2, gv.q, gv.cs, x, x + 16, k, s, s1);
-            wstep(type, RN, acc, d, mm, s, xd, xo, (r0 * nb + b) * 2, nb * 2);
-            wstep(type, RN, acc, d, mm, s1, xd, xo, (r0 * nb + b) * 2 + 1, nb * 2);
+            wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * 2, nb * 2);
+            wstep(type, RN, acc, d, mm, s1, xd, xo, xm, (r0 * nb + b) * 2 + 1, nb * 2);
             continue;
         }
         for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
             if (bytewise(type)) wsum16(RN, 8 / H, -1, gv.q + 4 * e * gv.cs, gv.cs, x + 16 * e, x, k, s, s1);
             else wsum16(RN, 4, e, gv.q, gv.cs, x + 16 * e, x, k, s, s1);
-            wstep(type, RN, acc, d, mm, s, xd, xo, (r0 * nb + b) * H + e, nb * H);
+            wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * H + e, nb * H);
         }
     }
     store_tile(acc, RN, n, g, r0, y, ldy);
@@ -542,9 +547,9 @@ static inline __attribute__((always_inline)) void wtile(const int type, const in
 #define WTILES(T, H, G)                                                                         \
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 4 <= m; r0 += 4) wtile(T, 4, H, w, n, k, G, r0, xw, xd, xo, y, ldy);         \
-        for (; r0 + 2 <= m; r0 += 2) wtile(T, 2, H, w, n, k, G, r0, xw, xd, xo, y, ldy);         \
-        for (; r0 < m; r0++) wtile(T, 1, H, w, n, k, G, r0, xw, xd, xo, y, ldy);                 \
+        for (; r0 + 4 <= m; r0 += 4) wtile(T, 4, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);         \
+        for (; r0 + 2 <= m; r0 += 2) wtile(T, 2, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);         \
+        for (; r0 < m; r0++) wtile(T, 1, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);                 \
     }
 #endif
 
@@ -577,6 +582,7 @@ void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
         return;
     }
 #if defined(__AVX2__) && WIDE_Q8
+    const float *xm = xd + 2 * m * (k / 32);  // precise: the products xd * xo after the scales
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
         if (h == 1) WTILES(T_Q8_0, 1, g)
         else if (type == T_Q8_0) WTILES(T_Q8_0, 2, g)
@@ -893,19 +899,19 @@ void packed_k_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
 #if defined(__AVX2__) && WIDE_Q8
 // acc[r] += sv * xd * s[r] (Q6_K: s[r] - 32 * xo), Q4_K: - mv * xd * xo; xb row r0's index
 static inline __attribute__((always_inline)) void wkstep(const int type, const int RN, __m256 *acc, __m256 sv, __m256 mv,
-        const __m256i *s, const float *xd, const int32_t *xo, int64_t xb, int64_t rs) {
+        const __m256i *s, const float *xd, const int32_t *xo, const float *xm, int64_t xb, int64_t rs) {
     for (int r = 0; r < RN; r++, xb += rs) {
         const __m256i sm = type == T_Q6_K ? _mm256_sub_epi32(s[r], _mm256_set1_epi32(32 * xo[xb])) : s[r];
         acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(xd[xb])), _mm256_cvtepi32_ps(sm), acc[r]);
-        if (type == T_Q4_K) acc[r] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xd[xb] * (float)xo[xb]), acc[r]);
+        if (type == T_Q4_K) acc[r] = _mm256_fnmadd_ps(mv, _mm256_broadcast_ss(xm + xb), acc[r]);  // xd * xo
     }
 }
 
 // One group of 8 K rows against RN 16-bit activation rows from r0 (Q4_K: for up to 2 rows both
 // nibbles, sub-blocks 2j and 2j + 1, from one pass over a half's chunks)
 static inline __attribute__((always_inline)) void wktile(const int type, const int RN, const uint8_t *w, int64_t n,
-        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, float *y,
-        int64_t ldy) {
+        int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo, const float *xm,
+        float *y, int64_t ldy) {
     const int gb = packed_k_block_bytes(type);
     const int64_t nb = k / 256, groups = (n + 7) / 8, n16 = k / 16;
     __m256 a[4];
@@ -921,7 +927,7 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
         if (type == T_Q6_K) {
             for (int i = 0; i < 16; i++) {
                 wsum16(RN, 4, -1, q + 4 * i * cs, cs, x + 16 * i, x, k, s0, s1);
-                wkstep(type, RN, a, _mm256_loadu_ps(sc + i * ss), a[0], s0, xd, xo, xb + i, n16);
+                wkstep(type, RN, a, _mm256_loadu_ps(sc + i * ss), a[0], s0, xd, xo, xm, xb + i, n16);
             }
             continue;
         }
@@ -934,13 +940,13 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
                     wsum16(RN, 4, 2, qc, cs, x0, x0 + 32, k, s0, s1);
                 } else {
                     wsum16(RN, 4, 0, qc, cs, x0, x0, k, s0, s1);
-                    wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xb + 4 * j + e, n16);
+                    wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xm, xb + 4 * j + e, n16);
                     wsum16(RN, 4, 1, qc, cs, x0 + 32, x0, k, s1, s0);
-                    wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xb + 4 * j + 2 + e, n16);
+                    wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xm, xb + 4 * j + 2 + e, n16);
                     continue;
                 }
-                wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xb + 4 * j + e, n16);
-                wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xb + 4 * j + 2 + e, n16);
+                wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xm, xb + 4 * j + e, n16);
+                wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xm, xb + 4 * j + 2 + e, n16);
             }
     }
     store_tile(a, RN, n, g, r0, y, ldy);
@@ -949,9 +955,9 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
 #define WKTILES(T, G)                                                                           \
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
-        for (; r0 + 4 <= m; r0 += 4) wktile(T, 4, w, n, k, G, r0, xw, xd, xo, y, ldy);           \
-        for (; r0 + 2 <= m; r0 += 2) wktile(T, 2, w, n, k, G, r0, xw, xd, xo, y, ldy);           \
-        for (; r0 < m; r0++) wktile(T, 1, w, n, k, G, r0, xw, xd, xo, y, ldy);                   \
+        for (; r0 + 4 <= m; r0 += 4) wktile(T, 4, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);           \
+        for (; r0 + 2 <= m; r0 += 2) wktile(T, 2, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);           \
+        for (; r0 < m; r0++) wktile(T, 1, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);                   \
     }
 #endif
 
@@ -960,6 +966,7 @@ void packed_k_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u
                      const int16_t *xw, const float *xd, const int32_t *xo, float *y, int64_t ldy) {
     const int64_t groups = (n + 7) / 8;
 #if defined(__AVX2__) && WIDE_Q8
+    const float *xm = xd + m * (k / 16);  // the products xd * xo after the scales
     for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
         if (type == T_Q4_K) WKTILES(T_Q4_K, g)
         else WKTILES(T_Q6_K, g)

@@ -915,7 +915,8 @@ typedef struct {  // where slot s (an activation row as the kernels see it) is r
     float *xwd;   // (per 16 precise: 2 * nb per row; per 32 fast)
     int32_t *xwi;
     int need_w;
-} prep_t;
+    float *xwm;   // precise: xwd * xwi per 16 (the Q4_1 / Q4_K mins' factor), where packed.c expects
+} prep_t;         // them: after all m rows' scales (xwd + 2 * m * nb)
 
 // a part that takes the 16-bit rows: packed Q8_0 (fast too), or precise and packed_wide_precise
 static int is_wide(const qpart_t *p, int precise) {
@@ -925,7 +926,10 @@ static int is_wide(const qpart_t *p, int precise) {
 static void prep_w(const prep_t *c, const float *row, int64_t r) {
     int16_t *q = c->xw + r * c->k;
     if (c->precise) {
+        const float *d = c->xwd + r * 2 * c->nb;
+        const int32_t *o = c->xwi + r * 2 * c->nb;
         quantize_row16(row, c->k, q, c->xwd + r * 2 * c->nb, c->xwi + r * 2 * c->nb);
+        for (int64_t j = 0; j < 2 * c->nb; j++) c->xwm[r * 2 * c->nb + j] = d[j] * (float)o[j];
         return;
     }
     for (int64_t j = 0; j < c->k; j++) q[j] = c->xq[r * c->k + j];  // slot r's 8-bit rounding (prep_a)
@@ -1034,7 +1038,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     float *kms = malloc(sizeof(float) * (size_t)(ms * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
     float *yt = two_part ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
     int16_t *xw = need_w ? malloc(sizeof(int16_t) * (size_t)(m * k)) : NULL;
-    float *xwd = malloc(sizeof(float) * (size_t)(2 * m * nb + 1));
+    float *xwd = malloc(sizeof(float) * (size_t)(4 * m * nb + 1));  // precise: the scales, then xwm
     int32_t *xwi = malloc(sizeof(int32_t) * (size_t)(2 * m * nb + 1));
     // LoRA: the input rows as the projection sees them (kept when a prologue changes them) and u
     const void *lora = o && o->lora && lora_active(o->lora) ? o->lora : NULL;
@@ -1044,7 +1048,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !res || !kbs || !kms ||
         (two_part && !yt) || (need_w && !xw) || !xwd || !xwi || (lora && !lu) ||
         (lora && (o->act || o->norm_w) && !xin)) { rc = -1; goto done; }
-    const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise, xw, xwd, xwi, need_w};
+    const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise, xw, xwd, xwi, need_w,
+                       xwd + 2 * m * nb};
     float *yk = precise ? yt : y;  // where the two-part kernels write, with row stride ldk
     const int64_t ldk = precise ? n_total : ldy;
     // one parallel region (a fork and a join per call, which a decode step makes ~100 of): the
@@ -1073,7 +1078,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             // it while the others waited there: the same wall time, one barrier fewer per call)
             if (omp_get_thread_num()) {
                 mine.xw = malloc(sizeof(int16_t) * (size_t)(m * k));
-                mine.xwd = malloc(sizeof(float) * (size_t)(2 * m * nb));
+                mine.xwd = malloc(sizeof(float) * (size_t)(4 * m * nb));
+                mine.xwm = mine.xwd + 2 * m * nb;
                 mine.xwi = malloc(sizeof(int32_t) * (size_t)(2 * m * nb));
                 own_tmp = malloc(sizeof(float) * (size_t)k);
             }
