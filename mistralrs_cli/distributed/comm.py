@@ -160,7 +160,26 @@ class Comm:
                 pass
             finally:
                 self.lock.release()
+        if sent:  # the store may live in this process: keep it up until every rank has the word
+            self._wait_stopped(2.0)
         self._stop_children(wait=5 if sent else 0)
+
+    def stopped(self) -> None:
+        """A follower got rank 0's stop: say so (rank 0 waits for it before it exits)."""
+        self.stopping = True
+        try:
+            self.store.set(f"stopped/{self.rank}", "1")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _wait_stopped(self, timeout: float) -> None:
+        keys = [f"stopped/{r}" for r in range(1, self.world)]
+        end = time.monotonic() + timeout
+        try:
+            while not self.store.check(keys) and time.monotonic() < end:
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - the store is gone with its host: nothing to wait for
+            pass
 
     def _stop_children(self, wait: float = 0.0) -> None:
         self.stopping = True

@@ -142,7 +142,7 @@ def follow(model, comm: Comm) -> None:
                 return
             comm.fault(0, f"is gone (the step channel closed: {type(e).__name__})")
         if msg[0] == "stop":
-            comm.stopping = True
+            comm.stopped()
             return
         _, ids, positions, rows, hidden, descs, pool, copies, freed = msg
         try:
