@@ -247,3 +247,14 @@ def test_vision_architecture_enum_and_grammar_with_images(ckpt):
         messages=[{"role": "user", "content": _parts([str(ckpt[0] / "tall.img")])}],
         max_tokens=6, temperature=0.0, grammar={"type": "regex", "value": "[0-9]{3}"}))
     assert len(res.choices[0].message.content) == 3 and res.choices[0].message.content.isdigit()
+
+
+def test_typed_placeholder_mistralrs_style(ckpt):
+    """mistral.rs's convention: the user types <image> in the text beside an image part; the
+    template's own placeholder is then left out (one placeholder per image either way)."""
+    path = ckpt[0]
+    runner = Runner(Which.VisionPlain(str(path)), token_source="none", loaded=ckpt[4])
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": _parts([str(path / "tall.img")], "<image>\n" + TEXT)}],
+        max_tokens=STEPS, temperature=0.0, ignore_eos=True))
+    assert res.choices[0].message.content == _want(ckpt, ["tall"])
