@@ -99,3 +99,23 @@ def test_engine_chunks_never_end_inside_an_image(g3):
     with torch.no_grad():  # the first token's log-probabilities (greedy text alone hides a cut image:
         ref = torch.log_softmax(hf(**enc).logits[0, -1], -1).numpy()  # 0.02 off, same tokens here)
     assert max(abs(lp - ref[tok]) for tok, lp in outs[0].top_logprobs) <= 1e-4
+
+
+def test_cli_greedy_matches_generate(g3):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, hf, proc, loaded = g3
+    (path / "wide.png").write_bytes(vm.odd_images()["wide"])
+    enc = _theirs(proc, ["wide"])
+    with torch.no_grad():
+        out = hf.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)
+    want = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1]:].tolist())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run([str(Path(sys.executable).with_name("mistralrs")), "--temperature", "0", "--ignore-eos",
+                          "--max-tokens", "8", "--image", str(path / "wide.png"), "--prompt", TEXT, "vision-plain",
+                          "-m", str(path), "-a", "gemma3"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == want + "\n"
