@@ -5,6 +5,7 @@ before temperature).
 vocab.py    llguidance's tokenizer from ours (token bytes, specials, EOS ids), once per model
 compile.py  Grammar -> checked matcher; one UserError per bad grammar, naming the field
 matcher.py  SeqGrammar: consume a token, next mask computed on a worker thread
+request.py  the request fields (grammar, response_format) -> a Grammar, one rule for every surface
 """
 from __future__ import annotations
 
