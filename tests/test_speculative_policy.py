@@ -1,6 +1,7 @@
 """The speculative cost policy (engine/spec_costs.py): how many draft tokens a step carries.
 
-- Costs interpolates measured (rows, seconds) points linearly and extends the last slope.
+- Costs interpolates measured (rows, seconds) points linearly and extends the last slope; a
+  point above a later one (a busy moment) is lowered to it.
 - best_gamma against hand-computed expected tokens per second, with forward costs measured here
   for SmolLM2-135M (native F32 target, its Q4_1 file as the draft: ms at 1, 2, 4, 8 rows): at
   batch 1 with 96% acceptance every draft token up to 5 pays; at batch 8 none does (the step
@@ -27,6 +28,8 @@ def test_costs_interpolate_and_extend_the_last_slope():
     c = Costs({1: 1.0, 2: 1.2, 4: 1.6, 8: 2.4})
     assert c(0) == 1.0 and c(1) == 1.0 and c(3) == pytest.approx(1.4) and c(6) == pytest.approx(2.0)
     assert c(16) == pytest.approx(2.4 + 0.2 * 8)
+    # a busy moment at 1 row (above the 2-row time) is lowered to the later point
+    assert Costs({1: 3.0, 2: 1.2, 4: 1.6}).points == [(1, 1.2), (2, 1.2), (4, 1.6)]
 
 
 def test_expected_tokens():

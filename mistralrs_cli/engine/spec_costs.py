@@ -7,9 +7,10 @@ draft is cheap beside the target. When the step already carries many decode rows
 filled the cores) the verify rows cost nearly full price and the draft's own batched passes too,
 so the same draft that doubles batch 1 slows batch 8 down: the policy turns it down there.
 
-Costs are measured once per model, at the first step that might speculate: the best of 2 timed
+Costs are measured once per model, at the first step that might speculate: the best of 3 timed
 forwards at 1, 2, 4 and 8 rows (a throw-away cache; every row asks for logits, as a verify
-does), interpolated linearly between those row counts and extended by the last slope.
+does; on a shared machine a point above a later one is lowered to it), interpolated linearly
+between those row counts and extended by the last slope.
 
 For a step with `rows` rows already and sequences s (acceptance estimate a_s, cap c_s), a
 common gamma g costs draft passes i = 1..g (pass i batches the sequences with min(g, c_s) >= i;
@@ -30,7 +31,12 @@ class Costs:
     """Seconds per forward of a model as a function of its rows (piecewise linear)."""
 
     def __init__(self, points: dict[int, float]):
-        self.points = sorted(points.items())
+        # more rows never cost less: a point above a later one was a busy moment, lowered to it
+        pts, low = [], float("inf")
+        for r, t in sorted(points.items(), reverse=True):
+            low = min(low, t)
+            pts.append((r, low))
+        self.points = pts[::-1]
 
     def __call__(self, rows: float) -> float:
         pts = self.points
@@ -43,7 +49,7 @@ class Costs:
         return t1 + max(t1 - t0, 0.0) * (rows - r1) / (r1 - r0)
 
     @classmethod
-    def measure(cls, model, rows: tuple[int, ...] = ROWS, repeats: int = 2) -> "Costs":
+    def measure(cls, model, rows: tuple[int, ...] = ROWS, repeats: int = 3) -> "Costs":
         from ..models.batch import SeqSlice
         from .kv_cache import cache_for
 
