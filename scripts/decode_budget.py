@@ -12,6 +12,7 @@ For each real model (SmolLM2 Q4_1, Gemma-3 Q4_K_M) at bench.py's short context:
             to llama.cpp's measured decode that ceiling allows
   achieved  our decode (the CLI, as bench.py runs it) and llama.cpp's (llama-cpp-python in the
             peers venv), tok/s and the GB/s that means: medians of --repeats, interleaved
+  kernels   one thread's decode kernels, GB/s from L2 (layer 0 repeated) and from memory
   split     our decode step in-process, from the kernels' timers (a build with -DNATIVE_PROF,
             which MISTRALRS_CLI_NATIVE_PROF=1 selects; the ordinary build has none): per
             projection its wall, the threads' kernel time, the rounding of the activations
@@ -177,6 +178,28 @@ def split(path: Path, prompt: str, steps: int, threads: int, numerics: str) -> t
     return out, model, len(ids)
 
 
+def kernel_rates(model, passes: int = 7) -> dict:
+    """GB/s of one thread's 16-bit decode kernels (thread CPU time, best of `passes`): layer 0's
+    weights repeated (from L2: what the instructions allow) and every layer's once (from memory)."""
+    from mistralrs_cli.backends import native
+
+    out = {}
+    for role in ("qkv", "gate_up", "down"):
+        plans = [getattr(L, role) for L in model.layers]
+        opts = [getattr(L, role + "_opts") for L in model.layers]
+        k = model.layers[0].gate_up.rows if role == "down" else model.config.hidden_size
+        x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
+        for where, ps, os_ in (("L2", plans[:1] * 100, opts[:1] * 100), ("memory", plans, opts)):
+            best = float("inf")
+            for _ in range(passes):
+                t0 = time.thread_time()
+                for p, o in zip(ps, os_):
+                    native.qmatmul(x, p, model.lib, o, n_threads=1)
+                best = min(best, time.thread_time() - t0)
+            out[(role, where)] = sum(sum(t.nbytes for t in p.tensors) for p in ps) / best / 1e9
+    return out
+
+
 def cli_runs(key: str, path: Path, repeats: int, threads: int) -> dict:
     """Decode tok/s of our CLI and of llama.cpp, runs interleaved, medians and spreads."""
     args = bench.parse_args(["--threads", str(threads)])
@@ -188,7 +211,7 @@ def cli_runs(key: str, path: Path, repeats: int, threads: int) -> dict:
             for engine in got:
                 r = bench.one_run(engine, key, path, prompt, args)
                 if "error" in r:
-                    print(f"# {engine} {key}: {r['error'][:200]}", file=sys.stderr)
+                    print(f"# {engine} {key}: {r['error'][-600:]}", file=sys.stderr)
                 else:
                     got[engine].append(r["decode_tps"])
     finally:
@@ -225,6 +248,9 @@ def report(key: str, path: Path, bw: dict, args) -> None:
     head = roles["head"] / (ours_w + kv)
     print(f"- the output head alone is {head:.0%} of the bytes: at the read bandwidth it takes "
           f"{roles['head'] / read_bw / 1e6:.2f} ms a token")
+    rates = kernel_rates(model)
+    print("- one thread's decode kernels (thread CPU time, best of 7), GB/s from L2 / from memory: "
+          + ", ".join(f"{r} {rates[(r, 'L2')]:.1f} / {rates[(r, 'memory')]:.1f}" for r in ("qkv", "gate_up", "down")))
     step, ms = sp["step"], lambda s: f"{s * 1e3:.3f}"  # noqa: E731
     print(f"\nIn-process decode step (the profiling build, {args.threads} threads): {ms(step)} ms mean, "
           f"{ms(sp['step_median'])} median; the CLI's {1e3 / med['ours']:.3f} ms a token\n")
