@@ -15,12 +15,12 @@ BACKENDS = ("gloo", "nccl")
 
 def check(opts, spec: Any, field: Callable[[str], str] = lambda f: f"--{f.replace('_', '-')}") -> str:
     """The --tp options, checked before anything starts; returns the backend to use."""
-    from ..types import LoraSpec, SpeculativeSpec, XLoraSpec
+    from ..types import SpeculativeSpec, XLoraSpec
 
     if not isinstance(opts.tp, int) or isinstance(opts.tp, bool) or opts.tp < 1:
         raise UserError(f"{field('tp')} must be a whole number of ranks, 1 or more; got {opts.tp!r}.")
-    if isinstance(spec, (LoraSpec, XLoraSpec, SpeculativeSpec)) or opts.spec_ngram is not None:
-        what = {LoraSpec: "LoRA adapters", XLoraSpec: "X-LoRA"}.get(type(spec), "speculative decoding")
+    if isinstance(spec, (XLoraSpec, SpeculativeSpec)) or opts.spec_ngram is not None:
+        what = "X-LoRA" if isinstance(spec, XLoraSpec) else "speculative decoding"
         raise UserError(f"{field('tp')} {opts.tp}: {what} cannot run tensor-parallel yet; run without {field('tp')}.")
     backend = opts.dist_backend or ("nccl" if opts.device.startswith("cuda") else "gloo")
     if backend not in BACKENDS:
@@ -62,10 +62,14 @@ def load_sharded(spec: Any, opts, load_one: Callable) -> Any:
         loaded = load_one(spec, dataclasses.replace(opts, runtime="torch"))
         if not hasattr(loaded.model, "named_modules"):
             raise UserError(f"--tp {opts.tp}: this model runs on the native runtime only, which is not sharded.")
-        shard_model(loaded.model, comm.rank, comm.world)
+        plan = shard_model(loaded.model, comm.rank, comm.world)
         from ..loaders.weights import prepare_weights
 
         prepare_weights(loaded.model)  # the compute forms of this rank's slices only
+        if loaded.adapters is not None:  # LoRA served unmerged: A/B split with their modules
+            from .tp_lora import install_sharded
+
+            install_sharded(loaded.model, loaded.adapters, plan)
     except UserError:
         comm.stopping = True  # every rank hit it: each stops on its own
         comm._stop_children(wait=5)

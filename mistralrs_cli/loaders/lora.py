@@ -105,6 +105,8 @@ def attach(loaded: Loaded, opts: LoadOptions, reload: Callable[[], Loaded]) -> L
         return loaded
     if opts.device == "cuda":
         raise UserError("LoRA adapters served unmerged run on the CPU; pass --device cpu.")
+    if opts.tp != 1:  # each rank installs its slices once the model is split (distributed/tp_lora.py)
+        return loaded
     model = loaded.model
     if not hasattr(model, "named_modules"):  # the native runtime
         try:
