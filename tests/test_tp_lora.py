@@ -111,3 +111,33 @@ def test_cli_lora_gguf_greedy_text(files):
         assert rc == 0, (k, err[-3000:])
     assert runs["q8-tp"][0] == runs["q8-one"][0] and runs["q8-tp"][0].strip()
     assert runs["f32-tp"][0].rstrip("\n") == _greedy_text(files["hf"], files["adapters"], "the quick brown fox", 8)
+
+
+def test_cli_xlora_greedy_text(tmp_path):
+    """X-LoRA under --tp 2 (the scaling pass's hidden states come back to rank 0, whose classifier
+    weighs the adapters; every rank's sharded side paths take those weights with the step):
+    peft's greedy text, on the plain checkpoint and on the F32 GGUF."""
+    from xlora_models import build_base, make_xlora, peft_greedy
+
+    base = build_base(tmp_path)
+    folder, xm = make_xlora(base, "tp", {"top_k_lora": 2, "softmax_temperature": 0.7})
+    tok, prompt, steps = gb.train_tokenizer(), "the quick brown fox", 6
+    env = {**ENV, "MISTRALRS_CLI_CACHE": str(tmp_path / "c")}
+    common = [str(MISTRALRS), "--tp", "2", "--raw", "--temperature", "0", "--max-tokens", str(steps),
+              "--prompt", prompt]
+    runs = {  # the plain folder's tokenizer adds no BOS; the GGUF's does
+        "plain": (common + ["x-lora-plain", "-m", str(base["plain"]), "-x", str(folder)], tok.encode(prompt).ids),
+        "gguf": (common + ["--numerics", "exact", "x-lora-gguf", "-f", str(base["gguf"]), "-x", str(folder)],
+                 [0] + tok.encode(prompt).ids)}
+    procs = {k: subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for k, (args, _) in runs.items()}  # bytes: the text may hold a CR
+    try:
+        for k, p in procs.items():
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, (k, err[-3000:])
+            want = tok.decode(peft_greedy(xm, runs[k][1], steps))
+            assert out.decode("utf-8") == want + "\n", (k, out, want)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()

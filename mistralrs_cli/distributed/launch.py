@@ -15,13 +15,13 @@ BACKENDS = ("gloo", "nccl")
 
 def check(opts, spec: Any, field: Callable[[str], str] = lambda f: f"--{f.replace('_', '-')}") -> str:
     """The --tp options, checked before anything starts; returns the backend to use."""
-    from ..types import SpeculativeSpec, XLoraSpec
+    from ..types import SpeculativeSpec
 
     if not isinstance(opts.tp, int) or isinstance(opts.tp, bool) or opts.tp < 1:
         raise UserError(f"{field('tp')} must be a whole number of ranks, 1 or more; got {opts.tp!r}.")
-    if isinstance(spec, (XLoraSpec, SpeculativeSpec)) or opts.spec_ngram is not None:
-        what = "X-LoRA" if isinstance(spec, XLoraSpec) else "speculative decoding"
-        raise UserError(f"{field('tp')} {opts.tp}: {what} cannot run tensor-parallel yet; run without {field('tp')}.")
+    if isinstance(spec, SpeculativeSpec) or opts.spec_ngram is not None:
+        raise UserError(f"{field('tp')} {opts.tp}: speculative decoding cannot run tensor-parallel yet; "
+                        f"run without {field('tp')}.")
     backend = opts.dist_backend or ("nccl" if opts.device.startswith("cuda") else "gloo")
     if backend not in BACKENDS:
         raise UserError(f"{field('dist_backend')} {backend!r} is not one of {', '.join(BACKENDS)}.")
