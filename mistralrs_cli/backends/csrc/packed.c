@@ -516,6 +516,26 @@ static inline __attribute__((always_inline)) void wstep(const int type, const in
 // chunks 4e..4e+3 of the byte types, nibble e of chunks 0..3 of the nibble ones (low: weights
 // 0-15, high: 16-31; for up to 2 rows both nibbles from one pass over the chunks); H = 1 is for
 // Q8_0 (fast). RN <= 4: 2 * RN (4 * RN) integer sums, RN outputs, d and the weights fill the 16 ymm.
+static inline __attribute__((always_inline)) void wblock(const int type, const int RN, const int H, const gview *gv,
+        int64_t k, int64_t nb, int64_t b, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo,
+        const float *xm, __m256 *acc) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv->d));
+    const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv->m)) : d;
+    const int16_t *x = xw + r0 * k + b * 32;
+    __m256i s[4], s1[4];
+    if (!bytewise(type) && RN <= 2) {
+        wsum16(RN, 4, 2, gv->q, gv->cs, x, x + 16, k, s, s1);
+        wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * 2, nb * 2);
+        wstep(type, RN, acc, d, mm, s1, xd, xo, xm, (r0 * nb + b) * 2 + 1, nb * 2);
+        return;
+    }
+    for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
+        if (bytewise(type)) wsum16(RN, 8 / H, -1, gv->q + 4 * e * gv->cs, gv->cs, x + 16 * e, x, k, s, s1);
+        else wsum16(RN, 4, e, gv->q, gv->cs, x + 16 * e, x, k, s, s1);
+        wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * H + e, nb * H);
+    }
+}
+
 static inline __attribute__((always_inline)) void wtile(const int type, const int RN, const int H, const uint8_t *w,
         int64_t n, int64_t k, int64_t g, int64_t r0, const int16_t *xw, const float *xd, const int32_t *xo,
         const float *xm, float *y, int64_t ldy) {
@@ -524,29 +544,38 @@ static inline __attribute__((always_inline)) void wtile(const int type, const in
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
     gview gv = view8(type, w, groups, nb, g, 0);
     const int64_t step = (int64_t)gv.cs / 32 * packed_block_bytes(type);  // block b + 1 is this far on
-    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.m += step, gv.q += step) {
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.d));
-        const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.m)) : d;
-        const int16_t *x = xw + r0 * k + b * 32;
-        __m256i s[4], s1[4];
-        if (!bytewise(type) && RN <= 2) {
-            wsum16(RN, 4, 2, gv.q, gv.cs, x, x + 16, k, s, s1);
-            wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * 2, nb * 2);
-            wstep(type, RN, acc, d, mm, s1, xd, xo, xm, (r0 * nb + b) * 2 + 1, nb * 2);
-            continue;
-        }
-        for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
-            if (bytewise(type)) wsum16(RN, 8 / H, -1, gv.q + 4 * e * gv.cs, gv.cs, x + 16 * e, x, k, s, s1);
-            else wsum16(RN, 4, e, gv.q, gv.cs, x + 16 * e, x, k, s, s1);
-            wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * H + e, nb * H);
-        }
-    }
+    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.m += step, gv.q += step)
+        wblock(type, RN, H, &gv, k, nb, b, r0, xw, xd, xo, xm, acc);
     store_tile(acc, RN, n, g, r0, y, ldy);
+}
+
+// One activation row (a decode step) of a byte type against both groups of a pair (g even,
+// g + 1 < groups): each output's steps are wtile's, but the two groups' sums are independent
+// chains the CPU overlaps, and the pair's blocks are read in one pass
+static inline __attribute__((always_inline)) void wtile_pair(const int type, const int H, const uint8_t *w,
+        int64_t n, int64_t k, int64_t g, const int16_t *xw, const float *xd, const int32_t *xo, const float *xm,
+        float *y) {
+    const int64_t nb = k / 32, groups = (n + 7) / 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    gview v0 = view8(type, w, groups, nb, g, 0), v1 = view8(type, w, groups, nb, g + 1, 0);
+    const int64_t step = (int64_t)v0.cs / 32 * packed_block_bytes(type);
+    for (int64_t b = 0; b < nb; b++) {
+        wblock(type, 1, H, &v0, k, nb, b, 0, xw, xd, xo, xm, &a0);
+        wblock(type, 1, H, &v1, k, nb, b, 0, xw, xd, xo, xm, &a1);
+        v0.d += step, v0.m += step, v0.q += step, v1.d += step, v1.m += step, v1.q += step;
+    }
+    store_tile(&a0, 1, n, g, 0, y, 0);
+    store_tile(&a1, 1, n, g + 1, 0, y, 0);
 }
 
 #define WTILES(T, H, G)                                                                         \
     {                                                                                           \
         int64_t r0 = 0;                                                                         \
+        if (bytewise(T) && m == 1 && !((G) & 1) && (G) + 1 < g_end) {                           \
+            wtile_pair(T, H, w, n, k, G, xw, xd, xo, xm, y);                                    \
+            G++;                                                                                \
+            continue;                                                                           \
+        }                                                                                       \
         for (; r0 + 4 <= m; r0 += 4) wtile(T, 4, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);         \
         for (; r0 + 2 <= m; r0 += 2) wtile(T, 2, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);         \
         for (; r0 < m; r0++) wtile(T, 1, H, w, n, k, G, r0, xw, xd, xo, xm, y, ldy);                 \
@@ -583,7 +612,8 @@ void packed_rows_w(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0,
     }
 #if defined(__AVX2__) && WIDE_Q8
     const float *xm = xd + 2 * m * (k / 32);  // precise: the products xd * xo after the scales
-    for (int64_t g = first_group(u0); g < end_group(u1 - 1, groups); g++) {
+    const int64_t g_end = end_group(u1 - 1, groups);
+    for (int64_t g = first_group(u0); g < g_end; g++) {
         if (h == 1) WTILES(T_Q8_0, 1, g)
         else if (type == T_Q8_0) WTILES(T_Q8_0, 2, g)
         else if (type == T_Q5_0) WTILES(T_Q5_0, 2, g)
