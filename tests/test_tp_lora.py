@@ -1,16 +1,21 @@
-"""LoRA under tensor parallelism (--tp 2, gloo, CPU) on a tiny llama with peft's adapters on all
-seven projections:
+"""LoRA, X-LoRA and speculative decoding under tensor parallelism (--tp 2, gloo, CPU) on a tiny
+llama (peft's adapters on all seven projections):
 
 - logits through the real launcher (rank 0 starts its follower, the rows' adapter weights go
   with each step) within 1e-5 of the single-process LoRA run: an F32 plain base with its adapter
   merged, and a Q8_0 GGUF base with two adapters kept beside it, four sequences with different
-  adapter sets (none, a1, a2, both) in one forward;
+  adapter sets (none, a1, a2, both) in one forward, and the same beside a plain base quantized
+  with --isq Q8_0;
 - greedy text through `mistralrs --tp 2 lora-gguf` equal to the single-process run (Q8_0) and
-  to peft's greedy continuation (F32).
+  to peft's greedy continuation (F32);
+- X-LoRA (`x-lora-plain`, `x-lora-gguf`): peft's greedy text;
+- `speculative` (a draft model on rank 0) and `--spec-ngram`: the single-process greedy text, with
+  drafts accepted.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +41,7 @@ from mistralrs_cli.loaders.load import load
 from mistralrs_cli.types import GGUFSpec, LoadOptions, LoraSpec, PlainSpec
 base = {base!r}
 spec = LoraSpec(GGUFSpec(base) if base.endswith(".gguf") else PlainSpec(base), {adapters!r}, {order!r})
-opts = LoadOptions(token_source="none", numerics="exact", runtime="torch", device="cpu")
+opts = LoadOptions(token_source="none", numerics="exact", runtime="torch", device="cpu", isq={isq!r})
 sets = {sets!r}
 whole = load(spec, opts)
 ref = our_logits(whole, sets)
@@ -61,9 +66,9 @@ def files(tmp_path_factory) -> dict:
             "q8": gb.write_gguf(d / "base.q8_0.gguf", hf, vocab, qtype=Q.Q8_0)}
 
 
-def _two_ranks(files: dict, base: Path, order: Path, sets: list, out: Path):
+def _two_ranks(files: dict, base: Path, order: Path, sets: list, out: Path, isq: str | None = None):
     code = RANK0.format(tests=str(Path(__file__).parent), base=str(base), adapters=str(files["adapters"]),
-                        order=str(order), sets=sets, out=str(out))
+                        order=str(order), sets=sets, out=str(out), isq=isq)
     run = subprocess.run([sys.executable, "-c", code], env=ENV, text=True, capture_output=True,
                          stdin=subprocess.DEVNULL, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -86,6 +91,12 @@ def test_merged_plain_f32(files, tmp_path):
 def test_unmerged_q8_gguf_adapter_sets(files, tmp_path):
     """Per-sequence adapter sets in one forward: A/B split with their (Q8_0) base modules."""
     ref, sharded = _two_ranks(files, files["q8"], files["preload"], SETS, tmp_path / "q8.pt")
+    _check(ref, sharded)
+
+
+def test_unmerged_isq_adapter_sets(files, tmp_path):
+    """A plain base quantized at load (--isq Q8_0): its adapters stay beside it, split likewise."""
+    ref, sharded = _two_ranks(files, files["base"], files["preload"], SETS, tmp_path / "isq.pt", isq="Q8_0")
     _check(ref, sharded)
 
 
@@ -141,3 +152,31 @@ def test_cli_xlora_greedy_text(tmp_path):
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
+
+
+def test_cli_speculative_greedy_text(tmp_path):
+    """Speculative decoding under --tp 2 (the target sharded, the draft whole on rank 0; n-gram
+    drafts need no model): the single-process run's greedy text, with drafts accepted."""
+    from test_speculative import REPEAT, noisy_copy
+
+    vocab = gb.gguf_vocab(gb.train_tokenizer())
+    target = gb.write_gguf(tmp_path / "target.gguf", gb.tiny_llama(0), vocab, qtype=Q.Q8_0)
+    draft = gb.write_gguf(tmp_path / "noisy.gguf", noisy_copy(gb.tiny_llama(0), 0.003, 1), vocab, qtype=Q.Q8_0)
+    args = ["--numerics", "exact", "--prompt", REPEAT, "--max-tokens", "40", "--temperature", "0"]
+    runs = {"one": [*args, "gguf", "-f", str(target)],
+            "draft": ["--tp", "2", *args, "speculative", "-f", str(target), "--draft-file", str(draft), "-n", "3",
+                      "--gamma-fixed"],
+            "ngram": ["--tp", "2", "--spec-ngram", "2", *args, "gguf", "-f", str(target)]}
+    procs = {k: subprocess.Popen([str(MISTRALRS), *a], env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for k, a in runs.items()}
+    try:
+        out = {k: p.communicate(timeout=300) + (p.returncode,) for k, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for k, (text, err, rc) in out.items():
+        assert rc == 0, (k, err[-3000:])
+        assert text == out["one"][0], k
+        if k != "one":
+            assert re.search(rb"speculative: [1-9]\d*/\d+ draft tokens accepted", err), (k, err[-500:])

@@ -15,13 +15,8 @@ BACKENDS = ("gloo", "nccl")
 
 def check(opts, spec: Any, field: Callable[[str], str] = lambda f: f"--{f.replace('_', '-')}") -> str:
     """The --tp options, checked before anything starts; returns the backend to use."""
-    from ..types import SpeculativeSpec
-
     if not isinstance(opts.tp, int) or isinstance(opts.tp, bool) or opts.tp < 1:
         raise UserError(f"{field('tp')} must be a whole number of ranks, 1 or more; got {opts.tp!r}.")
-    if isinstance(spec, SpeculativeSpec) or opts.spec_ngram is not None:
-        raise UserError(f"{field('tp')} {opts.tp}: speculative decoding cannot run tensor-parallel yet; "
-                        f"run without {field('tp')}.")
     backend = opts.dist_backend or ("nccl" if opts.device.startswith("cuda") else "gloo")
     if backend not in BACKENDS:
         raise UserError(f"{field('dist_backend')} {backend!r} is not one of {', '.join(BACKENDS)}.")
@@ -49,17 +44,19 @@ def _pin_gpu(opts) -> None:
 def load_sharded(spec: Any, opts, load_one: Callable) -> Any:
     """Every rank loads and shards the model; rank 0 returns a Loaded whose model sends each
     step to the others (step.TPModel), the others follow and exit when rank 0 stops."""
+    from ..types import SpeculativeSpec
     from .comm import join
     from .step import TPModel, follow
     from .tp_layers import shard_model
 
+    target = spec.target if isinstance(spec, SpeculativeSpec) else spec  # a draft runs on rank 0 alone
     backend = check(opts, spec)
     _share_cores(opts)
     level = logging.getLogger().getEffectiveLevel()
     comm = join(opts.tp, backend, (spec, opts, level))
     _pin_gpu(opts)
     try:
-        loaded = load_one(spec, dataclasses.replace(opts, runtime="torch"))
+        loaded = load_one(target, dataclasses.replace(opts, runtime="torch"))
         if not hasattr(loaded.model, "named_modules"):
             raise UserError(f"--tp {opts.tp}: this model runs on the native runtime only, which is not sharded.")
         plan = shard_model(loaded.model, comm.rank, comm.world)
@@ -76,8 +73,17 @@ def load_sharded(spec: Any, opts, load_one: Callable) -> Any:
         raise
     if comm.rank == 0:
         loaded.model = TPModel(loaded.model, comm)
-        return loaded
+        return loaded if target is spec else _with_draft(spec, opts, loaded, load_one)
     follow(loaded.model, comm)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _with_draft(spec: Any, opts, target: Any, load_one: Callable) -> Any:
+    """`speculative` under --tp: the sharded target, and the draft loaded whole on rank 0 (it is
+    small; its steps stay on rank 0, only the target's verifying steps go to every rank)."""
+    from ..loaders.speculative import load_speculative
+
+    one = dataclasses.replace(opts, tp=1)
+    return load_speculative(spec, one, lambda s, o: target if s is spec.target else load_one(s, o))
