@@ -125,7 +125,11 @@ class Engine:
             raise UserError(f"model {self.loaded.model_id} takes no images; send text only, or load a "
                             "vision model with vision-plain.")
         if len(ids) >= self.max_context:
-            if not self.cfg.truncate_sequence or images is not None:  # cutting would split an image
+            if images is not None:  # cutting would split an image
+                raise UserError(f"the prompt has {len(ids)} tokens with its images but the model's context is "
+                                f"{self.max_context}; send fewer images or less text (prompts with images "
+                                "are not truncated).")
+            if not self.cfg.truncate_sequence:
                 raise UserError(f"the prompt has {len(ids)} tokens but the model's context is "
                                 f"{self.max_context}; shorten it or pass --truncate-sequence.")
             ids = ids[-(self.max_context - 1):]
