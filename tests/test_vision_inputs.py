@@ -258,3 +258,12 @@ def test_typed_placeholder_mistralrs_style(ckpt):
         messages=[{"role": "user", "content": _parts([str(path / "tall.img")], "<image>\n" + TEXT)}],
         max_tokens=STEPS, temperature=0.0, ignore_eos=True))
     assert res.choices[0].message.content == _want(ckpt, ["tall"])
+
+
+def test_more_images_than_the_context_takes_is_a_400(srv, ckpt):
+    """32 images x 16 rows pass the tiny model's 512-token context: a 400 (not truncated), and
+    the server keeps serving."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(srv, _parts([_data_uri(ckpt[3]["tiny"])] * 32))
+    assert e.value.status_code == 400 and "send fewer images" in e.value.body["message"]
+    assert _chat(srv, _parts([_data_uri(ckpt[3]["tall"])])).choices[0].message.content == _want(ckpt, ["tall"])
