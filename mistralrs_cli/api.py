@@ -163,6 +163,7 @@ class VisionArchitecture(str, enum.Enum):
     LLaVA = "llava"
     LLaVANext = "llava_next"
     Gemma3 = "gemma3"
+    Idefics3 = "idefics3"
 
 
 class Role(str, enum.Enum):

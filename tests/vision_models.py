@@ -188,3 +188,48 @@ def hf_gemma3_processor(path: Path):
                                   extra_special_tokens={"boi_token": boi, "image_token": soft, "eoi_token": eoi})
     return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
                            chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+
+
+IDEFICS3_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                     *[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]]
+IDEFICS3_TEMPLATE = TEMPLATE.replace("<image>\\n", "<image>")
+
+
+def tiny_idefics3(seed: int = 5):
+    """Idefics3: SigLIP-style tower on 32 px tiles (8 px patches, 16 patches), pixel shuffle by 2
+    (4 rows per tile), a 2-layer llama."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
+
+    vc = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=tm.VOCAB + len(IDEFICS3_SPECIALS), max_position_embeddings=1024,
+                     rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    model = Idefics3ForConditionalGeneration(Idefics3Config(vision_config=vc, text_config=tc, scale_factor=2,
+                                                            image_token_id=tm.VOCAB + 1, pad_token_id=1))
+    tm.randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def save_idefics3(model, path: Path, **proc: object) -> Path:
+    """The checkpoint, a tokenizer with Idefics3's special tokens, the template and the processor
+    (longest edge 64, 32 px tiles: up to 2 x 2 tiles and the global image)."""
+    from transformers import Idefics3ImageProcessorPil
+
+    model.save_pretrained(path)
+    tok = tm.train_tokenizer()
+    tok.add_special_tokens(IDEFICS3_SPECIALS)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
+                                                            "chat_template": IDEFICS3_TEMPLATE}))
+    Idefics3ImageProcessorPil(**{"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32},
+                                 **proc}).save_pretrained(path)
+    return path
+
+
+def hf_idefics3_processor(path: Path):
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
+    return Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                             chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)

@@ -43,7 +43,7 @@ ARCH_ALIASES = {"phi2": "phi", "gemma3": "gemma3_text"}  # mistral.rs's --arch n
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # weight-name prefixes of multimodal checkpoints whose text model we run
 TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                 ("language_model.lm_head.", "lm_head."))
+                 ("language_model.lm_head.", "lm_head."), ("model.text_model.", "model."))  # last: Idefics
 FILES = ["*.json", "model*.safetensors", "chat_template.jinja"]
 # transformers 5 in-memory names -> hub names (our modules'), by model_type: substring rewrites
 RENAMES: dict[str, tuple[tuple[str, str], ...]] = {

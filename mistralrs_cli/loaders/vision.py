@@ -16,11 +16,12 @@ from ..types import LoadOptions, PlainSpec, VisionSpec
 # --arch / config.json architectures[0] -> (module under models/, encoder class)
 ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision"),
                                      "llava_next": ("llava_next", "LlavaNextVision"),
-                                     "gemma3": ("gemma3_vision", "Gemma3Vision")}
+                                     "gemma3": ("gemma3_vision", "Gemma3Vision"),
+                                     "idefics3": ("idefics3", "Idefics3Vision")}
 CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
-                "Gemma3ForConditionalGeneration": "gemma3"}
+                "Gemma3ForConditionalGeneration": "gemma3", "Idefics3ForConditionalGeneration": "idefics3"}
 # the image placeholder text of each arch when the tokenizer config does not name one
-PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>"}
+PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>", "idefics3": "<image>"}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _encoder(arch: str, raw: dict[str, Any], text_hidden: int, model_dir: Path, 
     weights = {}
     for path in _weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            weights |= {k: f.get_tensor(k) for k in f.keys() if "language_model" not in k}
+            weights |= {k: f.get_tensor(k) for k in f.keys() if "language_model" not in k and "text_model" not in k}
     try:
         encoder.load(weights)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
@@ -81,6 +82,7 @@ def _image_token_id(raw: dict[str, Any], tok: Any, placeholder: str, config_path
 
 def load_vision(spec: VisionSpec, opts: LoadOptions):
     from .plain import load_plain
+    from ..vision.idefics_processor import PROCESSORS as IDEFICS_PROCESSORS
     from ..vision.processors import processor_from_config
     from ..vision.prompt import Vision
 
@@ -94,7 +96,7 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
         raise UserError(f"{config_path} has no text_config; it is not a vision-language checkpoint.")
     text_type = text.get("model_type") or "llama"
     proc_cfg = _read(model_dir / "preprocessor_config.json", "preprocessor_config.json")
-    processor = processor_from_config(proc_cfg, str(model_dir / "preprocessor_config.json"))
+    processor = processor_from_config(proc_cfg, str(model_dir / "preprocessor_config.json"), IDEFICS_PROCESSORS)
     loaded = load_plain(PlainSpec(str(model_dir), text_type, spec.tokenizer_json), opts)
     loaded.model_id = spec.model_id
     encoder = _encoder(arch, raw, loaded.config.hidden_size, model_dir, loaded.model.dtype)
@@ -105,6 +107,9 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
                            allow_local_images=opts.allow_local_images)
     if getattr(encoder, "bidirectional", False):
         _text_expanded(loaded.vision, raw, loaded.tokenizer, config_path)
+    if hasattr(encoder, "image_text"):  # Idefics: an image's text depends on its tiles
+        tok = loaded.tokenizer
+        loaded.vision.image_ids = lambda pixels: tok.encode(encoder.image_text(pixels), add_special_tokens=False)
     return loaded
 
 

@@ -115,12 +115,14 @@ class CLIPProcessor:
 PROCESSORS: dict[str, type] = {"CLIPImageProcessor": CLIPProcessor, "CLIPImageProcessorFast": CLIPProcessor}
 
 
-def processor_from_config(d: dict[str, Any], source: str) -> Any:
+def processor_from_config(d: dict[str, Any], source: str, extra: dict[str, type] | None = None) -> Any:
+    """extra: more image_processor_type -> class (those of modules that build on this one: Idefics')."""
     kind = d.get("image_processor_type", "CLIPImageProcessor")
-    if kind not in PROCESSORS:
+    known = PROCESSORS | (extra or {})
+    if kind not in known:
         raise UserError(f"{source}: image_processor_type {kind} is not supported (supported: "
-                        f"{', '.join(sorted(PROCESSORS))}).")
-    return PROCESSORS[kind].from_dict(d)
+                        f"{', '.join(sorted(known))}).")
+    return known[kind].from_dict(d)
 
 
 @dataclass

@@ -61,6 +61,9 @@ class Vision:
     # placeholder before tokenizing), and an image's rows attend to each other both ways
     text_expansion: str | None = None
     bidirectional: bool = False
+    # Idefics: the ids one image's placeholder becomes (its tiles' markers and rows; those equal to
+    # image_token_id are its feature rows); None: tokens_per_image image tokens
+    image_ids: Callable[[Any], list[int]] | None = None
 
     def prepare_text(self, text: str) -> str:
         """The rendered prompt as it is tokenized."""
@@ -103,7 +106,7 @@ class Vision:
         out: list[int] = []
         positions: list[int] = []
         prev = 0
-        for slot, n in zip(slots, counts):
+        for slot, n, p in zip(slots, counts, pixels):
             if self.text_expansion is not None:  # already n rows (checked)
                 if ids[slot:slot + n] != [self.image_token_id] * n or ids[slot + n:slot + n + 1] == [self.image_token_id]:
                     raise UserError(f"{where}: an image's rows ({self.image_token_id}) were cut or typed by hand; "
@@ -111,8 +114,9 @@ class Vision:
                 positions.extend(range(slot, slot + n))
                 continue
             out.extend(ids[prev:slot])
-            positions.extend(range(len(out), len(out) + n))
-            out.extend([self.image_token_id] * n)
+            seg = [self.image_token_id] * n if self.image_ids is None else self.image_ids(p)
+            positions.extend(len(out) + j for j, t in enumerate(seg) if t == self.image_token_id)
+            out.extend(seg)
             prev = slot + 1
         out = list(ids) if self.text_expansion is not None else out + ids[prev:]
         spans = None
