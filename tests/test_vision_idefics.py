@@ -119,3 +119,23 @@ def test_typed_placeholder_matches_transformers(i3):
                                     add_generation_prompt=True, tokenize=False)
     enc = proc(text=text, images=[Image.open(io.BytesIO(vm.odd_images()["wide"]))], add_special_tokens=False)
     assert enc["input_ids"][0] == ids and len(mm.positions) == 3 * 4  # two tiles and the global image
+
+
+@pytest.mark.parametrize("side", [4, 19, 26, 29])
+def test_tile_position_ids_match_transformers(side):
+    """transformers buckets a tile's patch coordinates in float32; for 19 or 29 patches a side that
+    is not the identity, and the embeddings must follow it."""
+    from transformers import Idefics3VisionConfig
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionEmbeddings
+
+    from mistralrs_cli.models.idefics3 import Idefics3Embeddings
+    from mistralrs_cli.vision.clip import VisionConfig
+
+    torch.manual_seed(0)
+    theirs = Idefics3VisionEmbeddings(Idefics3VisionConfig(hidden_size=8, image_size=2 * side, patch_size=2)).eval()
+    ours = Idefics3Embeddings(VisionConfig(hidden_size=8, image_size=2 * side, patch_size=2))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 2 * side, 2 * side)
+    with torch.no_grad():
+        want = theirs(x, torch.ones(2, side, side, dtype=torch.bool))
+        assert torch.allclose(ours(x), want, atol=1e-6)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..vision.clip import VisionConfig, vision_weights
 from ..vision.idefics_processor import image_text
-from ..vision.siglip import SiglipVisionTower
+from ..vision.siglip import SiglipEmbeddings, SiglipVisionTower
 
 TOWER_PREFIXES = ("model.vision_model.", "vision_model.")
 CONNECTOR_PREFIXES = ("model.connector.", "connector.")
@@ -30,6 +30,25 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     x = x.reshape(b, side, side // scale, d * scale).permute(0, 2, 1, 3)
     x = x.reshape(b, side // scale, side // scale, d * scale * scale).permute(0, 2, 1, 3)
     return x.reshape(b, seq // (scale * scale), d * scale * scale)
+
+
+def bucket_positions(side: int) -> torch.Tensor:
+    """The position ids transformers' Idefics3VisionEmbeddings gives a full tile's patches: its
+    float32 bucketize, which for some sides (19, 25, 29, ...) is not 0..side²-1."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    frac = (torch.arange(side, dtype=torch.float32) * (1.0 / torch.tensor([side]))).clamp(max=1.0 - 1e-6)
+    b = torch.bucketize(frac, boundaries, right=True)
+    return (b[:, None] * side + b[None, :]).reshape(-1)
+
+
+class Idefics3Embeddings(SiglipEmbeddings):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__(cfg)
+        self.register_buffer("positions", bucket_positions(cfg.image_size // cfg.patch_size), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, patches, hidden)
+        return patches + self.position_embedding(self.positions)
 
 
 class Idefics3Connector(nn.Module):
@@ -52,6 +71,7 @@ class Idefics3Vision(nn.Module):
         scale = int(raw.get("scale_factor", 2))
         self.tokens_per_image = self.vcfg.n_patches // (scale * scale)  # per tile
         self.vision_model = SiglipVisionTower(self.vcfg)
+        self.vision_model.embeddings = Idefics3Embeddings(self.vcfg)
         self.connector = Idefics3Connector(self.vcfg.hidden_size, text_hidden, scale)
 
     def load(self, weights: dict[str, torch.Tensor]) -> None:
