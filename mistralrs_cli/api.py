@@ -164,6 +164,7 @@ class VisionArchitecture(str, enum.Enum):
     LLaVANext = "llava_next"
     Gemma3 = "gemma3"
     Idefics3 = "idefics3"
+    Idefics2 = "idefics2"
 
 
 class Role(str, enum.Enum):

@@ -233,3 +233,44 @@ def hf_idefics3_processor(path: Path):
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
     return Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
                              chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)
+
+
+def tiny_idefics2(seed: int = 6):
+    """Idefics2: SigLIP-style tower (8 px patches, a 4 x 4 position table) over frames of their own
+    sizes, a 2-layer perceiver to 4 rows per frame, a 2-layer mistral."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, MistralConfig
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+
+    vc = Idefics2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    tc = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=tm.VOCAB + 3, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                       rope_theta=50000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, sliding_window=None)
+    pc = {"hidden_size": 64, "rms_norm_eps": 1e-5, "resampler_n_latents": 4, "resampler_depth": 2,
+          "resampler_n_heads": 4, "resampler_head_dim": 16, "num_key_value_heads": 2}
+    model = Idefics2ForConditionalGeneration(Idefics2Config(vision_config=vc, text_config=tc, perceiver_config=pc,
+                                                            image_token_id=tm.VOCAB + 1, pad_token_id=1))
+    tm.randomize_(model, seed, std=0.15, norm_center=1.0)
+    return model.eval()
+
+
+def save_idefics2(model, path: Path, splitting: bool = True) -> Path:
+    from transformers import Idefics2ImageProcessorPil
+
+    model.save_pretrained(path)
+    tok = tm.train_tokenizer()
+    tok.add_special_tokens(IDEFICS3_SPECIALS[:3])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
+                                                            "chat_template": IDEFICS3_TEMPLATE}))
+    Idefics2ImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 48},
+                              do_image_splitting=splitting).save_pretrained(path)
+    return path
+
+
+def hf_idefics2_processor(path: Path):
+    from transformers import Idefics2ImageProcessorPil, Idefics2Processor, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
+    return Idefics2Processor(image_processor=Idefics2ImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                             chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)

@@ -17,11 +17,14 @@ from ..types import LoadOptions, PlainSpec, VisionSpec
 ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision"),
                                      "llava_next": ("llava_next", "LlavaNextVision"),
                                      "gemma3": ("gemma3_vision", "Gemma3Vision"),
-                                     "idefics3": ("idefics3", "Idefics3Vision")}
+                                     "idefics3": ("idefics3", "Idefics3Vision"),
+                                     "idefics2": ("idefics2", "Idefics2Vision")}
 CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
-                "Gemma3ForConditionalGeneration": "gemma3", "Idefics3ForConditionalGeneration": "idefics3"}
+                "Gemma3ForConditionalGeneration": "gemma3", "Idefics3ForConditionalGeneration": "idefics3",
+                "Idefics2ForConditionalGeneration": "idefics2"}
 # the image placeholder text of each arch when the tokenizer config does not name one
-PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>", "idefics3": "<image>"}
+PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>", "idefics3": "<image>",
+                "idefics2": "<image>"}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -110,6 +113,9 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     if hasattr(encoder, "image_text"):  # Idefics: an image's text depends on its tiles
         tok = loaded.tokenizer
         loaded.vision.image_ids = lambda pixels: tok.encode(encoder.image_text(pixels), add_special_tokens=False)
+    if hasattr(encoder, "prompt_text"):  # Idefics2: its processor edits the text (5 frames when it splits)
+        encoder.frames_per_image = 5 if getattr(processor, "do_image_splitting", False) else 1
+        loaded.vision.text_rewrite, loaded.vision.runs_per_image = encoder.prompt_text, encoder.frames_per_image
     return loaded
 
 

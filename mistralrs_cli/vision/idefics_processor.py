@@ -123,4 +123,70 @@ def image_text(pixels: IdeficsPixels, seq_len: int) -> str:
     return f"{lines}\n{FAKE}{GLOBAL}{rows}{FAKE}"
 
 
-PROCESSORS = {"Idefics3ImageProcessor": Idefics3Processor, "Idefics3ImageProcessorFast": Idefics3Processor}
+@dataclass
+class Idefics2Pixels:
+    """One Idefics2 image's frames (the 4 quarters then the whole image with splitting, else the
+    image), each (3, h, w) of its own size: the model pads a prompt's frames together."""
+
+    frames: list
+
+
+def _clamped_size(h: int, w: int, short: int, long: int) -> tuple[int, int]:
+    """transformers' Idefics2 get_resize_output_image_size: shrink to the longest edge keeping the
+    aspect, then raise each edge to at least the shortest edge (that does not keep it)."""
+    aspect = w / h
+    if w >= h and w > long:
+        w, h = long, int(long / aspect)
+    elif h > w and h > long:
+        h, w = long, int(long * aspect)
+    return max(h, short), max(w, short)
+
+
+@dataclass
+class Idefics2Processor(Idefics3Processor):
+    """transformers' Idefics2ImageProcessor (PIL backend), one image at a time, unpadded."""
+
+    shortest_edge: int = 378
+    longest_edge: int = 980
+    do_image_splitting: bool = False
+    resample: int = 2  # bilinear
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Idefics2Processor":
+        keys = ("do_image_splitting", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
+                "image_mean", "image_std", "do_convert_rgb")
+        size = d.get("size") or {}
+        return cls(shortest_edge=int(size.get("shortest_edge", 378)), longest_edge=int(size.get("longest_edge", 980)),
+                   **{k: d[k] for k in keys if d.get(k) is not None})
+
+    def __call__(self, img: Any) -> Idefics2Pixels:
+        from PIL import Image as PILImage
+
+        if self.do_convert_rgb:
+            img = to_rgb(img)
+        x = self._array(img)
+        frames = [x]
+        if self.do_image_splitting:
+            mh, mw = x.shape[1] // 2, x.shape[2] // 2
+            frames = [x[:, :mh, :mw], x[:, :mh, mw:], x[:, mh:, :mw], x[:, mh:, mw:], x]
+        if self.do_resize:
+            pils = [PILImage.fromarray(np.moveaxis(f, 0, -1)) for f in frames]
+            frames = [self._array(p.resize(_clamped_size(p.height, p.width, self.shortest_edge, self.longest_edge)[::-1],
+                                           resample=self.resample)) for p in pils]
+        scale = self.rescale_factor if self.do_rescale else None
+        mean = self.image_mean if self.do_normalize else None
+        return Idefics2Pixels([rescale_normalize(f, scale, mean, self.image_std) for f in frames])
+
+
+def idefics2_text(text: str, seq_len: int, frames: int) -> str:
+    """Idefics2Processor's text edit: each <image> becomes its frames' rows between fake tokens,
+    adjacent images share one fake token, and a word right after an image gets a space."""
+    import re
+
+    block = f"{FAKE}{IMAGE * seq_len}{FAKE}" * frames
+    text = text.replace(IMAGE, block).replace(FAKE + FAKE, FAKE)
+    return re.sub(rf"{re.escape(FAKE)}(?=[^\s<])", f"{FAKE} ", text)
+
+
+PROCESSORS = {"Idefics3ImageProcessor": Idefics3Processor, "Idefics3ImageProcessorFast": Idefics3Processor,
+              "Idefics2ImageProcessor": Idefics2Processor, "Idefics2ImageProcessorFast": Idefics2Processor}

@@ -64,16 +64,23 @@ class Vision:
     # Idefics: the ids one image's placeholder becomes (its tiles' markers and rows; those equal to
     # image_token_id are its feature rows); None: tokens_per_image image tokens
     image_ids: Callable[[Any], list[int]] | None = None
+    # Idefics2: the processor's own edit of the prompt text (each placeholder -> runs_per_image runs
+    # of tokens_per_image image tokens between fake tokens), applied before tokenizing
+    text_rewrite: Callable[[str], str] | None = None
+    runs_per_image: int = 1
 
     def prepare_text(self, text: str) -> str:
         """The rendered prompt as it is tokenized."""
+        if self.text_rewrite is not None:
+            return self.text_rewrite(text)
         return text if self.text_expansion is None else text.replace(self.image_token, self.text_expansion)
 
     def slots(self, ids: list[int]) -> list[int]:
         """Where each image goes: its placeholder token, or (text-expanded) the start of its rows."""
-        if self.text_expansion is None:
+        if self.text_expansion is None and self.text_rewrite is None:
             return [i for i, t in enumerate(ids) if t == self.image_token_id]
-        return [i for i, t in enumerate(ids) if t == self.image_token_id and (i == 0 or ids[i - 1] != t)]
+        starts = [i for i, t in enumerate(ids) if t == self.image_token_id and (i == 0 or ids[i - 1] != t)]
+        return starts[::self.runs_per_image]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def encode(self, pixels: list[np.ndarray]):
@@ -101,6 +108,8 @@ class Vision:
         if not images:
             return ids, None
         pixels = [self.processor(img.pil) for img in images]
+        if self.text_rewrite is not None:
+            return ids, self._rewritten(ids, images, pixels, where)
         counts = [self.model.tokens_for(p) if hasattr(self.model, "tokens_for") else self.tokens_per_image
                   for p in pixels]
         out: list[int] = []
@@ -125,3 +134,11 @@ class Vision:
             spans = [(positions[starts[k]], positions[starts[k]] + c) for k, c in enumerate(counts)]
         return out, PromptImages(np.asarray(positions, dtype=np.int64), pixels,
                                  tuple(img.digest for img in images), spans=spans)
+
+    def _rewritten(self, ids: list[int], images: list, pixels: list, where: str) -> PromptImages:
+        """Idefics2: the text already holds every image's rows; they are all of its image tokens."""
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(positions) != len(images) * self.runs_per_image * self.tokens_per_image:
+            raise UserError(f"{where}: the image rows ({self.image_token}) were cut or typed by hand; write "
+                            f"{self.image_token} once per image.")
+        return PromptImages(np.asarray(positions, dtype=np.int64), pixels, tuple(img.digest for img in images))
