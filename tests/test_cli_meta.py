@@ -68,8 +68,10 @@ def test_server_help_is_the_same_cli():
 
 
 def test_completion_script_for_the_shell_it_runs_in():
-    """--show-completion detects the shell it was started from (Typer asks shellingham)."""
-    p = subprocess.run(["bash", "-c", f"'{BIN / 'mistralrs'}' --show-completion"], capture_output=True, text=True,
+    """--show-completion detects the shell it was started from (Typer asks shellingham). The
+    trailing `exit $?` keeps bash from exec'ing the program in its place: then the parent would be
+    pytest and the nearest shell above it make's /bin/sh, which Typer does not complete for."""
+    p = subprocess.run(["bash", "-c", f"'{BIN / 'mistralrs'}' --show-completion; exit $?"], capture_output=True, text=True,
                        env=ENV, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "complete -o default -F _mistralrs_completion mistralrs" in p.stdout
@@ -95,7 +97,7 @@ def test_completion_completes_subcommands_and_flags():
 
 
 def test_install_completion_writes_the_script(tmp_path):
-    p = subprocess.run(["bash", "-c", f"'{BIN / 'mistralrs'}' --install-completion"], capture_output=True,
+    p = subprocess.run(["bash", "-c", f"'{BIN / 'mistralrs'}' --install-completion; exit $?"], capture_output=True,
                        text=True, env={**ENV, "HOME": str(tmp_path)}, timeout=120)
     assert p.returncode == 0, p.stderr
     script = (tmp_path / ".bash_completions" / "mistralrs.sh").read_text()
