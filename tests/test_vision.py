@@ -4,7 +4,6 @@ against our llama text model + CLIP tower + projector (logits within 1e-4 for pr
 and two images, and greedy text through the engine equal to transformers' generate)."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -18,34 +17,26 @@ from mistralrs_cli.loaders.load import load
 from mistralrs_cli.models.layers import SeqSlice
 from mistralrs_cli.types import EngineConfig, LoadOptions, SamplingParams, VisionSpec
 from mistralrs_cli.vision import images as vi
-from mistralrs_cli.vision.processors import processor_from_config
 
 F32_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llava")
     hf = vm.tiny_llava(0)
-    vm.save_llava(hf, path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        loaded = load(VisionSpec(str(path)), LoadOptions(token_source="none"))
+    path, loaded = vm.load_saved(tmp_path_factory, "llava", hf, vm.save_llava)
     return path, hf, loaded
 
 
 @pytest.mark.parametrize("sizes", [(40, 32), (24, 32), (32, 32)])  # shortest edge, crop (24: padded)
 def test_pixels_match_transformers(tmp_path, sizes):
-    from PIL import Image
     from transformers import CLIPImageProcessorPil
 
     edge, crop = sizes
     CLIPImageProcessorPil(size={"shortest_edge": edge}, crop_size={"height": crop, "width": crop}).save_pretrained(tmp_path)
     ref = CLIPImageProcessorPil.from_pretrained(tmp_path)
-    ours = processor_from_config(json.loads((tmp_path / "preprocessor_config.json").read_text()), "test")
-    for name, data in vm.odd_images().items():
-        want = ref(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"][0]
-        got = ours(vi.decode(data, name).pil)
+    for name, got, want in vm.processed_pairs(ref, vm.our_processor(tmp_path)):
+        want = want["pixel_values"][0]
         assert got.shape == want.shape and got.dtype == np.float32, name
         assert np.abs(got - want).max() <= 1e-5, name
 
@@ -64,10 +55,7 @@ def test_logits_match_transformers(llava, names):
     ids, mm = loaded.vision.expand(_prompt(loaded, len(imgs), "the quick brown fox"), imgs, "test")
     assert ids.count(loaded.vision.image_token_id) == 16 * len(imgs)
     want = vm.hf_logits(hf, ids, np.stack(mm.pixels)).numpy()
-    n = len(ids)
-    got = loaded.model.step(ids, list(range(n)), [SeqSlice(0, n, None)], list(range(n)),
-                            input_embeds=(mm.positions.tolist(), loaded.vision.encode(mm.pixels)))
-    assert np.abs(got - want).max() <= F32_TOL
+    assert np.abs(vm.our_logits(loaded, ids, mm) - want).max() <= F32_TOL
 
 
 def test_engine_greedy_matches_transformers_generate(llava):

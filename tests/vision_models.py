@@ -1,7 +1,9 @@
 """Tiny random vision-language checkpoints built with transformers inside the tests, and odd
-test images (RGBA, grayscale, tall, wide, tiny) made with Pillow."""
+test images (RGBA, grayscale, tall, wide, tiny) made with Pillow, and the checks every vision
+architecture's tests share (ours against transformers' processor, model, generate)."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -43,6 +45,23 @@ def odd_images() -> dict[str, bytes]:
     }
 
 
+def save_tokenizer(path: Path, specials: list[str], template: str, **config: object) -> None:
+    """tiny_models' tokenizer with the architecture's special tokens, and its tokenizer_config.json."""
+    tok = tm.train_tokenizer()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"bos_token": tm.BOS, "eos_token": tm.EOS, **config, "chat_template": template}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def hf_tokenizer(path: Path, **kw: object):
+    """transformers' fast tokenizer over the saved tokenizer.json, for the reference processors."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS,
+                                   **kw)
+
+
 def tiny_llava(seed: int = 0, image_size: int = 32, patch: int = 8, **text: object):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -62,11 +81,7 @@ def save_llava(model, path: Path, crop: int = 32, shortest_edge: int = 40) -> Pa
     from transformers import CLIPImageProcessorPil
 
     model.save_pretrained(path)
-    tok = tm.train_tokenizer()
-    tok.add_special_tokens([IMAGE_TOKEN])
-    tok.save(str(path / "tokenizer.json"))
-    tok_cfg = {"bos_token": tm.BOS, "eos_token": tm.EOS, "add_bos_token": True, "chat_template": TEMPLATE}
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    save_tokenizer(path, [IMAGE_TOKEN], TEMPLATE, add_bos_token=True)
     CLIPImageProcessorPil(size={"shortest_edge": shortest_edge},
                           crop_size={"height": crop, "width": crop}).save_pretrained(path)
     return path
@@ -87,24 +102,28 @@ def hf_logits(model, ids: list[int], pixels: np.ndarray | None) -> torch.Tensor:
 def hf_llava_processor(path: Path):
     """transformers' own LlavaProcessor over the saved checkpoint: the independent reference for
     the prompt (template + <image> expansion) and the pixels."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
-    return LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(path), tokenizer=tok,
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(path), tokenizer=hf_tokenizer(path),
                           patch_size=8, vision_feature_select_strategy="default", chat_template=TEMPLATE,
                           num_additional_image_tokens=1)
 
 
-def hf_greedy(model, processor, text: str, images: list[bytes], n: int) -> list[int]:
-    """transformers' greedy continuation (n tokens, end tokens ignored) of a one-turn chat with
-    the images first, as our CLI and server place them."""
+def hf_encode(processor, text: str, images: list[bytes]):
+    """transformers' processor on a one-turn chat with the images first, as our CLI and server
+    place them: the reference ids and pixels."""
     from PIL import Image
 
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     pil = [Image.open(io.BytesIO(b)) for b in images] or None
-    enc = processor(text=prompt, images=pil, return_tensors="pt", add_special_tokens=False)
+    return processor(text=prompt, images=pil, return_tensors="pt", add_special_tokens=False)
+
+
+def hf_greedy(model, processor, text: str, images: list[bytes], n: int) -> list[int]:
+    """transformers' greedy continuation (n tokens, end tokens ignored) of hf_encode's prompt."""
+    enc = hf_encode(processor, text, images)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
     return out[0, enc["input_ids"].shape[1]:].tolist()
@@ -137,10 +156,10 @@ def save_llava_next(model, path: Path) -> Path:
 
 
 def hf_llava_next_processor(path: Path):
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
-    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path), tokenizer=tok,
+    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path),
+                              tokenizer=hf_tokenizer(path),
                               patch_size=8, vision_feature_select_strategy="default", chat_template=TEMPLATE,
                               num_additional_image_tokens=1)
 
@@ -171,21 +190,16 @@ def save_gemma3_mm(model, path: Path) -> Path:
     from transformers import Gemma3ImageProcessorPil
 
     model.save_pretrained(path)
-    tok = tm.train_tokenizer()
-    tok.add_special_tokens(GEMMA3_SPECIALS)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
-                                                            "chat_template": GEMMA3_TEMPLATE}))
+    save_tokenizer(path, GEMMA3_SPECIALS, GEMMA3_TEMPLATE)
     Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
 
 def hf_gemma3_processor(path: Path):
-    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
     boi, soft, eoi = GEMMA3_SPECIALS
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS,
-                                  extra_special_tokens={"boi_token": boi, "image_token": soft, "eoi_token": eoi})
+    tok = hf_tokenizer(path, extra_special_tokens={"boi_token": boi, "image_token": soft, "eoi_token": eoi})
     return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
                            chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
 
@@ -217,22 +231,22 @@ def save_idefics3(model, path: Path, **proc: object) -> Path:
     from transformers import Idefics3ImageProcessorPil
 
     model.save_pretrained(path)
-    tok = tm.train_tokenizer()
-    tok.add_special_tokens(IDEFICS3_SPECIALS)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
-                                                            "chat_template": IDEFICS3_TEMPLATE}))
+    save_tokenizer(path, IDEFICS3_SPECIALS, IDEFICS3_TEMPLATE)
     Idefics3ImageProcessorPil(**{"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32},
                                  **proc}).save_pretrained(path)
     return path
 
 
 def hf_idefics3_processor(path: Path):
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
-    return Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(path), tokenizer=tok,
-                             chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)
+    return _hf_idefics_processor(path, Idefics3Processor, Idefics3ImageProcessorPil)
+
+
+def _hf_idefics_processor(path: Path, processor_cls, image_cls):
+    """Idefics3Processor or Idefics2Processor (same arguments) over the saved checkpoint."""
+    return processor_cls(image_processor=image_cls.from_pretrained(path), tokenizer=hf_tokenizer(path),
+                         chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)
 
 
 def tiny_idefics2(seed: int = 6):
@@ -258,19 +272,124 @@ def save_idefics2(model, path: Path, splitting: bool = True) -> Path:
     from transformers import Idefics2ImageProcessorPil
 
     model.save_pretrained(path)
-    tok = tm.train_tokenizer()
-    tok.add_special_tokens(IDEFICS3_SPECIALS[:3])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tm.BOS, "eos_token": tm.EOS,
-                                                            "chat_template": IDEFICS3_TEMPLATE}))
+    save_tokenizer(path, IDEFICS3_SPECIALS[:3], IDEFICS3_TEMPLATE)
     Idefics2ImageProcessorPil(size={"shortest_edge": 16, "longest_edge": 48},
                               do_image_splitting=splitting).save_pretrained(path)
     return path
 
 
 def hf_idefics2_processor(path: Path):
-    from transformers import Idefics2ImageProcessorPil, Idefics2Processor, PreTrainedTokenizerFast
+    from transformers import Idefics2ImageProcessorPil, Idefics2Processor
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=tm.BOS, eos_token=tm.EOS)
-    return Idefics2Processor(image_processor=Idefics2ImageProcessorPil.from_pretrained(path), tokenizer=tok,
-                             chat_template=IDEFICS3_TEMPLATE, image_seq_len=4)
+    return _hf_idefics_processor(path, Idefics2Processor, Idefics2ImageProcessorPil)
+
+
+# What every architecture's tests do the same way: load the saved checkpoint, run the same
+# one-turn chat through our code and through transformers, compare.
+TEXT = "the quick brown fox"
+
+
+def load_saved(tmp_path_factory, name: str, model, save, arch: str | None = None):
+    """save(model, dir) into a fresh folder, then our loader on it offline: (dir, loaded)."""
+    import pytest
+
+    from mistralrs_cli.loaders.load import load
+    from mistralrs_cli.types import LoadOptions, VisionSpec
+
+    path = tmp_path_factory.mktemp(name)
+    save(model, path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return path, load(VisionSpec(str(path), arch), LoadOptions(token_source="none"))
+
+
+def checkpoint(tmp_path_factory, name: str, hf, save, hf_processor, arch: str | None = None):
+    """load_saved, plus transformers' processor on the folder: (dir, model, processor, loaded)."""
+    path, loaded = load_saved(tmp_path_factory, name, hf, save, arch)
+    return path, hf, hf_processor(path), loaded
+
+
+def our_processor(folder: Path, *registry):
+    """Our image processor built from the preprocessor_config.json transformers saved in folder."""
+    from mistralrs_cli.vision.processors import processor_from_config
+
+    return processor_from_config(json.loads((folder / "preprocessor_config.json").read_text()), "test", *registry)
+
+
+def processed_pairs(theirs, ours, **kw):
+    """(name, ours, transformers') for each odd image: ours on our decoding, theirs on Pillow's."""
+    from PIL import Image
+
+    from mistralrs_cli.vision import images as vi
+
+    for name, data in odd_images().items():
+        yield name, ours(vi.decode(data, name).pil), theirs(Image.open(io.BytesIO(data)), return_tensors="np", **kw)
+
+
+def uri(name: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(odd_images()[name]).decode()
+
+
+def our_chat(loaded, names: list[str], text: str = TEXT):
+    """Our (ids, images) for a one-turn chat: the odd images named, then the text."""
+    from mistralrs_cli.vision.chat import chat_with_images
+
+    parts = [{"type": "image_url", "image_url": {"url": uri(n)}} for n in names] + [{"type": "text", "text": text}]
+    return chat_with_images(loaded, [{"role": "user", "content": parts}], allow_paths=False)
+
+
+def hf_chat(processor, names: list[str], text: str = TEXT):
+    return hf_encode(processor, text, [odd_images()[n] for n in names])
+
+
+def our_logits(loaded, ids: list[int], mm, *blocks) -> np.ndarray:
+    """The whole prompt in one step with the image rows (and any attention blocks) in place."""
+    from mistralrs_cli.models.layers import SeqSlice
+
+    n = len(ids)
+    return loaded.model.step(ids, list(range(n)), [SeqSlice(0, n, None)], list(range(n)),
+                             input_embeds=(mm.positions.tolist(), loaded.vision.encode(mm.pixels), *blocks))
+
+
+def check_ids_and_logits(hf, processor, loaded, names: list[str]):
+    """Our ids equal the processor's and our logits are within 1e-4 of the model's; returns
+    (ids, images, encoding) for the architecture's own checks."""
+    ids, mm = our_chat(loaded, names)
+    enc = hf_chat(processor, names)
+    assert enc["input_ids"][0].tolist() == ids
+    with torch.no_grad():
+        want = hf(**enc).logits[0].numpy()
+    assert np.abs(our_logits(loaded, ids, mm) - want).max() <= 1e-4
+    return ids, mm, enc
+
+
+def check_cli_greedy(path: Path, hf, processor, loaded, name: str, arch: str | None) -> None:
+    """`mistralrs --image <name> vision-plain` prints transformers' greedy 8 tokens."""
+    import os
+    import subprocess
+    import sys
+
+    (path / f"{name}.png").write_bytes(odd_images()[name])
+    want = loaded.tokenizer.decode(hf_greedy(hf, processor, TEXT, [odd_images()[name]], 8))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run([str(Path(sys.executable).with_name("mistralrs")), "--temperature", "0", "--ignore-eos",
+                          "--max-tokens", "8", "--image", str(path / f"{name}.png"), "--prompt", TEXT, "vision-plain",
+                          "-m", str(path), *(["-a", arch] if arch else [])],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == want + "\n"
+
+
+def typed_placeholder(loaded, processor, name: str, typed: str):
+    """mistral.rs's convention, the user types <image> in the text part: our (ids, images) and
+    the processor's ids for the same typed text."""
+    from PIL import Image
+
+    from mistralrs_cli.vision.chat import chat_with_images
+
+    ids, mm = chat_with_images(loaded, [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": uri(name)}}, {"type": "text", "text": typed}]}], allow_paths=False)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": typed}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    enc = processor(text=text, images=[Image.open(io.BytesIO(odd_images()[name]))], add_special_tokens=False)
+    return ids, mm, enc["input_ids"][0]
