@@ -417,7 +417,9 @@ class Runner:
         self._check({"n": request.n})  # before range(n): n=0 would send nothing and answer nothing
         adapters = validation.check_adapters(request.adapters, self.engine.adapter_names())
         grammar = self._grammar(request)
-        if tools is not None and tools.grammar is not None:
+        # the call is generated under its grammar; under "auto" a request's own grammar wins
+        if tools is not None and tools.grammar is not None and not (
+                grammar is not None and tools.request.choice == "auto"):
             if grammar is not None:
                 raise ParamError("tool_choice \"required\" or a named function constrains the answer to a tool "
                                  "call; set grammar/response_format without it, or tool_choice \"auto\".", "tool_choice")

@@ -96,3 +96,44 @@ def test_fallback_system_message():
     assert msgs[0]["content"].startswith("Be brief.\n\nYou can call these tools")
     assert '"name": "get_time"' in msgs[0]["content"] and "Call the function get_time" in msgs[0]["content"]
     assert fallback.with_tools([{"role": "user", "content": "hi"}], req)[0]["role"] == "system"
+
+
+HERMES_OK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'
+HERMES_BAD = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+
+
+def test_hermes_auto_call_or_reply(lltok):
+    """"auto": a valid call, or a reply with no <tool_call> in it; never an invalid call, an
+    empty answer, or text with a call in it (which the splitter would read as a call)."""
+    g = grammars.hermes_grammar(parse_tools(TOOLS, "auto"), no_special)
+    assert accepts(lltok, g, HERMES_OK) and accepts(lltok, g, "Sure, it is sunny in Oslo.\n\nBye")
+    assert accepts(lltok, g, "a </tool_call> b < tool_call>")
+    for bad in (HERMES_BAD, "", "Let me check. " + HERMES_OK, "Let me check <tool_call> now",
+                '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>'):
+        assert not accepts(lltok, g, bad), bad
+
+
+def test_llama3_auto_call_or_reply(lltok):
+    g = grammars.llama3_grammar(parse_tools(TOOLS, "auto"))
+    assert g.kind == "lark"
+    assert accepts(lltok, g, '{"name": "get_time", "parameters": {"tz": "UTC"}}')
+    assert accepts(lltok, g, "It is noon. {braces} later are text.")
+    for bad in ('{"name": "get_time", "parameters": {"tz": "EST"}}', ' \n{"a": 1}', "<|python_tag|>hi", ""):
+        assert not accepts(lltok, g, bad), bad
+
+
+def test_mistral_auto_call_or_reply(lltok):
+    g = grammars.mistral_grammar(parse_tools(TOOLS, "auto"), no_special)
+    assert accepts(lltok, g, '[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "CET"}}]')
+    assert accepts(lltok, g, "No tool needed [TOOL CALLS].")
+    for bad in ('[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "EST"}}]', "ok [TOOL_CALLS]"):
+        assert not accepts(lltok, g, bad), bad
+    # the marker as a special token (id 0 here): the token starts a call, plain text still a reply
+    special = grammars.mistral_grammar(parse_tools(TOOLS, "auto"), lambda t: 0 if t == "[TOOL_CALLS]" else None)
+    m = llg.LLMatcher(lltok, llg.grammar_from(special.kind, special.value), log_level=0)
+    assert m.consume_token(0)
+    assert m.consume_tokens(lltok.tokenize_str('[{"name": "get_time", "arguments": {"tz": "UTC"}}]'))
+    assert m.is_accepting() and accepts(lltok, special, "Just text.")
+    assert not accepts(lltok, special, "spelled [TOOL_CALLS] in text")  # the splitter would read it
+    m = llg.LLMatcher(lltok, llg.grammar_from(special.kind, special.value), log_level=0)
+    assert m.consume_token(0) and not m.consume_tokens(lltok.tokenize_str('[{"name": "get_time", "arguments": {}}]'))

@@ -13,6 +13,8 @@ from ..types import Grammar
 from ..validation import ParamError
 from .spec import Function, ToolRequest
 
+PYTHON_TAG = "<|python_tag|>"
+
 # llguidance's JSON options: no free whitespace (a weak or random model could pad forever)
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -64,20 +66,49 @@ def _marker(text: str, specials: Specials) -> str:
     return f"<[{special_id}]>" if special_id is not None else json.dumps(text)
 
 
+# A reply under tool_choice "auto": any non-empty text, as long as `~(...)` (llguidance's regex
+# negation, intersected with valid UTF-8 text) keeps out what the format's splitter would read as
+# a call. Excluding the marker's spelling is needed even where the marker is a special token:
+# ordinary tokens can spell it, and the splitter reads decoded text.
+_ANY = "/(?s:.*)/"
+
+
+def _reply_text(markers: tuple[str, ...], leading: bool = False) -> str:
+    """The TEXT terminal: no marker anywhere in it, or with `leading` none at its start
+    (after whitespace), as Llama 3's splitter reads an answer that starts with one as calls."""
+    head = "/[ \\t\\r\\n]*/" if leading else _ANY
+    banned = " | ".join(f"({head} {json.dumps(m)} {_ANY})" for m in markers)
+    return f"TEXT: /(?s:.+)/ & ~({banned})"
+
+
+def _start(call: str, req: ToolRequest, markers: tuple[str, ...], leading: bool = False) -> str:
+    """`start` for "required"/named: the call; for "auto": the call or a reply (TEXT).
+    Text *then* a call is not offered: a free-text lexeme before a call does not work in llguidance."""
+    if req.choice != "auto":
+        return f"start: {call}"
+    return f"start: {call} | TEXT\n{_reply_text(markers, leading)}"
+
+
 def hermes_grammar(req: ToolRequest, specials: Specials) -> Grammar:
-    """<tool_call>\\n{call}\\n</tool_call>, repeated (one per line) when parallel calls are allowed."""
+    """<tool_call>\\n{call}\\n</tool_call>, repeated (one per line) when parallel calls are allowed;
+    under "auto", or a reply without "<tool_call>" in it."""
     schema = json.dumps(call_schema(req.callable()), ensure_ascii=False)
     calls = 'block ("\\n" block)*' if req.parallel else "block"
     block = f'{_marker("<tool_call>", specials)} "\\n" %json {schema} "\\n" {_marker("</tool_call>", specials)}'
-    return Grammar("lark", f"start: {calls}\nblock: {block}")
+    return Grammar("lark", f"{_start(calls, req, ('<tool_call>',))}\nblock: {block}")
 
 
 def llama3_grammar(req: ToolRequest) -> Grammar:
-    """One {"name": ..., "parameters": {...}} object (Llama 3.1 calls one function at a time)."""
-    return Grammar("json_schema", json.dumps(call_schema(req.callable(), "parameters"), ensure_ascii=False))
+    """One {"name": ..., "parameters": {...}} object (Llama 3.1 calls one function at a time);
+    under "auto", or a reply that does not start with "{" or "<|python_tag|>"."""
+    schema = json.dumps(call_schema(req.callable(), "parameters"), ensure_ascii=False)
+    if req.choice != "auto":
+        return Grammar("json_schema", schema)
+    return Grammar("lark", f"{_start('call', req, ('{', PYTHON_TAG), leading=True)}\ncall: %json {schema}")
 
 
 def mistral_grammar(req: ToolRequest, specials: Specials) -> Grammar:
-    """[TOOL_CALLS] then a JSON array of calls."""
+    """[TOOL_CALLS] then a JSON array of calls; under "auto", or a reply without "[TOOL_CALLS]"."""
     schema = json.dumps(calls_array_schema(req.callable(), req.parallel), ensure_ascii=False)
-    return Grammar("lark", f"start: {_marker('[TOOL_CALLS]', specials)} %json {schema}")
+    call = f"{_marker('[TOOL_CALLS]', specials)} %json {schema}"
+    return Grammar("lark", f"{_start('call', req, ('[TOOL_CALLS]',))}\ncall: {call}")

@@ -73,10 +73,9 @@ def _specials(tokenizer: Any):
 
 
 def _native_grammar(fmt: str, req: ToolRequest, tokenizer: Any) -> Grammar | None:
-    """The grammar for "required" or a named function in the template's own format; "auto"
-    stays free (a model may think or write text before it calls), its calls parsed."""
-    if req.choice == "auto":
-        return None
+    """The grammar in the template's own format: a call for "required" or a named function;
+    for "auto" a call or a reply that holds no call markup (not text then a call: see
+    grammars._start)."""
     if fmt == "llama3":
         return grammars.llama3_grammar(req)
     build = grammars.mistral_grammar if fmt == "mistral" else grammars.hermes_grammar

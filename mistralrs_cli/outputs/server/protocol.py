@@ -222,8 +222,10 @@ def parse_chat(body: dict, loaded: Any, limits: Limits | None = None) -> Parsed:
     except UserError as e:
         raise ApiError(400, str(e), "messages") from None
     n, params = _choices(body, [ids], loaded, top if logprobs else -1, limits)
-    if plan is not None and plan.grammar is not None:  # the call is generated under its grammar
-        if any(p.grammar is not None for p in params):
+    user_grammar = any(p.grammar is not None for p in params)
+    if plan is not None and plan.grammar is not None and not (user_grammar and plan.request.choice == "auto"):
+        # the call is generated under its grammar; under "auto" a request's own grammar wins
+        if user_grammar:
             raise ApiError(400, "tool_choice \"required\" or a named function constrains the answer to a "
                                 "tool call; send grammar/response_format without it, or tool_choice \"auto\".",
                            "tool_choice")
