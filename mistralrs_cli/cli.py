@@ -298,25 +298,37 @@ app.command("x-lora-plain", no_args_is_help=True, help="Alias of x-lora.")(x_lor
 @app.command("speculative", no_args_is_help=True)
 def speculative(
     ctx: typer.Context,
-    model_id: Optional[str] = typer.Option(None, "-m", "--model-id", help="The target: a Hugging Face repo id or local directory (with -f: the directory or repo holding its GGUF file)."),
-    quantized_filename: Optional[str] = typer.Option(None, "-f", "--quantized-filename", help="The target is this .gguf file (in -m, or a path)."),
+    model_id: Optional[str] = typer.Option(None, "-m", "--model-id", help="The target: a Hugging Face repo id or local directory (with -f: the directory or repo holding its GGUF or GGML file)."),
+    quantized_filename: Optional[str] = typer.Option(None, "-f", "--quantized-filename", help="The target is this file (in -m, or a path): a .gguf, or a GGML v3 ('ggjt') llama .bin; a local file is told apart by its first bytes, one on the hub by its name (.gguf or not)."),
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="The target's architecture when it is a plain checkpoint [default: from config.json]."),
-    draft_model_id: Optional[str] = typer.Option(None, "-d", "--draft-model-id", help="The draft: a repo id or local directory of a smaller model with the target's vocabulary (with --draft-file: where its GGUF file is)."),
-    draft_file: Optional[str] = typer.Option(None, "--draft-file", help="The draft is this .gguf file (in -d, or a path)."),
+    tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json for the target's file and for a GGML draft (required when either is GGML: GGML vocabs have no merges) [default: a GGUF file's own]."),
+    gqa: int = typer.Option(1, "--gqa", help="A GGML target's grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
+    eps: float = typer.Option(1e-5, "--eps", help="A GGML target's RMS norm epsilon (not stored in GGML files)."),
+    rope_theta: float = typer.Option(10000.0, "--rope-theta", help="A GGML target's RoPE base frequency (not stored in GGML files)."),
+    draft_model_id: Optional[str] = typer.Option(None, "-d", "--draft-model-id", help="The draft: a repo id or local directory of a smaller model with the target's vocabulary (with --draft-file: where its file is)."),
+    draft_file: Optional[str] = typer.Option(None, "--draft-file", help="The draft is this file (in -d, or a path): a .gguf (its own tokenizer), or a GGML v3 .bin (tokenizer from -t), told apart as -f."),
+    draft_gqa: int = typer.Option(1, "--draft-gqa", help="A GGML draft's grouped-query factor."),
+    draft_eps: float = typer.Option(1e-5, "--draft-eps", help="A GGML draft's RMS norm epsilon."),
+    draft_rope_theta: float = typer.Option(10000.0, "--draft-rope-theta", help="A GGML draft's RoPE base frequency."),
     gamma: int = typer.Option(5, "-n", "--gamma", help="Draft tokens proposed per step (the most, as gamma adapts per sequence)."),
     gamma_fixed: bool = typer.Option(False, "--gamma-fixed", help="Always propose --gamma tokens (no adapting; for benchmarks)."),
     isq: Optional[str] = typer.Option(None, "--isq", help="Quantize a plain target's linear layers at load (as the global --isq)."),
     draft_isq: Optional[str] = typer.Option(None, "--draft-isq", help="Quantize a plain draft's linear layers at load."),
 ) -> None:
     """Speculative decoding: the draft proposes, the target verifies (the target's own output distribution):
-    mistralrs --prompt 'Hi' speculative -m target-dir -d draft-dir -n 5"""
+    mistralrs --prompt 'Hi' speculative -m target-dir -d draft-dir -n 5
+    (GGML: speculative -f target.bin -t tokenizer.json --draft-file draft.bin)"""
+    from .loaders.speculative import file_spec
+
     if not model_id and not quantized_filename:
-        raise UserError("speculative needs the target: -m DIR_OR_REPO, or -f FILE.gguf.")
+        raise UserError("speculative needs the target: -m DIR_OR_REPO, or -f FILE (.gguf or GGML .bin).")
     if not draft_model_id and not draft_file:
-        raise UserError("speculative needs the draft: -d DIR_OR_REPO, or --draft-file FILE.gguf.")
+        raise UserError("speculative needs the draft: -d DIR_OR_REPO, or --draft-file FILE (.gguf or GGML .bin).")
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    target = GGUFSpec(quantized_filename, model_id) if quantized_filename else PlainSpec(model_id, arch)
-    draft = GGUFSpec(draft_file, draft_model_id) if draft_file else PlainSpec(draft_model_id)
+    target = (file_spec(quantized_filename, model_id, tok_model_id, (gqa, eps, rope_theta)) if quantized_filename
+              else PlainSpec(model_id, arch))
+    draft = (file_spec(draft_file, draft_model_id, tok_model_id, (draft_gqa, draft_eps, draft_rope_theta), draft=True)
+             if draft_file else PlainSpec(draft_model_id))
     _run(ctx, SpeculativeSpec(target, draft, gamma, draft_isq, gamma_fixed))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
-from ..types import LoadOptions, SpeculativeSpec
+from ..types import GGMLSpec, GGUFSpec, LoadOptions, SpeculativeSpec
 from .loaded import Loaded
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,31 @@ def ngram_config(n: Any, name: str = "--spec-ngram"):
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise UserError(f"{name} is {n!r}; give how many trailing tokens to look up, a whole number of 1 or more.")
     return SpecConfig(ngram=n)
+
+
+def _is_ggml(filename: str, model_id: str | None) -> bool:
+    """A local file is told apart by its first bytes ('ggjt' vs 'GGUF'); a file still on the hub
+    by its name (GGML files are .bin, GGUF files .gguf)."""
+    from .ggml import GGJT_MAGIC
+
+    for path in ([Path(model_id).expanduser() / filename] if model_id else []) + [Path(filename).expanduser()]:
+        if path.is_file():
+            with open(path, "rb") as f:
+                head = f.read(4)
+            return len(head) == 4 and int.from_bytes(head, "little") == GGJT_MAGIC
+    return not filename.endswith(".gguf")
+
+
+def file_spec(filename: str, model_id: str | None, tok: str | None, ggml: tuple[int, float, float],
+              draft: bool = False):
+    """`-f`/`--draft-file`: a GGUF file, or a GGML v3 .bin (tokenizer from -t; ggml: the
+    --gqa/--eps/--rope-theta values, which GGML files do not store). A GGUF draft keeps its own
+    tokenizer, so the vocabulary check compares two real vocabularies."""
+    tok_json = tok if tok and tok.endswith(".json") and Path(tok).expanduser().is_file() else None
+    tok_id = None if tok_json else tok
+    if _is_ggml(filename, model_id):
+        return GGMLSpec(filename, model_id, tok_id, tok_json, *ggml)
+    return GGUFSpec(filename, model_id) if draft else GGUFSpec(filename, model_id, tok_id, tok_json)
 
 
 def _params(loaded: Loaded) -> int:
