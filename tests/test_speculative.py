@@ -192,6 +192,29 @@ def test_preemption(files, prompts, reference):
     out, engine = _run(loaded, prompts, cfg=EngineConfig(block_size=4, kv_tokens=160, prefix_cache_n=0))
     assert engine.scheduler.preemptions > 0 and engine.spec.accepted > 0
     assert out == reference
+    pool = engine.spec.source.pool  # the draft's caches were blocks of its own pool, all given back
+    assert pool is not None and pool.alloc.n_blocks == engine.kv.alloc.n_blocks
+    assert pool.alloc.n_free() == pool.alloc.n_blocks and not engine.spec.source.caches
+
+
+def test_draft_pool_running_out(files, prompts, reference):
+    """A draft pool far smaller than the target's: sequences without draft blocks draft less
+    (or nothing) that step; the output is still the target's and every block comes back."""
+    from mistralrs_cli.engine.paged import PagedKV
+
+    loaded = _spec(files, "noisy")
+    engine = Engine(loaded, EngineConfig(block_size=4))
+    src = engine.spec.source
+    src.pool = PagedKV(src.pool.shape, 12, 4, 0, src.pool.round_to)  # 48 tokens for 8 sequences
+    reqs = [engine.add_request(p, GREEDY) for p in prompts]
+    outs = {r.id: [] for r in reqs}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.error is None, o.text
+            if o.token_id is not None:
+                outs[o.request_id].append((o.token_id, o.logprob))
+    assert [outs[r.id] for r in reqs] == reference and engine.spec.accepted > 0
+    assert src.pool.alloc.n_free() == 12 and not src.caches
 
 
 def test_stops_inside_an_accepted_run(files, prompts, target):

@@ -1,5 +1,6 @@
 """Draft sources for speculative decoding (speculative.py): a draft model with its own KV cache
-per sequence, or n-gram lookup in the sequence itself (no model).
+per sequence (blocks of a pool of its own when the target's cache is paged, else contiguous), or
+n-gram lookup in the sequence itself (no model).
 
 A source proposes tokens for many sequences at once (`propose`), forgets positions the target
 rejected (`rollback`) and drops a finished sequence (`release`)."""
@@ -29,24 +30,48 @@ def history(req: Request) -> list[int]:
 
 
 class ModelDraft:
-    """A small model of the same vocabulary; each sequence has a contiguous cache of its own
-    that catches up with the sequence's known tokens in the first of the gamma draft passes."""
+    """A small model of the same vocabulary; each sequence has a cache of its own that catches up
+    with the sequence's known tokens in the first of the gamma draft passes. With a paged target
+    (`target_kv`) the draft's caches are blocks of a pool of the draft's shape holding as many
+    tokens as the target's; a sequence whose blocks run out drafts less this step."""
 
-    def __init__(self, loaded, vocab: int):
+    def __init__(self, loaded, vocab: int, target_kv=None):
         self.model, self.vocab = loaded.model, vocab  # the target's logit rows: q never exceeds them
         self.max_context = loaded.max_context
         self.caches: dict[Request, object] = {}
+        self.pool = None
+        if target_kv is not None:
+            from .paged import PagedKV, PoolShape
+
+            c, m = self.model.config, self.model
+            shape = PoolShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, m.cache_dtype)
+            # no prefix cache: a draft's blocks are rebuilt cheaply and never shared
+            self.pool = PagedKV(shape, target_kv.alloc.n_blocks, target_kv.block_size, 0, m.kv_round_to)
+
+    def _new_cache(self):
+        return self.pool.new_sequence([]) if self.pool is not None else cache_for(self.model)
+
+    def _truncate(self, cache, n: int) -> None:
+        if self.pool is not None:
+            cache.set_length(min(n, len(cache)))
+        else:
+            cache.truncate(n)
+
+    def _fits(self, cache, n_tokens: int) -> bool:
+        return self.pool is None or cache.reserve(n_tokens)
 
     def room(self, req: Request) -> int:
         return self.max_context - req.n_known
 
     def release(self, req: Request) -> None:
-        self.caches.pop(req, None)
+        cache = self.caches.pop(req, None)
+        if cache is not None and self.pool is not None:
+            cache.release(keep_prefix=False)
 
     def rollback(self, req: Request, n: int) -> None:
         cache = self.caches.get(req)
         if cache is not None:  # every layer: a failed pass may have left them uneven
-            cache.truncate(n)
+            self._truncate(cache, n)
 
     def propose(self, reqs: list[Request], gammas: list[int]) -> dict:
         drafts = {r: Draft() for r in reqs}
@@ -54,13 +79,16 @@ class ModelDraft:
         for r in reqs:
             cache = self.caches.get(r)
             if cache is None:
-                cache = self.caches[r] = cache_for(self.model)
+                cache = self.caches[r] = self._new_cache()
             if len(cache) >= r.n_known:  # always feed at least the last token: its logits are q
-                cache.truncate(r.n_known - 1)
+                self._truncate(cache, r.n_known - 1)
             feeds[r] = r.tokens(len(cache), r.n_known)
         active = list(zip(reqs, gammas))
         while active:  # pass 1 catches each cache up; later passes feed one draft token each
             ids, positions, seqs, rows = [], [], [], []
+            active = [(r, g) for r, g in active if self._fits(self.caches[r], len(self.caches[r]) + len(feeds[r]))]
+            if not active:
+                break
             for r, _ in active:
                 cache, toks, start = self.caches[r], feeds[r], len(ids)
                 ids.extend(toks)

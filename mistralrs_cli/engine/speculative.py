@@ -57,7 +57,7 @@ class Speculator:
     def __init__(self, engine, cfg: SpecConfig):
         self.engine, self.cfg = engine, cfg
         vocab = len_logits(engine.model)
-        self.source = ModelDraft(cfg.draft, vocab) if cfg.draft is not None else NgramDraft(cfg.ngram)
+        self.source = ModelDraft(cfg.draft, vocab, engine.kv) if cfg.draft is not None else NgramDraft(cfg.ngram)
         self.gammas: dict[Request, int] = {}
         self.waits: dict[Request, tuple[int, int]] = {}  # paused sequences: (steps left, pause length)
         self.proposed = self.accepted = self.runs = 0  # since start, over every request
