@@ -20,8 +20,6 @@ from .. import hub
 from ..errors import UserError
 from ..sampling_defaults import from_generation_config
 from ..types import GGMLSpec, GGUFSpec, LoadOptions, LoraSpec, PlainSpec, SpeculativeSpec, VisionSpec, XLoraSpec
-from .builtin_templates import builtin_template
-from .chat_template import resolve_chat_template
 from .gguf_file import GGUFFile
 from .loaded import Loaded, read_json as _read_json  # noqa: F401 (Loaded: re-exported)
 from .tokenizer import Tokenizer, tokenizer_from_file, tokenizer_from_gguf
@@ -93,14 +91,24 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
 
     gguf_config(gf)
     _check_template(gf)
-    # the tokenizer on a second thread while the weights are repacked (C that does not hold
-    # Python's lock): its ~0.16 CPU-s (Gemma-3 on sentencepiece, SmolLM2's tokenizer.json) fills
-    # the repack's idle moments. It was slower with Gemma-3's old 515k-merge `tokenizers` build,
-    # whose ~240 MB of passing heap then added to the repack's peak.
+    # The weights are repacked on a second thread (its C does not hold Python's lock) while this
+    # one builds the tokenizer and compiles the chat template: the tokenizer's ~0.1-0.2 CPU-s and
+    # the template's (jinja2 included) then overlap the repack. The order matters: loading a
+    # cached tokenizer.json (`tokenizers`' Tokenizer.from_file, ~0.1 s for SmolLM2) keeps Python's
+    # lock nearly all along, which used to hold the repack's own Python set-up back until the
+    # tokenizer was done; it now starts after the template code's import, by when the repack
+    # normally runs in C. Errors are raised in the order of a sequential load: the native
+    # model's, the tokenizer's, the torch model's, the template's.
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(_tokenizer, spec, gf, opts)
-        model = _native_model(gf, opts)
-        tok, tok_cfg, gen_cfg = job.result()
+        job = pool.submit(_native_model, gf, opts)
+        tokenized = _settle(_template_code)  # imports jinja2: Python work the repack's set-up shares
+        if tokenized.error is None:
+            tokenized = _settle(_tokenizer, spec, gf, opts)
+        if tokenized.error is None:
+            tok, tok_cfg, _ = tokenized.value
+            templated = _settle(_chat_template, opts, tok, tok_cfg, gf, path)
+        model = job.result()
+    tok, tok_cfg, gen_cfg = tokenized.get()
     trim_heap()
     if model is not None:
         cfg = model.config
@@ -112,14 +120,48 @@ def load_gguf(spec: GGUFSpec, opts: LoadOptions) -> Loaded:
         set_dtype(model, opts.dtype)
         if opts.tp == 1:  # with --tp, each rank prepares its own slices once they are cut
             prepare_weights(model, release=gf.release)
-    template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
-    if template is None:
-        template = builtin_template(gf.architecture, lambda t: tok.hf.token_to_id(t) is not None, path.name)
+    template = templated.get()
     name = spec.quantized_model_id or path.name
     bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
     eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
     return Loaded(model, tok, template, cfg, name, set(tok.eos_ids), bos or "", eos or "",
                   from_generation_config(gen_cfg))
+
+
+@dataclasses.dataclass
+class _Settled:
+    """A call's result or the exception it raised, to be raised later (load_gguf's error order)."""
+    value: Any = None
+    error: BaseException | None = None
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _settle(fn, *args) -> _Settled:
+    try:
+        return _Settled(fn(*args))
+    except Exception as e:  # noqa: BLE001 (re-raised by _Settled.get)
+        return _Settled(error=e)
+
+
+def _template_code() -> None:
+    """Import the chat-template modules (jinja2), which only the template needs."""
+    from . import builtin_templates, chat_template  # noqa: F401
+
+
+def _chat_template(opts: LoadOptions, tok: Tokenizer, tok_cfg: dict | None, gf: GGUFFile, path: Path):
+    """--chat-template, tokenizer_config.json's or the file's template, else the built-in one of
+    the file's architecture."""
+    from .builtin_templates import builtin_template
+    from .chat_template import resolve_chat_template
+
+    template = resolve_chat_template(opts.chat_template, tok_cfg, gf.metadata.get("tokenizer.chat_template"))
+    if template is None:
+        template = builtin_template(gf.architecture, lambda t: tok.hf.token_to_id(t) is not None, path.name)
+    return template
 
 
 def _check_template(gf: GGUFFile) -> None:

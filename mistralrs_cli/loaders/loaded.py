@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..models.config import ModelConfig
-from .chat_template import ChatTemplate
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # jinja2 is imported when a template is built (load.py), not with this module
+    from .chat_template import ChatTemplate
 
 
 @dataclass
