@@ -161,7 +161,7 @@ def vision_plain(
     ctx: typer.Context,
     model_id: str = typer.Option(..., "-m", "--model-id", help="Hugging Face repo id or local directory with config.json, *.safetensors, tokenizer.json and preprocessor_config.json."),
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
-    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Vision architecture: llava, llava_next, gemma3, idefics2, idefics3 [default: from config.json's architectures]."),
+    arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Vision architecture: llava, llava_next, gemma3, idefics2, idefics3, phi3_v (or phi3v) [default: from config.json's architectures]."),
     isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq: quantizes the language model (the vision tower stays as it is)."),
 ) -> None:
     """Run a vision-language checkpoint: mistralrs --prompt 'What is this?' --image cat.png vision-plain -m llava-hf/llava-1.5-7b-hf"""

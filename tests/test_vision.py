@@ -151,7 +151,7 @@ def _text_config(d):
 
 @pytest.mark.parametrize("case,arch,words", [
     ("no-processor", None, "preprocessor_config.json is missing"),
-    ("unknown-arch", "mllama", "--arch mllama is not a vision architecture this build runs (supported: gemma3, idefics2, idefics3, llava, llava_next)"),
+    ("unknown-arch", "mllama", "--arch mllama is not a vision architecture this build runs (supported: gemma3, idefics2, idefics3, llava, llava_next, phi3_v)"),
     ("text-model", None, "architecture LlamaForCausalLM is not a supported vision model"),
     ("damaged", None, "the vision weights do not fit a llava encoder"),
 ])

@@ -18,13 +18,17 @@ ARCHS: dict[str, tuple[str, str]] = {"llava": ("llava", "LlavaVision"),
                                      "llava_next": ("llava_next", "LlavaNextVision"),
                                      "gemma3": ("gemma3_vision", "Gemma3Vision"),
                                      "idefics3": ("idefics3", "Idefics3Vision"),
-                                     "idefics2": ("idefics2", "Idefics2Vision")}
+                                     "idefics2": ("idefics2", "Idefics2Vision"),
+                                     "phi3_v": ("phi3_v", "Phi3VVision")}
+ARCH_ALIASES = {"phi3v": "phi3_v"}  # mistral.rs's --arch name
+# archs whose config.json is the text model's own (no text_config) -> that text model's type
+FLAT_TEXT = {"phi3_v": "phi3"}
 CONFIG_ARCHS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
                 "Gemma3ForConditionalGeneration": "gemma3", "Idefics3ForConditionalGeneration": "idefics3",
-                "Idefics2ForConditionalGeneration": "idefics2"}
+                "Idefics2ForConditionalGeneration": "idefics2", "Phi3VForCausalLM": "phi3_v"}
 # the image placeholder text of each arch when the tokenizer config does not name one
 PLACEHOLDERS = {"llava": "<image>", "llava_next": "<image>", "gemma3": "<image_soft_token>", "idefics3": "<image>",
-                "idefics2": "<image>"}
+                "idefics2": "<image>", "phi3_v": "<|image|>"}
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -42,6 +46,7 @@ def _read(path: Path, what: str) -> dict[str, Any]:
 def vision_arch(arch: str | None, raw: dict[str, Any], config_path: Path) -> str:
     names = ", ".join(sorted(ARCHS))
     if arch is not None:
+        arch = ARCH_ALIASES.get(arch.lower(), arch)
         if arch.lower() not in ARCHS:
             raise UserError(f"--arch {arch} is not a vision architecture this build runs (supported: {names}).")
         return arch.lower()
@@ -60,10 +65,12 @@ def _encoder(arch: str, raw: dict[str, Any], text_hidden: int, model_dir: Path, 
 
     mod, cls = ARCHS[arch]
     encoder = getattr(importlib.import_module(f"..models.{mod}", __package__), cls)(raw, text_hidden)
+    only = getattr(encoder, "weight_prefix", "")  # Phi-3-V: the text model's tensors sit beside
     weights = {}
     for path in _weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            weights |= {k: f.get_tensor(k) for k in f.keys() if "language_model" not in k and "text_model" not in k}
+            weights |= {k: f.get_tensor(k) for k in f.keys()
+                        if k.startswith(only) and "language_model" not in k and "text_model" not in k}
     try:
         encoder.load(weights)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
@@ -86,6 +93,7 @@ def _image_token_id(raw: dict[str, Any], tok: Any, placeholder: str, config_path
 def load_vision(spec: VisionSpec, opts: LoadOptions):
     from .plain import load_plain
     from ..vision.idefics_processor import PROCESSORS as IDEFICS_PROCESSORS
+    from ..vision.phi3v_processor import PROCESSORS as PHI3V_PROCESSORS
     from ..vision.processors import processor_from_config
     from ..vision.prompt import Vision
 
@@ -94,12 +102,13 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     config_path = model_dir / "config.json"
     raw = _read(config_path, "config.json")
     arch = vision_arch(spec.arch, raw, config_path)
-    text = raw.get("text_config")
+    text = raw if arch in FLAT_TEXT else raw.get("text_config")
     if not isinstance(text, dict):
         raise UserError(f"{config_path} has no text_config; it is not a vision-language checkpoint.")
-    text_type = text.get("model_type") or "llama"
+    text_type = FLAT_TEXT.get(arch) or text.get("model_type") or "llama"
     proc_cfg = _read(model_dir / "preprocessor_config.json", "preprocessor_config.json")
-    processor = processor_from_config(proc_cfg, str(model_dir / "preprocessor_config.json"), IDEFICS_PROCESSORS)
+    processor = processor_from_config(proc_cfg, str(model_dir / "preprocessor_config.json"),
+                                      IDEFICS_PROCESSORS | PHI3V_PROCESSORS)
     loaded = load_plain(PlainSpec(str(model_dir), text_type, spec.tokenizer_json), opts)
     loaded.model_id = spec.model_id
     encoder = _encoder(arch, raw, loaded.config.hidden_size, model_dir, loaded.model.dtype)
@@ -113,6 +122,8 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     if hasattr(encoder, "image_text"):  # Idefics: an image's text depends on its tiles
         tok = loaded.tokenizer
         loaded.vision.image_ids = lambda pixels: tok.encode(encoder.image_text(pixels), add_special_tokens=False)
+    if hasattr(encoder, "setup"):  # Phi-3-V: <|image_N|> tags, its string-only chat template
+        encoder.setup(loaded, str(model_dir / "preprocessor_config.json"))
     if hasattr(encoder, "prompt_text"):  # Idefics2: its processor edits the text (5 frames when it splits)
         encoder.frames_per_image = 5 if getattr(processor, "do_image_splitting", False) else 1
         loaded.vision.text_rewrite, loaded.vision.runs_per_image = encoder.prompt_text, encoder.frames_per_image

@@ -68,9 +68,13 @@ class Vision:
     # of tokens_per_image image tokens between fake tokens), applied before tokenizing
     text_rewrite: Callable[[str], str] | None = None
     runs_per_image: int = 1
+    # Phi-3-V: the user's numbered tags (<|image_1|> ...) -> the placeholder token, before the rest
+    tag_rewrite: Callable[[str], str] | None = None
 
     def prepare_text(self, text: str) -> str:
         """The rendered prompt as it is tokenized."""
+        if self.tag_rewrite is not None:
+            text = self.tag_rewrite(text)
         if self.text_rewrite is not None:
             return self.text_rewrite(text)
         return text if self.text_expansion is None else text.replace(self.image_token, self.text_expansion)
