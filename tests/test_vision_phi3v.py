@@ -7,7 +7,8 @@ ships them (scaled down: 56 px crops of 14 px patches, 2 x 2 merged rows per cro
 Checked: crops against PIL + numpy (+ torch's bicubic for the global view) on five odd images;
 token counts against the published formula; logits against transformers' CLIP hidden states,
 the HD assembly written below in plain torch, and Phi3ForCausalLM on inputs_embeds (one and two
-images); CLI greedy text against a greedy loop over that reference; bad prompts as one error."""
+images); greedy text through the CLI, the Python API and the server (openai client) against a
+greedy loop over that reference; bad prompts as one error."""
 from __future__ import annotations
 
 import io
@@ -261,18 +262,41 @@ def _cli(path: Path, images: list[str], prompt: str, arch: str, *extra: str):
                            "-a", arch], env=env, capture_output=True, text=True, timeout=300)
 
 
+def ref_greedy(path: Path, ref: dict, loaded, names: list[str], n: int = 8) -> str:
+    """The reference's greedy text (the whole sequence re-run each step, end tokens ignored)."""
+    ids, feats = ref_prompt(path, ref, names)
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(ref_logits(ref, ids, loaded.vision.image_token_id, feats, out)[-1].argmax()))
+    return loaded.tokenizer.decode(out)
+
+
 def test_cli_greedy_matches_reference_and_bad_input_is_one_line(phi):
     path, ref, loaded = phi
-    ids, feats = ref_prompt(path, ref, ["wide"])
-    image_id = loaded.vision.image_token_id
-    out = []
-    for _ in range(8):  # greedy over the whole reference sequence, end tokens ignored
-        nxt = int(ref_logits(ref, ids, image_id, feats, out)[-1].argmax())
-        out.append(nxt)
     res = _cli(path, ["wide"], vm.TEXT, "phi3v")
     assert res.returncode == 0, res.stderr
-    assert res.stdout == loaded.tokenizer.decode(out) + "\n"
+    assert res.stdout == ref_greedy(path, ref, loaded, ["wide"]) + "\n"
     bad = _cli(path, ["wide", "gray"], "<|image_1|>\nwhat is this", "phi3_v")
     assert bad.returncode != 0 and bad.stdout == ""
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--image" in lines[0], bad.stderr
+
+
+def test_api_and_server_greedy_match_reference(phi):
+    """Two images: the Python API's image parts and the server's data: URIs (official openai client)."""
+    from test_server import serve
+
+    from mistralrs_cli import ChatCompletionRequest, Runner, Which
+
+    path, ref, loaded = phi
+    want = ref_greedy(path, ref, loaded, ["tall", "gray"])
+    content = [{"type": "image_url", "image_url": {"url": vm.uri(n)}} for n in ("tall", "gray")]
+    content.append({"type": "text", "text": vm.TEXT})
+    runner = Runner(Which.VisionPlain(str(path), arch="phi3v"), token_source="none", loaded=loaded)
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert res.choices[0].message.content == want
+    with serve(loaded) as srv:
+        got = srv.client.chat.completions.create(model="phi3v", messages=[{"role": "user", "content": content}],
+                                                 max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert got.choices[0].message.content == want
