@@ -165,6 +165,7 @@ class VisionArchitecture(str, enum.Enum):
     Gemma3 = "gemma3"
     Idefics3 = "idefics3"
     Idefics2 = "idefics2"
+    Phi3V = "phi3v"
 
 
 class Role(str, enum.Enum):

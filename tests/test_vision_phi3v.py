@@ -286,13 +286,13 @@ def test_api_and_server_greedy_match_reference(phi):
     """Two images: the Python API's image parts and the server's data: URIs (official openai client)."""
     from test_server import serve
 
-    from mistralrs_cli import ChatCompletionRequest, Runner, Which
+    from mistralrs_cli import ChatCompletionRequest, Runner, VisionArchitecture, Which
 
     path, ref, loaded = phi
     want = ref_greedy(path, ref, loaded, ["tall", "gray"])
     content = [{"type": "image_url", "image_url": {"url": vm.uri(n)}} for n in ("tall", "gray")]
     content.append({"type": "text", "text": vm.TEXT})
-    runner = Runner(Which.VisionPlain(str(path), arch="phi3v"), token_source="none", loaded=loaded)
+    runner = Runner(Which.VisionPlain(str(path), arch=VisionArchitecture.Phi3V), token_source="none", loaded=loaded)
     res = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0.0, ignore_eos=True))
     assert res.choices[0].message.content == want
