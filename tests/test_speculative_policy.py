@@ -5,7 +5,10 @@
 - best_gamma against hand-computed expected tokens per second, with forward costs measured here
   for SmolLM2-135M (native F32 target, its Q4_1 file as the draft: ms at 1, 2, 4, 8 rows): at
   batch 1 with 96% acceptance every draft token up to 5 pays; at batch 8 none does (the step
-  already fills the cores); free drafts (n-gram) pay whenever the target's cost is flat.
+  already fills the cores); free drafts (n-gram) pay whenever the target's cost is flat. Two
+  sets: 2 threads before the kernels' weight prefetch (git 89afee1), where batch 2 drafts
+  nothing, and one thread's CPU time after it (the 6-row verify nearer a decode's cost), where
+  batch 2 drafts 5 and batch 8 still nothing.
 - In the engine: costs that make drafting a loss keep every step plain (and the text is the
   target's); costs that make it pay draft every step.
 """
@@ -54,6 +57,25 @@ def test_batch_8_drafts_nothing():
     assert best_gamma(TARGET, DRAFT, 8, [1.0] * 8, [5] * 8) == 0
     # 2 sequences: plain 2/21.2 = .0943; the best draft, g=5, 10.86/(20.8+4*11.6+49.7) = .0929
     assert best_gamma(TARGET, DRAFT, 2, [0.96] * 2, [5] * 2) == 0
+
+
+# one thread, CPU ms (medians of 9 on 2 shared cores, load ~5), after floatmm/packed's prefetch
+TARGET_PF = Costs({1: 47.4, 2: 47.4, 4: 51.8, 8: 65.7})
+DRAFT_PF = Costs({1: 10.4, 2: 11.2, 4: 15.1, 8: 26.5})
+
+
+def test_prefetch_costs_batch_1_and_2_draft_5_batch_8_none():
+    """E(.96, g) = (1 - .96^(g+1)) / .04: E4 = 4.6157, E5 = 5.4311. Slopes past 8 rows: target
+    (65.7 - 51.8) / 4 = 3.475 ms/row, draft (26.5 - 15.1) / 4 = 2.85 (16 rows: 49.3).
+    batch 1: plain 1/47.4 = .0211; g=5 5.4311/(58.75 + 11.2 + 4*10.4) = .0487.
+    batch 2: plain 2/47.4 = .0422; g=5 10.862/(79.6 + 15.1 + 4*11.2) = .0779.
+    batch 8: plain 8/65.7 = .12177; g=4 36.93/(176.9 + 49.3 + 3*26.5) = .12079, g=5
+    43.45/(204.7 + 49.3 + 4*26.5) = .12069 (g=1..3 less): none pays at 96%; with every draft
+    passing g=5 (48/360 = .1333) would."""
+    assert best_gamma(TARGET_PF, DRAFT_PF, 1, [0.96], [5]) == 5
+    assert best_gamma(TARGET_PF, DRAFT_PF, 2, [0.96] * 2, [5] * 2) == 5
+    assert best_gamma(TARGET_PF, DRAFT_PF, 8, [0.96] * 8, [5] * 8) == 0
+    assert best_gamma(TARGET_PF, DRAFT_PF, 8, [1.0] * 8, [5] * 8) == 5
 
 
 def test_free_drafts_pay_on_a_flat_target():
