@@ -49,10 +49,11 @@ class Which:
 
     @staticmethod
     def VisionPlain(model_id: str, arch: Any = None, tokenizer_json: str | None = None,
-                    **_ignored: Any) -> VisionSpec:
-        """A vision-language checkpoint (llava); arch may be a name or an enum with that value."""
+                    quantized_filename: str | None = None, **_ignored: Any) -> VisionSpec:
+        """A vision-language checkpoint (llava); arch may be a name or an enum with that value;
+        quantized_filename: the language model's weights from this GGUF (as vision-plain -f)."""
         arch = getattr(arch, "value", arch)
-        return VisionSpec(model_id, None if arch is None else str(arch), tokenizer_json)
+        return VisionSpec(model_id, None if arch is None else str(arch), tokenizer_json, quantized_filename)
 
     @staticmethod
     def Lora(model_id: str, adapters_model_id: str, order: str, arch: str | None = None,
@@ -115,7 +116,8 @@ _SPEC_FIELDS = {
     PlainSpec: {"-m/--model-id": "model_id", "--model-id": "model_id", "-m": "model_id",
                 "-t/--tokenizer-json": "tokenizer_json", "-a/--arch": "arch", "--arch": "arch"},
 }
-_SPEC_FIELDS[VisionSpec] = _SPEC_FIELDS[PlainSpec]
+_SPEC_FIELDS[VisionSpec] = {**_SPEC_FIELDS[PlainSpec], "-f/--quantized-filename": "quantized_filename",
+                             "--quantized-filename": "quantized_filename", "-f": "quantized_filename"}
 _SPEC_FIELDS[GGMLSpec] = {**_SPEC_FIELDS[GGUFSpec], "-t/--tokenizer-json": "tokenizer_json", "--gqa": "gqa",
                           "--eps": "eps", "--rope-theta": "rope_theta"}
 

@@ -163,10 +163,11 @@ def vision_plain(
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Vision architecture: llava, llava_next, gemma3, idefics2, idefics3, phi3_v (or phi3v) [default: from config.json's architectures]."),
     isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq: quantizes the language model (the vision tower stays as it is)."),
+    quantized_filename: Optional[str] = typer.Option(None, "-f", "--quantized-filename", help="The language model's weights from this GGUF (a path, or a file name in -m) instead of -m's safetensors; the vision tower, projector, image processor, tokenizer and chat template stay -m's."),
 ) -> None:
     """Run a vision-language checkpoint: mistralrs --prompt 'What is this?' --image cat.png vision-plain -m llava-hf/llava-1.5-7b-hf"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, VisionSpec(model_id, arch, tokenizer_json))
+    _run(ctx, VisionSpec(model_id, arch, tokenizer_json, quantized_filename))
 
 
 _ADAPTERS_HELP = ("Directory or Hugging Face repo holding one PEFT adapter folder (adapter_config.json + "

@@ -44,6 +44,9 @@ class VisionSpec:
     model_id: str
     arch: str | None = None  # llava; default: config.json's architectures[0]
     tokenizer_json: str | None = None
+    # the language model's weights from this GGUF (a path, or a file name in model_id) instead of
+    # the checkpoint's safetensors; the vision tower, processor and tokenizer stay model_id's
+    quantized_filename: str | None = None
 
 
 @dataclass

@@ -109,7 +109,13 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     proc_cfg = _read(model_dir / "preprocessor_config.json", "preprocessor_config.json")
     processor = processor_from_config(proc_cfg, str(model_dir / "preprocessor_config.json"),
                                       IDEFICS_PROCESSORS | PHI3V_PROCESSORS)
-    loaded = load_plain(PlainSpec(str(model_dir), text_type, spec.tokenizer_json), opts)
+    text_spec = PlainSpec(str(model_dir), text_type, spec.tokenizer_json)
+    if spec.quantized_filename:  # the language model from a GGUF, the rest from -m
+        from .vision_gguf import load_gguf_text
+
+        loaded = load_gguf_text(spec, text_spec, opts, text, config_path)
+    else:
+        loaded = load_plain(text_spec, opts)
     loaded.model_id = spec.model_id
     encoder = _encoder(arch, raw, loaded.config.hidden_size, model_dir, loaded.model.dtype)
     placeholder = PLACEHOLDERS[arch]
