@@ -6,13 +6,14 @@
 // Batch invariance: output (r, i) is one 8-lane FMA accumulator run over k in order, its lanes
 // summed in a fixed order, then the k % 8 tail; tiles (4 weight rows x up to 6 activation rows
 // with AVX-512VL's 32 vector registers, else 2) only decide which pairs share loads, so a row's
-// outputs are bit for bit the same whatever other rows share the call (a verify chunk, a batch). A weight tile is read from memory once
-// for all activation rows (each weight row streams once per call: a decode step and a verify of
-// a few tokens cost about the same, the bandwidth); with more than TX rows an F16/BF16 tile is
-// widened to f32 once into scratch (exact) rather than once per row pair. While a tile runs, the
-// weight rows PFD rows on are prefetched: one thread's stream then keeps more cache misses in
-// flight (measured on 2 shared cores, one thread, CPU time, a 566 MB F32 matrix: 1 row 58 -> 47
-// ms, 6 rows 104 -> 57 ms with the 4 x 6 tile; F16 1 row 50 -> 33, 6 rows 86 -> 43).
+// outputs are bit for bit the same whatever other rows share the call (a verify chunk, a batch).
+// A weight tile is read from memory once for all activation rows (each weight row streams once
+// per call: a decode step and a verify of a few tokens cost about the same, the bandwidth);
+// F16/BF16 values are widened in registers at each load, every row group again (a widened copy
+// of the tile in scratch cost more: a 283 MB F16 matrix, 8 rows, 47 vs 66-78 ms). While a tile
+// runs, the weight rows PFD rows on are prefetched: one thread's stream then keeps more cache
+// misses in flight (measured on 2 shared cores, one thread, CPU time, a 566 MB F32 matrix: 1 row
+// 58 -> 47 ms, 6 rows 104 -> 57 ms with the 4 x 6 tile; F16 1 row 50 -> 33, 6 rows 86 -> 43).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -192,34 +193,18 @@ static void tile_any(int type, const uint8_t *w, int64_t ldw, int nw, const floa
     }
 }
 
-// k half-precision values to f32 (exact)
-static void widen(int type, const uint8_t *w, int64_t k, float *out) {
-    int64_t j = 0;
-#if FMM_SIMD
-    for (; j + 8 <= k; j += 8) _mm256_storeu_ps(out + j, load8(type, w + 2 * j));
-#endif
-    for (; j < k; j++) out[j] = elem(type, w, j);
-}
-
-// weight rows [i0, i1) of part p (output columns col + i) for all m activation rows; wide:
-// k floats x TW of scratch for widening a half-precision tile
+// weight rows [i0, i1) of part p (output columns col + i) for all m activation rows
 static void part_unit(const fpart_t *p, int64_t i0, int64_t i1, int64_t k, const float *x, int64_t ldx,
-                      int64_t m, float *y, int64_t ldy, float *wide) {
+                      int64_t m, float *y, int64_t ldy) {
     const int64_t ldw = k * esize(p->type);
     for (int64_t i = i0; i < i1; i += TW) {
         const int nw = i1 - i < TW ? (int)(i1 - i) : TW;
         const uint8_t *w = p->w + i * ldw;
-        int type = p->type;
-        int64_t ld = ldw;
-        if (type != F_F32 && m > TX) {
-            for (int t = 0; t < nw; t++) widen(type, w + t * ldw, k, wide + t * k);
-            w = (const uint8_t *)wide, type = F_F32, ld = 4 * k;
-        }
         for (int64_t r = 0; r < m; r += TX) {
             const int nx = m - r < TX ? (int)(m - r) : TX;
-            // the first row group prefetches the part's rows PFD on (a widened tile: none)
-            const uint8_t *pf = r == 0 && ld == ldw && i + PFD + nw <= p->rows ? p->w + (i + PFD) * ldw : NULL;
-            tile_any(type, w, ld, nw, x + r * ldx, ldx, nx, k, y + r * ldy + i, ldy, pf);
+            // the first row group prefetches the part's rows PFD on
+            const uint8_t *pf = r == 0 && i + PFD + nw <= p->rows ? p->w + (i + PFD) * ldw : NULL;
+            tile_any(p->type, w, ldw, nw, x + r * ldx, ldx, nx, k, y + r * ldy + i, ldy, pf);
         }
     }
 }
@@ -275,14 +260,8 @@ int fmm_parts(const fpart_t *parts, int nparts, int64_t k, const float *x, int64
     }
     const float *xs = pro ? xin : x;
     const int64_t ldxs = pro ? k : ldx;
-    int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *wide = malloc(sizeof(float) * (size_t)(TW * k));
-        if (!wide) {
-#pragma omp atomic write
-            failed = 1;
-        }
         if (pro) {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < m; r++) prologue(x + r * ldx, k, o, xin + r * k);
@@ -294,13 +273,11 @@ int fmm_parts(const fpart_t *parts, int nparts, int64_t k, const float *x, int64
             const int64_t units = (pp->rows + UNIT - 1) / UNIT;
 #pragma omp for schedule(QMM_SCHED) nowait
             for (int64_t u = 0; u < units; u++) {
-                if (!wide) continue;
                 const int64_t i0 = u * UNIT, i1 = i0 + UNIT < pp->rows ? i0 + UNIT : pp->rows;
-                part_unit(pp, i0, i1, k, xs, ldxs, m, y + col, ldy, wide);
+                part_unit(pp, i0, i1, k, xs, ldxs, m, y + col, ldy);
             }
             col += pp->rows;
         }
-        free(wide);
         if (lora) {
 #pragma omp barrier
             lora_up(lora, lu, m, y, ldy, n_total);
@@ -314,7 +291,7 @@ int fmm_parts(const fpart_t *parts, int nparts, int64_t k, const float *x, int64
     }
     free(xin);
     free(lu);
-    return failed ? -1 : 0;
+    return 0;
 }
 
 int fmm_simd(void) { return FMM_SIMD; }
