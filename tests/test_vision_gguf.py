@@ -159,6 +159,31 @@ def test_llava_next_f32_gguf_logits_match_transformers(tmp_path):
     assert diff <= F32_TOL
 
 
+def test_a_gguf_without_the_image_token_row(tmp_path):
+    """llama.cpp's converters write the text vocabulary only (Gemma 3's drops the rows past it):
+    a file whose rows end before the image token runs, that token looked up as token 0 before its
+    rows are replaced; the logits are transformers' for the text tokens."""
+    hf = vm.tiny_llava(0)
+    vm.save_llava(hf, tmp_path)
+    lm = text_model(hf)
+    lm.resize_token_embeddings(gb.VOCAB)  # the image token (id VOCAB) loses its rows
+    f = gb.write_gguf(tmp_path / "text.gguf", lm, vocab=None, qtype=Q.F32)
+    loaded = _load(tmp_path, f)
+    assert loaded.config.vocab_size == gb.VOCAB and loaded.vision.image_token_id == gb.VOCAB
+    q8 = _load(tmp_path, gb.write_gguf(tmp_path / "text-q8_0.gguf", lm, vocab=None, qtype=Q.Q8_0))
+    assert q8.model.native is not None
+    for names in (["tall"], ["rgba", "wide"]):
+        ids, mm = vm.our_chat(loaded, names)
+        enc = vm.hf_chat(vm.hf_llava_processor(tmp_path), names)
+        assert enc["input_ids"][0].tolist() == ids and max(ids) == gb.VOCAB
+        with torch.no_grad():
+            want = hf(**enc).logits[0, :, :gb.VOCAB].numpy()
+        assert np.abs(_logits(loaded, ids, mm, cached=False) - want).max() <= F32_TOL
+        # the native executor embeds through the same module: its logits are the torch modules'
+        ref = _logits(q8, ids, mm, cached=False)
+        assert np.abs(_logits(q8, ids, mm, cached=True) - ref).max() <= Q8_NATIVE_REL * np.abs(ref).max()
+
+
 def _cli(path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([str(Path(sys.executable).with_name("mistralrs")), *args], env=env, capture_output=True,
@@ -188,7 +213,9 @@ BAD = {  # name -> (text model written to the GGUF, general.architecture, words 
     "architecture": (lambda: gb.tiny_gemma3(1, vocab_size=gb.VOCAB + 1), None, "holds a gemma3 model"),
     "hidden size": (lambda: gb.tiny_llama(1, vocab_size=gb.VOCAB + 1, hidden_size=32, intermediate_size=64),
                     None, "hidden size 32"),
-    "vocabulary": (lambda: gb.tiny_llama(1, vocab_size=gb.VOCAB), None, f"vocabulary of {gb.VOCAB} tokens"),
+    # a text token past the file's rows (only the image token may be: its rows are replaced)
+    "vocabulary": (lambda: gb.tiny_llama(1, vocab_size=gb.VOCAB - 1), None, f"vocabulary of {gb.VOCAB - 1} tokens"),
+    "more rows": (lambda: gb.tiny_llama(1, vocab_size=gb.VOCAB + 2), None, f"vocabulary of {gb.VOCAB + 2} tokens"),
 }
 
 

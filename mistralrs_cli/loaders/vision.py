@@ -120,6 +120,10 @@ def load_vision(spec: VisionSpec, opts: LoadOptions):
     encoder = _encoder(arch, raw, loaded.config.hidden_size, model_dir, loaded.model.dtype)
     placeholder = PLACEHOLDERS[arch]
     tid = _image_token_id(raw, loaded.tokenizer, placeholder, config_path)
+    if spec.quantized_filename:
+        from .vision_gguf import image_token_rows
+
+        image_token_rows(loaded, tid, spec.quantized_filename)
     loaded.vision = Vision(encoder, processor, tid, loaded.tokenizer.id_to_token(tid) or placeholder,
                            encoder.tokens_per_image, arch, dtype=loaded.model.dtype,
                            allow_local_images=opts.allow_local_images)

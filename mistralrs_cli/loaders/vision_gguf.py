@@ -4,7 +4,8 @@ a text-model GGUF beside the vision part), loaded as the `gguf` subcommand's tor
 the text half runs on the native executor with the image rows as input embeddings, as --isq's
 does. Tokenizer, chat template and generation defaults come from -m, as `plain` takes them.
 Before any weight is built the file must be of the checkpoint's text model: same architecture,
-hidden size and vocabulary."""
+hidden size, no more token rows than its config's vocabulary; after, a row for every token of the
+tokenizer but the image token (image_token_rows)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,9 +49,33 @@ def check_text_model(gf: Any, cfg: Any, text: dict[str, Any], text_type: str, co
         raise UserError(f"{gf.path}: hidden size {cfg.hidden_size}, but {config_path}'s text model has "
                         f"{hidden}; {fix}.")
     vocab = text.get("vocab_size")
-    if isinstance(vocab, int) and vocab != cfg.vocab_size:
+    if isinstance(vocab, int) and vocab < cfg.vocab_size:  # fewer rows: the tokenizer decides (image_token_rows)
         raise UserError(f"{gf.path}: vocabulary of {cfg.vocab_size} tokens, but {config_path}'s text model has "
                         f"{vocab}; {fix}.")
+
+
+def image_token_rows(loaded: Any, image_token: int, gguf_file: str) -> None:
+    """Every token of the tokenizer needs an embedding row in the GGUF, but the image token: its
+    rows are replaced by image features. llama.cpp's converters write only the text vocabulary
+    (Gemma 3's drops the rows past it, where <image_soft_token> is), so an image token past the
+    file's rows is looked up as token 0, as transformers' Gemma 3 does, before its rows are replaced."""
+    rows, tok = loaded.config.vocab_size, loaded.tokenizer
+    past = [i for i in range(rows, tok.vocab_size) if i != image_token]
+    if past:
+        raise UserError(f"{gguf_file}: vocabulary of {rows} tokens, but the tokenizer has {tok.vocab_size} "
+                        f"(token {past[0]} {tok.id_to_token(past[0])!r} has no row); -f/--quantized-filename must be a "
+                        "GGUF of this checkpoint's language model.")
+    if image_token < rows:
+        return
+    import torch
+
+    embed = loaded.model.model.embed_tokens
+    lookup = embed.forward
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return lookup(torch.where(ids >= rows, torch.zeros_like(ids), ids))
+
+    embed.forward = forward  # the module's call, from the torch modules and the native executor alike
 
 
 def load_gguf_text(spec: VisionSpec, text_spec: PlainSpec, opts: LoadOptions, text: dict[str, Any],
@@ -78,9 +103,6 @@ def load_gguf_text(spec: VisionSpec, text_spec: PlainSpec, opts: LoadOptions, te
     eos = gen_cfg.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
     tok = tokenizer_from_file(tok_json, tok_cfg, eos)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"{gf.path}: vocabulary of {cfg.vocab_size} tokens, but the tokenizer {tok_json} has "
-                        f"{tok.vocab_size}; -f/--quantized-filename must be a GGUF of this checkpoint's language model.")
     model, cfg = load_gguf_model(gf, opts.numerics)
     set_dtype(model, opts.dtype)
     if opts.tp == 1:  # with --tp, each rank prepares its own slices once they are cut
