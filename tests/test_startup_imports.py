@@ -17,6 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import gguf_builder as gb
+from gguf_craft import fresh_cache
 from mistralrs_cli.errors import UserError
 from mistralrs_cli.loaders import load as load_mod
 from mistralrs_cli.types import GGUFSpec, LoadOptions
@@ -24,7 +25,7 @@ from mistralrs_cli.types import GGUFSpec, LoadOptions
 # the top-level packages the one-shot GGUF path must not import
 HEAVY = ("torch", "transformers", "safetensors", "fastapi", "starlette", "uvicorn", "llguidance", "PIL",
          "huggingface_hub", "prompt_toolkit", "rich", "cupy")
-REAL = Path(os.environ.get("MISTRALRS_CLI_CACHE", Path.home() / ".cache" / "mistralrs-cli")) / "models"
+REAL = Path(os.environ.get("MISTRALRS_CLI_CACHE") or Path.home() / ".cache" / "mistralrs-cli") / "models"
 
 _RUN = """import atexit, json, runpy, sys
 atexit.register(lambda: print("MODULES " + json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr))
@@ -34,7 +35,8 @@ runpy.run_module('mistralrs_cli', run_name='__main__')
 
 
 def _modules(args: list[str], tmp_path) -> set[str]:
-    env = {**os.environ, "MISTRALRS_CLI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    # a fresh cache that shares the compiled kernels (no compile per test)
+    env = {**os.environ, "MISTRALRS_CLI_CACHE": str(fresh_cache(tmp_path / "cache")), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", _RUN, json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
