@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m compileall -q mistralrs_cli  # an editable install has no bytecode: each start would compile ~50 modules
 	touch $@
 
 venv: $(VENV)/.installed
