@@ -191,6 +191,7 @@ def _cli(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_image_greedy_equals_transformers(case):
+    """`--image` through the CLI, and an image part through Which.VisionPlain(quantized_filename=...)."""
     _, path, hf, _, processor, f32, _ = case
     image = path / "tall.png"
     image.write_bytes(vm.odd_images()["tall"])
@@ -200,6 +201,15 @@ def test_cli_image_greedy_equals_transformers(case):
                vm.TEXT, "vision-plain", "-m", str(path), "-f", f32.name)  # a file name inside -m
     assert res.returncode == 0, res.stderr
     assert res.stdout == want + "\n"
+    from mistralrs_cli import ChatCompletionRequest, Runner, Which
+
+    with pytest.MonkeyPatch.context() as mp:  # the Python API's field, the same answer
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        runner = Runner(Which.VisionPlain(model_id=str(path), quantized_filename=str(f32)), token_source="none")
+    parts = [{"type": "image_url", "image_url": {"url": vm.uri("tall")}}, {"type": "text", "text": vm.TEXT}]
+    out = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert out.choices[0].message.content == want
 
 
 @pytest.fixture(scope="module")
