@@ -22,6 +22,7 @@ import gguf_builder as gb
 import vision_models as vm
 from mistralrs_cli.engine.kv_cache import SeqKVCache
 from mistralrs_cli.errors import UserError
+from mistralrs_cli.loaders.gguf_file import GGUFFile
 from mistralrs_cli.loaders.load import load
 from mistralrs_cli.models.layers import SeqSlice
 from mistralrs_cli.types import LoadOptions, VisionSpec
@@ -38,8 +39,11 @@ def text_model(hf):
     cfg = copy.deepcopy(hf.config.text_config)
     cfg.tie_word_embeddings = hf.config.text_config.model_type.startswith("gemma")
     lm = AutoModelForCausalLM.from_config(cfg)
-    lm.model.load_state_dict(hf.model.language_model.state_dict())
+    text = getattr(hf.model, "language_model", None) or hf.model.text_model  # Idefics: text_model
+    lm.model.load_state_dict(text.state_dict())
     lm.lm_head.load_state_dict(hf.lm_head.state_dict())
+    if cfg.model_type == "mistral" and cfg.sliding_window is None:
+        lm.config.model_type = "llama"  # llama.cpp writes Mistral as llama; no window, no window key
     return lm.eval()
 
 
@@ -143,19 +147,28 @@ def test_q8_0_gguf_logits_match_transformers_on_dequantized_weights(case):
         assert rel <= Q8_NATIVE_REL and got[-1].argmax() == want[-1].argmax()
 
 
-def test_llava_next_f32_gguf_logits_match_transformers(tmp_path):
-    """LLaVA 1.6 (anyres tiles: a tall image is several tiles plus the base view)."""
-    hf = vm.tiny_llava_next(0)
-    vm.save_llava_next(hf, tmp_path)
+MORE = {  # LLaVA 1.6 (anyres tiles: a tall image is several tiles plus the base view); Idefics2,
+    # whose Mistral text model llama.cpp writes as general.architecture llama
+    "llava_next": (vm.tiny_llava_next, vm.save_llava_next, vm.hf_llava_next_processor),
+    "idefics2": (vm.tiny_idefics2, vm.save_idefics2, vm.hf_idefics2_processor),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE))
+def test_more_archs_f32_gguf_logits_match_transformers(tmp_path, arch):
+    make, save, processor = MORE[arch]
+    hf = make()
+    save(hf, tmp_path)
     f32 = gb.write_gguf(tmp_path / "text.gguf", text_model(hf), vocab=None, qtype=Q.F32)
+    assert GGUFFile(f32).architecture == "llama"
     loaded = _load(tmp_path, f32)
     ids, mm = vm.our_chat(loaded, ["tall"])
-    enc = vm.hf_chat(vm.hf_llava_next_processor(tmp_path), ["tall"])
+    enc = vm.hf_chat(processor(tmp_path), ["tall"])
     assert enc["input_ids"][0].tolist() == ids
     with torch.no_grad():
         want = hf(**enc).logits[0].numpy()
     diff = np.abs(_logits(loaded, ids, mm, cached=False) - want).max()
-    print(f"llava_next 1 image f32 gguf max |logit diff| {diff:.1e}")
+    print(f"{arch} 1 image f32 gguf max |logit diff| {diff:.1e}")
     assert diff <= F32_TOL
 
 
