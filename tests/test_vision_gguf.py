@@ -3,7 +3,8 @@ weights from a GGUF that gguf-py's GGUFWriter wrote from the checkpoint's own te
 (gguf_builder.write_gguf: llama.cpp's names, q/k permutation, Gemma's norms). F32 files: logits
 within 1e-4 of transformers' model on the checkpoint (1 and 2 images); Q8_0 files: logits against
 transformers run on the file's weights decoded by gguf-py's own dequantize; CLI greedy text
-equal to transformers' generate; a GGUF of another model is one error line."""
+equal to transformers' generate; a GGUF of another model is one error line. LLaVA-NeXT, Idefics2/3 and
+Phi-3-vision: F32 logits (one image)."""
 from __future__ import annotations
 
 import copy
@@ -148,9 +149,10 @@ def test_q8_0_gguf_logits_match_transformers_on_dequantized_weights(case):
 
 
 MORE = {  # LLaVA 1.6 (anyres tiles: a tall image is several tiles plus the base view); Idefics2,
-    # whose Mistral text model llama.cpp writes as general.architecture llama
+    # whose Mistral text model llama.cpp writes as general.architecture llama; Idefics3 (tiles)
     "llava_next": (vm.tiny_llava_next, vm.save_llava_next, vm.hf_llava_next_processor),
     "idefics2": (vm.tiny_idefics2, vm.save_idefics2, vm.hf_idefics2_processor),
+    "idefics3": (vm.tiny_idefics3, vm.save_idefics3, vm.hf_idefics3_processor),
 }
 
 
@@ -261,3 +263,22 @@ def test_missing_file_and_isq_are_errors_naming_the_field(llava_dir):
     f = gb.write_gguf(llava_dir / "ok.gguf", text_model(vm.tiny_llava(0)), vocab=None, qtype=Q.Q8_0)
     with pytest.raises(UserError, match="--isq .* already quantized"):
         _load(llava_dir, f, isq="Q4_0")
+
+
+def test_phi3v_f32_gguf_logits_match_the_reference(tmp_path):
+    """Phi-3-vision (a flat config: the text model's own): its Phi-3 text model as a phi3 GGUF
+    (fused qkv and gate|up, as llama.cpp writes them), logits within 1e-4 of test_vision_phi3v's
+    reference (CLIP + the HD assembly in plain torch + transformers' Phi3ForCausalLM)."""
+    import test_vision_phi3v as p3
+
+    ref = p3.build(tmp_path)
+    f32 = gb.write_gguf(tmp_path / "text.gguf", ref["text"], vocab=None, qtype=Q.F32)
+    assert GGUFFile(f32).architecture == "phi3"
+    loaded = _load(tmp_path, f32)
+    ids, mm = vm.our_chat(loaded, ["tall"])
+    want_ids, feats = p3.ref_prompt(tmp_path, ref, ["tall"])
+    assert ids == want_ids
+    want = p3.ref_logits(ref, ids, loaded.vision.image_token_id, feats).numpy()
+    diff = np.abs(_logits(loaded, ids, mm, cached=False) - want).max()
+    print(f"phi3_v 1 image f32 gguf max |logit diff| {diff:.1e}")
+    assert diff <= F32_TOL
