@@ -124,8 +124,8 @@ def main() -> None:
           f"{type(draft.model).__name__} ({draft.model.numerics})")
     tc = Costs.measure(target.model)
     COSTS.update({id(draft): (tc, Costs.measure(draft.model)), id(None): (tc, None)})
-    print("forward ms at 1/2/4/8 rows: target", [f"{1e3 * t:.1f}" for _, t in tc.points], "draft",
-          [f"{1e3 * t:.1f}" for _, t in COSTS[id(draft)][1].points])
+    print(f"forward ms at {'/'.join(str(r) for r, _ in tc.points)} rows: target",
+          [f"{1e3 * t:.1f}" for _, t in tc.points], "draft", [f"{1e3 * t:.1f}" for _, t in COSTS[id(draft)][1].points])
     ids = [chat_ids(target, [{"role": "user", "content": p}]) for p in PROMPTS]
     summ = chat_ids(target, [{"role": "user", "content": "Summarise this text:\n\n" + ARTICLE}])
     cases = []

@@ -78,6 +78,20 @@ def test_prefetch_costs_batch_1_and_2_draft_5_batch_8_none():
     assert best_gamma(TARGET_PF, DRAFT_PF, 8, [1.0] * 8, [5] * 8) == 5
 
 
+def test_a_retry_pays_for_catching_the_draft_up():
+    """Costs measured on 2 threads with the machine nearly quiet (wall ms, after the prefetch), so
+    flat that at batch 8 drafts that all pass would just pay with caches one run behind: g=5
+    costs target(48) = 31.1 + 2.45 * 40 = 129.1, draft(16) = 9.8 + .95 * 8 = 17.4 and 4 * 9.8:
+    48/185.7 = .2585 > 8/31.1 = .2572. Caches 40 tokens behind each (drafting was off) make the
+    first pass 320 rows, draft(320) = 306.2: 48/474.5 = .101, no. At batch 1, 9 rows behind:
+    draft(9) = 10.75, g=5 6/(26.2 + 10.75 + 4 * 3.6) = .117 > 1/24.4 = .041."""
+    target = Costs({1: 24.4, 2: 24.4, 4: 25.5, 6: 26.2, 8: 31.1})
+    draft = Costs({1: 3.6, 2: 4.6, 4: 5.8, 6: 7.9, 8: 9.8})
+    assert best_gamma(target, draft, 8, [1.0] * 8, [5] * 8) == 5
+    assert best_gamma(target, draft, 8, [1.0] * 8, [5] * 8, first=320) == 0
+    assert best_gamma(target, draft, 1, [1.0], [5], first=9) == 5
+
+
 def test_free_drafts_pay_on_a_flat_target():
     flat = Costs({1: 10.0, 8: 10.5})
     assert best_gamma(flat, None, 1, [0.5], [4]) == 4

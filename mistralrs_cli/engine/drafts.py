@@ -63,6 +63,12 @@ class ModelDraft:
     def room(self, req: Request) -> int:
         return self.max_context - req.n_known
 
+    def behind(self, req: Request) -> int:
+        """Rows the next proposal feeds this sequence's draft cache before its first draft token."""
+        cache = self.caches.get(req)
+        n = len(cache) if cache is not None else 0
+        return req.n_known - n if n < req.n_known else 1
+
     def release(self, req: Request) -> None:
         cache = self.caches.pop(req, None)
         if cache is not None and self.pool is not None:

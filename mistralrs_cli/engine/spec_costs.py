@@ -8,23 +8,24 @@ filled the cores) the verify rows cost nearly full price and the draft's own bat
 so the same draft that doubles batch 1 slows batch 8 down: the policy turns it down there.
 
 Costs are measured once per model, at the first step that might speculate: the best of 3 timed
-forwards at 1, 2, 4 and 8 rows (a throw-away cache; every row asks for logits, as a verify
-does; on a shared machine a point above a later one is lowered to it), interpolated linearly
-between those row counts and extended by the last slope.
+forwards at 1, 2, 4, 6 and 8 rows (6: the verify of the default gamma 5, where a kernel's cost
+may step rather than run straight from 4 to 8 rows; a throw-away cache; every row asks for
+logits, as a verify does; on a shared machine a point above a later one is lowered to it),
+interpolated linearly between those row counts and extended by the last slope.
 
 For a step with `rows` rows already and sequences s (acceptance estimate a_s, cap c_s), a
 common gamma g costs draft passes i = 1..g (pass i batches the sequences with min(g, c_s) >= i;
-the first also catches each draft cache up, ~2 rows a sequence) plus the target's forward of
-rows + sum min(g, c_s) rows, and yields sum E(a_s, min(g, c_s)) tokens, where
-E(a, g) = (1 - a^(g+1)) / (1 - a) is the expected run (accepted drafts plus the target's own
-token) when each draft token passes with probability a. g = 0 is plain decoding.
+the first also catches each draft cache up: ~2 rows a sequence, or the rows it is behind) plus
+the target's forward of rows + sum min(g, c_s) rows, and yields sum E(a_s, min(g, c_s))
+tokens, where E(a, g) = (1 - a^(g+1)) / (1 - a) is the expected run (accepted drafts plus the
+target's own token) when each draft token passes with probability a. g = 0 is plain decoding.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 6, 8)
 
 
 class Costs:
@@ -71,16 +72,18 @@ def expected_tokens(alpha: float, g: int) -> float:
 
 
 def best_gamma(target: Callable[[float], float], draft: Callable[[float], float] | None, rows: int,
-               alphas: list[float], caps: list[int], others: int = 0) -> int:
+               alphas: list[float], caps: list[int], others: int = 0, first: int | None = None) -> int:
     """The common gamma (0: no drafts) with the most expected tokens per second this step; `others`
-    counts the step's decode rows that draft nothing (one token each either way)."""
+    counts the step's decode rows that draft nothing (one token each either way); `first`: the
+    rows of the first draft pass (default 2 a sequence, a draft cache one run behind)."""
     n = len(alphas)
+    extra = n if first is None else max(first - n, 0)  # first-pass rows beyond one a sequence
     best_g, best_rate = 0, (n + others) / target(rows)
     for g in range(1, max(caps, default=0) + 1):
         gs = [min(g, c) for c in caps]
         seconds = target(rows + sum(gs))
         if draft is not None:
-            seconds += sum(draft(sum(x >= i for x in gs) + (n if i == 1 else 0)) for i in range(1, g + 1))
+            seconds += sum(draft(sum(x >= i for x in gs) + (extra if i == 1 else 0)) for i in range(1, g + 1))
         rate = (sum(expected_tokens(a, x) for a, x in zip(alphas, gs)) + others) / seconds
         if rate > best_rate:
             best_g, best_rate = g, rate

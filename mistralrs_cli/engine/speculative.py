@@ -21,7 +21,8 @@ On top of that (unless fixed or SpecConfig.cost_policy is off) the step's drafts
 common gamma with the most expected tokens per second (spec_costs.py): forward costs measured
 once per model, acceptance estimated per sequence (shrunk toward the engine's pooled rate); 0,
 plain decoding, when batching already fills the cores. When the acceptance estimate alone turns
-drafting off, one draft token is tried again after 8, 16 .. 128 such steps.
+drafting off, one draft token is tried again after 8, 16 .. 128 such steps, if drafts that all
+pass would pay even for catching the draft's caches up on the tokens they missed.
 """
 from __future__ import annotations
 
@@ -137,7 +138,10 @@ class Speculator:
         emitting = sum(w.req.n_computed + w.n == w.req.n_known for w in work)  # rows that yield a token
         reqs, caps = list(gammas), list(gammas.values())
         g = best_gamma(*self.costs, rows, [self._alpha(r) for r in reqs], caps, emitting - len(reqs))
-        if g == 0 and best_gamma(*self.costs, rows, [1.0] * len(reqs), caps, emitting - len(reqs)):
+        # a retry pays its drafts' catching up (the caches fell behind while drafting was off): at
+        # batch 8 that is a prefill of every sequence, and a retry there cost more than it won
+        behind = sum(map(self.source.behind, reqs)) if isinstance(self.source, ModelDraft) else None
+        if g == 0 and best_gamma(*self.costs, rows, [1.0] * len(reqs), caps, emitting - len(reqs), behind):
             self.quiet += 1  # the acceptance estimate, not the cost, said no: try one token now and then
             if self.quiet >= self.retry:
                 g, self.quiet, self.retry = 1, 0, min(2 * self.retry, 128)
