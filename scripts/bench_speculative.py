@@ -15,7 +15,9 @@ other processes take the cores; with --threads 1 it counts no barrier spinning e
 Measured (SmolLM2, 2 cores shared with other sessions at load average 4-11, after the kernels'
 weight prefetch): --threads 1 --tokens 96 --rounds 5, greedy batch 1 2.31x per CPU second
 (2.42x wall), T=0.7 2.19x (2.72x), drafts accepted 98-100%, 5.88 tokens per verify; n-gram on
-the summary prompt 3.02x (2.78x). Where a speculative step's CPU time goes (one thread,
+the summary prompt 3.02x (2.78x). Default threads, 48 tokens, 3 rounds, load 2-4 (git
+3b62fe6): greedy batch 1 2.17x, T=0.7 2.15x; batch 8 the policy drafts nothing, 1.01x / 0.99x,
+gamma 5 fixed 0.92x / 0.97x. Where a speculative step's CPU time goes (one thread,
 cProfile with process_time): 94% in the native kernels (target decode 39 ms, 6-row verify 50
 ms, draft step 8.7 ms), 6% in Python, embedding, sampling and cache bookkeeping. More figures:
 README, "Speculative decoding".
