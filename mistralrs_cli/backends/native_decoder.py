@@ -27,6 +27,11 @@ from ..models.layers import Attention, Batch, GatedMLP, RMSNorm, softcap
 from ..quant.qweight import FusedQLinear, QLinear
 from . import native
 
+# a forward whose largest multiply reads under this many weight bytes x rows runs its kernels on
+# one thread: ~10 us of work, less than a fork + join costs once the cores are busy (tests' tiny
+# models: a decode step took 5-10 ms on 2 threads of 2 shared cores, 0.3 ms on one)
+SMALL_WORK = 64 * 1024
+
 
 def _norm_weight(norm: RMSNorm) -> torch.Tensor:
     return (norm.weight.float() + norm.offset).contiguous()
@@ -105,6 +110,8 @@ class NativeDecoder:
         self.lib = native.library()
         a = layers[0].attn
         self.nq, self.nkv, self.hd = a.n_heads, a.n_kv, a.head_dim
+        plans = [head] + [p for L in layers for p in (L.qkv, L.o, L.gate_up, L.down)]
+        self.max_bytes = max(sum(t.nbytes for t in p.tensors) for p in plans)  # numpy or torch
 
     @classmethod
     def build(cls, model) -> "NativeDecoder | None":
@@ -144,19 +151,20 @@ class NativeDecoder:
         gu = torch.empty(T, self.layers[0].gate_up.rows)
         y = torch.empty(T, h.shape[1])
         slots = self._slots(qkv, att, batch)
-        self.ldq, self.threads = qkv.stride(0), torch.get_num_threads()
+        nt = 1 if T * self.max_bytes < SMALL_WORK else torch.get_num_threads()
+        self.ldq, self.threads = qkv.stride(0), nt
         for i, L in enumerate(self.layers):
-            native.qmatmul(h, L.qkv, self.lib, L.qkv_opts, out=qkv)
+            native.qmatmul(h, L.qkv, self.lib, L.qkv_opts, out=qkv, n_threads=nt)
             self._rope(L, qkv, batch)
             self._attend(i, L, slots, att, batch)
             self._residual(L.o, L.o_opts, att, h, y)
-            native.qmatmul(h, L.gate_up, self.lib, L.gate_up_opts, out=gu)
+            native.qmatmul(h, L.gate_up, self.lib, L.gate_up_opts, out=gu, n_threads=nt)
             self._residual(L.down, L.down_opts, gu, h, y)
         if batch.logits_rows is not None:
             h = h[batch.logits_rows].contiguous()
         if batch.memo.get("hidden"):  # X-LoRA's scaling pass: the final-normed hidden states
             return model.model.norm(h).float()
-        logits = native.qmatmul(h, self.head, self.lib, self.head_opts)
+        logits = native.qmatmul(h, self.head, self.lib, self.head_opts, n_threads=nt)
         return softcap(logits, cfg.final_logit_softcapping)
 
     def _slots(self, qkv: torch.Tensor, att: torch.Tensor, batch: Batch) -> tuple:
@@ -176,7 +184,7 @@ class NativeDecoder:
     def _residual(self, plan, opts, x, h, y) -> None:
         opts.residual, opts.ld_res = h.data_ptr(), h.stride(0)
         try:
-            native.qmatmul(x, plan, self.lib, opts, out=y)
+            native.qmatmul(x, plan, self.lib, opts, out=y, n_threads=self.threads)
         finally:
             opts.residual = None
 
