@@ -26,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c", "floatmm.c")]
+           for name in ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c", "floatmm.c", "quantize.c")]
 HEADERS = [Path(__file__).with_name("csrc") / "attention.h"]  # part of the build's identity
 TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS})
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})  # floatmm.c: f32 arithmetic on the file's values
@@ -152,6 +152,8 @@ def build(extra_flags: tuple[str, ...] = (), cache: Path | None = None) -> ctype
     so.decoder_layers.restype = i32
     so.decoder_layers.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32, i32, i32, i64,
                                   i32, i32]
+    so.quantize_rows.restype = i32  # csrc/quantize.c: --isq's Q8_0, Q4_K, Q5_K, Q6_K
+    so.quantize_rows.argtypes = [i32, ptr, i64, i64, ptr, i32]
     return so
 
 

@@ -96,7 +96,8 @@ def apply_isq(model: nn.Module, isq_type: str, backend, progress: bool = True) -
 @contextlib.contextmanager
 def _layer_workers():
     """One thread per layer instead of OpenMP threads inside each small op: the ops of a block
-    search are too small to split, and on a busy machine OpenMP's barriers made ISQ 6x slower."""
+    search are too small to split, and on a busy machine OpenMP's barriers made ISQ 6x slower.
+    The C quantizers (csrc/quantize.c) release the GIL and also run one thread per layer here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
