@@ -113,3 +113,13 @@ def test_unsupported_is_refused(lib):
     assert lib.quantize_rows(int(Q.Q4_0), w.ctypes.data, 2, 256, out.ctypes.data, 1) == -1
     assert lib.quantize_rows(int(Q.Q4_K), w.ctypes.data, 1, 100, out.ctypes.data, 1) == -1
     assert Q.Q4_0 not in NATIVE_TYPES  # quantize() sends it to torch
+
+
+def test_without_the_library_torch_quantizes(monkeypatch):
+    """No compiler: quantize() falls back to the torch ports (ggml's bytes on >= 99% of blocks)."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    w = np.random.default_rng(9).standard_normal((16, 1024)).astype(np.float32)
+    for qtype in TYPES:
+        got, want = quantize(torch.from_numpy(w), qtype).numpy(), ggml_bytes(w, qtype)
+        nbytes = row_bytes(qtype, 256 if qtype != Q.Q8_0 else 32)
+        assert (got.reshape(-1, nbytes) == want.reshape(-1, nbytes)).all(1).mean() >= 0.99
