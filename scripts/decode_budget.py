@@ -20,8 +20,15 @@ For each real model (SmolLM2 Q4_1, Gemma-3 Q4_K_M) at bench.py's short context:
             stores, attention; the output head; Python around the C calls; and the engine
             (the CLI's time per token less the in-process step).
 
+  prefill   (--prefill) one prefill of the same prompt instead, in-process on --threads, the
+            engine's prefix cache off (with it on, a repeated prompt is served from the cache and
+            a "prefill" computes one row): per numerics (comma list), rounds interleaved, medians
+            of the process CPU time and of the same timers; per projection its weights' types and
+            the integer products per second of its kernels (precise: two 8-bit slots per row)
+
   python scripts/decode_budget.py [--models smollm2,gemma3] [--repeats 3] [--steps 64] [--threads 2]
                                   [--numerics precise|fast]    (--repeats 0: the split alone)
+  python scripts/decode_budget.py --prefill [--rounds 5] [--threads 1] [--numerics precise,fast]
 """
 from __future__ import annotations
 
@@ -274,6 +281,81 @@ def report(key: str, path: Path, bw: dict, args) -> None:
           f"{sp['engine'] / step:.0%} | | | | | | |")
 
 
+TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K", 0: "F32", 1: "F16", 30: "BF16"}
+
+
+def prefill_split(key: str, path: Path, args) -> None:
+    """The prompt's prefill per numerics: process CPU ms (medians over --rounds, interleaved) and
+    the timers' split (medians per field)."""
+    from mistralrs_cli.api import Runner, Which
+    from mistralrs_cli.backends import native
+    from mistralrs_cli.types import EngineConfig, SamplingParams
+
+    native.set_threads(args.threads)
+    nums = [n.strip() for n in args.numerics.split(",") if n.strip()]
+    runners = {n: Runner(Which.GGUF(str(path.parent), path.name), token_source="none", numerics=n,
+                         engine_config=EngineConfig(prefix_cache_n=0)) for n in nums}
+    lib = native.library()
+    if lib.native_prof(None, 1) == 0:
+        raise SystemExit("the kernels were built without timers (MISTRALRS_CLI_NATIVE_PROF unset?)")
+    ids = runners[nums[0]].loaded.tokenizer.encode(bench.PROMPT)
+    got = {n: [] for n in nums}  # (cpu seconds, timers) per round
+    for _ in range(args.rounds):
+        for n, runner in runners.items():
+            model = runner.loaded.model
+            model.pool, step = _Fixed(args.threads), model.step
+
+            def timed(ids_, *a, _step=step, _n=n, **kw):
+                if len(ids_) == 1:
+                    return _step(ids_, *a, **kw)
+                lib.native_prof(None, 1)
+                t0 = time.process_time()
+                out = _step(ids_, *a, **kw)
+                cpu, buf = time.process_time() - t0, (ctypes.c_double * 72)()
+                lib.native_prof(buf, 1)
+                got[_n].append((cpu, np.frombuffer(buf, dtype=np.float64).reshape(9, 8).copy()))
+                return out
+
+            model.step = timed
+            try:
+                for _ in runner.stream(ids, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)):
+                    pass
+            finally:
+                model.step = step
+    model = runners[nums[0]].loaded.model
+    L0, d = model.layers[0], model.config.hidden_size
+    plans = {"qkv": (L0.qkv, d), "o": (L0.o, model.nq * model.hd), "gu": (L0.gate_up, d),
+             "down": (L0.down, L0.gate_up.rows // 2), "head": (model.head, d)}
+    print(f"\n## {bench.MODELS[key]['label']}: prefill of {len(ids)} tokens, {args.threads} thread(s), "
+          f"load {os.getloadavg()[0]:.2f}, medians of {args.rounds} interleaved rounds\n")
+    for n in nums:
+        cpu = statistics.median(c for c, _ in got[n])
+        acc = np.median(np.stack([a for _, a in got[n]]), axis=0)
+        print(f"{n}: {cpu * 1e3:.1f} CPU ms = {len(ids) / cpu:.0f} tok/s per CPU second; the timers (ms):\n")
+        print("| phase | weight types | wall | rounding + prologue | kernels (thread sum) | epilogue | rest (wall less "
+              "the average thread's kernels) | G int products/s per thread |")
+        print("|---|---|---|---|---|---|---|---|")
+        for i, role in enumerate(ROLES):
+            calls, wall, prep, busy, _, epi, nt, _ = acc[i]
+            per = busy / max(nt / max(calls, 1e-9), 1)  # the average thread's kernel time
+            if role in plans:
+                plan, k = plans[role]
+                types = [[TYPE_NAMES.get(e.type & 0xff, e.type & 0xff), e.rows, 1] for e in plan.array]
+                for i_ in range(len(types) - 1, 0, -1):  # a run of one type (the head's slices): one entry
+                    if types[i_][0] == types[i_ - 1][0] and role == "head":
+                        types[i_ - 1][1:] = [types[i_ - 1][1] + types[i_][1], types[i_ - 1][2] + types[i_][2]]
+                        del types[i_]
+                types = "+".join(f"{t}x{r}" + (f" ({c} parts)" if c > 1 else "") for t, r, c in types)
+                rows = 1 if role == "head" else len(ids)  # the head: the last row only
+                slots = 2 * rows if n == "precise" else rows
+                macs = slots * plan.rows * k * (calls if role != "head" else 1)
+                print(f"| {role} | {types} | {wall * 1e3:.1f} | {prep * 1e3:.1f} | {busy * 1e3:.1f} | {epi * 1e3:.1f} | "
+                      f"{(wall - prep - per - epi) * 1e3:.1f} | {macs / busy / 1e9 if busy else float('nan'):.0f} |")
+            else:
+                print(f"| {role} | | {wall * 1e3:.1f} | | | | | |")
+        print()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,gemma3")
@@ -281,10 +363,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--numerics", default="precise", help="of the in-process split (the CLI runs its default)")
+    ap.add_argument("--prefill", action="store_true", help="the prefill split instead (see above)")
+    ap.add_argument("--rounds", type=int, default=5, help="--prefill's interleaved rounds")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     paths = {k: bench.CACHE / "models" / bench.MODELS[k]["file"] for k in keys}
+    if args.prefill:
+        for k in keys:
+            prefill_split(k, paths[k], args)
+        return
     sizes = [1 << 30] + [p.stat().st_size for p in paths.values()]
     bw = stream(sizes, args.threads)
     print(f"# load average {os.getloadavg()[0]:.2f}; STREAM-like read, best of 7 passes:")
