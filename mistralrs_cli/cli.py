@@ -28,7 +28,7 @@ _STRUCTURED = "Structured output (--prompt and -i; the server takes grammar / re
 NUMERICS_HELP = ("Arithmetic on quantized weights (GGUF, GGML, --isq): precise (activations kept to ~16 bits: "
                  "the exact path's top-1 token at 100% of 512 teacher-forced positions on the test models), fast "
                  "(activations rounded once to 8-bit blocks, as llama.cpp's CPU kernels round: faster, most in "
-                 "prefill; the exact path's top-1 at ~96%), exact (every weight dequantized to f32; slow, large). "
+                 "prefill; the exact path's top-1 at 95-96%), exact (every weight dequantized to f32; slow, large). "
                  "None reproduces llama.cpp's own logits.")
 
 

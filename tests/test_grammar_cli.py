@@ -32,7 +32,7 @@ def test_prompt_with_each_grammar_flag(smollm2_path, tmp_path):
     runs = {
         "schema": mistralrs(["--temperature", "1", "--seed", "3", "--json-schema", str(schema), "--prompt",
                              "Describe Paris."], smollm2_path),
-        "json": mistralrs(["--json", "--prompt", "Describe Paris as JSON."], smollm2_path),
+        "json": mistralrs(["--temperature", "0", "--json", "--prompt", "Describe Paris as JSON."], smollm2_path),
         "regex": mistralrs(["--grammar-regex", "[0-9]{2}:[0-9]{2}", "--prompt", "What time is it?"], smollm2_path),
         "lark": mistralrs(["--grammar-lark", str(lark), "--prompt", "Is it raining?"], smollm2_path),
     }
