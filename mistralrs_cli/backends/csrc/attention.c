@@ -276,9 +276,128 @@ static inline __attribute__((always_inline)) void attend_block_t(const float *q,
     }
 }
 
+#if defined(VEC16)
+// attend_block_t's arithmetic with AVX-512, up to 4 query heads of the group at a time, so each
+// key and value vector is loaded (and, from an f16 cache, converted) once for all of them
+// instead of once per head. Every sum is the same chain in the same order as there: a score's
+// 16 lanes summed over the dims from zero, then sum16x16 (keys in 16s from b0, the tail by
+// dot_t); an output dim summed over the keys in order from zero. So the bits are attend_block_t's.
+
+// scores of G heads (q: G rows hd apart) against keys b0..b1 into p (G rows KB apart)
+static inline __attribute__((always_inline)) void zscores(const int G, const float *q, const void *kh, int64_t ss,
+                                                          int hd, int64_t b0, int64_t b1, float scale, float *p,
+                                                          const int kv16) {
+    __attribute__((aligned(64))) float part[4][16][16];  // per head, per key of the 16: its 16 lanes
+    const __m512 sc = _mm512_set1_ps(scale);
+    int64_t j = b0;
+    for (; j + 15 <= b1; j += 16) {
+        for (int k4 = 0; k4 < 16; k4 += 4) {
+            __m512 acc[4][4];
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+            for (int e = 0; e < hd; e += 16) {
+                __m512 kv[4];
+                for (int c = 0; c < 4; c++) kv[c] = ld16(kh, (j + k4 + c) * ss + e, kv16);
+                for (int g = 0; g < G; g++) {
+                    const __m512 qv = _mm512_loadu_ps(q + (int64_t)g * hd + e);
+                    for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(qv, kv[c], acc[g][c]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int c = 0; c < 4; c++) _mm512_store_ps(part[g][k4 + c], acc[g][c]);
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_load_ps(part[g][r]);
+            _mm512_storeu_ps(p + (int64_t)g * KB + (j - b0), _mm512_mul_ps(sum16x16(v), sc));
+        }
+    }
+    for (; j <= b1; j++) {
+        const void *kj = kv16 ? (const void *)((const uint16_t *)kh + j * ss) : (const void *)((const float *)kh + j * ss);
+        for (int g = 0; g < G; g++) p[(int64_t)g * KB + (j - b0)] = dot_t(q + (int64_t)g * hd, kj, hd, kv16) * scale;
+    }
+}
+
+// o_g[e] += sum_i p_g[i] v_i[e] for G heads (o: G rows ostride apart, p: G rows KB apart), NC
+// vectors of 16 dims from e0
+static inline __attribute__((always_inline)) void zaccum(const int G, const int NC, const float *p, const void *v,
+                                                         int64_t ld, int c, int e0, float *o, int64_t ostride,
+                                                         const int kv16) {
+    __m512 acc[4][4];
+    for (int g = 0; g < G; g++)
+        for (int x = 0; x < NC; x++) acc[g][x] = _mm512_loadu_ps(o + g * ostride + e0 + 16 * x);
+    for (int i = 0; i < c; i++) {
+        __m512 vv[4];
+        for (int x = 0; x < NC; x++) vv[x] = ld16(v, i * ld + e0 + 16 * x, kv16);
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[(int64_t)g * KB + i]);
+            for (int x = 0; x < NC; x++) acc[g][x] = _mm512_fmadd_ps(w, vv[x], acc[g][x]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int x = 0; x < NC; x++) _mm512_storeu_ps(o + g * ostride + e0 + 16 * x, acc[g][x]);
+}
+
+static inline __attribute__((always_inline)) void zaccum_g(const int G, const float *p, const void *v, int64_t ld,
+                                                           int c, int hd, float *o, int64_t ostride, const int kv16) {
+    int e0 = 0;
+    for (; e0 + 64 <= hd; e0 += 64) zaccum(G, 4, p, v, ld, c, e0, o, ostride, kv16);
+    for (; e0 < hd; e0 += 16) zaccum(G, 1, p, v, ld, c, e0, o, ostride, kv16);
+}
+
+static inline __attribute__((always_inline)) void zblock_t(const float *q, int rep, const void *kh, const void *vh,
+                                                           int64_t ss, int hd, int64_t b0, int64_t b1, float scale,
+                                                           float softcap, float *p, float *st, const int kv16) {
+    const int n = (int)(b1 - b0 + 1);
+    const int64_t os = hd + 2;
+    for (int r = 0; r < rep; r += 4) {
+        const float *qr = q + (int64_t)r * hd;
+        float *pr = p + (int64_t)r * KB;
+        switch (rep - r < 4 ? rep - r : 4) {
+        case 1: zscores(1, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        case 2: zscores(2, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        case 3: zscores(3, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        default: zscores(4, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        }
+    }
+    for (int r = 0; r < rep; r++) {
+        float *pr = p + r * KB, *o = st + (int64_t)r * os;
+        if (softcap > 0.0f)
+            for (int j = 0; j < n; j++) pr[j] = tanhf(pr[j] / softcap) * softcap;
+        __m512 m16 = _mm512_set1_ps(-INFINITY);  // the max: the same value in any order
+        int j = 0;
+        for (; j + 16 <= n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(pr + j));
+        float mx = _mm512_reduce_max_ps(m16);
+        for (; j < n; j++)
+            if (pr[j] > mx) mx = pr[j];
+        o[0] = mx;
+        o[1] = exp_sum(pr, n, mx);
+        memset(o + 2, 0, sizeof(float) * (size_t)hd);
+    }
+    const void *v0 = kv16 ? (const void *)((const uint16_t *)vh + b0 * ss) : (const void *)((const float *)vh + b0 * ss);
+    for (int r = 0; r < rep; r += 4) {
+        const float *pr = p + (int64_t)r * KB;
+        float *o = st + (int64_t)r * os + 2;
+        switch (rep - r < 4 ? rep - r : 4) {
+        case 1: zaccum_g(1, pr, v0, ss, n, hd, o, os, kv16); break;
+        case 2: zaccum_g(2, pr, v0, ss, n, hd, o, os, kv16); break;
+        case 3: zaccum_g(3, pr, v0, ss, n, hd, o, os, kv16); break;
+        default: zaccum_g(4, pr, v0, ss, n, hd, o, os, kv16); break;
+        }
+    }
+}
+#endif
+
 __attribute__((noinline)) static void attend_block(const float *q, int rep, const void *kh, const void *vh,
                                                    int64_t ss, int hd, int64_t b0, int64_t b1, float scale,
                                                    float softcap, int kv16, float *p, float *st) {
+#if defined(VEC16)
+    if (hd % 16 == 0) {
+        if (kv16) zblock_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 1);
+        else zblock_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 0);
+        return;
+    }
+#endif
     if (kv16) attend_block_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 1);
     else attend_block_t(q, rep, kh, vh, ss, hd, b0, b1, scale, softcap, p, st, 0);
 }
@@ -303,7 +422,8 @@ typedef struct {      // one (sequence, query row, kv head) of an attn_batch cal
     float *out;       // its first output head
     const char *k, *v;
     int64_t ss, lo, hi, nb, first;  // key stride, first and last key, blocks, index of its first
-} attn_unit;                        // block among all units' blocks
+    int kv16;                       // block among all units' blocks; f16 keys / values
+} attn_unit;
 
 static attn_unit *plan_units(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq, int nkv, int hd,
                              int64_t window, size_t esz, int64_t *n_units, int64_t *n_blocks, int64_t *max_nb) {
@@ -323,7 +443,7 @@ static attn_unit *plan_units(const attn_seq *seqs, int nseq, int64_t ldq, int64_
                 u[x].out = sq->out + t * ldo + (int64_t)g * rep * hd;
                 u[x].k = (const char *)sq->k + (size_t)g * (size_t)sq->sh * esz;
                 u[x].v = (const char *)sq->v + (size_t)g * (size_t)sq->sh * esz;
-                u[x].ss = sq->ss, u[x].lo = lo, u[x].hi = hi;
+                u[x].ss = sq->ss, u[x].lo = lo, u[x].hi = hi, u[x].kv16 = esz == 2;
                 u[x].nb = (hi - lo) / KB + 1;
                 u[x].first = blocks;
                 blocks += u[x].nb;
@@ -336,10 +456,93 @@ static attn_unit *plan_units(const attn_seq *seqs, int nseq, int64_t ldq, int64_
 }
 
 // block b of unit x: keys lo + b * KB .. up to hi
-static void block_of(const attn_unit *x, int64_t b, int rep, int hd, float scale, float softcap, int kv16, float *p,
+static void block_of(const attn_unit *x, int64_t b, int rep, int hd, float scale, float softcap, float *p,
                      float *st) {
     const int64_t b0 = x->lo + b * KB, b1 = b0 + KB - 1 < x->hi ? b0 + KB - 1 : x->hi;
-    attend_block(x->q, rep, x->k, x->v, x->ss, hd, b0, b1, scale, softcap, kv16, p, st);
+    attend_block(x->q, rep, x->k, x->v, x->ss, hd, b0, b1, scale, softcap, x->kv16, p, st);
+}
+
+// A prompt's rows read the same keys and values again and again: from an f16 cache, its
+// sequences of at least WIDEN_ROWS rows first get f32 copies of the keys and values their rows
+// see (at most WIDEN_BYTES in all), converted once instead of once per row. The f32 copies hold
+// the same values, and the kernels do the same arithmetic on both, so the results are the same.
+#define WIDEN_ROWS 4
+#define WIDEN_BYTES ((int64_t)256 << 20)
+
+typedef struct {
+    const attn_seq *sq;
+    int64_t lo, hi;  // the keys its rows see
+    float *k, *v;    // (nkv, hi - lo + 1, hd) each
+} widen_t;
+
+// the sequences to widen (returns how many, 0 when none or out of memory), their units repointed
+static int plan_widen(const attn_seq *seqs, int nseq, attn_unit *u, int nkv, int hd, widen_t **out, float **buf) {
+    widen_t *w = malloc(sizeof(widen_t) * (size_t)(nseq > 0 ? nseq : 1));
+    if (!w) return 0;
+    int nw = 0;
+    int64_t total = 0, x = 0;
+    for (int i = 0; i < nseq; i++) {
+        const attn_seq *sq = &seqs[i];
+        const int64_t units = sq->n * nkv;
+        if (sq->n >= WIDEN_ROWS) {
+            int64_t lo = INT64_MAX, hi = -1;
+            for (int64_t y = x; y < x + units; y++) {
+                lo = u[y].lo < lo ? u[y].lo : lo;
+                hi = u[y].hi > hi ? u[y].hi : hi;
+            }
+            const int64_t elems = 2 * (int64_t)nkv * (hi - lo + 1) * hd;
+            if (hi >= lo && (total + elems) * 4 <= WIDEN_BYTES) {
+                w[nw].sq = sq, w[nw].lo = lo, w[nw].hi = hi, w[nw].k = (float *)(intptr_t)total;  // offsets for now
+                for (int64_t y = x; y < x + units; y++) u[y].kv16 = -1 - nw;  // repointed below
+                total += elems, nw++;
+            }
+        }
+        x += units;
+    }
+    float *b = nw ? malloc(sizeof(float) * (size_t)total) : NULL;
+    if (!b) {
+        for (int64_t y = 0; y < x; y++) u[y].kv16 = u[y].kv16 < 0 ? 1 : u[y].kv16;
+        free(w);
+        return 0;
+    }
+    for (int i = 0; i < nw; i++) {
+        const int64_t span = w[i].hi - w[i].lo + 1;
+        w[i].k = b + (intptr_t)w[i].k, w[i].v = w[i].k + (int64_t)nkv * span * hd;
+    }
+    for (int64_t y = 0; y < x; y++) {
+        if (u[y].kv16 >= 0) continue;
+        const widen_t *c = &w[-1 - u[y].kv16];
+        const int64_t span = c->hi - c->lo + 1;
+        const int g = (int)((u[y].k - (const char *)c->sq->k) / (2 * c->sq->sh));
+        // key j of head g at (j - lo) * hd: the base pointer is lo rows before the copy (as an
+        // address; only keys lo..hi are read)
+        u[y].k = (const char *)((uintptr_t)(c->k + (int64_t)g * span * hd) - (uintptr_t)(c->lo * hd * 4));
+        u[y].v = (const char *)((uintptr_t)(c->v + (int64_t)g * span * hd) - (uintptr_t)(c->lo * hd * 4));
+        u[y].ss = hd, u[y].kv16 = 0;
+    }
+    *out = w, *buf = b;
+    return nw;
+}
+
+// one (sequence, kv head, 64 keys) of the copies: f16 -> f32 (exact)
+static void widen_chunk(const widen_t *c, int nkv, int hd, int64_t task) {
+    const int64_t span = c->hi - c->lo + 1, chunks = (span + 63) / 64;
+    const int g = (int)(task / chunks);
+    const int64_t j0 = c->lo + (task % chunks) * 64, j1 = j0 + 64 < c->hi + 1 ? j0 + 64 : c->hi + 1;
+    (void)nkv;
+    for (int kv = 0; kv < 2; kv++) {
+        const uint16_t *src = (const uint16_t *)(kv ? c->sq->v : c->sq->k) + (int64_t)g * c->sq->sh;
+        float *dst = (kv ? c->v : c->k) + (int64_t)g * span * hd;
+        for (int64_t j = j0; j < j1; j++) {
+            const uint16_t *a = src + j * c->sq->ss;
+            float *d = dst + (j - c->lo) * hd;
+            int e = 0;
+#if defined(VEC8)
+            for (; e + 8 <= hd; e += 8) _mm256_storeu_ps(d + e, ld8(a, e, 1));
+#endif
+            for (; e < hd; e++) d[e] = ld1(a, e, 1);
+        }
+    }
 }
 
 // the unit whose blocks hold block index b (units' first blocks ascend)
@@ -365,21 +568,29 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
     int64_t nu, nbt, max_nb;
     attn_unit *u = plan_units(seqs, nseq, ldq, ldo, nq, nkv, hd, window, kv16 ? 2 : 4, &nu, &nbt, &max_nb);
     if (!u) return;
+    widen_t *wd = NULL;
+    float *wbuf = NULL;
+    const int nw = kv16 ? plan_widen(seqs, nseq, u, nkv, hd, &wd, &wbuf) : 0;
     const int split = n_threads > 1 && nu < 4 * n_threads && nbt > nu;
     float *st = split ? malloc(sizeof(float) * (size_t)(nbt * sst)) : NULL;
     if (split && !st) {
-        free(u);
+        free(u), free(wd), free(wbuf);
         return;
     }
-#pragma omp parallel num_threads(nbt > 1 ? n_threads : 1)
+#pragma omp parallel num_threads(nbt > 1 || nw ? n_threads : 1)
     {
+        for (int i = 0; i < nw; i++) {  // (each loop's end waits: the units read the copies)
+            const int64_t tasks = (int64_t)nkv * ((wd[i].hi - wd[i].lo + 1 + 63) / 64);
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tasks; t++) widen_chunk(&wd[i], nkv, hd, t);
+        }
         float *p = malloc(sizeof(float) * (size_t)(rep * KB));
         float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst));
         if (split) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < nbt; b++) {
                 const attn_unit *x = &u[unit_of(u, nu, b)];
-                block_of(x, b - x->first, rep, hd, scale, softcap, kv16, p, st + b * sst);
+                block_of(x, b - x->first, rep, hd, scale, softcap, p, st + b * sst);
             }
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < nu * rep; i++) {  // (nowait: the region's end waits)
@@ -391,7 +602,7 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < nu; i++) {
                 const attn_unit *x = &u[i];
-                for (int64_t b = 0; b < x->nb; b++) block_of(x, b, rep, hd, scale, softcap, kv16, p, mine + b * sst);
+                for (int64_t b = 0; b < x->nb; b++) block_of(x, b, rep, hd, scale, softcap, p, mine + b * sst);
                 for (int r = 0; r < rep; r++) combine(mine + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
             }
         }
@@ -400,6 +611,8 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
     }
     free(st);
     free(u);
+    free(wd);
+    free(wbuf);
 }
 
 // x as the nearest IEEE half (ties to even; subnormals, overflow to inf, nan kept).
