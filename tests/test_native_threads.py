@@ -1,7 +1,9 @@
 """The native runtime's threads per step (backends/native_threads.py) under scripted clocks (no
 timing): a quiet machine never leaves the full count; a starved pool drops to one thread when one
 is faster, stays there while it is, grows back when the neighbour leaves, and backs off probing
-when one thread is no faster; a step size first seen beside a busy neighbour starts on one. And
+when one thread is no faster; a step size first seen beside a busy neighbour starts on one; a due
+probe waits while other processes keep a CPU busy at normal priority (not for a niced one), and
+runs anyway 2048 steps late. And
 that the count never changes results: a tiny GGUF model's prompt and decode logits are the same
 bits on 1, 2 and 3 threads."""
 from __future__ import annotations
@@ -24,8 +26,9 @@ class _Machine:
     """Scripted step costs: wall seconds per step and the CPU share a thread gets."""
 
     def __init__(self, monkeypatch):
-        self.wall = self.cpu = 0.0
+        self.wall = self.cpu = self.theirs = 0.0
         self.others = 0  # runnable threads of other processes at a size's first step
+        self.load = 0.0  # CPUs' worth of other processes' normal-priority (not niced) work
         monkeypatch.setattr(native_threads.time, "perf_counter", lambda: self.wall)
         monkeypatch.setattr(native_threads.time, "process_time", lambda: self.cpu)
         monkeypatch.setattr(native_threads.os, "cpu_count", lambda: 2)  # this machine's
@@ -38,9 +41,13 @@ class _Machine:
             started = policy.start()
             self.wall += cost[n]
             self.cpu += cost[n] * n * share[n]
+            self.theirs += cost[n] * self.load
             policy.record(rows, n, started)
             used.append(n)
         return used
+
+    def policy(self, threads=2):
+        return native_threads.ThreadPolicy(lambda: threads, lambda: self.others, lambda: self.cpu + self.theirs)
 
 
 QUIET = ({1: 9.3e-3, 2: 6.5e-3}, {1: 1.0, 2: 1.0})      # SmolLM2's decode step here
@@ -49,25 +56,27 @@ BUSY = ({1: 9.3e-3, 2: 45e-3}, {1: 1.0, 2: 0.45})       # a neighbour spinning o
 
 def test_a_quiet_machine_never_probes(monkeypatch):
     m = _Machine(monkeypatch)
-    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
+    p = m.policy()
     assert set(m.run(p, *QUIET, 2000)) == {2}
     assert set(m.run(p, *QUIET, 20, rows=300)) == {2}  # prompt chunks too
 
 
 def test_a_busy_neighbour_drops_to_one_thread_and_the_pool_grows_back(monkeypatch):
     m = _Machine(monkeypatch)
-    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
+    p = m.policy()
     m.run(p, *QUIET, 50)
-    busy = m.run(p, *BUSY, 1000)
-    assert busy[1] == 1 and busy[2:].count(2) <= 6  # switched at once, rare probes after
-    quiet = m.run(p, *QUIET, 2600)
-    assert quiet[-500:] == [2] * 500  # back to two within one probe interval
+    m.load = 1.0
+    busy = m.run(p, *BUSY, 2000)
+    assert busy[1] == 1 and busy[2:].count(2) == 0  # switched at once; no probe while it spins
+    m.load = 0.0
+    quiet = m.run(p, *QUIET, 300)
+    assert quiet[-150:] == [2] * 150  # back to two soon after the neighbour left
 
 
 def test_a_size_first_seen_beside_a_busy_neighbour_starts_on_one_thread(monkeypatch):
     m = _Machine(monkeypatch)
     m.others = 1
-    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
+    p = m.policy()
     assert m.run(p, *BUSY, 1, rows=200) == [1]  # a one-shot prompt
     m.others = 0
     assert m.run(p, *QUIET, 1, rows=1) == [2]  # decode, first seen on a quiet machine
@@ -75,9 +84,26 @@ def test_a_size_first_seen_beside_a_busy_neighbour_starts_on_one_thread(monkeypa
     assert used[:120] == [1] * 120 and used[-150:] == [2] * 150
 
 
+def test_a_due_probe_waits_while_a_neighbour_keeps_a_cpu_busy(monkeypatch):
+    m = _Machine(monkeypatch)
+    m.others, m.load = 1, 1.0
+    p = m.policy()
+    used = m.run(p, *BUSY, 4000)
+    # one probe (2048 steps past the due one), then the back-off: >= 20 x its cost later
+    assert used.count(2) == 1 and used.index(2) == 128 + 2048 - 1  # step i is the (i+1)th
+
+
+def test_a_niced_neighbour_does_not_hold_the_pool_on_one_thread(monkeypatch):
+    m = _Machine(monkeypatch)
+    m.others = 1  # runnable at the first step, so it starts on one thread; its time is nice time
+    p = m.policy()
+    used = m.run(p, *QUIET, 400)
+    assert used[:100] == [1] * 100 and used[-200:] == [2] * 200
+
+
 def test_probes_back_off_when_one_thread_is_not_faster(monkeypatch):
     m = _Machine(monkeypatch)
-    p = native_threads.ThreadPolicy(lambda: 2, lambda: m.others)
+    p = m.policy()
     starved_but_faster = ({1: 9.3e-3, 2: 7.5e-3}, {1: 1.0, 2: 0.5})
     used = m.run(p, *starved_but_faster, 3000)
     assert used.count(1) <= 16  # 4, 8, ... 512 steps apart: ~12 probes, not 750
@@ -85,7 +111,7 @@ def test_probes_back_off_when_one_thread_is_not_faster(monkeypatch):
 
 def test_one_thread_configured_is_one_thread(monkeypatch):
     m = _Machine(monkeypatch)
-    p = native_threads.ThreadPolicy(lambda: 1, lambda: 1)
+    p = m.policy(threads=1)
     assert set(m.run(p, *BUSY, 100)) == {1}
 
 
@@ -120,7 +146,7 @@ def test_logits_are_the_same_bits_on_any_thread_count(model, numerics, monkeypat
     runs = {}
     for n in (1, 2, 3):
         monkeypatch.setattr(native_model.native, "threads", lambda n=n: n)
-        model.pool = native_threads.ThreadPolicy(lambda n=n: n, lambda: 0)
+        model.pool = native_threads.ThreadPolicy(lambda n=n: n, lambda: 0, lambda: 0.0)
         for L in model.layers:
             for opts in (L.qkv_opts, L.o_opts, L.gate_up_opts, L.down_opts):
                 opts.precise = int(numerics == "precise")

@@ -7,16 +7,21 @@ fraction of one thread's speed (measured here: SmolLM2 21-24 tok/s with two, ~10
 
 The first step of a size starts on one thread when other threads that keep running (/proc/stat's
 procs_running less this one, the fewest of 5 samples) leave fewer free CPUs than the full count
-(a one-shot run's prompt is a single step). Each step's wall time and the process's CPU time over it are measured. A step
-that got much less CPU time than its threads could use (they were not all running: starved)
-makes the next step of that size a probe on one thread, and the faster of the two becomes the
-choice. While one thread is the choice, the full count is probed now and then, so the pool grows
-back when the neighbour is gone: 128 steps after starting on or switching to one thread (a probe
-of two starved threads cost 13-17 one-thread steps here), 4 after switching back; after a probe
-that changes nothing, twice as far, and at least 20 times as many steps as the probe cost steps
-of the choice, up to 2048. On a quiet machine steps get their CPU time, so none is a probe. The
-kernels give the same bits on any thread count (each output's sums run in an order fixed by the
-data, not by the split), so switching never changes results.
+(a one-shot run's prompt is a single step). Each step's wall time and the process's CPU time over
+it are measured. A step that got much less CPU time than its threads could use (they were not all
+running: starved) makes the next step of that size a probe on one thread, and the faster of the
+two becomes the choice. While one thread is the choice, the full count is probed now and then, so
+the pool grows back when the neighbour is gone: 128 steps after starting on or switching to one
+thread, 4 after switching back; after a probe that changes nothing, twice as far, and at least 20
+times as many steps as the probe cost steps of the choice, up to 2048. A probe that is due waits
+while the machine is busy: from /proc/stat's cpu line, the CPU time spent at normal priority
+(user, system, irq; not nice, idle or steal) less this process's own, over at least 0.2 s, is half
+a CPU or more. A probe of two starved threads beside a spinning neighbour cost ~170 ms here (33
+one-thread SmolLM2 steps: 7% of a 400-token run); waiting costs one read of /proc/stat per 0.2 s.
+A niced neighbour's time is nice time, so it does not hold a probe back; a probe that waited 2048
+steps past its due step runs anyway. On a quiet machine steps get their CPU time, so none is a
+probe. The kernels give the same bits on any thread count (each output's sums run in an order
+fixed by the data, not by the split), so switching never changes results.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ MIN_EVERY, MAX_EVERY = 4, 2048
 FIRST_EVERY = 128  # steps on one thread (started there, or just switched) before the full count is probed
 STARVED = 0.6  # CPU time / (wall time x threads) below this: the threads were not all running
 FASTER = 0.9   # a probe takes over when it is this much faster than the choice
+WINDOW = 0.2   # seconds of /proc/stat time behind a "the machine is busy" verdict
+BUSY = 0.5     # other processes' CPUs' worth of normal-priority work that holds a probe back
 
 
 @dataclass
@@ -68,10 +75,43 @@ def _others_running(samples: int = 5) -> int:
     return max(0, fewest - 1)
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the machine spent at normal priority since boot: /proc/stat's user (guest
+    included), system, irq and softirq; None without /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            v = [int(x) for x in f.readline().split()[1:8]]
+        return (v[0] + v[2] + v[5] + v[6]) / _TICK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class ThreadPolicy:
-    def __init__(self, threads=native.threads, others=_others_running):
-        self.threads, self.others = threads, others
+    def __init__(self, threads=native.threads, others=_others_running, busy=_busy_seconds):
+        self.threads, self.others, self.busy = threads, others, busy
         self.sizes: dict[tuple[int, int], _Size] = {}
+        self.mark = None  # (busy seconds, own CPU seconds, wall) when the machine was last looked at
+        self.verdict: bool | None = None  # _quiet()'s over the window that ended at mark
+
+    def _quiet(self) -> bool | None:
+        """Whether other processes' normal-priority work left a CPU free over the last window of
+        >= WINDOW seconds (None until one has passed since a fresh look): one /proc/stat read per
+        window, the verdict shared by all step sizes until the next."""
+        now = time.perf_counter()
+        if self.mark is not None and now - self.mark[2] < WINDOW:
+            return self.verdict
+        busy, own = self.busy(), time.process_time()
+        if busy is None:
+            return True  # nothing to go by: probe when due
+        last, self.mark = self.mark, (busy, own, now)
+        if last is None or now - last[2] > 4 * WINDOW:  # a stale look: start a window here
+            self.verdict = None
+        else:
+            self.verdict = (busy - last[0]) - (own - last[1]) < BUSY * (now - last[2])
+        return self.verdict
 
     def pick(self, rows: int) -> int:
         n = self.threads()
@@ -82,8 +122,8 @@ class ThreadPolicy:
             free = (os.cpu_count() or n) - self.others()
             s = self.sizes[(n, _size(rows))] = _Size(n) if free >= n else _Size(1, every=FIRST_EVERY)
         s.since += 1
-        if s.choice == 1 and s.since >= s.every:
-            s.probe = True
+        if s.choice == 1 and not s.probe and s.since >= s.every:
+            s.probe = bool(self._quiet()) or s.since >= s.every + MAX_EVERY
         return (n if s.choice == 1 else 1) if s.probe else s.choice
 
     def start(self) -> tuple[float, float]:
