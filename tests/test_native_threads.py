@@ -8,6 +8,8 @@ that the count never changes results: a tiny GGUF model's prompt and decode logi
 bits on 1, 2 and 3 threads."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -88,9 +90,26 @@ def test_a_due_probe_waits_while_a_neighbour_keeps_a_cpu_busy(monkeypatch):
     m = _Machine(monkeypatch)
     m.others, m.load = 1, 1.0
     p = m.policy()
+    reads = []
+    busy = p.busy
+    p.busy = lambda: reads.append(m.wall) or busy()
     used = m.run(p, *BUSY, 4000)
+    assert len(reads) <= m.wall / native_threads.WINDOW + 2  # one /proc/stat read per window
     # one probe (2048 steps past the due one), then the back-off: >= 20 x its cost later
     assert used.count(2) == 1 and used.index(2) == 128 + 2048 - 1  # step i is the (i+1)th
+
+
+def test_busy_seconds_counts_this_process_s_own_cpu_time():
+    """/proc/stat's normal-priority time includes what this process burns (checked against the
+    kernel's own per-process clock; ticks are 10 ms, so the bar is loose)."""
+    if native_threads._busy_seconds() is None:
+        pytest.skip("no /proc/stat")
+    b0, c0 = native_threads._busy_seconds(), time.process_time()
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        pass
+    b1, c1 = native_threads._busy_seconds(), time.process_time()
+    assert b1 - b0 >= 0.7 * (c1 - c0) > 0
 
 
 def test_a_niced_neighbour_does_not_hold_the_pool_on_one_thread(monkeypatch):

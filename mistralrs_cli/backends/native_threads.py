@@ -18,8 +18,9 @@ while the machine is busy: from /proc/stat's cpu line, the CPU time spent at nor
 (user, system, irq; not nice, idle or steal) less this process's own, over at least 0.2 s, is half
 a CPU or more. A probe of two starved threads beside a spinning neighbour cost ~170 ms here (33
 one-thread SmolLM2 steps: 7% of a 400-token run); waiting costs one read of /proc/stat per 0.2 s.
-A niced neighbour's time is nice time, so it does not hold a probe back; a probe that waited 2048
-steps past its due step runs anyway. On a quiet machine steps get their CPU time, so none is a
+A niced neighbour's time is nice time, so it does not hold a probe back; work that a cgroup's
+lower weight would hold back looks busy (it takes the CPU this process leaves free), and only the
+probe that runs anyway once it has waited 2048 steps past due finds the CPU. On a quiet machine steps get their CPU time, so none is a
 probe. The kernels give the same bits on any thread count (each output's sums run in an order
 fixed by the data, not by the split), so switching never changes results.
 """
