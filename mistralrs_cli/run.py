@@ -156,6 +156,10 @@ def run(opts: RunOptions, spec: Any) -> None:
     opts.limits.check()
     config = engine_config(opts)
     params = sampling_flags(opts)
+    # a cached SentencePiece vocabulary loads on a thread while the output mode's imports run
+    from .loaders.tokenizer_cache import prefetch_gguf_tokenizer
+
+    prefetch_gguf_tokenizer(spec, opts.load)
     grammar = grammar_flag(opts.grammar_flags, modes)
     if grammar is not None:
         params["grammar"] = grammar

@@ -28,6 +28,7 @@ from mistralrs_cli.errors import UserError
 from .bpe_splits import PRE_TOKENIZERS, SPLITS, PreTokenizer
 from .gguf_values import BadValue, flag, numbers, strings, text, token_id
 from .spm_vocab import SpmVocab, spm_vocab
+from .tokenizer_cache import SPM_FILE as _SPM_FILE, discard_prefetched, take_prefetched
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftex
 _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2
 _CACHE_FORMAT = 2  # 2: SentencePiece vocabs cached as tokenizer.model
 _SIDECAR = "mistralrs_tokenizer.json"
-_SPM_FILE = "tokenizer.model"
 
 
 @dataclass
@@ -310,9 +310,10 @@ def load_cache(cache_dir: Path) -> Tokenizer | None:
         side = json.loads((cache_dir / _SIDECAR).read_text(encoding="utf-8"))
         if side.get("format") != _CACHE_FORMAT:
             return None
-        if "spm" in side:
-            hf = SpmVocab((cache_dir / _SPM_FILE).read_bytes(), dict(side["spm"]["added"]),
-                          side["spm"]["prefix"])
+        if "spm" in side:  # the processor run.py may have started loading (tokenizer_cache.py)
+            data = (cache_dir / _SPM_FILE).read_bytes()
+            hf = SpmVocab(data, dict(side["spm"]["added"]), side["spm"]["prefix"],
+                          sp=take_prefetched(cache_dir, data))
         else:
             hf = HFTokenizer.from_file(str(cache_dir / "tokenizer.json"))
         tok = Tokenizer(hf, side["bos_id"], side["eos_id"], side["add_bos"], side["add_eos"],
@@ -331,6 +332,7 @@ def tokenizer_from_gguf(meta: Mapping[str, Any], cache_path: Path | None = None,
     source: the file, as error messages name it."""
     if cache_path is not None and (cached := load_cache(Path(cache_path))) is not None:
         return cached
+    discard_prefetched()
     tok = build_from_gguf(meta, source)
     if cache_path is not None:
         try:
