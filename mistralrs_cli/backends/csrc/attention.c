@@ -13,25 +13,64 @@
 // qkv rows (T, ldq): q heads [0, nq), k heads [nq, nq + nkv), each hd wide. Per head of q and k:
 // optional RMSNorm (qn / kn weights incl. any +1, eps), then rotate-half rotary over the first
 // rot dims with this row's cos/sin (T, rot) tables.
+// one head's norm (with its sum of squares ss) and rotation
+static inline __attribute__((always_inline)) void rope_head(float *x, int hd, int half, const float *c, const float *s,
+                                                            const float *nw, float ss, float eps) {
+    if (nw) {
+        const float r = 1.0f / sqrtf(ss / (float)hd + eps);
+        for (int j = 0; j < hd; j++) x[j] = x[j] * r * nw[j];
+    }
+    for (int j = 0; j < half; j++) {
+        const float a = x[j], b = x[j + half];
+        x[j] = a * c[j] - b * s[j];
+        x[j + half] = b * c[j + half] + a * s[j + half];
+    }
+}
+
 void rope_rows(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int rot,
                const float *cos_t, const float *sin_t, const float *qn, const float *kn, float eps) {
-    const int half = rot / 2;
+    const int half = rot / 2, H = nq + nkv;
+#if defined(__AVX512F__)
+    // the norms' sums of squares of 16 heads (of one or more rows) at once: lane i sums head i's
+    // squares in order, each rounded before its add, as the loop below is compiled here (squares
+    // vectorized, added one by one), so the same sums without one dependent add after another
+    if ((qn || kn) && ldq * 16 < INT32_MAX) {
+        const int64_t n = T * H;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int cnt = n - i0 < 16 ? (int)(n - i0) : 16;
+            int32_t off[16] = {0};
+            for (int i = 0; i < cnt; i++) off[i] = (int32_t)(((i0 + i) / H - i0 / H) * ldq + (int64_t)((i0 + i) % H) * hd);
+            const float *base = qkv + (i0 / H) * ldq;
+            const __mmask16 mask = (__mmask16)((1u << cnt) - 1);
+            const __m512i idx = _mm512_loadu_si512((const void *)off);
+            __m512 acc = _mm512_setzero_ps();
+            for (int j = 0; j < hd; j++) {
+                __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, base + j, 4);
+                v = _mm512_mul_ps(v, v);
+                __asm__("" : "+v"(v));  // kept apart from the add: no fused multiply-add
+                acc = _mm512_add_ps(acc, v);
+            }
+            float ss[16];
+            _mm512_storeu_ps(ss, acc);
+            for (int i = 0; i < cnt; i++) {
+                const int64_t t = (i0 + i) / H;
+                const int h = (int)((i0 + i) % H);
+                rope_head(qkv + t * ldq + (int64_t)h * hd, hd, half, cos_t + t * rot, sin_t + t * rot,
+                          h < nq ? qn : kn, ss[i], eps);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos_t + t * rot, *s = sin_t + t * rot;
-        for (int h = 0; h < nq + nkv; h++) {
+        for (int h = 0; h < H; h++) {
             float *x = qkv + t * ldq + (int64_t)h * hd;
             const float *nw = h < nq ? qn : kn;
-            if (nw) {
-                float ss = 0.0f;
+            float ss = 0.0f;
+            if (nw)
                 for (int j = 0; j < hd; j++) ss += x[j] * x[j];
-                const float r = 1.0f / sqrtf(ss / (float)hd + eps);
-                for (int j = 0; j < hd; j++) x[j] = x[j] * r * nw[j];
-            }
-            for (int j = 0; j < half; j++) {
-                const float a = x[j], b = x[j + half];
-                x[j] = a * c[j] - b * s[j];
-                x[j + half] = b * c[j + half] + a * s[j + half];
-            }
+            rope_head(x, hd, half, c, s, nw, ss, eps);
         }
     }
 }

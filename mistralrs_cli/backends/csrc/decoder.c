@@ -29,6 +29,22 @@ extern int prof_role;
 #define PROF_T(r, call) call
 #endif
 
+// rope_rows over a prompt's rows split across the threads (each row's result is its own: the same
+// values whichever thread computes it); a few rows on this thread
+static void rope_par(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int rot, const float *cos_t,
+                     const float *sin_t, const float *qn, const float *kn, float eps, int n_threads) {
+    if (T < 16 || n_threads < 2) {
+        rope_rows(qkv, T, ldq, nq, nkv, hd, rot, cos_t, sin_t, qn, kn, eps);
+        return;
+    }
+    const int64_t step = 16;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t0 = 0; t0 < T; t0 += step) {
+        const int64_t n = T - t0 < step ? T - t0 : step;
+        rope_rows(qkv + t0 * ldq, n, ldq, nq, nkv, hd, rot, cos_t + t0 * rot, sin_t + t0 * rot, qn, kn, eps);
+    }
+}
+
 typedef struct {
     const void *qkv, *qkv_opts, *o, *o_opts, *gu, *gu_opts, *down, *down_opts;  // plans and qmm_opts
     int qkv_n, o_n, gu_n, down_n;                                                 // parts per plan
@@ -56,7 +72,7 @@ int decoder_layers(const dec_layer *L, int nl, attn_seq *seqs, int nseq, const f
             failed = i + 1;
             break;
         }
-        PROF_T(PROF_ROPE, rope_rows(qkv, T, ldq, nq, nkv, hd, l->rot, l->cos_t, l->sin_t, l->qn, l->kn, l->eps));
+        PROF_T(PROF_ROPE, rope_par(qkv, T, ldq, nq, nkv, hd, l->rot, l->cos_t, l->sin_t, l->qn, l->kn, l->eps, n_threads));
         for (int s = 0; s < nseq; s++) {
             seqs[s].k = kv[((int64_t)i * nseq + s) * 2];
             seqs[s].v = kv[((int64_t)i * nseq + s) * 2 + 1];

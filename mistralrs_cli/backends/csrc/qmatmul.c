@@ -666,11 +666,42 @@ int64_t lora_rank(const void *l);
 void lora_down(const void *l, const float *x, int64_t ldx, int64_t k, int64_t m, float *u);
 void lora_up(const void *l, const float *u, int64_t m, float *y, int64_t ldy, int64_t n);
 
+static void rms_scale_row(const float *x, int64_t k, const float *w, float eps, float ss, float *out) {
+    const float r = 1.0f / sqrtf(ss / (float)k + eps);
+    for (int64_t j = 0; j < k; j++) out[j] = x[j] * r * w[j];
+}
+
 static void rms_norm_row(const float *x, int64_t k, const float *w, float eps, float *out) {
     float ss = 0.0f;
     for (int64_t j = 0; j < k; j++) ss += x[j] * x[j];
-    const float r = 1.0f / sqrtf(ss / (float)k + eps);
-    for (int64_t j = 0; j < k; j++) out[j] = x[j] * r * w[j];
+    rms_scale_row(x, k, w, eps, ss, out);
+}
+
+// Rows' sums of squares NORM_ROWS at a time (Z512): lane i sums row i's squares in order from
+// the first, each square rounded before its add, as rms_norm_row's loop is compiled here (the
+// squares vectorized, then added one by one: one dependent add per value, ~4 cycles each); 16
+// rows' chains side by side instead of one after another, so the same sums.
+#define NORM_ROWS (Z512 ? 16 : 1)
+static void sumsq_rows(const float *x, int64_t ld, int n, int64_t k, float *ss) {
+#if Z512
+    const __mmask16 mask = (__mmask16)((1u << n) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)ld));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j++) {
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, x + j, 4);
+        __m512 sq = _mm512_mul_ps(v, v);
+        __asm__("" : "+v"(sq));  // kept apart from the add: no fused multiply-add
+        acc = _mm512_add_ps(acc, sq);
+    }
+    _mm512_mask_storeu_ps(ss, mask, acc);
+#else
+    for (int i = 0; i < n; i++) {
+        float a = 0.0f;
+        for (int64_t j = 0; j < k; j++) a += x[i * ld + j] * x[i * ld + j];
+        ss[i] = a;
+    }
+#endif
 }
 
 static float act_fn(int act, float g) {
@@ -892,6 +923,24 @@ static void epilogue_row(float *y, int64_t r, int64_t n, int64_t ldy, const qmm_
     }
 }
 
+// epilogue_row for rows r0 .. r0 + nr - 1 (nr <= NORM_ROWS), their post-norms' sums side by side
+static void epilogue_rows(float *y, int64_t r0, int nr, int64_t n, int64_t ldy, const qmm_opts *o) {
+    if (nr < 2 || !o->residual || !o->post_w) {
+        for (int i = 0; i < nr; i++) epilogue_row(y, r0 + i, n, ldy, o);
+        return;
+    }
+    float ss[16];
+    if (o->bias)
+        for (int i = 0; i < nr; i++)
+            for (int64_t j = 0; j < n; j++) y[(r0 + i) * ldy + j] += o->bias[j];
+    sumsq_rows(y + r0 * ldy, ldy, nr, n, ss);
+    for (int i = 0; i < nr; i++) {
+        float *yr = y + (r0 + i) * ldy, *res = o->residual + (r0 + i) * o->ld_res;
+        rms_scale_row(yr, n, o->post_w, o->post_eps, ss[i], yr);
+        for (int64_t j = 0; j < n; j++) res[j] += yr[j];
+    }
+}
+
 // Two-part activations (qmm_opts.precise): each input row x is rounded as usual (hi), then what
 // that rounding lost, r = x - dequant(hi), scaled by LO_SCALE (a power of two: exact, and it keeps
 // the second part's scales in the first's range), is rounded the same way (lo). The kernels see
@@ -946,6 +995,22 @@ static void prep_k(const prep_t *c, const float *row, int64_t s) {
     q8k_mins(c->kd + s * c->nbk, c->kbs + s * c->nbk * 16, c->nbk, c->kms + s * c->nbk * 8);
 }
 
+#if Z512
+// res = (row - q * d) * LO_SCALE per value, d one scale per blk values: the scalar loops in
+// prep_row 16 lanes at a time, with the fused multiply-subtract the compiler makes of them there
+// (one rounding, then an exact product by a power of two), so the same floats
+static void lo_part(const float *row, const int8_t *q, const float *d, int64_t k, int64_t blk, float *res) {
+    const __m512 lo = _mm512_set1_ps(LO_SCALE);
+    for (int64_t b = 0; b < k / blk; b++) {
+        const __m512 dv = _mm512_set1_ps(d[b]);
+        for (int64_t j = b * blk; j < (b + 1) * blk; j += 16) {
+            const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j))));
+            _mm512_storeu_ps(res + j, _mm512_mul_ps(_mm512_fnmadd_ps(qf, dv, _mm512_loadu_ps(row + j)), lo));
+        }
+    }
+}
+#endif
+
 // input row r (after the prologue) into its slot(s); res: k floats of scratch
 static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
     const int64_t k = c->k;
@@ -962,16 +1027,44 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
         prep_a(c, row, 2 * r);
         const int8_t *q = c->xq + 2 * r * k;
         const float *d = c->xd + 2 * r * c->nb;
+#if Z512
+        lo_part(row, q, d, k, QK, res);
+#else
         for (int64_t j = 0; j < k; j++) res[j] = (row[j] - (float)q[j] * d[j / QK]) * LO_SCALE;
+#endif
         prep_a(c, res, 2 * r + 1);
     }
     if (c->need_k) {
         prep_k(c, row, 2 * r);
         const int8_t *q = c->kq + 2 * r * k;
         const float *d = c->kd + 2 * r * c->nbk;
+#if Z512
+        lo_part(row, q, d, k, QKK, res);
+#else
         for (int64_t j = 0; j < k; j++) res[j] = (row[j] - (float)q[j] * d[j / QKK]) * LO_SCALE;
+#endif
         prep_k(c, res, 2 * r + 1);
     }
+}
+
+// y = y_hi + y_lo / LO_SCALE for columns [c0, c1) (at most 16) of m rows; yt: each row's two
+// slots' outputs (n_total columns each). The product is exact (a power of two): one fused
+// multiply-add, as the compiler makes of the scalar expression.
+static void sum_parts(const float *yt, int64_t n_total, float *y, int64_t ldy, int64_t m, int64_t c0, int64_t c1) {
+#if Z512
+    const __mmask16 mask = (__mmask16)((1u << (c1 - c0)) - 1);
+    const __m512 f = _mm512_set1_ps(1.0f / LO_SCALE);
+    for (int64_t r = 0; r < m; r++) {
+        const float *hi = yt + 2 * r * n_total + c0, *lo = hi + n_total;
+        _mm512_mask_storeu_ps(y + r * ldy + c0, mask,
+                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, lo), f, _mm512_maskz_loadu_ps(mask, hi)));
+    }
+#else
+    for (int64_t r = 0; r < m; r++) {
+        const float *hi = yt + 2 * r * n_total, *lo = hi + n_total;
+        for (int64_t c = c0; c < c1; c++) y[r * ldy + c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
+    }
+#endif
 }
 
 // ---- timers for scripts/decode_budget.py: only in a build with -DNATIVE_PROF (native.py makes
@@ -1028,6 +1121,8 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     }
     if (((need_a || need_w) && k % QK) || (need_k && k % QKK)) return -1;
     const int two_part = precise && (need_a || need_k);  // some part multiplies hi and lo slots
+    int summed = 1;  // every two-part part is packed: its units sum their own columns' parts
+    for (int p = 0; p < nparts; p++) summed &= is_wide(&parts[p], precise) || (parts[p].type & PACKED) != 0;
     const int64_t nb = k / QK, nbk = k / QKK, ms = precise ? 2 * m : m;  // ms: slots, the kernels' rows
     int8_t *xq = need_a ? malloc((size_t)(ms * k)) : NULL, *kq = need_k ? malloc((size_t)(ms * k)) : NULL;
     float *xd = malloc(sizeof(float) * (size_t)(ms * nb + 1)), *xs = malloc(sizeof(float) * (size_t)(ms * nb + 1));
@@ -1067,9 +1162,21 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             const int main_thread = omp_get_thread_num() == 0;
             float *row_tmp = main_thread ? tmp : malloc(sizeof(float) * (size_t)k);
             float *row_res = main_thread || !precise ? res : malloc(sizeof(float) * (size_t)k);
+            // a norm alone (no activation): NORM_ROWS rows' sums of squares at a time
+            const int batch = o && o->norm_w && !o->act && NORM_ROWS > 1 ? NORM_ROWS : 1;
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < m; r++)
-                prep_row(&pc, input_row(x + r * ldx, k, o, xin ? xin + r * k : row_tmp), r, row_res);
+            for (int64_t rb = 0; rb < (m + batch - 1) / batch; rb++) {
+                const int nr = m - rb * batch < batch ? (int)(m - rb * batch) : batch;
+                float ss[16];
+                if (batch > 1) sumsq_rows(x + rb * batch * ldx, ldx, nr, k, ss);
+                for (int i = 0; i < nr; i++) {
+                    const int64_t r = rb * batch + i;
+                    float *dst = xin ? xin + r * k : row_tmp;
+                    const float *in = x + r * ldx;
+                    if (batch > 1) rms_scale_row(in, k, o->norm_w, o->norm_eps, ss[i], dst);
+                    prep_row(&pc, batch > 1 ? dst : input_row(in, k, o, dst), r, row_res);
+                }
+            }
             if (row_tmp != tmp) free(row_tmp);
             if (row_res != res) free(row_res);
         } else if (own_prep) {
@@ -1114,8 +1221,13 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                                       precise ? 2 : 1, y + col, ldy);
             } else {
 #pragma omp for schedule(QMM_SCHED) nowait
-                for (int64_t i = 0; i < units(pp); i++)
+                for (int64_t i = 0; i < units(pp); i++) {
                     part_rows(pp, i, i + 1, k, ms, xq, xd, xs, xi, kq, kd, kbs, kms, yk + col, ldk);
+                    if (two_part && (pp->type & PACKED)) {  // its 16 columns' two parts summed while in cache
+                        const int64_t c1 = 16 * i + 16 < pp->rows ? 16 * i + 16 : pp->rows;
+                        sum_parts(yt, n_total, y, ldy, m, col + 16 * i, col + c1);
+                    }
+                }
             }
             col += pp->rows;
         }
@@ -1123,7 +1235,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
         const double p_c = omp_get_wtime();
         p_busy[p_me] = p_c - p_b;
 #endif
-        if (two_part) {  // y = y_hi + y_lo / LO_SCALE, in column spans of 1024 (a decode step has one row)
+        if (two_part && !summed) {  // the rest: in column spans of 1024 (a decode step has one row)
 #pragma omp barrier
             const int64_t spans = (n_total + 1023) / 1024;
 #pragma omp for schedule(static)
@@ -1133,14 +1245,14 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                 float *out = y + r * ldy;
                 int64_t p0 = 0;  // the two-part parts' columns in [c0, c1): the wide ones wrote y
                 for (int p = 0; p < nparts; p0 += parts[p++].rows) {
-                    if (is_wide(&parts[p], precise)) continue;
+                    if (is_wide(&parts[p], precise) || (parts[p].type & PACKED)) continue;  // (done)
                     const int64_t a = p0 > c0 ? p0 : c0, e = p0 + parts[p].rows < c1 ? p0 + parts[p].rows : c1;
                     for (int64_t c = a; c < e; c++) out[c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
                 }
             }
         }
         if (lora) {  // y += u B^T once all columns (and u) are done, before the bias and residual add
-            if (!two_part) {  // (the two parts' sum above ended with a barrier)
+            if (!two_part || summed) {  // (the two parts' sum above ended with a barrier)
 #pragma omp barrier
             }
             lora_up(lora, lu, m, y, ldy, n_total);  // no barrier: the epilogue's or the region's end follows
@@ -1152,7 +1264,9 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
             p_wait[p_me] = p_d - p_c;
 #endif
 #pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < m; r++) epilogue_row(y, r, n_total, ldy, o);  // (the region's end waits)
+            for (int64_t rb = 0; rb < (m + NORM_ROWS - 1) / NORM_ROWS; rb++)  // (the region's end waits)
+                epilogue_rows(y, rb * NORM_ROWS, m - rb * NORM_ROWS < NORM_ROWS ? (int)(m - rb * NORM_ROWS) : NORM_ROWS,
+                              n_total, ldy, o);
 #ifdef NATIVE_PROF
             if (p_me == 0) p_epi = omp_get_wtime() - p_d;
 #endif
