@@ -18,7 +18,8 @@ Peak RSS is the child's own ru_maxrss from os.wait4. This script imports nothing
 --contexts: "short" is a fixed ~200-token prompt; a number N is a fixed long text (bench_context.py)
 cut so that prompt + new tokens is about N tokens, i.e. decode runs at context ~N (prefill tok/s
 is over the whole prompt). --busy-neighbour: a separate process spins on one CPU during every
-run, and ours-1t (one thread) runs beside the others as the reference.
+run, and ours-1t (one thread) runs as the reference right after ours (right before it every other
+repeat), so that other work on a shared machine loads the two alike.
 
   python scripts/bench.py [--repeats 2] [--models smollm2,gemma3] [--engines ours,ours-fast,llama.cpp]
                           [--contexts short,512,2048,8192] [--busy-neighbour] [--json results.json]
@@ -278,8 +279,13 @@ def prompts(args, paths: dict) -> dict:
 def run_all(args, live: list[str], paths: dict, texts: dict) -> list[dict]:
     runs: list[dict] = []
     for rep in range(args.repeats):
-        k = rep % max(1, len(live))
-        order = live[k:] + live[:k]  # rotate so no engine always runs first
+        paired = args.busy_neighbour and "ours" in live and "ours-1t" in live
+        rest = [e for e in live if not (paired and e == "ours-1t")]
+        k = rep % max(1, len(rest))
+        order = rest[k:] + rest[:k]  # rotate so no engine always runs first
+        if paired:  # ours-1t right beside ours (before it every other repeat): the same load for both
+            i = order.index("ours") + rep % 2
+            order.insert(i, "ours-1t")
         for m in paths:
             for c in args.contexts:
                 for e in order:

@@ -8,6 +8,7 @@ that the count never changes results: a tiny GGUF model's prompt and decode logi
 bits on 1, 2 and 3 threads."""
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
@@ -173,3 +174,24 @@ def test_logits_are_the_same_bits_on_any_thread_count(model, numerics, monkeypat
         runs[n] = _logits(model, prompt, 6)
     for n in (2, 3):
         assert all(np.array_equal(a, b) for a, b in zip(runs[1], runs[n]))
+
+
+def test_the_busy_neighbour_bench_runs_ours_1t_right_beside_ours(monkeypatch):
+    """scripts/bench.py --busy-neighbour: ours-1t runs next to ours in every repeat (alternately
+    before and after), so that a shared machine's other work loads the two alike."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    bench = __import__("bench")
+    order = []
+    monkeypatch.setattr(bench, "one_run", lambda e, *a: order.append(e) or {"engine": e, "error": "x"})
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    live = ["ours", "ours-fast", "llama.cpp", "ours-1t"]
+    args = SimpleNamespace(repeats=4, busy_neighbour=True, contexts=["short"])
+    bench.run_all(args, live, {"smollm2": None}, {("smollm2", "short"): None})
+    reps = [order[i:i + 4] for i in range(0, 16, 4)]
+    assert all(sorted(r) == sorted(live) for r in reps)
+    assert [r.index("ours-1t") - r.index("ours") for r in reps] == [-1, 1, -1, 1]
+    assert [r[0] for r in reps] != [reps[0][0]] * 4  # still rotated
