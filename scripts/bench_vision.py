@@ -58,10 +58,11 @@ this load. Within one precise prefill (1 thread, CPU): the quantized multiplies 
 attention 1.0 s (one query row at a time), rope and the rest 0.02 s. Tried, no gain: one fused
 q|k|v GEMM in a CLIP-L layer (45.5 vs 46.0 ms CPU per attention block, 7 rounds), matmul+softmax
 in place of SDPA (53.7 ms, slower), oneDNN-prepacked linears (MkldnnLinear: fc1+fc2 96 vs 62 ms
-CPU). Outside the vision files (measured in-process, not changed here): the prefill's attention as torch SDPA with a causal mask over the cache (same logits to
-1.4e-4 of the range) 7.52 vs 8.61 CPU s per prefill at 1 thread (3 rounds, load 4), noise at 2
-threads under load 6-7 (8.77 vs 9.01); prefill chunks of 128 rows 7.58 vs 8.02 CPU s at 512
-(1 thread, 3 rounds; at 2 threads under load 6-10 the order was noise).
+CPU). Outside the vision files (measured in-process, not changed here): the prefill's
+attention as torch SDPA with a causal mask over the cache (same logits to 1.4e-4 of the range)
+7.52 vs 8.61 CPU s per prefill at 1 thread (3 rounds, load 4), noise at 2 threads under load
+6-7 (8.77 vs 9.01); prefill chunks of 128 rows 7.58 vs 8.02 CPU s at 512 (1 thread, 3 rounds;
+at 2 threads under load 6-10 the order was noise).
 """
 from __future__ import annotations
 
