@@ -6,13 +6,9 @@ the same checkpoint (plain and streamed); bytes that are not an image are a 400 
 shape, and the server keeps serving."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx2 as httpx  # the HTTP client the openai package ships with here
 import openai
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -21,31 +17,14 @@ from tokenizers import Tokenizer
 import gguf_builder as gb
 import vision_models as vm
 from test_server import free_port
+from test_server_cli import _start as start_cli, _wait_healthy as wait_healthy
 from test_vision_gguf import ARCHS, text_model
 
-BIN = Path(sys.executable).parent
 STEPS = 8
 
 
 def _start(path: Path, gguf_name: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([str(BIN / "mistralrs-server"), "--port", str(port), "vision-plain", "-m", str(path),
-                             "-f", gguf_name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not come up")
+    return start_cli(["--port", str(port), "vision-plain", "-m", str(path), "-f", gguf_name], "mistralrs-server")
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
@@ -61,7 +40,7 @@ def server(request, tmp_path_factory):
     port = free_port()
     proc = _start(path, "text-f32.gguf", port)  # a file name inside -m, as the CLI takes it
     try:
-        _wait_healthy(proc, port)
+        wait_healthy(proc, port, timeout=180)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         yield client, want, proc
     finally:
