@@ -35,7 +35,8 @@ from gguf import GGML_QUANT_SIZES, GGUFReader
 # self-contained (no import of backends/native.py, which is edited by others): the same build
 # flags and the same ctypes calls
 CSRC = Path(__file__).resolve().parent.parent / "mistralrs_cli" / "backends" / "csrc"
-SOURCES = ("qmatmul.c", "packed.c")  # the GEMM only (attention.c is not needed here)
+SOURCES = ("qmatmul.c", "packed.c", "attention.c", "decoder.c", "lora.c", "floatmm.c", "quantize.c")  # as native.py builds
+HEADERS = ("attention.h",)
 PACKED = 0x100
 
 
@@ -46,7 +47,8 @@ class QPart(ctypes.Structure):
 class QmmOpts(ctypes.Structure):  # csrc/qmatmul.c's qmm_opts
     _fields_ = [("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float), ("act", ctypes.c_int),
                 ("bias", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("ld_res", ctypes.c_int64),
-                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int)]
+                ("post_w", ctypes.c_void_p), ("post_eps", ctypes.c_float), ("precise", ctypes.c_int),
+                ("lora", ctypes.c_void_p)]
 
 
 def compile_lib(src_dir: Path, out_dir: Path) -> ctypes.CDLL:
@@ -164,7 +166,7 @@ def shapes(which: str):
 def build_at(rev: str):
     """The library from the C sources as committed at `rev`."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_qmm_"))
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         rel = (CSRC / name).relative_to(REPO)
         text = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=REPO, capture_output=True, check=True).stdout
         (tmp / name).write_bytes(text)

@@ -7,9 +7,13 @@
 // Group layout, per block of 32 (of k / 32): d[8] fp16, (Q4_1: m[8] fp16), then the quants in
 // 4-byte chunks, chunk-major: Q4_x chunk c (0..3) = bytes 4c..4c+3 of each row's 16 nibble
 // bytes (low nibbles: weights 4c..4c+3, high: 16+4c..), Q8_0 chunk c (0..7) = weights 4c..4c+3
-// of each row with 128 added (unsigned), Q5_0 like Q8_0 with its 5-bit codes 0..31 as bytes (50%
-// more bytes than its 22-byte blocks, but no bit-plane unpacking on every token). Missing rows
-// of the last group are zero.
+// of each row with 128 added (unsigned). Q5_0 keeps its GGUF bytes per weight (22 per 32): its
+// low four bits as Q4_0's nibble chunks, then its fifth bits as masks over the chunks' bytes, one
+// per chunk and nibble (entry 2c + e: chunk c's low (e = 0) or high (e = 1) nibbles, bit 4r + j
+// for row r's byte j), 4 bytes each (8 in a pair: bit 32h + 4r + j for half h). A kernel adds
+// 16 to the masked codes (AVX-512: one masked byte add per chunk and nibble) and then multiplies
+// codes 0..31 as before. One byte per weight would read 55% more on every decode token (Gemma-3:
+// 67.4 against 43.6 MB). Missing rows of the last group are zero.
 //
 // Pairs: groups 2p and 2p+1 are stored interleaved, block by block, so that one 512-bit register
 // holds one chunk of 16 rows: a pair's block is, for Q4_1, d[16] (the two groups' d[8] in turn),
@@ -23,6 +27,7 @@
 // stride doubled. The work unit of packed_rows / packed_k_rows is a pair (or the lone group).
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -34,20 +39,23 @@
 #endif
 
 enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q8_0 = 8 };
+enum { T_Q5_0B = 0x1006 };  // internal: a Q5_0 pair expanded to byte codes 0..31 (q5_rows_expanded)
 
 int packed_block_bytes(int type) {  // per group of 8 rows, per block of 32
     switch (type) {
     case T_Q4_0: return 16 + 128;
     case T_Q4_1: return 32 + 128;
-    case T_Q5_0:
+    case T_Q5_0: return 16 + 128 + 32;
     case T_Q8_0: return 16 + 256;
+    case T_Q5_0B: return 16 + 256;
     }
     return 0;
 }
 
-static int bytewise(int type) { return type == T_Q8_0 || type == T_Q5_0; }  // one byte per weight
+static int bytewise(int type) { return type == T_Q8_0 || type == T_Q5_0B; }  // one byte per weight
+static int fifth(int type) { return type == T_Q5_0; }     // nibbles and a mask of fifth bits
 
-int packed_supported(int type) { return packed_block_bytes(type) != 0; }
+int packed_supported(int type) { return type != T_Q5_0B && packed_block_bytes(type) != 0; }
 
 // Where group g's block b lives: the start of its (pair's or own) block, with *h its half of
 // the pair (0 alone) and *s 2 for a pair, 1 alone: every offset inside a block scales by s.
@@ -67,9 +75,10 @@ static inline const uint8_t *gblock(const uint8_t *w, int64_t groups, int64_t nb
 // stride. In a pair of Q4_0 / Q5_0 / Q8_0 groups the second group's d[8] sits after the chunks,
 // not next to the first's: the chunks then start 16 bytes into the block (measured here: a
 // stream of 64-byte loads at 0 / 32 bytes past line starts, block by block, read ~30% slower
-// from memory than at 16 / 48). Q4_1's pair block is d[16], m[16], chunks.
+// from memory than at 16 / 48). Q4_1's pair block is d[16], m[16], chunks. Q5_0's masks follow
+// its chunks (hb: this group's entry 0, entry i at hb + i * cs / 8).
 typedef struct {
-    uint8_t *d, *m, *q;
+    uint8_t *d, *m, *q, *hb;
     int cs;
 } gview;
 
@@ -88,7 +97,14 @@ static inline gview view8(int type, const uint8_t *w, int64_t groups, int64_t nb
         v.m = v.d;
         v.q = blk + 16 + 32 * h;
     }
+    v.hb = blk + 16 + 128 * s + 4 * h;  // Q5_0 only
     return v;
+}
+
+// Q5_0: the fifth bit of row `lane`'s byte j (0..3) of chunk c, nibble e
+static inline int fifth_bit(const gview *gv, int c, int e, int lane, int j) {
+    const int i = 4 * lane + j;
+    return (gv->hb[(2 * c + e) * (gv->cs / 8) + i / 8] >> (i % 8)) & 1;
 }
 
 // w: n rows of GGUF blocks (k / 32 per row) -> out: ceil(n / 8) groups. Returns 0 or -1.
@@ -105,6 +121,7 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
         for (int64_t b = 0; b < nb; b++) {
             const gview gv = view8(type, out, groups, nb, g, b);
             const int s = gv.cs / 32;
+            uint32_t qh[8] = {0};  // Q5_0: the rows' fifth bits, written as whole mask words below
             for (int r = 0; r < 8 && g * 8 + r < n; r++) {
                 const uint8_t *src = w + ((g * 8 + r) * nb + b) * bb;
                 memcpy(gv.d + 2 * r, src, 2);                          // d
@@ -112,11 +129,8 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                 uint8_t *q = gv.q + 4 * r;  // chunk c at q + 32 * s * c
                 const uint8_t *qs = src + (type == T_Q4_1 ? 4 : type == T_Q5_0 ? 6 : 2);
                 if (type == T_Q5_0) {
-                    uint32_t qh;
-                    memcpy(&qh, src + 2, 4);
-                    for (int e = 0; e < 32; e++)  // weight e: its nibble and its fifth bit
-                        q[(e / 4) * 32 * s + e % 4] =
-                            (uint8_t)((e < 16 ? qs[e] & 15 : qs[e - 16] >> 4) | (((qh >> e) & 1) << 4));
+                    memcpy(&qh[r], src + 2, 4);
+                    for (int c = 0; c < 4; c++) memcpy(q + c * 32 * s, qs + 4 * c, 4);  // Q4_0's nibble chunks
                 } else {
                     const int chunks = type == T_Q8_0 ? 8 : 4;
                     for (int c = 0; c < chunks; c++) {
@@ -127,6 +141,13 @@ int repack8(int type, const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
                     }
                 }
             }
+            if (type == T_Q5_0)
+                for (int i = 0; i < 8; i++) {  // entry 2c + e: weights 16e + 4c.. of row r at bits 4r..
+                    const int c = i / 2, e = i % 2;
+                    uint32_t word = 0;
+                    for (int r = 0; r < 8; r++) word |= ((qh[r] >> (16 * e + 4 * c)) & 15u) << (4 * r);
+                    memcpy(gv.hb + i * (gv.cs / 8), &word, 4);
+                }
         }
     }
     return 0;
@@ -153,12 +174,34 @@ static inline __m256i bcast4(const int8_t *p) {
     memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
 }
+
+// Q5_0: 16 added to the bytes of v (codes 0..15) whose bit is set in the 32-bit mask at p
+static inline __m256i add_fifth(__m256i v, const uint8_t *p) {
+    uint32_t mk;
+    memcpy(&mk, p, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_mask_add_epi8(v, (__mmask32)mk, v, _mm256_set1_epi8(16));
+#else  // byte i takes mask byte i / 8 (each 128-bit lane: 2 of them), then its own bit i % 8
+    const __m256i bits = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i by = _mm256_shuffle_epi8(_mm256_set1_epi32((int)mk),
+                                           _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                              0x0303030303030303LL));
+    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(by, bits), bits);
+    return _mm256_add_epi8(v, _mm256_and_si256(on, _mm256_set1_epi8(16)));
+#endif
+}
 #endif
 #if ZMM
 static inline __m512i zbcast4(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm512_set1_epi32(v);
+}
+
+static inline __m512i zadd_fifth(__m512i v, const uint8_t *p) {  // add_fifth, 64 bytes
+    uint64_t mk;
+    memcpy(&mk, p, 8);
+    return _mm512_mask_add_epi8(v, _cvtu64_mask64(mk), v, _mm512_set1_epi8(16));
 }
 #endif
 
@@ -204,9 +247,12 @@ __attribute__((unused)) static void packed_rows_scalar(int type, const uint8_t *
                         for (int c = 0; c < 4; c++)
                             for (int j = 0; j < 4; j++) {
                                 const uint8_t v = q[c * 32 * s + j];
-                                sum += (v & 15) * xr[4 * c + j] + (v >> 4) * xr[16 + 4 * c + j];
+                                const int f0 = fifth(type) ? 16 * fifth_bit(&gv, c, 0, lane, j) : 0;
+                                const int f1 = fifth(type) ? 16 * fifth_bit(&gv, c, 1, lane, j) : 0;
+                                sum += ((v & 15) + f0) * xr[4 * c + j] + ((v >> 4) + f1) * xr[16 + 4 * c + j];
                             }
                         if (type == T_Q4_0) sum -= 8 * xi[r * nb + b];
+                        if (type == T_Q5_0) sum -= 16 * xi[r * nb + b];
                     }
                     uint16_t dh, mh;
                     memcpy(&dh, gv.d + 2 * lane, 2);
@@ -265,29 +311,33 @@ static inline __attribute__((always_inline)) void tile(const int type, const int
             }
             for (int r = 0; r < RN; r++)
                 isum[r] = _mm256_add_epi32(_mm256_madd_epi16(isum[r], _mm256_set1_epi16(16)), wide(s16[r]));
-        } else if (bytewise(type)) {
-            // Q5_0's codes (< 32) give pair sums below 2 * 31 * 127: four chunks fit in int16
+        } else if (bytewise(type)) {  // Q8_0 with VNNI: dpbusd's int32 sums
             for (int c = 0; c < 8; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
                 for (int r = 0; r < RN; r++) s16[r] = dp16(s16[r], wv, bcast4(xq + (r0 + r) * k + b * 32 + 4 * c));
-                if (VNNI256 || c % 4 != 3) continue;
-                for (int r = 0; r < RN; r++) {
-                    isum[r] = c == 3 ? wide(s16[r]) : _mm256_add_epi32(isum[r], wide(s16[r]));
-                    s16[r] = _mm256_setzero_si256();
-                }
             }
-            if (VNNI256)
-                for (int r = 0; r < RN; r++) isum[r] = s16[r];
-        } else {  // nibbles: 8 pair sums below 2 * 15 * 127 fit in int16, the whole block
+            for (int r = 0; r < RN; r++) isum[r] = s16[r];
+        } else {  // nibbles: 8 pair sums below 2 * 15 * 127 fit in int16, the whole block (Q5_0's
+                  // codes < 32: 4 of them, two chunks)
             for (int c = 0; c < 4; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
-                const __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                __m256i lo = _mm256_and_si256(wv, low), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low);
+                if (fifth(type)) {
+                    lo = add_fifth(lo, gv.hb + 2 * c * (cs / 8));
+                    hi = add_fifth(hi, gv.hb + (2 * c + 1) * (cs / 8));
+                }
                 for (int r = 0; r < RN; r++) {
                     const int8_t *xr = xq + (r0 + r) * k + b * 32;
                     s16[r] = dp16(dp16(s16[r], lo, bcast4(xr + 4 * c)), hi, bcast4(xr + 16 + 4 * c));
                 }
+                if (fifth(type) && !VNNI256 && c == 1)
+                    for (int r = 0; r < RN; r++) {
+                        isum[r] = wide(s16[r]);
+                        s16[r] = _mm256_setzero_si256();
+                    }
             }
-            for (int r = 0; r < RN; r++) isum[r] = wide(s16[r]);
+            for (int r = 0; r < RN; r++)
+                isum[r] = fifth(type) && !VNNI256 ? _mm256_add_epi32(isum[r], wide(s16[r])) : wide(s16[r]);
         }
         const __m256 mm =
             type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv.m)) : d;
@@ -334,7 +384,7 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
         int64_t k, int64_t g, int64_t r0, const int8_t *xq, const float *xd, const float *xs, const int32_t *xi,
         float *y, int64_t ldy) {
     const int gb = packed_block_bytes(type);
-    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 ? 16 : type == T_Q4_0 ? 8 : 0;
+    const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 || type == T_Q5_0B ? 16 : type == T_Q4_0 ? 8 : 0;
     const int64_t nb = k / 32;
     const __m512i low = _mm512_set1_epi8(0x0f);
     const uint8_t *pw = w + g * nb * gb;  // the pair's blocks, 2 * gb each
@@ -342,7 +392,7 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
     for (int r = 0; r < RN; r++) xr[r] = xq + (r0 + r) * k;
     __m512 acc[8];
     for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_ps();
-    const int pf = g + 2 * ZPF + 1 < (n + 7) / 8;  // a whole pair ZPF pairs on to prefetch
+    const int pf = type != T_Q5_0B && g + 2 * ZPF + 1 < (n + 7) / 8;  // a whole pair ZPF pairs on to prefetch
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = pw + b * 2 * gb, *q = blk + (type == T_Q4_1 ? 64 : 16);
         if (pf)
@@ -358,7 +408,11 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
         } else {
             for (int c = 0; c < 4; c++) {
                 const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
-                const __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+                if (fifth(type)) {  // the pair's masks follow its 4 chunks
+                    lo = zadd_fifth(lo, q + 256 + 16 * c);
+                    hi = zadd_fifth(hi, q + 256 + 16 * c + 8);
+                }
                 for (int r = 0; r < RN; r++) {
                     isum[r] = _mm512_dpbusd_epi32(isum[r], lo, zbcast4(xr[r] + b * 32 + 4 * c));
                     isum[r] = _mm512_dpbusd_epi32(isum[r], hi, zbcast4(xr[r] + b * 32 + 16 + 4 * c));
@@ -388,6 +442,57 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
     }
 #endif
 
+#if ZMM
+// Q5_0 against more rows than one tile takes (a prompt): each pair is expanded once per call to
+// byte codes (Q8_0's pair layout, codes 0..31, T_Q5_0B) in a scratch buffer and its row tiles
+// read that, instead of every tile adding the fifth bits again (Gemma-3's gate+up, 202 rows,
+// one thread: 10% slower than byte codes in memory without it). Same integers, same outputs.
+static void zexpand_q5(const uint8_t *w, int64_t nb, int64_t g, uint8_t *out) {
+    const int gb = packed_block_bytes(T_Q5_0), ob = 2 * packed_block_bytes(T_Q5_0B);
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (g * nb + 2 * b) * gb, *q = blk + 16;
+        uint8_t *o = out + b * ob;
+        memcpy(o, blk, 16);                           // group g's d[8]
+        memcpy(o + ob - 16, blk + 2 * gb - 16, 16);  // group g + 1's
+        for (int c = 0; c < 4; c++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
+            const __m512i lo = zadd_fifth(_mm512_and_si512(wv, low), q + 256 + 16 * c);
+            const __m512i hi = zadd_fifth(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low), q + 256 + 16 * c + 8);
+            _mm512_storeu_si512((void *)(o + 16 + c * 64), lo);        // weights 4c..4c+3
+            _mm512_storeu_si512((void *)(o + 16 + (c + 4) * 64), hi);  // 16 + 4c..
+        }
+    }
+}
+
+static void q5_rows_expanded(const uint8_t *w, int64_t n, int64_t k, int64_t u0, int64_t u1, int64_t m,
+                             const int8_t *xq, const float *xd, const float *xs, const int32_t *xi, float *y,
+                             int64_t ldy) {
+    const int64_t nb = k / 32, groups = (n + 7) / 8;
+    uint8_t *buf = malloc((size_t)(nb * 2 * packed_block_bytes(T_Q5_0B)));
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t g = 2 * u;
+        if (g + 1 >= groups) {
+            TILES8(T_Q5_0, g)
+        } else if (!buf) {
+            ZTILES(T_Q5_0, g)
+        } else {
+            zexpand_q5(w, nb, g, buf);
+            // the buffer as the only pair of a weight of the rows from 8g on, written from column 8g
+            const int64_t n_left = n - 8 * g;
+            float *y_left = y + 8 * g;
+            {
+                const uint8_t *w = buf;
+                const int64_t n = n_left;  // the pair cuts to the rows that exist
+                float *y = y_left;
+                ZTILES(T_Q5_0B, 0)
+            }
+        }
+    }
+    free(buf);
+}
+#endif
+
 #if defined(__AVX2__)
 #if ZMM
 #define UNIT(T)                                                                                 \
@@ -412,7 +517,14 @@ void packed_rows(int type, const uint8_t *w, int64_t n, int64_t k, int64_t u0, i
     switch (type) {
     case T_Q4_0: UNIT(T_Q4_0) break;
     case T_Q4_1: UNIT(T_Q4_1) break;
-    case T_Q5_0: UNIT(T_Q5_0) break;
+    case T_Q5_0:
+#if ZMM
+        if (m > 16) {
+            q5_rows_expanded(w, n, k, u0, u1, m, xq, xd, xs, xi, y, ldy);
+            break;
+        }
+#endif
+        UNIT(T_Q5_0) break;
     case T_Q8_0: UNIT(T_Q8_0) break;
     }
 #else
@@ -466,13 +578,20 @@ static inline __m256i bcast8(const int16_t *p) {  // 4 int16 codes in every 64-b
 // NC activation codes (row r's at x0 + r * k; chunk c's 4 at + 4 * c). The unpacks widen each
 // 128-bit lane's bytes: rows 0, 1 | 4, 5 and rows 2, 3 | 6, 7 (4 int16 each); madd gives 2
 // int32 lanes per row, one hadd of the two sums lane i the row i.
-static inline __attribute__((always_inline)) void wsum16(const int RN, const int NC, const int nib, const uint8_t *q,
-        int cs, const int16_t *x0, const int16_t *x1, int64_t k, __m256i *s0, __m256i *s1) {
+static inline __attribute__((always_inline)) void wsum16(const int RN, const int NC, const int nib0, const uint8_t *q,
+        int cs, const int16_t *x0, const int16_t *x1, int64_t k, __m256i *s0, __m256i *s1, const uint8_t *hb) {
+    // Q5_0 (hb its masks, nib0 0 or 1): nibble nib0 of each byte and its fifth bit as byte codes
+    const int nib = hb ? -1 : nib0;
     const int two = nib == 2;
     __m256i a[4], b[4], c2[4], d2[4];
     for (int r = 0; r < RN; r++) a[r] = b[r] = c2[r] = d2[r] = _mm256_setzero_si256();
     for (int c = 0; c < NC; c++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(q + c * cs));
+        if (hb) {
+            const __m256i l4 = _mm256_set1_epi8(0x0f);
+            wv = _mm256_and_si256(nib0 ? _mm256_srli_epi16(wv, 4) : wv, l4);
+            wv = add_fifth(wv, hb + (2 * c + nib0) * (cs / 8));
+        }
         const __m256i z = _mm256_setzero_si256();
         // an opaque value: the compiler would otherwise share one pass's widened chunks with the
         // next pass over the same chunks (the other nibble) and spill them all to the stack
@@ -531,15 +650,15 @@ static inline __attribute__((always_inline)) void wblock(const int type, const i
     const __m256 mm = type == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gv->m)) : d;
     const int16_t *x = xw + r0 * k + b * 32;
     __m256i s[4], s1[4];
-    if (!bytewise(type) && RN <= 2) {
-        wsum16(RN, 4, 2, gv->q, gv->cs, x, x + 16, k, s, s1);
+    if (!bytewise(type) && !fifth(type) && RN <= 2) {
+        wsum16(RN, 4, 2, gv->q, gv->cs, x, x + 16, k, s, s1, 0);
         wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * 2, nb * 2);
         wstep(type, RN, acc, d, mm, s1, xd, xo, xm, (r0 * nb + b) * 2 + 1, nb * 2);
         return;
     }
     for (int e = 0; e < H; e++) {  // the block's halves (H = 2), or the whole block
-        if (bytewise(type)) wsum16(RN, 8 / H, -1, gv->q + 4 * e * gv->cs, gv->cs, x + 16 * e, x, k, s, s1);
-        else wsum16(RN, 4, e, gv->q, gv->cs, x + 16 * e, x, k, s, s1);
+        if (bytewise(type)) wsum16(RN, 8 / H, -1, gv->q + 4 * e * gv->cs, gv->cs, x + 16 * e, x, k, s, s1, 0);
+        else wsum16(RN, 4, e, gv->q, gv->cs, x + 16 * e, x, k, s, s1, fifth(type) ? gv->hb : 0);
         wstep(type, RN, acc, d, mm, s, xd, xo, xm, (r0 * nb + b) * H + e, nb * H);
     }
 }
@@ -552,7 +671,7 @@ static inline __attribute__((always_inline)) void wtile(const int type, const in
     for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps();
     gview gv = view8(type, w, groups, nb, g, 0);
     const int64_t step = (int64_t)gv.cs / 32 * packed_block_bytes(type);  // block b + 1 is this far on
-    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.m += step, gv.q += step)
+    for (int64_t b = 0; b < nb; b++, gv.d += step, gv.m += step, gv.q += step, gv.hb += step)
         wblock(type, RN, H, &gv, k, nb, b, r0, xw, xd, xo, xm, acc);
     store_tile(acc, RN, n, g, r0, y, ldy);
 }
@@ -570,7 +689,8 @@ static inline __attribute__((always_inline)) void wtile_pair(const int type, con
     for (int64_t b = 0; b < nb; b++) {
         wblock(type, 1, H, &v0, k, nb, b, 0, xw, xd, xo, xm, &a0);
         wblock(type, 1, H, &v1, k, nb, b, 0, xw, xd, xo, xm, &a1);
-        v0.d += step, v0.m += step, v0.q += step, v1.d += step, v1.m += step, v1.q += step;
+        v0.d += step, v0.m += step, v0.q += step, v0.hb += step, v1.d += step, v1.m += step, v1.q += step;
+        v1.hb += step;
     }
     store_tile(&a0, 1, n, g, 0, y, 0);
     store_tile(&a1, 1, n, g + 1, 0, y, 0);
@@ -594,7 +714,8 @@ static inline __attribute__((always_inline)) void wtile_pair(const int type, con
 static inline int wcode(int type, const gview *gv, int lane, int j) {
     if (bytewise(type)) return gv->q[(j / 4) * gv->cs + 4 * lane + j % 4];
     const uint8_t v = gv->q[(j % 16 / 4) * gv->cs + 4 * lane + j % 4];
-    return j < 16 ? v & 15 : v >> 4;
+    const int f = fifth(type) ? 16 * fifth_bit(gv, j % 16 / 4, j / 16, lane, j % 4) : 0;
+    return (j < 16 ? v & 15 : v >> 4) + f;
 }
 
 static inline float fma_(float a, float b, float c) {
@@ -964,7 +1085,7 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
         __m256i s0[4], s1[4];
         if (type == T_Q6_K) {
             for (int i = 0; i < 16; i++) {
-                wsum16(RN, 4, -1, q + 4 * i * cs, cs, x + 16 * i, x, k, s0, s1);
+                wsum16(RN, 4, -1, q + 4 * i * cs, cs, x + 16 * i, x, k, s0, s1, 0);
                 wkstep(type, RN, a, _mm256_loadu_ps(sc + i * ss), a[0], s0, xd, xo, xm, xb + i, n16);
             }
             continue;
@@ -975,11 +1096,11 @@ static inline __attribute__((always_inline)) void wktile(const int type, const i
                 const float *s0p = sc + 2 * j * ss, *s1p = s0p + ss;  // the sub-blocks' scales; mins 8 rows on
                 const int16_t *x0 = x + 64 * j + 16 * e;
                 if (RN <= 2) {
-                    wsum16(RN, 4, 2, qc, cs, x0, x0 + 32, k, s0, s1);
+                    wsum16(RN, 4, 2, qc, cs, x0, x0 + 32, k, s0, s1, 0);
                 } else {
-                    wsum16(RN, 4, 0, qc, cs, x0, x0, k, s0, s1);
+                    wsum16(RN, 4, 0, qc, cs, x0, x0, k, s0, s1, 0);
                     wkstep(type, RN, a, _mm256_loadu_ps(s0p), _mm256_loadu_ps(s0p + 8 * ss), s0, xd, xo, xm, xb + 4 * j + e, n16);
-                    wsum16(RN, 4, 1, qc, cs, x0 + 32, x0, k, s1, s0);
+                    wsum16(RN, 4, 1, qc, cs, x0 + 32, x0, k, s1, s0, 0);
                     wkstep(type, RN, a, _mm256_loadu_ps(s1p), _mm256_loadu_ps(s1p + 8 * ss), s1, xd, xo, xm, xb + 4 * j + 2 + e, n16);
                     continue;
                 }
