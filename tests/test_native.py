@@ -92,3 +92,14 @@ def test_k_types_match_reference(libs, qtype, m):
     for name, lib in libs.items():
         got = native.qmatmul(torch.from_numpy(x), [(torch.from_numpy(raw), qtype, n)], lib).double().numpy()
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), name
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0], ids=lambda t: t.name)
+def test_repacked_bytes_equal_the_gguf_blocks(libs, qtype):
+    """The 8-row layout keeps each type's GGUF byte count (gguf-py's block sizes): a decode token
+    streams no more weight bytes than llama.cpp's (Q5_0 once took one byte per weight: 34 per 32)."""
+    from gguf import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[qtype]
+    assert block == 32
+    assert libs["avx2"].packed_block_bytes(int(qtype)) == 8 * size
+    assert libs["scalar"].packed_block_bytes(int(qtype)) == 8 * size
