@@ -116,3 +116,42 @@ def test_precise_activations(kernel_builds, qtype):
                 errs[precise] = np.abs(res - ref).max() / scale
             assert errs[True] < 1e-4, (name, m, errs)
             assert errs[False] > 20 * errs[True], (name, m, errs)  # the 8-bit rounding really is gone
+
+
+@pytest.fixture(scope="module")
+def row_block_builds(tmp_path_factory):
+    """The native build with qmm_parts' row blocks at 4 KB of rounded activations (a few rows),
+    and one whose blocks never start (every call whole)."""
+    d = tmp_path_factory.mktemp("rowblocks")
+    return native.build(("-DQMM_ROW_BLOCK_BYTES=4096",), d), native.build(("-DQMM_ROW_BLOCK_BYTES=1073741824",), d)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_row_blocks_give_the_same_bits(row_block_builds, qtype):
+    """A prompt's rows in blocks (qmm_parts, for wide rows) give every output and every residual
+    sum bit for bit as the whole call does, with the fused norm, bias and residual add, precise
+    and fast; and within the reference's tolerance of the dequantized product."""
+    blocked, whole = row_block_builds
+    k, n = 512, 24  # 4 KB: 8 rows a block (fast), 4 (precise)
+    if qtype in native.K_TYPES:
+        raw = gb.random_blocks((n, k), qtype, seed=9)
+        w = quants.dequantize(raw, qtype).astype(np.float64)
+    else:
+        raw, w = _weights(qtype, n, k, seed=9)
+    rng = np.random.default_rng(5)
+    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for m in (5, 13, 29):
+        x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
+        x64 = x.astype(np.float64)
+        ref = x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-6) * norm_w @ w.T + bias
+        for precise in (True, False):
+            outs = []
+            for lib in (blocked, whole):
+                res = np.ones((m, n), dtype=np.float32)
+                opts = native.qmm_opts(norm_w, 1e-6, bias=bias, precise=precise)
+                opts.residual, opts.ld_res = res.ctypes.data, n
+                native.qmatmul(x, [(raw, qtype, n)], lib, opts)
+                outs.append(res)
+            assert np.array_equal(outs[0], outs[1]), (m, precise)
+            assert np.abs(outs[0] - 1 - ref).max() <= 2e-2 * np.abs(ref).max(), (m, precise)
