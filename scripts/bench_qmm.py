@@ -160,6 +160,18 @@ def shapes(which: str):
                 ("gemma down (Q4_K)", [t[f"blk.{l4}.ffn_down.weight"]]),
                 ("gemma gelu+down (Q6_K)", [t[f"blk.{l6}.ffn_down.weight"]], 2),
                 ("gemma lm_head", [t["token_embd.weight"]])]
+    if which == "llava":  # LLaVA-1.5-7B's text layers (scripts/bench_vision.py --shape llava15 --isq Q4K):
+        # random Q4_K blocks with finite scales, as tests/gguf_builder.random_blocks makes them
+        sys.path.insert(0, str(REPO / "tests"))
+        import gguf_builder as gb
+        from gguf import GGMLQuantizationType as Q
+
+        def q4k(n, k, seed):
+            return (gb.random_blocks((n, k), Q.Q4_K, seed=seed), Q.Q4_K, n, k)
+        out += [("llava qkv (Q4_K)", [q4k(4096, 4096, 1), q4k(4096, 4096, 2), q4k(4096, 4096, 3)]),
+                ("llava o (Q4_K)", [q4k(4096, 4096, 4)]),
+                ("llava gate+up (Q4_K)", [q4k(11008, 4096, 5), q4k(11008, 4096, 6)]),
+                ("llava silu+down (Q4_K)", [q4k(4096, 11008, 7)], 1)]
     return out
 
 
@@ -179,7 +191,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--base", default="HEAD", help="git revision of the baseline sources ('' for none)")
-    ap.add_argument("--model", default="all", choices=["smol", "gemma", "all"])
+    ap.add_argument("--model", default="all", choices=["smol", "gemma", "all", "llava"])
     ap.add_argument("--cpu-time", action="store_true")
     ap.add_argument("--precise", action="store_true", help="time --numerics precise's activations")
     ap.add_argument("--only", default="", help="only the shapes whose label contains this (e.g. lm_head)")

@@ -119,20 +119,23 @@ def test_precise_activations(kernel_builds, qtype):
 
 
 @pytest.fixture(scope="module")
-def row_block_builds(tmp_path_factory):
-    """The native build with qmm_parts' row blocks at 4 KB of rounded activations (a few rows),
-    and one whose blocks never start (every call whole)."""
-    d = tmp_path_factory.mktemp("rowblocks")
-    return native.build(("-DQMM_ROW_BLOCK_BYTES=4096",), d), native.build(("-DQMM_ROW_BLOCK_BYTES=1073741824",), d)
+def panel_builds(tmp_path_factory):
+    """The native build with qmm_parts' panels at small sizes (slot blocks of 4 KB of rounded
+    activations, at least 4 slots; panels of ~12 KB of weights: 2 units of 512-wide Q4_K or
+    Q5_0 rows), and one that never panels (every unit over all slots)."""
+    d = tmp_path_factory.mktemp("panels")
+    small = ("-DQMM_SLOT_BLOCK_BYTES=4096", "-DQMM_SLOT_BLOCK_MIN=4", "-DQMM_PANEL_BYTES=12000")
+    return native.build(small, d), native.build(("-DQMM_SLOT_BLOCK_BYTES=1073741824",), d)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
-def test_row_blocks_give_the_same_bits(row_block_builds, qtype):
-    """A prompt's rows in blocks (qmm_parts, for wide rows) give every output and every residual
-    sum bit for bit as the whole call does, with the fused norm, bias and residual add, precise
-    and fast; and within the reference's tolerance of the dequantized product."""
-    blocked, whole = row_block_builds
-    k, n = 512, 24  # 4 KB: 8 rows a block (fast), 4 (precise)
+def test_panels_give_the_same_bits(panel_builds, qtype):
+    """A prompt's units in panels and its slots in blocks (qmm_parts, for wide rows) give every
+    output and every residual sum bit for bit as whole calls do, with the fused norm, bias and
+    residual add, precise and fast; and within the reference's tolerance of the dequantized
+    product."""
+    panelled, whole = panel_builds
+    k, n = 512, 40  # 5 groups: 3 units, a panel of 2 and a lone one
     if qtype in native.K_TYPES:
         raw = gb.random_blocks((n, k), qtype, seed=9)
         w = quants.dequantize(raw, qtype).astype(np.float64)
@@ -147,7 +150,7 @@ def test_row_blocks_give_the_same_bits(row_block_builds, qtype):
         ref = x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-6) * norm_w @ w.T + bias
         for precise in (True, False):
             outs = []
-            for lib in (blocked, whole):
+            for lib in (panelled, whole):
                 res = np.ones((m, n), dtype=np.float32)
                 opts = native.qmm_opts(norm_w, 1e-6, bias=bias, precise=precise)
                 opts.residual, opts.ld_res = res.ctypes.data, n

@@ -1052,13 +1052,14 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
 // multiply-add, as the compiler makes of the scalar expression.
 static void sum_parts(const float *yt, int64_t n_total, float *y, int64_t ldy, int64_t m, int64_t c0, int64_t c1) {
 #if Z512
-    const __mmask16 mask = (__mmask16)((1u << (c1 - c0)) - 1);
     const __m512 f = _mm512_set1_ps(1.0f / LO_SCALE);
-    for (int64_t r = 0; r < m; r++) {
-        const float *hi = yt + 2 * r * n_total + c0, *lo = hi + n_total;
-        _mm512_mask_storeu_ps(y + r * ldy + c0, mask,
-                              _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, lo), f, _mm512_maskz_loadu_ps(mask, hi)));
-    }
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t c = c0; c < c1; c += 16) {  // a unit's 16 columns, or a panel's units in turn
+            const __mmask16 mask = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
+            const float *hi = yt + 2 * r * n_total + c, *lo = hi + n_total;
+            _mm512_mask_storeu_ps(y + r * ldy + c, mask,
+                                  _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, lo), f, _mm512_maskz_loadu_ps(mask, hi)));
+        }
 #else
     for (int64_t r = 0; r < m; r++) {
         const float *hi = yt + 2 * r * n_total, *lo = hi + n_total;
@@ -1101,37 +1102,40 @@ int fmm_parts(const void *parts, int nparts, int64_t k, const float *x, int64_t 
 // y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
 // parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
 // Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
-#ifndef QMM_ROW_BLOCK_BYTES
-#define QMM_ROW_BLOCK_BYTES (1 << 20)
+// A prompt against wide rows: every unit reads all of a call's rounded activation slots, which
+// past ~1 MB (512 rows of 4096, precise: 4 MB) no longer stay in the core's L2 beside the unit
+// and come from the shared L3 once per unit (a 4096 x 22016 Q4_K weight: 1376 units x 4 MB). Then
+// the units go in panels of ~512 KB of weights and each panel takes the slots in blocks of ~1 MB
+// (at least 64): the panel stays in L2 across the blocks, the block across the panel's units.
+// Same integer sums and steps per output, so the same bits (tests/test_qmm_tiles.py builds with
+// small blocks against whole calls). 1: units one at a time over all slots, as before.
+// LLaVA-1.5-7B's Q4_K layers (qkv, o, gate+up, silu+down; scripts/bench_qmm.py --model llava),
+// 512 rows, precise, 2 threads, against the whole calls interleaved in one process, three runs:
+// 903 -> 851, 900 -> 820, 855 -> 790 ms (6-9%). Rows of 640 (Gemma-3, SmolLM2) are never
+// panelled below ~800 rows.
+#ifndef QMM_SLOT_BLOCK_BYTES
+#define QMM_SLOT_BLOCK_BYTES (1 << 20)
 #endif
+#ifndef QMM_SLOT_BLOCK_MIN
+#define QMM_SLOT_BLOCK_MIN 64
+#endif
+#ifndef QMM_PANEL_BYTES
+#define QMM_PANEL_BYTES (512 << 10)
+#endif
+static int64_t panel_units(const qpart_t *p, int64_t k, int64_t ms, int64_t *slots_per_block) {
+    *slots_per_block = ms;
+    if (ms * k <= QMM_SLOT_BLOCK_BYTES || !(p->type & PACKED)) return 1;
+    const int t = p->type & ~PACKED;
+    const int64_t unit = 16 * (is_k(t) ? k / QKK * block_bytes(t) : k / QK * block_bytes(t));  // ~ its bytes
+    int64_t sb = QMM_SLOT_BLOCK_BYTES / k;
+    if (sb < QMM_SLOT_BLOCK_MIN) sb = QMM_SLOT_BLOCK_MIN;
+    *slots_per_block = sb;
+    return unit > 0 && QMM_PANEL_BYTES / unit > 1 ? QMM_PANEL_BYTES / unit : 1;
+}
 
 int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
               float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
     if (nparts > 0 && fmm_type(parts[0].type)) return fmm_parts(parts, nparts, k, x, ldx, m, y, ldy, n_threads, o);
-    // A prompt against wide rows: rows in blocks whose rounded activations (a byte per value and
-    // slot) take about 1 MB, so that every weight unit reads them from its core's L2 rather than
-    // from the shared L3 (each unit reads all of a call's rows). Each row's output is the same
-    // whatever rows share the call (tests/test_qmm_tiles.py), so the blocks give the same bits.
-    // LLaVA-1.5's 4096-wide Q4_K layers, 512 rows, precise, 2 threads: 893 -> 743 ms (medians of 5;
-    // 256-row blocks 782, 64-row 821); rows of 640 (Gemma-3, SmolLM2) stay whole up to ~800.
-    {
-        const int64_t rb = ((QMM_ROW_BLOCK_BYTES / ((o && o->precise ? 2 : 1) * (k > 0 ? k : 1))) + 15) / 16 * 16;
-        if (rb > 0 && m > rb + rb / 2) {
-            for (int64_t r0 = 0; r0 < m; r0 += rb) {
-                const int64_t mr = m - r0 < rb + rb / 2 ? m - r0 : rb;  // no thin last block
-                qmm_opts ob;
-                if (o) {
-                    ob = *o;
-                    if (ob.residual) ob.residual += r0 * ob.ld_res;
-                }
-                const int rc = qmm_parts(parts, nparts, k, x + r0 * ldx, ldx, mr, y + r0 * ldy, ldy, n_threads,
-                                         o ? &ob : NULL);
-                if (rc) return rc;
-                r0 += mr - rb;  // the last block took the rest
-            }
-            return 0;
-        }
-    }
 #ifdef NATIVE_PROF
     const double p_t0 = omp_get_wtime();
     double p_busy[64] = {0}, p_wait[64] = {0}, p_prep = 0, p_epi = 0;
@@ -1248,12 +1252,20 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
                         packed_rows_w(pp->type & ~PACKED, pp->w, pp->rows, k, i, i + 1, m, mine.xw, mine.xwd, mine.xwi,
                                       precise ? 2 : 1, y + col, ldy);
             } else {
+                int64_t sb;
+                const int64_t pu = panel_units(pp, k, ms, &sb), np = (units(pp) + pu - 1) / pu;
 #pragma omp for schedule(QMM_SCHED) nowait
-                for (int64_t i = 0; i < units(pp); i++) {
-                    part_rows(pp, i, i + 1, k, ms, xq, xd, xs, xi, kq, kd, kbs, kms, yk + col, ldk);
-                    if (two_part && (pp->type & PACKED)) {  // its 16 columns' two parts summed while in cache
-                        const int64_t c1 = 16 * i + 16 < pp->rows ? 16 * i + 16 : pp->rows;
-                        sum_parts(yt, n_total, y, ldy, m, col + 16 * i, col + c1);
+                for (int64_t q = 0; q < np; q++) {
+                    const int64_t i0 = q * pu, i1 = i0 + pu < units(pp) ? i0 + pu : units(pp);
+                    for (int64_t s0 = 0; s0 < ms; s0 += sb) {  // (one block unless panelled)
+                        const int64_t sn = ms - s0 < sb ? ms - s0 : sb;
+                        part_rows(pp, i0, i1, k, sn, xq ? xq + s0 * k : NULL, xd + s0 * nb, xs + s0 * nb,
+                                  xi + s0 * nb, kq ? kq + s0 * k : NULL, kd + s0 * nbk, kbs + s0 * nbk * 16,
+                                  kms + s0 * nbk * 8, yk + col + s0 * ldk, ldk);
+                    }
+                    if (two_part && (pp->type & PACKED)) {  // its columns' two parts summed while in cache
+                        const int64_t c1 = 16 * i1 < pp->rows ? 16 * i1 : pp->rows;
+                        sum_parts(yt, n_total, y, ldy, m, col + 16 * i0, col + c1);
                     }
                 }
             }
