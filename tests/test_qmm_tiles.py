@@ -32,6 +32,19 @@ def _weights(qtype: Q, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarra
     return raw, quants.dequantize(raw, qtype).astype(np.float64)
 
 
+def _any_weights(qtype: Q, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """_weights for the types gguf-py quantizes; random blocks (finite scales) for the rest."""
+    if qtype in native.K_TYPES or qtype not in gb.QUANTIZABLE:
+        raw = gb.random_blocks((n, k), qtype, seed=seed)
+        return raw, quants.dequantize(raw, qtype).astype(np.float64)
+    return _weights(qtype, n, k, seed)
+
+
+def _norm_and_bias(rng, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RMSNorm weight near 1 (k) and a bias (n), f32."""
+    return (1 + 0.1 * rng.standard_normal(k)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+
+
 def _q8_k(x: np.ndarray) -> np.ndarray:
     """llama.cpp's q8_K rounding (see test_native)."""
     xb = x.reshape(-1, 256).astype(np.float32)
@@ -92,14 +105,9 @@ def test_precise_activations(kernel_builds, qtype):
     rounding is ~100x further off;
     with a fused RMSNorm before and a bias + residual add after, in every build."""
     k, n = 512, 21
-    if qtype in native.K_TYPES or qtype not in gb.QUANTIZABLE:
-        raw = gb.random_blocks((n, k), qtype, seed=5)
-        w = quants.dequantize(raw, qtype).astype(np.float64)
-    else:
-        raw, w = _weights(qtype, n, k, seed=5)
+    raw, w = _any_weights(qtype, n, k, seed=5)
     rng = np.random.default_rng(11)
-    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32)
+    norm_w, bias = _norm_and_bias(rng, k, n)
     for m in (1, 2, 3, 9, 17):
         x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
         x64 = x.astype(np.float64)
@@ -136,14 +144,9 @@ def test_panels_give_the_same_bits(panel_builds, qtype):
     product."""
     panelled, whole = panel_builds
     k, n = 512, 40  # 5 groups: 3 units, a panel of 2 and a lone one
-    if qtype in native.K_TYPES:
-        raw = gb.random_blocks((n, k), qtype, seed=9)
-        w = quants.dequantize(raw, qtype).astype(np.float64)
-    else:
-        raw, w = _weights(qtype, n, k, seed=9)
+    raw, w = _any_weights(qtype, n, k, seed=9)
     rng = np.random.default_rng(5)
-    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
-    bias = rng.standard_normal(n).astype(np.float32)
+    norm_w, bias = _norm_and_bias(rng, k, n)
     for m in (5, 13, 29):
         x = (rng.standard_normal((m, k)) * 2).astype(np.float32)
         x64 = x.astype(np.float64)
