@@ -68,6 +68,18 @@ def test_cli_image_flag(ckpt):
     assert out.stdout == _want(ckpt, ["tall", "gray"]) + "\n"
 
 
+def test_cli_image_flag_tensor_parallel(ckpt):
+    """--tp 2 (two gloo ranks on this host, the torch executor): the image prompt's greedy text is
+    still transformers'."""
+    path = ckpt[0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([str(BIN / "mistralrs"), "--tp", "2", "--temperature", "0", "--ignore-eos", "--max-tokens",
+                          str(STEPS), "--image", str(path / "tall.img"), "--prompt", TEXT, "vision-plain", "-m", str(path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == _want(ckpt, ["tall"]) + "\n"
+
+
 def test_python_api_image_parts(ckpt):
     path = ckpt[0]
     runner = Runner(Which.VisionPlain(str(path), arch="llava"), token_source="none", loaded=ckpt[4])

@@ -48,17 +48,19 @@ class TPModel:
 
     named_modules = parameters = modules
 
-    def step(self, ids, positions, seqs, rows, hidden: bool = False, adapter_weights=None):
+    def step(self, ids, positions, seqs, rows, hidden: bool = False, adapter_weights=None, input_embeds=None):
         descs = [(s.start, s.end, self._describe(s.cache)) for s in seqs]
         pool = None if self._pool is None else (self._pool.alloc.n_blocks, self._pool.block_size)
         copies, self._copies = self._copies, []
         freed, self._freed = self._freed, []
-        # the rows' LoRA weights (adapters/bank.py) go with the step: every rank's side paths weigh them
-        msg = ("step", ids, positions, rows, hidden, descs, pool, copies, freed, adapter_weights)
+        # the rows' LoRA weights (adapters/bank.py) go with the step: every rank's side paths weigh
+        # them; so do the image rows (vision: the tower runs on rank 0, every rank's layers take them)
+        msg = ("step", ids, positions, rows, hidden, descs, pool, copies, freed, adapter_weights, input_embeds)
         with self.comm.lock:
             try:
                 self.comm.send(msg)
-                return self.inner.step(ids, positions, seqs, rows, hidden=hidden, adapter_weights=adapter_weights)
+                return self.inner.step(ids, positions, seqs, rows, hidden=hidden, adapter_weights=adapter_weights,
+                                       input_embeds=input_embeds)
             except Exception as e:  # a lost rank, or ranks out of step: nothing can continue
                 self.comm.collective_failed(e)
                 raise
@@ -143,10 +145,11 @@ def follow(model, comm: Comm) -> None:
         if msg[0] == "stop":
             comm.stopped()
             return
-        _, ids, positions, rows, hidden, descs, pool, copies, freed, adapter_weights = msg
+        _, ids, positions, rows, hidden, descs, pool, copies, freed, adapter_weights, input_embeds = msg
         try:
             mirror.apply(pool, copies, freed)
             seqs = [SeqSlice(a, b, mirror.cache(d)) for a, b, d in descs]
-            model.step(ids, positions, seqs, rows, hidden=hidden, adapter_weights=adapter_weights)
+            model.step(ids, positions, seqs, rows, hidden=hidden, adapter_weights=adapter_weights,
+                       input_embeds=input_embeds)
         except Exception as e:  # noqa: BLE001
             comm.collective_failed(e)
