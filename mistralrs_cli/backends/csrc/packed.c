@@ -203,6 +203,19 @@ static inline __m512i zadd_fifth(__m512i v, const uint8_t *p) {  // add_fifth, 6
     memcpy(&mk, p, 8);
     return _mm512_mask_add_epi8(v, _cvtu64_mask64(mk), v, _mm512_set1_epi8(16));
 }
+
+// chunk c of a pair's nibble block q (Q4_0 / Q4_1 / Q5_0) as byte codes: *lo its low nibbles
+// (weights 4c..4c+3), *hi its high ones (16 + 4c..), Q5_0's fifth bits added (its masks follow
+// the 4 chunks)
+static inline void znibbles(int fifth_bits, const uint8_t *q, int c, __m512i *lo, __m512i *hi) {
+    const __m512i low = _mm512_set1_epi8(0x0f), wv = _mm512_loadu_si512((const void *)(q + c * 64));
+    *lo = _mm512_and_si512(wv, low);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+    if (fifth_bits) {
+        *lo = zadd_fifth(*lo, q + 256 + 16 * c);
+        *hi = zadd_fifth(*hi, q + 256 + 16 * c + 8);
+    }
+}
 #endif
 
 
@@ -386,7 +399,6 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
     const int gb = packed_block_bytes(type);
     const int off = type == T_Q8_0 ? 128 : type == T_Q5_0 || type == T_Q5_0B ? 16 : type == T_Q4_0 ? 8 : 0;
     const int64_t nb = k / 32;
-    const __m512i low = _mm512_set1_epi8(0x0f);
     const uint8_t *pw = w + g * nb * gb;  // the pair's blocks, 2 * gb each
     const int8_t *xr[8];
     for (int r = 0; r < RN; r++) xr[r] = xq + (r0 + r) * k;
@@ -407,12 +419,8 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
             }
         } else {
             for (int c = 0; c < 4; c++) {
-                const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
-                __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-                if (fifth(type)) {  // the pair's masks follow its 4 chunks
-                    lo = zadd_fifth(lo, q + 256 + 16 * c);
-                    hi = zadd_fifth(hi, q + 256 + 16 * c + 8);
-                }
+                __m512i lo, hi;
+                znibbles(fifth(type), q, c, &lo, &hi);
                 for (int r = 0; r < RN; r++) {
                     isum[r] = _mm512_dpbusd_epi32(isum[r], lo, zbcast4(xr[r] + b * 32 + 4 * c));
                     isum[r] = _mm512_dpbusd_epi32(isum[r], hi, zbcast4(xr[r] + b * 32 + 16 + 4 * c));
@@ -449,16 +457,14 @@ static inline __attribute__((always_inline)) void ztile(const int type, const in
 // one thread: 10% slower than byte codes in memory without it). Same integers, same outputs.
 static void zexpand_q5(const uint8_t *w, int64_t nb, int64_t g, uint8_t *out) {
     const int gb = packed_block_bytes(T_Q5_0), ob = 2 * packed_block_bytes(T_Q5_0B);
-    const __m512i low = _mm512_set1_epi8(0x0f);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = w + (g * nb + 2 * b) * gb, *q = blk + 16;
         uint8_t *o = out + b * ob;
         memcpy(o, blk, 16);                           // group g's d[8]
         memcpy(o + ob - 16, blk + 2 * gb - 16, 16);  // group g + 1's
         for (int c = 0; c < 4; c++) {
-            const __m512i wv = _mm512_loadu_si512((const void *)(q + c * 64));
-            const __m512i lo = zadd_fifth(_mm512_and_si512(wv, low), q + 256 + 16 * c);
-            const __m512i hi = zadd_fifth(_mm512_and_si512(_mm512_srli_epi16(wv, 4), low), q + 256 + 16 * c + 8);
+            __m512i lo, hi;
+            znibbles(1, q, c, &lo, &hi);
             _mm512_storeu_si512((void *)(o + 16 + c * 64), lo);        // weights 4c..4c+3
             _mm512_storeu_si512((void *)(o + 16 + (c + 4) * 64), hi);  // 16 + 4c..
         }

@@ -1099,9 +1099,6 @@ int fmm_type(int type);
 int fmm_parts(const void *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m, float *y,
               int64_t ldy, int n_threads, const void *opts);
 
-// y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
-// parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
-// Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
 // A prompt against wide rows: every unit reads all of a call's rounded activation slots, which
 // past ~1 MB (512 rows of 4096, precise: 4 MB) no longer stay in the core's L2 beside the unit
 // and come from the shared L3 once per unit (a 4096 x 22016 Q4_K weight: 1376 units x 4 MB). Then
@@ -1133,6 +1130,9 @@ static int64_t panel_units(const qpart_t *p, int64_t k, int64_t ms, int64_t *slo
     return unit > 0 && QMM_PANEL_BYTES / unit > 1 ? QMM_PANEL_BYTES / unit : 1;
 }
 
+// y[r * ldy + c] for rows r < m: input rows x[r * ldx ...] through o's prologue, times the
+// parts' weights stacked by rows (c runs over all parts' rows in turn), then o's epilogue.
+// Returns 0, or -1 for an unsupported call (a type, or k not whole blocks).
 int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64_t ldx, int64_t m,
               float *y, int64_t ldy, int n_threads, const qmm_opts *o) {
     if (nparts > 0 && fmm_type(parts[0].type)) return fmm_parts(parts, nparts, k, x, ldx, m, y, ldy, n_threads, o);
