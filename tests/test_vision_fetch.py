@@ -92,3 +92,22 @@ def test_paths_only_where_allowed(tmp_path):
     assert vf.load_image(str(f), "--image", vf.FetchPolicy(allow_paths=True)).pil.size == (211, 29)
     with pytest.raises(UserError, match="a local path is not accepted"):
         vf.load_image(str(f), "image_url", vf.FetchPolicy())
+
+
+def test_data_uris_as_browsers_read_them():
+    """The WHATWG forgiving-base64 decode browsers apply to data: URLs: a payload wrapped at 76
+    columns (the `base64` tool's output), missing = padding, DATA: in capitals; the bytes are the
+    same image as the unwrapped payload decoded by the standard library."""
+    import base64
+    import hashlib
+
+    data = PNG + b"\0" * ((1 - len(PNG)) % 3)  # a length of 3n + 1: "==" padding (Pillow stops at IEND)
+    b64 = base64.b64encode(data).decode()
+    assert b64.endswith("=")
+    want = hashlib.sha256(base64.b64decode(b64, validate=True)).hexdigest()
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    for uri in ("data:image/png;base64," + wrapped, "DATA:image/png;BASE64," + b64, "data:;base64," + b64.rstrip("=")):
+        assert vf.load_image(uri, "image_url", vf.FetchPolicy()).digest == want, uri[:30]
+    for bad in ("data:image/png;base64," + b64[:-3] + "%", "data:image/png;base64," + b64 + "A"):
+        with pytest.raises(UserError, match="not valid base64"):
+            vf.load_image(bad, "image_url", vf.FetchPolicy())

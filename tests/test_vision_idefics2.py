@@ -50,3 +50,29 @@ def test_typed_placeholder_matches_transformers(i2):
     _, _, proc, loaded = i2
     ids, mm, want = vm.typed_placeholder(loaded, proc, "gray", "look:<image>" + vm.TEXT)
     assert want == ids and len(mm.positions) == 5 * 4
+
+
+def test_an_image_too_small_to_split_is_one_error_line(i2, tmp_path):
+    """A 1x1 image: with splitting its quarters are empty (transformers' own processor divides by
+    zero on it); the CLI says what the image needs, in one line, with no traceback."""
+    import io
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    path, _, proc, _ = i2
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(buf, "PNG")
+    with pytest.raises(ZeroDivisionError):
+        proc.image_processor(Image.open(io.BytesIO(buf.getvalue())), return_tensors="np")
+    (tmp_path / "dot.png").write_bytes(buf.getvalue())
+    res = subprocess.run([str(Path(sys.executable).with_name("mistralrs")), "--max-tokens", "2", "--image",
+                          str(tmp_path / "dot.png"), "--prompt", vm.TEXT, "vision-plain", "-m", str(path)],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: --image: image 1 is 1x1 pixels; this Idefics2 checkpoint splits each image in four, so each "
+        "side needs at least 2 pixels; send a larger image.")

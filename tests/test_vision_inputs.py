@@ -232,6 +232,20 @@ def test_interactive_image_command(ckpt):
     assert "error: \\image: cannot read the image file" in out.stderr
 
 
+def test_interactive_image_path_with_spaces(ckpt, tmp_path):
+    """A dropped file's path as terminals paste it: quoted, or with its spaces escaped."""
+    from mistralrs_cli.outputs.interactive import _image_ref
+
+    spaced = tmp_path / "my tall image.img"
+    spaced.write_bytes((ckpt[0] / "tall.img").read_bytes())
+    for typed in (f'"{spaced}"', f"'{spaced}'", str(spaced).replace(" ", "\\ ")):
+        assert _image_ref(f"{typed} {TEXT}") == (str(spaced), TEXT)
+    assert _image_ref("cat.png What's this?") == ("cat.png", "What's this?")
+    out = _cli("-i", "vision-plain", "-m", str(ckpt[0]), stdin=f'\\image "{spaced}" {TEXT}\n')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == _want(ckpt, ["tall"])
+
+
 def test_cli_allow_local_images(ckpt, local_url):
     args = ("--image", local_url + "/wide.img", "--prompt", TEXT, "vision-plain", "-m", str(ckpt[0]))
     refused = _cli(*args)

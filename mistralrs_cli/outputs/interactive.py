@@ -43,6 +43,22 @@ class LineDiscarded(Exception):
     """Ctrl-C on a typed line: drop the line and prompt again, as shells do."""
 
 
+def _image_ref(arg: str) -> tuple[str, str]:
+    """\\image's path or URL and the text after it. A path with spaces comes quoted ('a b.png' or
+    "a b.png", as terminals paste a dropped file) or with escaped spaces (a\\ b.png)."""
+    if arg[:1] in ("'", '"'):
+        end = arg.find(arg[0], 1)
+        if end > 0:
+            return arg[1:end], arg[end + 1:].strip()
+    ref, i = [], 0
+    while i < len(arg) and not arg[i].isspace():
+        if arg[i] == "\\" and arg[i + 1:i + 2] == " ":
+            i += 1
+        ref.append(arg[i])
+        i += 1
+    return "".join(ref), arg[i:].strip()
+
+
 def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -201,7 +217,7 @@ class Chat:
 
     def cmd_image(self, arg: str) -> bool:
         """\\image PATH_OR_URL text: a turn with that image before the text."""
-        ref, _, text = arg.partition(" ")
+        ref, text = _image_ref(arg.strip())
         if not ref:
             _note("\\image needs a path or URL, then your text: \\image cat.png What is this?")
             return True

@@ -32,7 +32,7 @@ def load_image(ref: str, where: str, policy: FetchPolicy) -> Image:
     """A data: URI, an http(s) URL, or (when the policy allows) a local path -> Image."""
     if not isinstance(ref, str) or not ref:
         raise UserError(f"{where}: an image must be a data: URI or an http(s) URL.")
-    scheme = urlsplit(ref).scheme.lower() if "://" in ref or ref.startswith("data:") else ""
+    scheme = urlsplit(ref).scheme.lower() if "://" in ref or ref[:5].lower() == "data:" else ""
     if scheme == "data":
         return from_data_uri(ref, where)
     if scheme in ("http", "https"):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .processors import rescale_normalize, to_rgb
+from .processors import ImageTooSmall, rescale_normalize, to_rgb
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute cap on the resized image's edges
 FAKE, IMAGE, GLOBAL = "<fake_token_around_image>", "<image>", "<global-img>"
@@ -167,6 +167,9 @@ class Idefics2Processor(Idefics3Processor):
         x = self._array(img)
         frames = [x]
         if self.do_image_splitting:
+            if min(x.shape[1:]) < 2:  # a quarter would be empty (transformers divides by zero)
+                raise ImageTooSmall("this Idefics2 checkpoint splits each image in four, so each side needs at "
+                                    "least 2 pixels; send a larger image.")
             mh, mw = x.shape[1] // 2, x.shape[2] // 2
             frames = [x[:, :mh, :mw], x[:, :mh, mw:], x[:, mh:, :mw], x[:, mh:, mw:], x]
         if self.do_resize:

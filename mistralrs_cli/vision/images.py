@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,22 @@ def decode(data: bytes, where: str) -> Image:
 
 
 def from_data_uri(uri: str, where: str) -> Image:
-    """data:[<mime>][;base64],<payload>; the MIME type is ignored (the bytes are sniffed)."""
+    """data:[<mime>][;base64],<payload>; the MIME type is ignored (the bytes are sniffed). The
+    scheme and the ;base64 label in any case, and the payload decoded as the WHATWG "forgiving
+    base64" does (as browsers decode data: URLs): ASCII whitespace dropped (`base64` wraps its
+    output at 76 columns), the = padding optional."""
     head, sep, payload = uri.partition(",")
-    if not sep or not head.startswith("data:"):
+    if not sep or not head.lower().startswith("data:"):
         raise UserError(f"{where}: a data URI must look like data:image/png;base64,<bytes>.")
-    if not head.endswith(";base64"):
+    if not head.lower().replace(" ", "").endswith(";base64"):
         raise UserError(f"{where}: only base64 data URIs are supported (data:image/png;base64,...).")
+    payload = re.sub(r"[\t\n\f\r ]", "", payload)
+    if len(payload) % 4 == 0 and payload.endswith("="):
+        payload = payload[:-2] if payload.endswith("==") else payload[:-1]
     try:
-        data = base64.b64decode(payload, validate=True)
+        if len(payload) % 4 == 1:
+            raise ValueError("one character too many")
+        data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise UserError(f"{where}: the data URI's payload is not valid base64.") from None
     return decode(data, where)

@@ -17,6 +17,10 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ImageTooSmall(ValueError):
+    """An image a processor cannot take at its size; the message says what it needs."""
+
+
 def to_rgb(img: Any) -> Any:
     """Transparency is composited onto white, as transformers' convert_to_rgb does."""
     from PIL import Image as PILImage

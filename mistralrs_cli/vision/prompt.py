@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UserError
+from .processors import ImageTooSmall
 
 
 @dataclass
@@ -111,7 +112,13 @@ class Vision:
                             f"{self.max_images} per prompt.")
         if not images:
             return ids, None
-        pixels = [self.processor(img.pil) for img in images]
+        pixels = []
+        for i, img in enumerate(images):
+            try:
+                pixels.append(self.processor(img.pil))
+            except ImageTooSmall as e:
+                w, h = img.pil.size
+                raise UserError(f"{where}: image {i + 1} is {w}x{h} pixels; {e}") from None
         if self.text_rewrite is not None:
             return ids, self._rewritten(ids, images, pixels, where)
         counts = [self.model.tokens_for(p) if hasattr(self.model, "tokens_for") else self.tokens_per_image
