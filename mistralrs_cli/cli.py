@@ -114,18 +114,22 @@ def global_options(
                              "--json-schema": json_schema, "--json": json_mode or None}
 
 
+_DTYPE_HELP = "As the global --dtype (mistral.rs puts it here): auto (f32 on the CPU), f32, bf16, f16."
+
+
 @app.command("gguf", no_args_is_help=True)
 def gguf(
     ctx: typer.Context,
     quantized_model_id: Optional[str] = typer.Option(None, "-m", "--quantized-model-id", help="Hugging Face repo id or local directory holding the GGUF file."),
     quantized_filename: str = typer.Option(..., "-f", "--quantized-filename", help="The .gguf file name in -m, or a path to a .gguf file when -m is not given."),
     tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Run a GGUF model (llama.cpp's format): mistralrs --prompt 'Hi' gguf -f model.gguf"""
     tokenizer_json = None
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
-    _run(ctx, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
+    _run(ctx, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json), dtype)
 
 
 @app.command("ggml", no_args_is_help=True)
@@ -138,9 +142,10 @@ def ggml(
     gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
     eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
     rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Run a GGML v3 llama model: mistralrs --prompt 'Hi' ggml -f model.bin -t tokenizer.json"""
-    _run(ctx, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta))
+    _run(ctx, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta), dtype)
 
 
 @app.command("plain", no_args_is_help=True)
@@ -150,10 +155,11 @@ def plain(
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
     isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq (mistral.rs's later guide puts it here)."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, PlainSpec(model_id, arch, tokenizer_json))
+    _run(ctx, PlainSpec(model_id, arch, tokenizer_json), dtype)
 
 
 @app.command("vision-plain", no_args_is_help=True)
@@ -164,10 +170,11 @@ def vision_plain(
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Vision architecture: llava, llava_next, gemma3, idefics2, idefics3, phi3_v (or phi3v) [default: from config.json's architectures]."),
     isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq: quantizes the language model (the vision tower stays as it is)."),
     quantized_filename: Optional[str] = typer.Option(None, "-f", "--quantized-filename", help="The language model's weights from this GGUF (a path, or a file name in -m) instead of -m's safetensors; the vision tower, projector, image processor, tokenizer and chat template stay -m's."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Run a vision-language checkpoint: mistralrs --prompt 'What is this?' --image cat.png vision-plain -m llava-hf/llava-1.5-7b-hf"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, VisionSpec(model_id, arch, tokenizer_json, quantized_filename))
+    _run(ctx, VisionSpec(model_id, arch, tokenizer_json, quantized_filename), dtype)
 
 
 _ADAPTERS_HELP = ("Directory or Hugging Face repo holding one PEFT adapter folder (adapter_config.json + "
@@ -185,11 +192,12 @@ def lora(
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
     isq: Optional[str] = typer.Option(None, "--isq", help="As the global --isq; the adapters then stay beside the quantized weights."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A safetensors checkpoint with LoRA adapters (merged at load unless the ordering preloads some):
     mistralrs --prompt 'Hi' lora -m org/model -a adapters/ -o ordering.json"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order))
+    _run(ctx, LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order), dtype)
 
 
 @app.command("lora-gguf", no_args_is_help=True)
@@ -200,6 +208,7 @@ def lora_gguf(
     adapters_model_id: str = typer.Option(..., "-a", "--adapters-model-id", help=_ADAPTERS_HELP),
     order: str = typer.Option(..., "-o", "--order", help=_ORDER_HELP),
     tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A GGUF model with LoRA adapters beside its quantized weights:
     mistralrs --prompt 'Hi' lora-gguf -f model.gguf -a adapters/ -o ordering.json"""
@@ -207,7 +216,7 @@ def lora_gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
-    _run(ctx, LoraSpec(base, adapters_model_id, order))
+    _run(ctx, LoraSpec(base, adapters_model_id, order), dtype)
 
 
 @app.command("lora-ggml", no_args_is_help=True)
@@ -222,11 +231,12 @@ def lora_ggml(
     gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
     eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
     rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A GGML v3 llama model with LoRA adapters beside its quantized weights:
     mistralrs --prompt 'Hi' lora-ggml -f model.bin -t tokenizer.json -a adapters/ -o ordering.json"""
     base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
-    _run(ctx, LoraSpec(base, adapters_model_id, order))
+    _run(ctx, LoraSpec(base, adapters_model_id, order), dtype)
 
 
 app.command("lora-plain", no_args_is_help=True, help="Alias of lora.")(lora)
@@ -248,10 +258,11 @@ def x_lora(
     tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
     tokenizer_json: Optional[str] = typer.Option(None, "-t", "--tokenizer-json", help="A tokenizer.json to use instead of the model's."),
     arch: Optional[str] = typer.Option(None, "-a", "--arch", help="Architecture (HF model_type, e.g. llama) [default: from config.json's architectures]."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A safetensors checkpoint with an X-LoRA model (a classifier mixing LoRA adapters per token):
     mistralrs --prompt 'Hi' x-lora -m org/model -x org/xlora-model (or -o ordering.json for -m)"""
-    _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index))
+    _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index), dtype)
 
 
 @app.command("x-lora-gguf", no_args_is_help=True)
@@ -263,6 +274,7 @@ def x_lora_gguf(
     order: Optional[str] = typer.Option(None, "-o", "--order", help=_XORDER_HELP),
     tgt_non_granular_index: Optional[int] = typer.Option(None, "--tgt-non-granular-index", min=0, help=_TGT_HELP),
     tok_model_id: Optional[str] = typer.Option(None, "-t", "--tok-model-id", help="Repo, directory or tokenizer.json to take the tokenizer (and tokenizer_config.json) from [default: the GGUF's own]."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A GGUF model with an X-LoRA model, its adapters beside the quantized weights:
     mistralrs --prompt 'Hi' x-lora-gguf -f model.gguf -x xlora-model/"""
@@ -270,7 +282,7 @@ def x_lora_gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
-    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index), dtype)
 
 
 @app.command("x-lora-ggml", no_args_is_help=True)
@@ -286,11 +298,12 @@ def x_lora_ggml(
     gqa: int = typer.Option(1, "-g", "--gqa", help="Grouped-query factor: KV heads = heads / GQA (8 for LLaMA-2 70B)."),
     eps: float = typer.Option(1e-5, "--eps", help="RMS norm epsilon (not stored in GGML files)."),
     rope_theta: float = typer.Option(10000.0, "--rope-theta", help="RoPE base frequency (not stored in GGML files)."),
+    dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """A GGML v3 llama model with an X-LoRA model:
     mistralrs --prompt 'Hi' x-lora-ggml -f model.bin -t tokenizer.json -x xlora-model/"""
     base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
-    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index), dtype)
 
 
 app.command("x-lora-plain", no_args_is_help=True, help="Alias of x-lora.")(x_lora)
@@ -344,8 +357,11 @@ def toml(
     _run(ctx, for_command_line(ctx, file))
 
 
-def _run(ctx: typer.Context, spec) -> None:
-    """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it."""
+def _run(ctx: typer.Context, spec, dtype: Optional[str] = None) -> None:
+    """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it. A model
+    subcommand's -d/--dtype (where mistral.rs puts it) wins over the global --dtype."""
+    if dtype is not None:
+        ctx.obj.load.dtype = dtype
     if hasattr(ctx.obj, "bench"):
         from .outputs.bench import run_bench
 

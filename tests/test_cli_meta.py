@@ -103,3 +103,30 @@ def test_install_completion_writes_the_script(tmp_path):
     script = (tmp_path / ".bash_completions" / "mistralrs.sh").read_text()
     assert "_MISTRALRS_COMPLETE" in script
     assert "mistralrs.sh" in (tmp_path / ".bashrc").read_text()
+
+
+MODEL_COMMANDS = {  # each model subcommand with its required flags
+    "gguf": ["-f", "m.gguf"], "ggml": ["-f", "m.bin"], "plain": ["-m", "d"], "vision-plain": ["-m", "d"],
+    "lora": ["-m", "d", "-a", "a", "-o", "o.json"], "lora-gguf": ["-f", "m.gguf", "-a", "a", "-o", "o.json"],
+    "lora-ggml": ["-f", "m.bin", "-a", "a", "-o", "o.json"], "x-lora": ["-x", "x"],
+    "x-lora-gguf": ["-f", "m.gguf", "-x", "x"], "x-lora-ggml": ["-f", "m.bin", "-x", "x"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(MODEL_COMMANDS))
+def test_subcommand_dtype_as_mistral_rs_places_it(command, monkeypatch):
+    """mistral.rs takes -d/--dtype after the model subcommand (`vision-plain -m ID --dtype f16`);
+    there it wins over the global --dtype, and the global one still applies without it."""
+    from typer.testing import CliRunner
+
+    from mistralrs_cli import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda opts, spec: seen.append(opts.load.dtype))
+    args = [command, *MODEL_COMMANDS[command]]
+    for argv, want in ((["--prompt", "x", *args, "-d", "bf16"], "bf16"),
+                       (["--dtype", "f16", "--prompt", "x", *args, "--dtype", "f32"], "f32"),
+                       (["--dtype", "f16", "--prompt", "x", *args], "f16")):
+        res = CliRunner().invoke(cli.app, argv)
+        assert res.exit_code == 0, res.output
+        assert seen.pop() == want, argv
