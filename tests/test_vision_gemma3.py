@@ -60,3 +60,58 @@ def test_engine_chunks_never_end_inside_an_image(g3):
 def test_cli_greedy_matches_generate(g3):
     path, hf, proc, loaded = g3
     vm.check_cli_greedy(path, hf, proc, loaded, "wide", "gemma3")
+
+
+def test_isq_image_prefill_runs_on_the_native_executor(g3):
+    """--isq Q8_0: the fused CPU executor takes Gemma 3's image prefills too (their spans reach its
+    attention kernel: each image row sees its image's later rows); its logits equal the torch
+    modules' (image_mask) on the same quantized weights, and differ from a causal-only prefill."""
+    from mistralrs_cli.engine.kv_cache import SeqKVCache
+    from mistralrs_cli.loaders.load import load
+    from mistralrs_cli.models.batch import SeqSlice
+    from mistralrs_cli.types import LoadOptions, VisionSpec
+
+    path = g3[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        loaded = load(VisionSpec(str(path)), LoadOptions(token_source="none", isq="Q8_0"))
+    model, cfg = loaded.model, loaded.config
+    executor = model.native
+    assert executor is not None
+    ids, mm = vm.our_chat(loaded, ["wide", "gray"])
+    assert len(mm.spans) == 2
+    n = len(ids)
+    feats = loaded.vision.encode(mm.pixels)
+
+    class Spy:  # counts the attention calls that carried spans to the kernel
+        def __init__(self, lib):
+            self.lib, self.with_spans = lib, 0
+
+        def __getattr__(self, name):
+            f = getattr(self.lib, name)
+            if name != "attn_batch":
+                return f
+
+            def call(seqs, count, *args):
+                self.with_spans += sum(1 for e in seqs[:count] if e.span_end)
+                return f(seqs, count, *args)
+            return call
+
+    def logits(spans):
+        cache = SeqKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        embeds = (mm.positions.tolist(), feats) + ((spans,) if spans else ())
+        return model.step(ids, list(range(n)), [SeqSlice(0, n, cache)], list(range(n)), input_embeds=embeds)
+
+    spy = executor.lib = Spy(executor.lib)
+    try:
+        native, causal = logits({0: mm.spans}), logits(None)
+    finally:
+        executor.lib = spy.lib
+    assert spy.with_spans == cfg.num_hidden_layers  # one call per layer, from the spanned prefill only
+    model.native = None
+    try:
+        reference = logits({0: mm.spans})
+    finally:
+        model.native = executor
+    assert np.abs(native - reference).max() <= 1e-3 * np.abs(reference).max()
+    assert np.abs(native - causal).max() > 1e-2 * np.abs(reference).max()

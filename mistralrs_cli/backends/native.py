@@ -165,7 +165,7 @@ class AttnSeq(ctypes.Structure):
     """One sequence of an attn_batch call (csrc/attention.c); pointers are data_ptr()s."""
     _fields_ = [("q", ctypes.c_void_p), ("n", ctypes.c_int64), ("out", ctypes.c_void_p), ("pos", ctypes.c_void_p),
                 ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("S", ctypes.c_int64), ("sh", ctypes.c_int64),
-                ("ss", ctypes.c_int64)]
+                ("ss", ctypes.c_int64), ("span_end", ctypes.c_void_p)]
 
 
 class DecLayer(ctypes.Structure):

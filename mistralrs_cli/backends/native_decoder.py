@@ -132,9 +132,7 @@ class NativeDecoder:
 
     def handles(self, batch: Batch) -> bool:
         # LoRA side paths are applied by the torch modules (models/), not by this executor
-        # nor bidirectional image spans (Gemma 3's), which its causal attention kernel does not mask
-        return (batch.adapter_weights is None and batch.image_blocks is None
-                and all(s.cache is not None for s in batch.seqs))
+        return batch.adapter_weights is None and all(s.cache is not None for s in batch.seqs)
 
     def __call__(self, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         model, cfg = self.model, self.model.config
@@ -174,12 +172,20 @@ class NativeDecoder:
         k = qkv[:, nq * hd:(nq + nkv) * hd].view(T, nkv, hd)
         v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
         seqs = (native.AttnSeq * len(batch.seqs))()
-        kv = []
-        for e, s in zip(seqs, batch.seqs):
+        kv, ends = [], []
+        for i, (e, s) in enumerate(zip(seqs, batch.seqs)):
             e.q, e.n, e.out = qkv[s.start].data_ptr(), s.end - s.start, att[s.start].data_ptr()
-            e.pos = batch.positions[s.start:s.end].data_ptr()
+            pos = batch.positions[s.start:s.end]
+            e.pos = pos.data_ptr()
+            spans = batch.image_blocks.get(i) if batch.image_blocks else None
+            if spans:  # vision (Gemma 3): the rows of an image see each other both ways
+                end = torch.full((s.end - s.start,), -1, dtype=torch.int64)
+                for a, b in spans:
+                    end[(pos >= a) & (pos < b)] = b - 1
+                e.span_end = end.data_ptr()
+                ends.append(end)
             kv.append((s.cache, k[s.start:s.end], v[s.start:s.end]))
-        return seqs, kv, batch.positions
+        return seqs, kv, (batch.positions, ends)
 
     def _residual(self, plan, opts, x, h, y) -> None:
         opts.residual, opts.ld_res = h.data_ptr(), h.stride(0)

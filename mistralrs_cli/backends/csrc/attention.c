@@ -475,8 +475,11 @@ static attn_unit *plan_units(const attn_seq *seqs, int nseq, int64_t ldq, int64_
     for (int i = 0; i < nseq; i++) {
         const attn_seq *sq = &seqs[i];
         for (int64_t t = 0; t < sq->n; t++) {
-            const int64_t hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
+            int64_t hi = sq->pos[t] < sq->S - 1 ? sq->pos[t] : sq->S - 1;
             const int64_t lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            // a span's later keys too (the window bounds only the keys before the row: the torch
+            // modules' image_mask, window AND (causal OR span))
+            if (sq->span_end && sq->span_end[t] > hi) hi = sq->span_end[t] < sq->S - 1 ? sq->span_end[t] : sq->S - 1;
             for (int g = 0; g < nkv; g++, x++) {
                 u[x].q = sq->q + t * ldq + (int64_t)g * rep * hd;
                 u[x].out = sq->out + t * ldo + (int64_t)g * rep * hd;
@@ -595,7 +598,8 @@ static int64_t unit_of(const attn_unit *u, int64_t n, int64_t b) {
 }
 
 // Attention for every query row of several sequences. Query t at position pos[t] sees keys
-// j <= pos[t] (key j is position j) and, with a window, pos[t] - j < window. Many (row, kv head)
+// j <= pos[t] (key j is position j), also j <= span_end[t] (its image's rows, seen both ways),
+// and, with a window, pos[t] - j < window. Many (row, kv head)
 // units (a prompt, a batch of decodes): one task each. Few units (one sequence's decode step):
 // the tasks are their blocks, then one combine per query head, so both threads share a long
 // context. Tasks are handed out one by one as threads free up (a starved thread holds up the

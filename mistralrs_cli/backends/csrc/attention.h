@@ -9,6 +9,8 @@ typedef struct {
     const int64_t *pos;  // their positions
     const void *k, *v;   // its keys / values (nkv, S, hd), f32 or f16, with strides (sh, ss) in elements
     int64_t S, sh, ss;
+    const int64_t *span_end;  // NULL, or per query row the last key a bidirectional span (an
+                              // image's rows, Gemma 3) lets it see past its own position; -1: none
 } attn_seq;
 
 void rope_rows(float *qkv, int64_t T, int64_t ldq, int nq, int nkv, int hd, int rot,
