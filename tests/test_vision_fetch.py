@@ -111,3 +111,19 @@ def test_data_uris_as_browsers_read_them():
     for bad in ("data:image/png;base64," + b64[:-3] + "%", "data:image/png;base64," + b64 + "A"):
         with pytest.raises(UserError, match="not valid base64"):
             vf.load_image(bad, "image_url", vf.FetchPolicy())
+
+
+def test_file_urls_where_paths_are_allowed(tmp_path):
+    """file:///path (percent-encoded as pathlib writes it) names a local file for the CLI and the
+    Python API, as a path does; the server, which reads no local files, still refuses it."""
+    f = tmp_path / "my image.png"
+    f.write_bytes(PNG)
+    url = f.as_uri()  # file:///.../my%20image.png
+    assert "%20" in url
+    assert vf.load_image(url, "--image", vf.FetchPolicy(allow_paths=True)).pil.size == (211, 29)
+    assert vf.load_image(url.replace("file://", "file://localhost"), "--image",
+                         vf.FetchPolicy(allow_paths=True)).pil.size == (211, 29)
+    with pytest.raises(UserError, match="another host"):
+        vf.load_image(url.replace("file://", "file://example.com"), "--image", vf.FetchPolicy(allow_paths=True))
+    with pytest.raises(UserError, match="scheme file: is not accepted"):
+        vf.load_image(url, "image_url", vf.FetchPolicy())

@@ -14,6 +14,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
 
 from ..errors import UserError
 from .images import Image, decode, from_data_uri, from_path
@@ -39,6 +40,11 @@ def load_image(ref: str, where: str, policy: FetchPolicy) -> Image:
         return decode(fetch(ref, where, policy), f"{where} ({_short(ref)})")
     if scheme == "" and policy.allow_paths:
         return from_path(ref, where)
+    if scheme == "file" and policy.allow_paths:  # file:///path (or file://localhost/path), percent-decoded
+        parts = urlsplit(ref)
+        if parts.netloc.lower() in ("", "localhost"):
+            return from_path(url2pathname(parts.path), where)
+        raise UserError(f"{where}: {_short(ref)} names a file on another host; give a local path or file:///path.")
     what = f"scheme {scheme}:" if scheme else "a local path"
     path = "a file path, " if policy.allow_paths else ""
     raise UserError(f"{where}: {what} is not accepted; send the image as {path}a data: URI "
