@@ -168,6 +168,34 @@ def test_gguf_without_chat_template_chats_with_its_familys(gemma3_path, env):
     assert r.stderr.count("generated: ") == 1 and "error" not in r.stderr
 
 
+def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(env, tmp_path):
+    """A tiny model with a 64-token context: once the chat leaves less than a quarter of it for the
+    answer, the oldest exchanges go (one notice each time), every message is still answered, and
+    each prompt sent fits in 48 tokens; a message too long alone is one error line."""
+    import gguf_builder as gb
+
+    tok = gb.train_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    gb.write_gguf(tmp_path / "tiny.gguf", gb.tiny_llama(0, max_position_embeddings=64), gb.gguf_vocab(tok))
+    log = tmp_path / "chat.jsonl"
+    lines = ["hello there my friend", "and what about the weather today", "more words and more words",
+             "yet another message to send", "the last one", " ".join(["long"] * 80), "after the error"]
+    r = subprocess.run([CLI, "--max-tokens", "6", "--ignore-eos", "--log", str(log), "-i", "gguf", "-f",
+                        str(tmp_path / "tiny.gguf")], input="\n".join(lines) + "\n", capture_output=True,
+                       text=True, env=env, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    notes = [x for x in r.stderr.splitlines() if "outgrew the model's 64-token context" in x]
+    assert notes and r.stderr.count("generated: 6 tokens") == 6
+    sent = [json.loads(x)["body"] for x in log.read_text().splitlines() if json.loads(x)["kind"] == "request"]
+    assert len(sent) == 7 and all(b["prompt_tokens"] <= 48 for b in sent[:5] + sent[6:])
+    assert sent[4]["messages"][0]["content"] != lines[0] and sent[4]["messages"][-1]["content"] == lines[4]
+    # the message too long alone was sent after the history as it stood (nothing dropped for it)
+    assert [m["role"] for m in sent[5]["messages"]] == ["user", "assistant", "user"]
+    assert sent[5]["messages"][0]["content"] == lines[4] and sent[6]["messages"][-1]["content"] == lines[6]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "context is 64" in errors[0]
+
+
 # ---- the conversation logic alone, with a scripted engine (no model, no terminal) ----
 def _out(text, finish=None):
     from types import SimpleNamespace
@@ -180,7 +208,9 @@ class ScriptedRunner:
     """runner.stream() plays back one script per turn; an exception in a script is raised there."""
 
     def __init__(self, *scripts):
-        self.scripts, self.closed, self.loaded = list(scripts), 0, None
+        from types import SimpleNamespace
+
+        self.scripts, self.closed, self.loaded = list(scripts), 0, SimpleNamespace(max_context=8192)
 
     def stream(self, ids, params):
         def gen(script):

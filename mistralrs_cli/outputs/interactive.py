@@ -234,11 +234,34 @@ class Chat:
             return chat_ids(loaded, msgs), None
         return chat_with_images(loaded, msgs, allow_paths=True, where="\\image")
 
+    def _fitted(self) -> tuple[list[dict], tuple[list[int], object]]:
+        """The messages and prompt of this turn; when the conversation leaves less than a quarter
+        of the model's context for the answer, its oldest exchanges are dropped until it does (as
+        chat front ends do; the system prompt stays), with a notice. The current message alone is
+        never cut here."""
+        limit = self.runner.loaded.max_context
+        msgs, kept = self.messages(), list(self.turns)
+        prompt = self._prompt(msgs)
+        dropped = 0
+        while len(prompt[0]) > limit - limit // 4 and len(self.turns) > 2:
+            del self.turns[:2]  # a user message and its answer
+            dropped += 1
+            msgs = self.messages()
+            prompt = self._prompt(msgs)
+        if len(prompt[0]) >= limit:  # the message alone does not fit: the history stays as it was
+            self.turns[:] = kept
+            return self.messages(), self._prompt(self.messages())
+        if dropped:
+            _note(f"(the conversation outgrew the model's {limit}-token context: its {dropped} oldest "
+                  f"exchange{'s' if dropped > 1 else ''} dropped)")
+        return msgs, prompt
+
     def ask(self, text: str, content: list | None = None) -> None:
         self.turns.append({"role": "user", "content": text if content is None else content})
         msgs = self.messages()
         try:
-            answer, last, stopped = self._stream(*self._prompt(msgs), msgs)
+            msgs, prompt = self._fitted()
+            answer, last, stopped = self._stream(*prompt, msgs)
         except UserError as e:
             self.turns.pop()
             self.log.write("error", {"messages": msgs, "error": str(e)})
