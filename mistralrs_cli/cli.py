@@ -129,7 +129,8 @@ def gguf(
     tokenizer_json = None
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
-    _run(ctx, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json))
 
 
 @app.command("ggml", no_args_is_help=True)
@@ -145,7 +146,8 @@ def ggml(
     dtype: Optional[str] = typer.Option(None, "-d", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Run a GGML v3 llama model: mistralrs --prompt 'Hi' ggml -f model.bin -t tokenizer.json"""
-    _run(ctx, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta))
 
 
 @app.command("plain", no_args_is_help=True)
@@ -159,7 +161,8 @@ def plain(
 ) -> None:
     """Run a Hugging Face safetensors checkpoint: mistralrs --prompt 'Hi' plain -m org/model"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, PlainSpec(model_id, arch, tokenizer_json), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, PlainSpec(model_id, arch, tokenizer_json))
 
 
 @app.command("vision-plain", no_args_is_help=True)
@@ -174,7 +177,8 @@ def vision_plain(
 ) -> None:
     """Run a vision-language checkpoint: mistralrs --prompt 'What is this?' --image cat.png vision-plain -m llava-hf/llava-1.5-7b-hf"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, VisionSpec(model_id, arch, tokenizer_json, quantized_filename), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, VisionSpec(model_id, arch, tokenizer_json, quantized_filename))
 
 
 _ADAPTERS_HELP = ("Directory or Hugging Face repo holding one PEFT adapter folder (adapter_config.json + "
@@ -197,7 +201,8 @@ def lora(
     """A safetensors checkpoint with LoRA adapters (merged at load unless the ordering preloads some):
     mistralrs --prompt 'Hi' lora -m org/model -a adapters/ -o ordering.json"""
     ctx.obj.load.isq = isq or ctx.obj.load.isq
-    _run(ctx, LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, LoraSpec(PlainSpec(model_id, arch, tokenizer_json), adapters_model_id, order))
 
 
 @app.command("lora-gguf", no_args_is_help=True)
@@ -216,7 +221,8 @@ def lora_gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
-    _run(ctx, LoraSpec(base, adapters_model_id, order), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, LoraSpec(base, adapters_model_id, order))
 
 
 @app.command("lora-ggml", no_args_is_help=True)
@@ -236,7 +242,8 @@ def lora_ggml(
     """A GGML v3 llama model with LoRA adapters beside its quantized weights:
     mistralrs --prompt 'Hi' lora-ggml -f model.bin -t tokenizer.json -a adapters/ -o ordering.json"""
     base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
-    _run(ctx, LoraSpec(base, adapters_model_id, order), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, LoraSpec(base, adapters_model_id, order))
 
 
 app.command("lora-plain", no_args_is_help=True, help="Alias of lora.")(lora)
@@ -262,7 +269,8 @@ def x_lora(
 ) -> None:
     """A safetensors checkpoint with an X-LoRA model (a classifier mixing LoRA adapters per token):
     mistralrs --prompt 'Hi' x-lora -m org/model -x org/xlora-model (or -o ordering.json for -m)"""
-    _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, XLoraSpec(PlainSpec(model_id, arch, tokenizer_json), xlora_model_id, order, tgt_non_granular_index))
 
 
 @app.command("x-lora-gguf", no_args_is_help=True)
@@ -282,7 +290,8 @@ def x_lora_gguf(
     if tok_model_id and tok_model_id.endswith(".json") and Path(tok_model_id).is_file():
         tokenizer_json, tok_model_id = tok_model_id, None
     base = GGUFSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json)
-    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
 
 
 @app.command("x-lora-ggml", no_args_is_help=True)
@@ -303,7 +312,8 @@ def x_lora_ggml(
     """A GGML v3 llama model with an X-LoRA model:
     mistralrs --prompt 'Hi' x-lora-ggml -f model.bin -t tokenizer.json -x xlora-model/"""
     base = GGMLSpec(quantized_filename, quantized_model_id, tok_model_id, tokenizer_json, gqa, eps, rope_theta)
-    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index), dtype)
+    _sub_dtype(ctx, dtype)
+    _run(ctx, XLoraSpec(base, xlora_model_id, order, tgt_non_granular_index))
 
 
 app.command("x-lora-plain", no_args_is_help=True, help="Alias of x-lora.")(x_lora)
@@ -357,11 +367,14 @@ def toml(
     _run(ctx, for_command_line(ctx, file))
 
 
-def _run(ctx: typer.Context, spec, dtype: Optional[str] = None) -> None:
-    """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it. A model
-    subcommand's -d/--dtype (where mistral.rs puts it) wins over the global --dtype."""
+def _sub_dtype(ctx: typer.Context, dtype: Optional[str]) -> None:
+    """A model subcommand's -d/--dtype (where mistral.rs puts it) wins over the global --dtype."""
     if dtype is not None:
         ctx.obj.load.dtype = dtype
+
+
+def _run(ctx: typer.Context, spec) -> None:
+    """mistralrs runs the spec in the chosen output mode; mistralrs-bench benchmarks it."""
     if hasattr(ctx.obj, "bench"):
         from .outputs.bench import run_bench
 
