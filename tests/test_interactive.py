@@ -181,17 +181,20 @@ def test_a_conversation_that_outgrows_the_context_drops_its_oldest_exchanges(env
     lines = ["hello there my friend", "and what about the weather today", "more words and more words",
              "yet another message to send", "the last one", " ".join(["long"] * 80), "after the error"]
     r = subprocess.run([CLI, "--max-tokens", "6", "--ignore-eos", "--log", str(log), "-i", "gguf", "-f",
-                        str(tmp_path / "tiny.gguf")], input="\n".join(lines) + "\n", capture_output=True,
+                        str(tmp_path / "tiny.gguf")], input="\\system Ok\n" + "\n".join(lines) + "\n",
+                       capture_output=True,
                        text=True, env=env, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     notes = [x for x in r.stderr.splitlines() if "outgrew the model's 64-token context" in x]
     assert notes and r.stderr.count("generated: 6 tokens") == 6
     sent = [json.loads(x)["body"] for x in log.read_text().splitlines() if json.loads(x)["kind"] == "request"]
-    assert len(sent) == 7 and all(b["prompt_tokens"] <= 48 for b in sent[:5] + sent[6:])
-    assert sent[4]["messages"][0]["content"] != lines[0] and sent[4]["messages"][-1]["content"] == lines[4]
+    # within 48 tokens, unless nothing is left to drop (the system prompt and the message alone)
+    assert len(sent) == 7 and all(b["prompt_tokens"] <= 48 or len(b["messages"]) == 2 for b in sent[:5] + sent[6:])
+    assert sent[4]["messages"][1]["content"] != lines[0] and sent[4]["messages"][-1]["content"] == lines[4]
+    assert all(b["messages"][0] == {"role": "system", "content": "Ok"} for b in sent)  # it stays
     # the message too long alone was sent after the history as it stood (nothing dropped for it)
-    assert [m["role"] for m in sent[5]["messages"]] == ["user", "assistant", "user"]
-    assert sent[5]["messages"][0]["content"] == lines[4] and sent[6]["messages"][-1]["content"] == lines[6]
+    assert [m["role"] for m in sent[5]["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent[5]["messages"][1]["content"] == lines[4] and sent[6]["messages"][-1]["content"] == lines[6]
     errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "context is 64" in errors[0]
 

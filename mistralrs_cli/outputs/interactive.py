@@ -248,9 +248,10 @@ class Chat:
             dropped += 1
             msgs = self.messages()
             prompt = self._prompt(msgs)
-        if len(prompt[0]) >= limit:  # the message alone does not fit: the history stays as it was
+        if dropped and len(prompt[0]) >= limit:  # the message alone does not fit: the history stays
             self.turns[:] = kept
-            return self.messages(), self._prompt(self.messages())
+            msgs = self.messages()
+            return msgs, self._prompt(msgs)
         if dropped:
             _note(f"(the conversation outgrew the model's {limit}-token context: its {dropped} oldest "
                   f"exchange{'s' if dropped > 1 else ''} dropped)")
