@@ -1047,23 +1047,25 @@ static void prep_row(const prep_t *c, const float *row, int64_t r, float *res) {
     }
 }
 
-// y = y_hi + y_lo / LO_SCALE for columns [c0, c1) (at most 16) of m rows; yt: each row's two
-// slots' outputs (n_total columns each). The product is exact (a power of two): one fused
-// multiply-add, as the compiler makes of the scalar expression.
-static void sum_parts(const float *yt, int64_t n_total, float *y, int64_t ldy, int64_t m, int64_t c0, int64_t c1) {
+// y = y_hi + y_lo / LO_SCALE for columns [c0, c1) of m rows; yt: each row's two slots' outputs,
+// rows ld apart, column c at c - cofs (the whole call's yt: ld n_total, cofs 0; a thread's panel
+// scratch: ld its width, cofs the panel's first column). The product is exact (a power of two):
+// one fused multiply-add, as the compiler makes of the scalar expression.
+static void sum_parts(const float *yt, int64_t ld, int64_t cofs, float *y, int64_t ldy, int64_t m, int64_t c0,
+                      int64_t c1) {
 #if Z512
     const __m512 f = _mm512_set1_ps(1.0f / LO_SCALE);
     for (int64_t r = 0; r < m; r++)
         for (int64_t c = c0; c < c1; c += 16) {  // a unit's 16 columns, or a panel's units in turn
             const __mmask16 mask = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
-            const float *hi = yt + 2 * r * n_total + c, *lo = hi + n_total;
+            const float *hi = yt + 2 * r * ld + (c - cofs), *lo = hi + ld;
             _mm512_mask_storeu_ps(y + r * ldy + c, mask,
                                   _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, lo), f, _mm512_maskz_loadu_ps(mask, hi)));
         }
 #else
     for (int64_t r = 0; r < m; r++) {
-        const float *hi = yt + 2 * r * n_total, *lo = hi + n_total;
-        for (int64_t c = c0; c < c1; c++) y[r * ldy + c] = hi[c] + lo[c] * (1.0f / LO_SCALE);
+        const float *hi = yt + 2 * r * ld, *lo = hi + ld;
+        for (int64_t c = c0; c < c1; c++) y[r * ldy + c] = hi[c - cofs] + lo[c - cofs] * (1.0f / LO_SCALE);
     }
 #endif
 }
@@ -1163,7 +1165,18 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     int32_t *xi = malloc(sizeof(int32_t) * (size_t)(ms * nb + 1));
     int16_t *kbs = malloc(sizeof(int16_t) * (size_t)(ms * nbk * 16 + 1));
     float *kms = malloc(sizeof(float) * (size_t)(ms * nbk * 8 + 1));  // q8_K: d * (sum of 32 codes), see q8k_mins
-    float *yt = two_part ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;  // the slots' outputs
+    // the slots' outputs: a packed part's go to its thread's scratch, a panel at a time (ms rows of
+    // the panel's columns), summed from there into y while in cache; only the other two-part parts
+    // (not packed) write the call-wide yt (a prompt's yt was ~2 x its y, written to memory and
+    // read back: Gemma-3's gate+up, 202 rows, 6.6 MB a call)
+    float *yt = two_part && !summed ? malloc(sizeof(float) * (size_t)(ms * n_total)) : NULL;
+    int64_t scratch = 0;  // floats of each thread's panel scratch
+    for (int p = 0; two_part && p < nparts; p++)
+        if ((parts[p].type & PACKED) && !is_wide(&parts[p], precise)) {
+            int64_t sb;
+            const int64_t pu = panel_units(&parts[p], k, ms, &sb), w = 16 * (pu < units(&parts[p]) ? pu : units(&parts[p]));
+            if (w * ms > scratch) scratch = w * ms;
+        }
     int16_t *xw = need_w ? malloc(sizeof(int16_t) * (size_t)(m * k)) : NULL;
     float *xwd = malloc(sizeof(float) * (size_t)(4 * m * nb + 1));  // precise: the scales, then xwm
     int32_t *xwi = malloc(sizeof(int32_t) * (size_t)(2 * m * nb + 1));
@@ -1173,7 +1186,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     float *lu = lora ? malloc(sizeof(float) * (size_t)(m * lora_rank(lora) + 1)) : NULL;
     int rc = 0;
     if ((need_a && !xq) || (need_k && !kq) || !xd || !xs || !xi || !kd || !tmp || !res || !kbs || !kms ||
-        (two_part && !yt) || (need_w && !xw) || !xwd || !xwi || (lora && !lu) ||
+        (two_part && !summed && !yt) || (need_w && !xw) || !xwd || !xwi || (lora && !lu) ||
         (lora && (o->act || o->norm_w) && !xin)) { rc = -1; goto done; }
     const prep_t pc = {xq, kq, xd, xs, kd, kms, xi, kbs, k, nb, nbk, need_a, need_k, precise, xw, xwd, xwi, need_w,
                        xwd + 2 * m * nb};
@@ -1190,6 +1203,11 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
     {
         prep_t mine = pc;  // own_prep: this thread's rounded rows (thread 0 uses the shared ones)
         float *own_tmp = tmp;
+        float *ts = scratch ? malloc(sizeof(float) * (size_t)scratch) : NULL;  // this thread's panel outputs
+        if (scratch && !ts) {
+#pragma omp atomic write
+            own_fail = 1;  // (read after the region; this thread computes nothing)
+        }
         if (m >= 4) {
             const int main_thread = omp_get_thread_num() == 0;
             float *row_tmp = main_thread ? tmp : malloc(sizeof(float) * (size_t)k);
@@ -1257,15 +1275,21 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
 #pragma omp for schedule(QMM_SCHED) nowait
                 for (int64_t q = 0; q < np; q++) {
                     const int64_t i0 = q * pu, i1 = i0 + pu < units(pp) ? i0 + pu : units(pp);
+                    const int own = two_part && (pp->type & PACKED);  // into ts, then summed into y
+                    if (own && !ts) continue;
+                    // ts: the panel's columns from 16 * i0 on, rows ld apart (part_rows writes unit
+                    // i's at column 16 * i of the pointer it gets)
+                    const int64_t ld = own ? 16 * (i1 - i0) : ldk;
                     for (int64_t s0 = 0; s0 < ms; s0 += sb) {  // (one block unless panelled)
                         const int64_t sn = ms - s0 < sb ? ms - s0 : sb;
+                        float *out = own ? ts + s0 * ld - 16 * i0 : yk + col + s0 * ldk;
                         part_rows(pp, i0, i1, k, sn, xq ? xq + s0 * k : NULL, xd + s0 * nb, xs + s0 * nb,
                                   xi + s0 * nb, kq ? kq + s0 * k : NULL, kd + s0 * nbk, kbs + s0 * nbk * 16,
-                                  kms + s0 * nbk * 8, yk + col + s0 * ldk, ldk);
+                                  kms + s0 * nbk * 8, out, ld);
                     }
-                    if (two_part && (pp->type & PACKED)) {  // its columns' two parts summed while in cache
+                    if (own) {  // its columns' two parts summed while in cache
                         const int64_t c1 = 16 * i1 < pp->rows ? 16 * i1 : pp->rows;
-                        sum_parts(yt, n_total, y, ldy, m, col + 16 * i0, col + c1);
+                        sum_parts(ts, ld, 16 * i0, y + col, ldy, m, 16 * i0, c1);
                     }
                 }
             }
@@ -1312,6 +1336,7 @@ int qmm_parts(const qpart_t *parts, int nparts, int64_t k, const float *x, int64
 #endif
         }
         if (mine.xw != xw) free(mine.xw), free(mine.xwd), free(mine.xwi), free(own_tmp);
+        free(ts);
     }
     if (own_fail) rc = -1;
 #ifdef NATIVE_PROF
