@@ -60,6 +60,8 @@ CASES = {  # nq, nkv, hd, S (keys), window, softcap: SmolLM2's and Gemma-3's sha
     "gemma3-local": (4, 1, 256, 1300, 512, 0.0),
     "mha-softcap": (2, 2, 40, 600, 0, 30.0),
     "window-not-block-aligned": (2, 1, 64, 900, 300, 0.0),
+    "mha-128": (4, 4, 128, 700, 0, 0.0),  # LLaVA's heads: a prompt's rows go in groups of 4
+    "mha-window-softcap": (2, 2, 64, 900, 300, 20.0),
 }
 
 
@@ -74,7 +76,7 @@ def test_long_context_matches_float64_softmax(kernel_builds, build, name):
         assert np.abs(got - _reference(q, pos, k, v, nq, window, softcap=cap)).max() < 2e-5
 
 
-@pytest.mark.parametrize("name", ["smollm2-2k", "gemma3-global", "gemma3-local"])
+@pytest.mark.parametrize("name", ["smollm2-2k", "gemma3-global", "gemma3-local", "mha-128", "mha-window-softcap"])
 def test_a_row_is_the_same_alone_in_a_batch_and_on_any_thread_count(kernel_builds, name):
     nq, nkv, hd, S, window, cap = CASES[name]
     q, k, v = _case(2, nq, nkv, hd, S, 12)
@@ -95,3 +97,22 @@ def test_f16_cache_gives_what_f32_storage_of_the_same_values_gives(kernel_builds
     a = _attend(kernel_builds["native"], q, pos, k, v, nq, kv16=1)
     b = _attend(kernel_builds["native"], q, pos, k.astype(np.float32), v.astype(np.float32), nq, kv16=0)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mha-128", "mha-window-softcap"])
+def test_prompt_rows_taken_together_give_each_row_alone(kernel_builds, name):
+    """One query head per kv head: a prompt's rows go in groups of 4 that share each key's load.
+    Rows whose last blocks differ (positions around a block edge and a 16-key edge, a short row,
+    a row count that is not a multiple of 4, positions out of order) each give what they give
+    alone (a decode step), bit for bit, and the float64 softmax's values."""
+    nq, nkv, hd, S, window, cap = CASES[name]
+    pos = np.array([254, 255, 256, 257, 258, 270, 271, 272, 3, 599, 598, 15, 16])
+    q, k, v = _case(4, nq, nkv, hd, S, len(pos))
+    for lib in (kernel_builds["native"], kernel_builds["avx2"]):
+        for kk, vv, kv16 in ((k, v, 1), (k.astype(np.float32), v.astype(np.float32), 0)):
+            together = _attend(lib, q, pos, kk, vv, nq, window, softcap=cap, kv16=kv16)
+            for t in range(len(pos)):
+                alone = _attend(lib, q[t:t + 1], pos[t:t + 1], kk, vv, nq, window, softcap=cap, threads=1, kv16=kv16)
+                assert np.array_equal(alone[0], together[t]), t
+            ref = _reference(q, pos, k, v, nq, window, softcap=cap)
+            assert np.abs(together - ref).max() < 2e-5

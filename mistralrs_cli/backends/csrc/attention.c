@@ -322,10 +322,10 @@ static inline __attribute__((always_inline)) void attend_block_t(const float *q,
 // 16 lanes summed over the dims from zero, then sum16x16 (keys in 16s from b0, the tail by
 // dot_t); an output dim summed over the keys in order from zero. So the bits are attend_block_t's.
 
-// scores of G heads (q: G rows hd apart) against keys b0..b1 into p (G rows KB apart)
-static inline __attribute__((always_inline)) void zscores(const int G, const float *q, const void *kh, int64_t ss,
-                                                          int hd, int64_t b0, int64_t b1, float scale, float *p,
-                                                          const int kv16) {
+// scores of G heads (q: G rows qs apart) against keys b0..b1 into p (G rows KB apart)
+static inline __attribute__((always_inline)) void zscores(const int G, const float *q, int64_t qs, const void *kh,
+                                                          int64_t ss, int hd, int64_t b0, int64_t b1, float scale,
+                                                          float *p, const int kv16) {
     __attribute__((aligned(64))) float part[4][16][16];  // per head, per key of the 16: its 16 lanes
     const __m512 sc = _mm512_set1_ps(scale);
     int64_t j = b0;
@@ -338,7 +338,7 @@ static inline __attribute__((always_inline)) void zscores(const int G, const flo
                 __m512 kv[4];
                 for (int c = 0; c < 4; c++) kv[c] = ld16(kh, (j + k4 + c) * ss + e, kv16);
                 for (int g = 0; g < G; g++) {
-                    const __m512 qv = _mm512_loadu_ps(q + (int64_t)g * hd + e);
+                    const __m512 qv = _mm512_loadu_ps(q + (int64_t)g * qs + e);
                     for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(qv, kv[c], acc[g][c]);
                 }
             }
@@ -353,7 +353,7 @@ static inline __attribute__((always_inline)) void zscores(const int G, const flo
     }
     for (; j <= b1; j++) {
         const void *kj = kv16 ? (const void *)((const uint16_t *)kh + j * ss) : (const void *)((const float *)kh + j * ss);
-        for (int g = 0; g < G; g++) p[(int64_t)g * KB + (j - b0)] = dot_t(q + (int64_t)g * hd, kj, hd, kv16) * scale;
+        for (int g = 0; g < G; g++) p[(int64_t)g * KB + (j - b0)] = dot_t(q + (int64_t)g * qs, kj, hd, kv16) * scale;
     }
 }
 
@@ -393,10 +393,10 @@ static inline __attribute__((always_inline)) void zblock_t(const float *q, int r
         const float *qr = q + (int64_t)r * hd;
         float *pr = p + (int64_t)r * KB;
         switch (rep - r < 4 ? rep - r : 4) {
-        case 1: zscores(1, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
-        case 2: zscores(2, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
-        case 3: zscores(3, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
-        default: zscores(4, qr, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        case 1: zscores(1, qr, hd, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        case 2: zscores(2, qr, hd, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        case 3: zscores(3, qr, hd, kh, ss, hd, b0, b1, scale, pr, kv16); break;
+        default: zscores(4, qr, hd, kh, ss, hd, b0, b1, scale, pr, kv16); break;
         }
     }
     for (int r = 0; r < rep; r++) {
@@ -424,6 +424,65 @@ static inline __attribute__((always_inline)) void zblock_t(const float *q, int r
         default: zaccum_g(4, pr, v0, ss, n, hd, o, os, kv16); break;
         }
     }
+}
+#endif
+
+#if defined(VEC16)
+// A prompt's consecutive query rows of one head (one query head per kv head): R rows (q rows qs
+// apart, stats o rows os apart, scores p rows KB apart) against keys b0 .. b1[r] of one block,
+// each key and value vector loaded once for all R rows instead of once per row. Row r gets
+// zblock_t's bits for (b0, b1[r]) alone: its keys in 16s from b0 (the 16s all rows have, together;
+// then its own), its tail by dot_t, its own max and exp sum, each output dim summed over its keys
+// in order (the common keys together, then its own, continuing the same sums).
+static inline __attribute__((always_inline)) void zrows_t(const int R, const float *q, int64_t qs, const void *kh,
+                                                          const void *vh, int64_t ss, int hd, int64_t b0,
+                                                          const int64_t *b1, float scale, float softcap, float *p,
+                                                          float *o, int64_t os, const int kv16) {
+    int64_t full = INT64_MAX, nmin = INT64_MAX;  // the 16s of keys and the keys all R rows have
+    for (int r = 0; r < R; r++) {
+        const int64_t n = b1[r] - b0 + 1;
+        full = n / 16 < full ? n / 16 : full;
+        nmin = n < nmin ? n : nmin;
+    }
+    if (full > 0) zscores(R, q, qs, kh, ss, hd, b0, b0 + 16 * full - 1, scale, p, kv16);
+    for (int r = 0; r < R; r++) {
+        const int64_t j0 = b0 + 16 * full;
+        if (j0 <= b1[r]) zscores(1, q + r * qs, qs, kh, ss, hd, j0, b1[r], scale, p + (int64_t)r * KB + 16 * full, kv16);
+    }
+    for (int r = 0; r < R; r++) {
+        const int n = (int)(b1[r] - b0 + 1);
+        float *pr = p + (int64_t)r * KB, *orow = o + r * os;
+        if (softcap > 0.0f)
+            for (int j = 0; j < n; j++) pr[j] = tanhf(pr[j] / softcap) * softcap;
+        __m512 m16 = _mm512_set1_ps(-INFINITY);
+        int j = 0;
+        for (; j + 16 <= n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(pr + j));
+        float mx = _mm512_reduce_max_ps(m16);
+        for (; j < n; j++)
+            if (pr[j] > mx) mx = pr[j];
+        orow[0] = mx;
+        orow[1] = exp_sum(pr, n, mx);
+        memset(orow + 2, 0, sizeof(float) * (size_t)hd);
+    }
+    const void *v0 = kv16 ? (const void *)((const uint16_t *)vh + b0 * ss) : (const void *)((const float *)vh + b0 * ss);
+    zaccum_g(R, p, v0, ss, (int)nmin, hd, o + 2, os, kv16);
+    const void *vn = kv16 ? (const void *)((const uint16_t *)v0 + nmin * ss) : (const void *)((const float *)v0 + nmin * ss);
+    for (int r = 0; r < R; r++)
+        if (b1[r] - b0 + 1 > nmin)
+            zaccum_g(1, p + (int64_t)r * KB + nmin, vn, ss, (int)(b1[r] - b0 + 1 - nmin), hd, o + r * os + 2, os, kv16);
+}
+
+__attribute__((noinline)) static void attend_rows(int R, const float *q, int64_t qs, const void *kh, const void *vh,
+                                                  int64_t ss, int hd, int64_t b0, const int64_t *b1, float scale,
+                                                  float softcap, int kv16, float *p, float *o, int64_t os) {
+#define ZROWS(N) (kv16 ? zrows_t(N, q, qs, kh, vh, ss, hd, b0, b1, scale, softcap, p, o, os, 1) \
+                       : zrows_t(N, q, qs, kh, vh, ss, hd, b0, b1, scale, softcap, p, o, os, 0))
+    switch (R) {
+    case 2: ZROWS(2); break;
+    case 3: ZROWS(3); break;
+    default: ZROWS(4); break;
+    }
+#undef ZROWS
 }
 #endif
 
@@ -597,6 +656,91 @@ static int64_t unit_of(const attn_unit *u, int64_t n, int64_t b) {
     return lo;
 }
 
+// One query head per kv head (rep 1: no group of heads shares a key's load) and a prompt: up to
+// ROWS consecutive rows of a sequence and one kv head go together (attend_rows), so each key and
+// value vector is loaded once for them all. Each row's blocks are its own (from its own first
+// key lo, which the group's rows share) and so are its bits. grp[i] = first unit | rows << 56.
+#define ROWS 4
+
+static int64_t plan_groups(const attn_seq *seqs, int nseq, const attn_unit *u, int rep, int nkv, int hd,
+                           int64_t **out) {
+#if defined(VEC16)
+    if (rep != 1 || hd % 16) return 0;
+    int64_t n = 0, x = 0, grouped = 0;
+    for (int i = 0; i < nseq; i++) n += (seqs[i].n + ROWS - 1) / ROWS * nkv;
+    int64_t *g = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1) * ROWS);  // at most one per unit
+    if (!g) return 0;
+    int64_t k = 0;
+    for (int i = 0; i < nseq; i++) {
+        const int64_t rows = seqs[i].n;
+        for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
+            const int R = rows - t0 < ROWS ? (int)(rows - t0) : ROWS;
+            for (int h = 0; h < nkv; h++) {
+                const int64_t x0 = x + t0 * nkv + h;
+                int same = R > 1;
+                for (int r = 1; r < R && same; r++) {
+                    const attn_unit *a = &u[x0], *b = &u[x0 + r * nkv];
+                    same = a->lo == b->lo && a->k == b->k && a->v == b->v && a->ss == b->ss && a->kv16 == b->kv16;
+                }
+                if (same) {
+                    g[k++] = x0 | ((int64_t)R << 56);
+                    grouped = 1;
+                } else {
+                    for (int r = 0; r < R; r++) g[k++] = (x0 + r * nkv) | ((int64_t)1 << 56);
+                }
+            }
+        }
+        x += rows * nkv;
+    }
+    if (!grouped) {
+        free(g);
+        return 0;
+    }
+    *out = g;
+    return k;
+#else
+    (void)seqs, (void)nseq, (void)u, (void)rep, (void)nkv, (void)hd, (void)out;
+    return 0;
+#endif
+}
+
+// group e of plan_groups: its rows' blocks (together while every row has the block), then each
+// row's combine. mine: ROWS * max_nb stats ((hd + 2) each; row r's block b at r * max_nb + b).
+static void rows_group(const attn_unit *u, int64_t e, int nkv, int hd, float scale, float softcap, int64_t max_nb,
+                       float *p, float *mine) {
+    const int64_t x0 = e & (((int64_t)1 << 56) - 1);
+    const int R = (int)(e >> 56);
+    const int64_t os = max_nb * (hd + 2);
+    int64_t nbmax = 0;
+    for (int r = 0; r < R; r++) nbmax = u[x0 + r * nkv].nb > nbmax ? u[x0 + r * nkv].nb : nbmax;
+    for (int64_t b = 0; b < nbmax; b++) {
+        int all = R > 1;
+        int64_t b1[ROWS];
+        const int64_t b0 = u[x0].lo + b * KB;
+        for (int r = 0; r < R; r++) {
+            const attn_unit *x = &u[x0 + r * nkv];
+            all &= x->nb > b;
+            b1[r] = b0 + KB - 1 < x->hi ? b0 + KB - 1 : x->hi;
+        }
+#if defined(VEC16)
+        if (all) {
+            const attn_unit *x = &u[x0];
+            attend_rows(R, x->q, u[x0 + nkv].q - x->q, x->k, x->v, x->ss, hd, b0, b1, scale, softcap, x->kv16, p,
+                        mine + b * (hd + 2), os);
+            continue;
+        }
+#endif
+        for (int r = 0; r < R; r++) {
+            const attn_unit *x = &u[x0 + r * nkv];
+            if (x->nb > b) block_of(x, b, 1, hd, scale, softcap, p, mine + r * os + b * (hd + 2));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const attn_unit *x = &u[x0 + r * nkv];
+        combine(mine + r * os, x->nb, hd + 2, hd, x->out);
+    }
+}
+
 // Attention for every query row of several sequences. Query t at position pos[t] sees keys
 // j <= pos[t] (key j is position j), also j <= span_end[t] (its image's rows, seen both ways),
 // and, with a window, pos[t] - j < window. Many (row, kv head)
@@ -620,6 +764,8 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
         free(u), free(wd), free(wbuf);
         return;
     }
+    int64_t *grp = NULL;  // one query head per kv head: the prompt rows' units in groups (rows_group)
+    const int64_t ng = split ? 0 : plan_groups(seqs, nseq, u, rep, nkv, hd, &grp);
 #pragma omp parallel num_threads(nbt > 1 || nw ? n_threads : 1)
     {
         for (int i = 0; i < nw; i++) {  // (each loop's end waits: the units read the copies)
@@ -627,8 +773,8 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < tasks; t++) widen_chunk(&wd[i], nkv, hd, t);
         }
-        float *p = malloc(sizeof(float) * (size_t)(rep * KB));
-        float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst));
+        float *p = malloc(sizeof(float) * (size_t)((rep > ROWS ? rep : ROWS) * KB));
+        float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst * (rep > 1 ? 1 : ROWS)));
         if (split) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < nbt; b++) {
@@ -641,6 +787,9 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
                 const int r = (int)(i % rep);
                 combine(st + x->first * sst + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
             }
+        } else if (ng) {
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t i = 0; i < ng; i++) rows_group(u, grp[i], nkv, hd, scale, softcap, max_nb, p, mine);
         } else {
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < nu; i++) {
@@ -656,6 +805,7 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
     free(u);
     free(wd);
     free(wbuf);
+    free(grp);
 }
 
 // x as the nearest IEEE half (ties to even; subnormals, overflow to inf, nan kept).
