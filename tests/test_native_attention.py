@@ -116,3 +116,19 @@ def test_prompt_rows_taken_together_give_each_row_alone(kernel_builds, name):
                 assert np.array_equal(alone[0], together[t]), t
             ref = _reference(q, pos, k, v, nq, window, softcap=cap)
             assert np.abs(together - ref).max() < 2e-5
+
+
+@pytest.mark.parametrize("name", ["smollm2-2k", "gemma3-local", "mha-128"])
+def test_a_long_prompt_in_row_chunks_gives_each_row_alone(kernel_builds, name):
+    """A prompt's rows are taken in chunks (each block of keys for all the chunk's rows in turn):
+    64 rows at the end of a long context, in chunks of 4-16, each row as it is alone and as the
+    float64 softmax says."""
+    nq, nkv, hd, S, window, cap = CASES[name]
+    q, k, v = _case(5, nq, nkv, hd, S, 64)
+    pos = np.arange(S - 64, S)
+    lib = kernel_builds["native"]
+    together = _attend(lib, q, pos, k, v, nq, window, softcap=cap)
+    for t in (0, 1, 5, 31, 62, 63):
+        alone = _attend(lib, q[t:t + 1], pos[t:t + 1], k, v, nq, window, softcap=cap, threads=1)
+        assert np.array_equal(alone[0], together[t]), t
+    assert np.abs(together - _reference(q, pos, k, v, nq, window, softcap=cap)).max() < 2e-5

@@ -656,88 +656,70 @@ static int64_t unit_of(const attn_unit *u, int64_t n, int64_t b) {
     return lo;
 }
 
-// One query head per kv head (rep 1: no group of heads shares a key's load) and a prompt: up to
-// ROWS consecutive rows of a sequence and one kv head go together (attend_rows), so each key and
-// value vector is loaded once for them all. Each row's blocks are its own (from its own first
-// key lo, which the group's rows share) and so are its bits. grp[i] = first unit | rows << 56.
+// A prompt's rows go in chunks: up to `rows` consecutive rows of a sequence and one kv head per
+// task, which takes each block of keys for all its rows in turn (blocks outer, rows inner), so a
+// block's keys and values are read from memory once for the chunk while they are in cache, not
+// once per row (a row at 8k keys of SmolLM2 streams 4 MB of f32 keys and values per kv head,
+// more than the core's L2). With one query head per kv head (rep 1: no group of heads shares a
+// key's load) 4 rows of the chunk go together through attend_rows, so each key and value vector
+// is also loaded once for the 4. Each row's blocks are its own (from its own first key lo), each
+// is computed as for the row alone, and its combine takes them in order: the same bits.
 #define ROWS 4
+#define CHUNK_BYTES ((int64_t)1 << 20)  // a task's blocks' stats (rows * blocks * sst floats), at most
 
-static int64_t plan_groups(const attn_seq *seqs, int nseq, const attn_unit *u, int rep, int nkv, int hd,
-                           int64_t **out) {
-#if defined(VEC16)
-    if (rep != 1 || hd % 16) return 0;
-    int64_t n = 0, x = 0, grouped = 0;
-    for (int i = 0; i < nseq; i++) n += (seqs[i].n + ROWS - 1) / ROWS * nkv;
-    int64_t *g = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1) * ROWS);  // at most one per unit
-    if (!g) return 0;
-    int64_t k = 0;
-    for (int i = 0; i < nseq; i++) {
-        const int64_t rows = seqs[i].n;
-        for (int64_t t0 = 0; t0 < rows; t0 += ROWS) {
-            const int R = rows - t0 < ROWS ? (int)(rows - t0) : ROWS;
-            for (int h = 0; h < nkv; h++) {
-                const int64_t x0 = x + t0 * nkv + h;
-                int same = R > 1;
-                for (int r = 1; r < R && same; r++) {
-                    const attn_unit *a = &u[x0], *b = &u[x0 + r * nkv];
-                    same = a->lo == b->lo && a->k == b->k && a->v == b->v && a->ss == b->ss && a->kv16 == b->kv16;
-                }
-                if (same) {
-                    g[k++] = x0 | ((int64_t)R << 56);
-                    grouped = 1;
-                } else {
-                    for (int r = 0; r < R; r++) g[k++] = (x0 + r * nkv) | ((int64_t)1 << 56);
-                }
-            }
-        }
-        x += rows * nkv;
-    }
-    if (!grouped) {
-        free(g);
-        return 0;
-    }
-    *out = g;
-    return k;
-#else
-    (void)seqs, (void)nseq, (void)u, (void)rep, (void)nkv, (void)hd, (void)out;
-    return 0;
-#endif
+// rows per chunk: enough tasks for the threads (8 each where the rows allow), at most 32, and at
+// most CHUNK_BYTES of stats; a multiple of ROWS from 4 rows on
+static int64_t chunk_rows(int64_t rows_all, int nkv, int n_threads, int64_t max_nb, int64_t sst) {
+    int64_t c = rows_all * nkv / (8 * (int64_t)(n_threads > 0 ? n_threads : 1));
+    const int64_t by_mem = CHUNK_BYTES / (max_nb * sst * 4);
+    c = c > 32 ? 32 : c;
+    c = c > by_mem ? by_mem : c;
+    if (c >= ROWS) c -= c % ROWS;
+    return c < 1 ? 1 : c;
 }
 
-// group e of plan_groups: its rows' blocks (together while every row has the block), then each
-// row's combine. mine: ROWS * max_nb stats ((hd + 2) each; row r's block b at r * max_nb + b).
-static void rows_group(const attn_unit *u, int64_t e, int nkv, int hd, float scale, float softcap, int64_t max_nb,
-                       float *p, float *mine) {
-    const int64_t x0 = e & (((int64_t)1 << 56) - 1);
-    const int R = (int)(e >> 56);
-    const int64_t os = max_nb * (hd + 2);
+// rows t0 .. t0 + R - 1 of the sequence whose units start at x, kv head h: every block of each
+// row, block by block, then each row's combine. mine: R * max_nb * sst floats (row r's block b
+// at (r * max_nb + b) * sst).
+static void rows_chunk(const attn_unit *u, int64_t x, int64_t t0, int R, int h, int rep, int nkv, int hd,
+                       float scale, float softcap, int64_t max_nb, float *p, float *mine) {
+    const int64_t sst = (int64_t)rep * (hd + 2), os = max_nb * sst;
+    const attn_unit *row0 = &u[x + t0 * nkv + h];
     int64_t nbmax = 0;
-    for (int r = 0; r < R; r++) nbmax = u[x0 + r * nkv].nb > nbmax ? u[x0 + r * nkv].nb : nbmax;
+    for (int r = 0; r < R; r++) nbmax = row0[r * nkv].nb > nbmax ? row0[r * nkv].nb : nbmax;
     for (int64_t b = 0; b < nbmax; b++) {
-        int all = R > 1;
-        int64_t b1[ROWS];
-        const int64_t b0 = u[x0].lo + b * KB;
-        for (int r = 0; r < R; r++) {
-            const attn_unit *x = &u[x0 + r * nkv];
-            all &= x->nb > b;
-            b1[r] = b0 + KB - 1 < x->hi ? b0 + KB - 1 : x->hi;
-        }
+        int r = 0;
 #if defined(VEC16)
-        if (all) {
-            const attn_unit *x = &u[x0];
-            attend_rows(R, x->q, u[x0 + nkv].q - x->q, x->k, x->v, x->ss, hd, b0, b1, scale, softcap, x->kv16, p,
-                        mine + b * (hd + 2), os);
-            continue;
-        }
+        if (rep == 1 && hd % 16 == 0)
+            for (; r + 1 < R; r += ROWS) {  // rows r .. r + n - 1 together where all have block b
+                const int n = R - r < ROWS ? R - r : ROWS;
+                const attn_unit *a = &row0[r * nkv];
+                int all = n > 1;
+                int64_t b1[ROWS];
+                const int64_t b0 = a->lo + b * KB;
+                for (int i = 0; i < n && all; i++) {
+                    const attn_unit *y = &a[i * nkv];
+                    all = y->nb > b && y->lo == a->lo && y->k == a->k && y->v == a->v && y->ss == a->ss &&
+                          y->kv16 == a->kv16;
+                    b1[i] = b0 + KB - 1 < y->hi ? b0 + KB - 1 : y->hi;
+                }
+                if (all) {
+                    attend_rows(n, a->q, a[nkv].q - a->q, a->k, a->v, a->ss, hd, b0, b1, scale, softcap, a->kv16, p,
+                                mine + ((int64_t)r * max_nb + b) * sst, os);
+                } else {
+                    for (int i = 0; i < n; i++)
+                        if (a[i * nkv].nb > b)
+                            block_of(&a[i * nkv], b, 1, hd, scale, softcap, p, mine + ((int64_t)(r + i) * max_nb + b) * sst);
+                }
+            }
 #endif
-        for (int r = 0; r < R; r++) {
-            const attn_unit *x = &u[x0 + r * nkv];
-            if (x->nb > b) block_of(x, b, 1, hd, scale, softcap, p, mine + r * os + b * (hd + 2));
-        }
+        for (; r < R; r++)
+            if (row0[r * nkv].nb > b) block_of(&row0[r * nkv], b, rep, hd, scale, softcap, p, mine + ((int64_t)r * max_nb + b) * sst);
     }
     for (int r = 0; r < R; r++) {
-        const attn_unit *x = &u[x0 + r * nkv];
-        combine(mine + r * os, x->nb, hd + 2, hd, x->out);
+        const attn_unit *y = &row0[r * nkv];
+        for (int g = 0; g < rep; g++)
+            combine(mine + r * os + (int64_t)g * (hd + 2), y->nb, sst, hd, y->out + (int64_t)g * hd);
     }
 }
 
@@ -764,8 +746,11 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
         free(u), free(wd), free(wbuf);
         return;
     }
-    int64_t *grp = NULL;  // one query head per kv head: the prompt rows' units in groups (rows_group)
-    const int64_t ng = split ? 0 : plan_groups(seqs, nseq, u, rep, nkv, hd, &grp);
+    int64_t rows_all = 0;
+    for (int i = 0; i < nseq; i++) rows_all += seqs[i].n;
+    const int64_t crow = chunk_rows(rows_all, nkv, n_threads, max_nb, sst);  // rows per task (rows_chunk)
+    int64_t ntask = 0;
+    for (int i = 0; i < nseq; i++) ntask += (seqs[i].n + crow - 1) / crow * nkv;
 #pragma omp parallel num_threads(nbt > 1 || nw ? n_threads : 1)
     {
         for (int i = 0; i < nw; i++) {  // (each loop's end waits: the units read the copies)
@@ -774,7 +759,7 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
             for (int64_t t = 0; t < tasks; t++) widen_chunk(&wd[i], nkv, hd, t);
         }
         float *p = malloc(sizeof(float) * (size_t)((rep > ROWS ? rep : ROWS) * KB));
-        float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst * (rep > 1 ? 1 : ROWS)));
+        float *mine = split ? NULL : malloc(sizeof(float) * (size_t)(max_nb * sst * crow));
         if (split) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t b = 0; b < nbt; b++) {
@@ -787,15 +772,15 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
                 const int r = (int)(i % rep);
                 combine(st + x->first * sst + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
             }
-        } else if (ng) {
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t i = 0; i < ng; i++) rows_group(u, grp[i], nkv, hd, scale, softcap, max_nb, p, mine);
         } else {
 #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t i = 0; i < nu; i++) {
-                const attn_unit *x = &u[i];
-                for (int64_t b = 0; b < x->nb; b++) block_of(x, b, rep, hd, scale, softcap, p, mine + b * sst);
-                for (int r = 0; r < rep; r++) combine(mine + (int64_t)r * (hd + 2), x->nb, sst, hd, x->out + (int64_t)r * hd);
+            for (int64_t i = 0; i < ntask; i++) {  // task i: (sequence, row chunk, kv head), in that order
+                int64_t j = i, x = 0;
+                int sq = 0;
+                while (j >= (seqs[sq].n + crow - 1) / crow * nkv) j -= (seqs[sq].n + crow - 1) / crow * nkv, x += seqs[sq++].n * nkv;
+                const int64_t t0 = j / nkv * crow;
+                const int R = (int)(seqs[sq].n - t0 < crow ? seqs[sq].n - t0 : crow);
+                rows_chunk(u, x, t0, R, (int)(j % nkv), rep, nkv, hd, scale, softcap, max_nb, p, mine);
             }
         }
         free(p);
@@ -805,7 +790,6 @@ void attn_batch(const attn_seq *seqs, int nseq, int64_t ldq, int64_t ldo, int nq
     free(u);
     free(wd);
     free(wbuf);
-    free(grp);
 }
 
 // x as the nearest IEEE half (ties to even; subnormals, overflow to inf, nan kept).
