@@ -384,6 +384,22 @@ static inline __attribute__((always_inline)) void zaccum_g(const int G, const fl
     for (; e0 < hd; e0 += 16) zaccum(G, 1, p, v, ld, c, e0, o, ostride, kv16);
 }
 
+// one query head's n scores pr of a block (softcapped in place first): the stats o = {max, the
+// sum of exp(score - max), o[hd] zeroed}, pr = the exps
+static inline void zsoftmax(float *pr, int n, float softcap, int hd, float *o) {
+    if (softcap > 0.0f)
+        for (int j = 0; j < n; j++) pr[j] = tanhf(pr[j] / softcap) * softcap;
+    __m512 m16 = _mm512_set1_ps(-INFINITY);  // the max: the same value in any order
+    int j = 0;
+    for (; j + 16 <= n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(pr + j));
+    float mx = _mm512_reduce_max_ps(m16);
+    for (; j < n; j++)
+        if (pr[j] > mx) mx = pr[j];
+    o[0] = mx;
+    o[1] = exp_sum(pr, n, mx);
+    memset(o + 2, 0, sizeof(float) * (size_t)hd);
+}
+
 static inline __attribute__((always_inline)) void zblock_t(const float *q, int rep, const void *kh, const void *vh,
                                                            int64_t ss, int hd, int64_t b0, int64_t b1, float scale,
                                                            float softcap, float *p, float *st, const int kv16) {
@@ -399,20 +415,7 @@ static inline __attribute__((always_inline)) void zblock_t(const float *q, int r
         default: zscores(4, qr, hd, kh, ss, hd, b0, b1, scale, pr, kv16); break;
         }
     }
-    for (int r = 0; r < rep; r++) {
-        float *pr = p + r * KB, *o = st + (int64_t)r * os;
-        if (softcap > 0.0f)
-            for (int j = 0; j < n; j++) pr[j] = tanhf(pr[j] / softcap) * softcap;
-        __m512 m16 = _mm512_set1_ps(-INFINITY);  // the max: the same value in any order
-        int j = 0;
-        for (; j + 16 <= n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(pr + j));
-        float mx = _mm512_reduce_max_ps(m16);
-        for (; j < n; j++)
-            if (pr[j] > mx) mx = pr[j];
-        o[0] = mx;
-        o[1] = exp_sum(pr, n, mx);
-        memset(o + 2, 0, sizeof(float) * (size_t)hd);
-    }
+    for (int r = 0; r < rep; r++) zsoftmax(p + r * KB, n, softcap, hd, st + (int64_t)r * os);
     const void *v0 = kv16 ? (const void *)((const uint16_t *)vh + b0 * ss) : (const void *)((const float *)vh + b0 * ss);
     for (int r = 0; r < rep; r += 4) {
         const float *pr = p + (int64_t)r * KB;
@@ -449,21 +452,7 @@ static inline __attribute__((always_inline)) void zrows_t(const int R, const flo
         const int64_t j0 = b0 + 16 * full;
         if (j0 <= b1[r]) zscores(1, q + r * qs, qs, kh, ss, hd, j0, b1[r], scale, p + (int64_t)r * KB + 16 * full, kv16);
     }
-    for (int r = 0; r < R; r++) {
-        const int n = (int)(b1[r] - b0 + 1);
-        float *pr = p + (int64_t)r * KB, *orow = o + r * os;
-        if (softcap > 0.0f)
-            for (int j = 0; j < n; j++) pr[j] = tanhf(pr[j] / softcap) * softcap;
-        __m512 m16 = _mm512_set1_ps(-INFINITY);
-        int j = 0;
-        for (; j + 16 <= n; j += 16) m16 = _mm512_max_ps(m16, _mm512_loadu_ps(pr + j));
-        float mx = _mm512_reduce_max_ps(m16);
-        for (; j < n; j++)
-            if (pr[j] > mx) mx = pr[j];
-        orow[0] = mx;
-        orow[1] = exp_sum(pr, n, mx);
-        memset(orow + 2, 0, sizeof(float) * (size_t)hd);
-    }
+    for (int r = 0; r < R; r++) zsoftmax(p + (int64_t)r * KB, (int)(b1[r] - b0 + 1), softcap, hd, o + r * os);
     const void *v0 = kv16 ? (const void *)((const uint16_t *)vh + b0 * ss) : (const void *)((const float *)vh + b0 * ss);
     zaccum_g(R, p, v0, ss, (int)nmin, hd, o + 2, os, kv16);
     const void *vn = kv16 ? (const void *)((const uint16_t *)v0 + nmin * ss) : (const void *)((const float *)v0 + nmin * ss);
